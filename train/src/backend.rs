@@ -1,0 +1,81 @@
+//! The one place where backends are chosen.
+//!
+//! Everything else in this crate is generic over `B: Backend`.
+//! Moving to a newer burn, or adding a backend, is a change to this file only.
+
+#[cfg(not(any(feature = "ndarray", feature = "cuda")))]
+compile_error!("flsl-train needs a backend: enable the `ndarray` (CPU) or `cuda` (GPU) feature");
+
+use burn::backend::Autodiff;
+
+/// The CPU backend (burn-ndarray).
+#[cfg(feature = "ndarray")]
+pub type Cpu = burn::backend::NdArray<f32>;
+
+/// The CPU device.
+#[cfg(feature = "ndarray")]
+pub fn cpu_device() -> burn::backend::ndarray::NdArrayDevice {
+    burn::backend::ndarray::NdArrayDevice::Cpu
+}
+
+/// The CPU backend with automatic differentiation (training).
+#[cfg(feature = "ndarray")]
+pub type CpuTrain = Autodiff<Cpu>;
+
+/// The CUDA backend (burn-cuda).
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda<f32, i32>;
+
+/// The CUDA backend with automatic differentiation.
+#[cfg(feature = "cuda")]
+pub type GpuTrain = Autodiff<Gpu>;
+
+/// A CUDA device by ordinal.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(index: usize) -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(index)
+}
+
+/// Which device a command should run on, parsed from `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// burn-ndarray on the host CPU.
+    Cpu,
+    /// burn-cuda on the GPU with this ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!("unknown device `{s}`: expected `cpu`, `cuda` or `cuda:N`")),
+            },
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The default device: cuda:0 when the `cuda` feature is compiled in, else the CPU.
+    pub fn default_device() -> Self {
+        if cfg!(feature = "cuda") { Self::Cuda(0) } else { Self::Cpu }
+    }
+
+    /// Fails with a clear message when the chosen backend was not compiled in.
+    pub fn check_available(self) -> Result<Self, String> {
+        match self {
+            Self::Cpu if !cfg!(feature = "ndarray") => {
+                Err("the CPU backend is not compiled in: rebuild with `--features ndarray`".into())
+            }
+            Self::Cuda(_) if !cfg!(feature = "cuda") => {
+                Err("the CUDA backend is not compiled in: rebuild with `--features cuda`".into())
+            }
+            other => Ok(other),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Loading and saving model weights under the reference's parameter names.
+//!
+//! Sources: our safetensors files, the official code's `.pth` training checkpoints
+//! (`student`/`teacher` dicts with `module.`/`backbone.`/`head.` prefixes) and plain state dicts.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+
+use crate::error::{Error, Result};
+use crate::model::named::{self, Missing};
+use crate::model::{FlslHead, Vit};
+use crate::pth;
+use crate::tensors::{self, TensorMap};
+
+/// Which network of a training checkpoint to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The EMA teacher (the one the reference evaluates).
+    Teacher,
+    /// The student.
+    Student,
+}
+
+impl Part {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Teacher => "teacher",
+            Self::Student => "student",
+        }
+    }
+}
+
+/// Reads a weights file as reference-named tensors (`.safetensors`, or a `torch.save` file).
+///
+/// For training checkpoints, `part` selects the network; the `module.` prefix is stripped.
+pub fn read_weights(path: &Path, part: Part) -> Result<TensorMap> {
+    let mut head = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io("cannot open weights", path, e))?;
+        let n = f.read(&mut head).map_err(|e| Error::io("cannot read weights", path, e))?;
+        if n < 4 {
+            return Err(Error::malformed("weights", path, format!("file is only {n} bytes long")));
+        }
+    }
+    if &head == b"PK\x03\x04" {
+        let file = pth::read_pth(path)?;
+        Ok(pth::state_dict(&file, part.key()))
+    } else {
+        let map = tensors::read_safetensors(path)?;
+        // Our training checkpoints store `student.*`/`teacher.*` in one file.
+        let has_part = map.keys().any(|k| k.starts_with(&format!("{}.", part.key())));
+        Ok(if has_part {
+            map.into_iter()
+                .filter_map(|(k, v)| k.strip_prefix(&format!("{}.", part.key())).map(|s| (s.to_string(), v)))
+                .collect()
+        } else {
+            map
+        })
+    }
+}
+
+/// Strips a `backbone.` prefix when the map holds a wrapped model (`backbone.*`/`head.*`).
+fn backbone_view(map: &TensorMap) -> (TensorMap, &'static str) {
+    if map.keys().any(|k| k.starts_with("backbone.")) { (map.clone(), "backbone.") } else { (map.clone(), "") }
+}
+
+/// Loads ViT weights into `vit`. `cls_token` may be absent (it is never used).
+pub fn load_vit<B: Backend>(vit: Vit<B>, map: &TensorMap, file: &Path) -> Result<Vit<B>> {
+    let (map, prefix) = backbone_view(map);
+    let mut map = map;
+    let cls = format!("{prefix}cls_token");
+    if !map.contains_key(&cls) {
+        let d = vit.embed_dim();
+        map.insert(cls, tensors::HostTensor::f32(vec![1, 1, d], vec![0.0; d]));
+    }
+    named::load_state_dict(vit, &map, prefix, file, Missing::Error)
+}
+
+/// Loads head weights into `head` (keys `head.*` or bare).
+pub fn load_head<B: Backend>(head: FlslHead<B>, map: &TensorMap, file: &Path) -> Result<FlslHead<B>> {
+    let prefix = if map.keys().any(|k| k.starts_with("head.")) { "head." } else { "" };
+    named::load_state_dict(head, map, prefix, file, Missing::Error)
+}

@@ -1,0 +1,390 @@
+//! One FLSL training iteration (reference `main_flsl.train_one_batch` + the update of
+//! `train_one_epoch`): teacher forward, student forward per group of equal-size views,
+//! intra/inter mean shift, heads, loss, backward, per-parameter gradient clipping,
+//! last-layer freeze, AdamW with the reference parameter groups, EMA teacher update.
+
+use std::collections::BTreeMap;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{ElementConversion, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
+
+use crate::error::{Error, Result};
+use crate::loss::{FlslLoss, LossTerms};
+use crate::meanshift::{TokenSelection, meanshift, repeat_views};
+use crate::model::FlslModel;
+use crate::model::named::reference_name;
+use crate::tensors::{HostData, HostTensor, TensorMap};
+
+/// One augmented view of a batch: `[bt, 3, H, W]` images and, for student views, the query
+/// tokens of each image.
+#[derive(Debug, Clone)]
+pub struct View<B: Backend> {
+    /// Images.
+    pub images: Tensor<B, 4>,
+    /// Query selection (`None` for the teacher view).
+    pub mask: Option<TokenSelection>,
+}
+
+/// The per-iteration values of every schedule, plus the fixed optimiser settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepHyper {
+    /// Global iteration (for error messages and logs).
+    pub iteration: usize,
+    /// Epoch (drives the teacher temperature and the last-layer freeze).
+    pub epoch: usize,
+    /// Learning rate at this iteration.
+    pub lr: f64,
+    /// Weight decay of the regularised group at this iteration.
+    pub weight_decay: f64,
+    /// EMA momentum of the teacher at this iteration.
+    pub momentum: f64,
+    /// Intra-view mean-shift temperature (a multiplier).
+    pub sa_temp: f64,
+    /// Inter-view mean-shift temperature (a multiplier).
+    pub ca_temp: f64,
+    /// Intra-view coefficient `ups` (overwrites `coefficients[0]`).
+    pub ups: f64,
+    /// Per-parameter gradient clipping threshold (`None`/0 disables).
+    pub clip_grad: Option<f64>,
+    /// Epochs during which `last_layer` gets no update.
+    pub freeze_last_layer: usize,
+    /// Adam betas.
+    pub betas: (f64, f64),
+    /// Adam epsilon (PyTorch's 1e-8, not burn's 1e-5).
+    pub eps: f64,
+}
+
+/// AdamW state by reference parameter name (flattened moments and the step count).
+#[derive(Debug, Clone)]
+pub struct AdamState<B: Backend> {
+    /// `name -> (step, exp_avg, exp_avg_sq)`.
+    pub slots: BTreeMap<String, (u64, Tensor<B, 1>, Tensor<B, 1>)>,
+}
+
+impl<B: Backend> Default for AdamState<B> {
+    fn default() -> Self {
+        Self { slots: BTreeMap::new() }
+    }
+}
+
+impl<B: Backend> AdamState<B> {
+    /// To host tensors: `exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`.
+    pub fn to_host(&self) -> TensorMap {
+        let mut out = TensorMap::new();
+        for (name, (step, m, v)) in &self.slots {
+            out.insert(format!("exp_avg.{name}"), HostTensor::from_tensor(m.clone()));
+            out.insert(format!("exp_avg_sq.{name}"), HostTensor::from_tensor(v.clone()));
+            out.insert(format!("step.{name}"), HostTensor { shape: vec![1], data: HostData::I64(vec![*step as i64]) });
+        }
+        out
+    }
+
+    /// From host tensors written by [`AdamState::to_host`].
+    pub fn from_host(map: &TensorMap, device: &B::Device) -> Result<Self> {
+        let mut slots = BTreeMap::new();
+        for (k, step) in map {
+            let Some(name) = k.strip_prefix("step.") else { continue };
+            let get = |prefix: &str| {
+                map.get(&format!("{prefix}.{name}")).ok_or_else(|| Error::MissingTensor {
+                    name: format!("{prefix}.{name}"),
+                    path: "optimizer state".into(),
+                })
+            };
+            let m = get("exp_avg")?;
+            let v = get("exp_avg_sq")?;
+            let step = step.to_i64().first().copied().unwrap_or(0).max(0) as u64;
+            slots.insert(name.to_string(), (step, m.to_device::<B, 1>(device), v.to_device::<B, 1>(device)));
+        }
+        Ok(Self { slots })
+    }
+}
+
+/// What one iteration measured.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Loss terms before the update.
+    pub loss: LossTerms,
+    /// Gradient L2 norm of every parameter that had a gradient (before clipping), float32.
+    pub grad_norms: Vec<(String, f64)>,
+    /// Parameters whose gradient was scaled down.
+    pub clipped: Vec<String>,
+    /// With [`StepOptions::record`]: `loss_in_*`, `enc_t` and `grad_preclip.<name>`.
+    pub recorded: TensorMap,
+    /// The teacher's prototype assignment (argmax) of every loss row.
+    pub teacher_assign: Vec<u32>,
+}
+
+/// Optional outputs of a step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepOptions {
+    /// Keep the loss inputs and every pre-clip gradient as host tensors (golden checks).
+    pub record: bool,
+}
+
+/// Splits student views into groups of consecutive equal widths (`unique_consecutive`).
+pub fn view_groups(widths: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=widths.len() {
+        if i == widths.len() || widths[i] != widths[start] {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    out
+}
+
+/// Forward pass of one iteration up to the loss (shared by training and evaluation).
+pub struct Forward<B: Backend> {
+    /// Selected student tokens `[M, C]`.
+    pub x: Tensor<B, 2>,
+    /// Intra-view modes `[M, C]`.
+    pub mode: Tensor<B, 2>,
+    /// Student head on the intra-view modes `[M, K]`.
+    pub student_pred: Tensor<B, 2>,
+    /// Teacher head on the inter-view modes `[M, K]` (constant).
+    pub teacher_pred: Tensor<B, 2>,
+    /// Teacher features of the teacher view.
+    pub enc_t: Tensor<B, 3>,
+}
+
+/// Runs the teacher and the student on the views (`views[0]` is the teacher's).
+pub fn forward<B: AutodiffBackend>(
+    student: &FlslModel<B>,
+    teacher: &FlslModel<B::InnerBackend>,
+    views: &[View<B>],
+    sa_temp: f64,
+    ca_temp: f64,
+) -> Result<Forward<B>> {
+    let (teacher_view, student_views) = views.split_first().ok_or(Error::Shape { op: "train_step", reason: "no views".into() })?;
+    if student_views.is_empty() {
+        return Err(Error::Shape { op: "train_step", reason: "no student views".into() });
+    }
+    let enc_t = teacher.backbone.forward(teacher_view.images.clone().inner()); // [bt, Nt, C]
+    let widths: Vec<usize> = student_views.iter().map(|v| v.images.dims()[3]).collect();
+    let (mut xs, mut modes, mut ps, mut pts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for group in view_groups(&widths) {
+        let vs = &student_views[group];
+        let b = vs.len();
+        let sels: Vec<&TokenSelection> = vs
+            .iter()
+            .map(|v| v.mask.as_ref().ok_or(Error::Shape { op: "train_step", reason: "a student view has no mask".into() }))
+            .collect::<Result<_>>()?;
+        let sel = TokenSelection::concat(&sels)?;
+        let images = Tensor::cat(vs.iter().map(|v| v.images.clone()).collect(), 0);
+        let enc_s = student.backbone.forward(images); // [b*bt, Ns, C]
+        let [rows, ns, c] = enc_s.dims();
+        if sel.batch() != rows || sel.tokens != ns {
+            return Err(Error::Shape {
+                op: "train_step",
+                reason: format!("masks are [{}, {}] for features [{rows}, {ns}, {c}]", sel.batch(), sel.tokens),
+            });
+        }
+        let (x_sel, mode_s) = meanshift(enc_s.clone(), enc_s.clone(), &sel, sa_temp);
+        let tgt = repeat_views(enc_t.clone(), b);
+        let (_, mode_t) = meanshift(enc_s.inner(), tgt, &sel, ca_temp);
+        let pred_s = student.head.forward(mode_s.clone());
+        let pred_t = teacher.head.forward(mode_t);
+        let k = pred_s.dims()[2];
+        let m = sel.batch() * sel.per_row();
+        xs.push(x_sel.reshape([m, c]));
+        modes.push(mode_s.reshape([m, c]));
+        ps.push(pred_s.reshape([m, k]));
+        pts.push(pred_t.reshape([m, k]));
+    }
+    Ok(Forward {
+        x: Tensor::cat(xs, 0),
+        mode: Tensor::cat(modes, 0),
+        student_pred: Tensor::cat(ps, 0),
+        teacher_pred: Tensor::from_inner(Tensor::cat(pts, 0)),
+        enc_t: Tensor::from_inner(enc_t),
+    })
+}
+
+/// One complete iteration. Returns the updated student; the teacher and the optimiser state
+/// are updated in place.
+pub fn train_step<B: AutodiffBackend>(
+    student: FlslModel<B>,
+    teacher: &mut FlslModel<B::InnerBackend>,
+    loss_fn: &mut FlslLoss,
+    adam: &mut AdamState<B::InnerBackend>,
+    views: &[View<B>],
+    hyper: &StepHyper,
+    opts: StepOptions,
+) -> Result<(FlslModel<B>, StepReport)> {
+    let fwd = forward(&student, teacher, views, hyper.sa_temp, hyper.ca_temp)?;
+    let mut recorded = TensorMap::new();
+    if opts.record {
+        recorded.insert("loss_in_x".into(), HostTensor::from_tensor(fwd.x.clone()));
+        recorded.insert("loss_in_mode".into(), HostTensor::from_tensor(fwd.mode.clone()));
+        recorded.insert("loss_in_student_pred".into(), HostTensor::from_tensor(fwd.student_pred.clone()));
+        recorded.insert("loss_in_teacher_pred".into(), HostTensor::from_tensor(fwd.teacher_pred.clone()));
+        recorded.insert("enc_t".into(), HostTensor::from_tensor(fwd.enc_t.clone()));
+    }
+    let assign = fwd.teacher_pred.clone().argmax(1).into_data().convert::<i64>();
+    let teacher_assign: Vec<u32> = assign.to_vec::<i64>().unwrap_or_default().into_iter().map(|v| v as u32).collect();
+    loss_fn.coefficients[0] = hyper.ups;
+    let out = loss_fn.forward(fwd.x, fwd.mode, fwd.student_pred, fwd.teacher_pred, hyper.epoch);
+    let terms = out.terms();
+    if !terms.is_finite() {
+        // Nothing is updated: the caller keeps its last good state.
+        return Err(Error::NonFinite { step: hyper.iteration, terms: terms.to_string() });
+    }
+    let grads = out.total.backward();
+
+    let report = StepReport { loss: terms, grad_norms: Vec::new(), clipped: Vec::new(), recorded, teacher_assign };
+    let (student, report) = apply_adamw(student, grads, adam, hyper, opts.record, report);
+
+    // EMA over every parameter pair, frozen ones included.
+    ema_update(teacher, &student.valid(), hyper.momentum);
+    Ok((student, report))
+}
+
+/// Per-parameter clipping, last-layer freeze and the AdamW update of every parameter of
+/// `module` that has a gradient in `grads` (the update half of a training iteration).
+pub fn apply_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: M,
+    grads: B::Gradients,
+    adam: &mut AdamState<B::InnerBackend>,
+    hyper: &StepHyper,
+    record: bool,
+    report: StepReport,
+) -> (M, StepReport) {
+    let mut opt = Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report };
+    let module = module.map(&mut opt);
+    (module, opt.report)
+}
+
+struct Optimizer<'a, B: AutodiffBackend> {
+    path: Vec<String>,
+    grads: B::Gradients,
+    adam: &'a mut AdamState<B::InnerBackend>,
+    hyper: &'a StepHyper,
+    record: bool,
+    report: StepReport,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let name = reference_name(&self.path);
+        let Some(grad) = tensor.grad(&self.grads) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let h = self.hyper;
+        let dims = tensor.dims();
+        let numel: usize = dims.iter().product();
+        let g = grad.reshape([numel]);
+        if self.record {
+            self.report.recorded.insert(format!("grad_preclip.{name}"), HostTensor::from_tensor(g.clone().reshape(dims)));
+        }
+        // utils.clip_gradients: each parameter separately, coef = clip / (|g| + 1e-6) if < 1.
+        let norm = g.clone().powi_scalar(2).sum().sqrt(); // [1], float32 as the reference
+        let norm_host: f64 = norm.clone().into_scalar().elem();
+        self.report.grad_norms.push((name.clone(), norm_host));
+        let g = match h.clip_grad.filter(|c| *c > 0.0) {
+            Some(clip) => {
+                let coef = (norm + 1e-6).recip() * clip;
+                let coef_host: f64 = coef.clone().into_scalar().elem();
+                if coef_host < 1.0 {
+                    self.report.clipped.push(name.clone());
+                    g * coef
+                } else {
+                    g
+                }
+            }
+            None => g,
+        };
+        // utils.cancel_gradients_last_layer: after clipping, the gradient is dropped.
+        if h.epoch < h.freeze_last_layer && name.contains("last_layer") {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let decay = if name.ends_with(".bias") || D == 1 { 0.0 } else { h.weight_decay };
+        let require_grad = tensor.is_require_grad();
+        let p = tensor.inner().reshape([numel]);
+        let device = p.device();
+        let (step, m, v) = self.adam.slots.remove(&name).unwrap_or_else(|| {
+            (0, Tensor::zeros([numel], &device), Tensor::zeros([numel], &device))
+        });
+        let step = step + 1;
+        let (b1, b2) = h.betas;
+        // torch.optim.AdamW (single tensor, non-fused), in its order of operations.
+        let p = p * (1.0 - h.lr * decay);
+        let m = m.clone() + (g.clone() - m) * (1.0 - b1); // exp_avg.lerp_(grad, 1 - beta1)
+        let v = v * b2 + g.clone() * g * (1.0 - b2); // exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+        let bc1 = 1.0 - b1.powi(step as i32);
+        let bc2 = 1.0 - b2.powi(step as i32);
+        let step_size = h.lr / bc1;
+        let denom = v.clone().sqrt() / bc2.sqrt() + h.eps;
+        let p = p - (m.clone() / denom) * step_size;
+        self.adam.slots.insert(name, (step, m, v));
+        let mut new = Tensor::<B, D>::from_inner(p.reshape(dims));
+        if require_grad {
+            new = new.require_grad();
+        }
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+/// `t = t*m + (1-m)*s` for every parameter pair, matched by reference name.
+pub fn ema_update<B: Backend>(teacher: &mut FlslModel<B>, student: &FlslModel<B>, momentum: f64) {
+    struct Gather<B: Backend> {
+        path: Vec<String>,
+        out: BTreeMap<String, Tensor<B, 1>>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Gather<B> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let t = param.val();
+            let n: usize = t.dims().iter().product();
+            self.out.insert(reference_name(&self.path), t.reshape([n]));
+        }
+    }
+    struct Ema<B: Backend> {
+        path: Vec<String>,
+        src: BTreeMap<String, Tensor<B, 1>>,
+        m: f64,
+    }
+    impl<B: Backend> ModuleMapper<B> for Ema<B> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, t, mapper) = param.consume();
+            let name = reference_name(&self.path);
+            let t = match self.src.remove(&name) {
+                Some(s) => {
+                    let dims = t.dims();
+                    // param_k.mul_(m).add_((1 - m) * param_q), all in float32.
+                    t * (self.m as f32) + s.reshape(dims) * ((1.0 - self.m) as f32)
+                }
+                None => t,
+            };
+            Param::from_mapped_value(id, t, mapper)
+        }
+    }
+    let mut g = Gather { path: Vec::new(), out: BTreeMap::new() };
+    student.visit(&mut g);
+    let mut e = Ema { path: Vec::new(), src: g.out, m: momentum };
+    let t = std::mem::replace(teacher, teacher.clone());
+    *teacher = t.map(&mut e);
+}
+
+/// Helper for tests and tools: host images `[n, 3, h, w]` to a device tensor.
+pub fn images_to_device<B: Backend>(t: &HostTensor, device: &B::Device) -> Tensor<B, 4> {
+    Tensor::from_data(TensorData::new(t.to_f32(), t.shape.clone()), device)
+}
