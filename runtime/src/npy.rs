@@ -1,0 +1,168 @@
+//! Minimal `.npy` reading and writing for f32 arrays (the format of the reference's ONNX
+//! inputs and outputs and of `flsl infer --npy`).
+//!
+//! Reads format versions 1-3 with dtype `<f4` (or `<f8`, converted to f32) in C order;
+//! writes version 1, `<f4`, C order.
+
+use std::path::Path;
+
+use crate::error::ModelError;
+
+/// An f32 array read from a `.npy` file: shape and row-major data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyArray {
+    /// Dimensions (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// Row-major values, `shape.iter().product()` of them.
+    pub data: Vec<f32>,
+}
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+
+/// Reads a `.npy` file of dtype `<f4` or `<f8` in C order.
+pub fn read_npy(path: &Path) -> Result<NpyArray, ModelError> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        action: "reading",
+        path: path.into(),
+        source,
+    })?;
+    parse_npy(&bytes).map_err(|reason| ModelError::Npy {
+        path: path.into(),
+        reason,
+    })
+}
+
+/// Parses the bytes of a `.npy` file (see [`read_npy`]).
+pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err("not an .npy file (bad magic)".into());
+    }
+    let major = bytes[6];
+    let (header_len, start) = match major {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Err(format!("unsupported .npy version {major}")),
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .ok_or("truncated header")?;
+    let header = std::str::from_utf8(header).map_err(|_| "header is not UTF-8")?;
+    let descr = dict_value(header, "descr").ok_or("header has no 'descr'")?;
+    let fortran = dict_value(header, "fortran_order").ok_or("header has no 'fortran_order'")?;
+    let shape = dict_value(header, "shape").ok_or("header has no 'shape'")?;
+    if fortran.starts_with("True") {
+        return Err("Fortran-ordered arrays are not supported".into());
+    }
+    let shape_body = shape.trim_start_matches('(');
+    let shape_body = &shape_body[..shape_body.find(')').ok_or("malformed shape")?];
+    let shape = shape_body
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad dimension `{s}`"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let count: usize = shape.iter().product();
+    let body = &bytes[start + header_len..];
+    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
+    let data = match descr {
+        "<f4" => {
+            let raw = body
+                .get(..count * 4)
+                .ok_or("data shorter than the shape says")?;
+            raw.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        }
+        "<f8" => {
+            let raw = body
+                .get(..count * 8)
+                .ok_or("data shorter than the shape says")?;
+            raw.chunks_exact(8)
+                .map(|b| {
+                    f64::from_le_bytes(b.try_into().expect("chunks_exact(8) yields 8 bytes")) as f32
+                })
+                .collect()
+        }
+        other => return Err(format!("dtype {other} is not supported (only <f4, <f8)")),
+    };
+    Ok(NpyArray { shape, data })
+}
+
+/// The text after `'key':` up to the next top-level comma of the header dict.
+fn dict_value<'h>(header: &'h str, key: &str) -> Option<&'h str> {
+    let at = header.find(&format!("'{key}'"))?;
+    let rest = header[at + key.len() + 2..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
+    if rest.starts_with('(') {
+        return Some(&rest[..=rest.find(')')?]);
+    }
+    Some(&rest[..rest.find([',', '}']).unwrap_or(rest.len())])
+}
+
+/// Encodes an f32 array as `.npy` (version 1, `<f4`, C order).
+pub fn encode_npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let dims = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * data.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    out
+}
+
+/// Writes an f32 array as `.npy` (see [`encode_npy`]).
+pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), ModelError> {
+    std::fs::write(path, encode_npy(shape, data)).map_err(|source| ModelError::Io {
+        action: "writing",
+        path: path.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for shape in [vec![2, 3], vec![4], vec![1, 2, 1, 2], vec![]] {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1.0).collect();
+            let bytes = encode_npy(&shape, &data);
+            assert_eq!((bytes.len() - 4 * n) % 64, 0);
+            assert_eq!(parse_npy(&bytes).unwrap(), NpyArray { shape, data });
+        }
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        assert!(parse_npy(b"hello").is_err());
+        let mut bytes = encode_npy(&[3], &[1.0, 2.0, 3.0]);
+        bytes.truncate(bytes.len() - 1);
+        assert!(parse_npy(&bytes).is_err());
+    }
+}

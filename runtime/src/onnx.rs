@@ -1,0 +1,516 @@
+//! Onboard model execution with tract: load an ONNX image model, fix its input shape,
+//! optimize it once, then run frame after frame through one reused plan and state.
+//!
+//! Works on our exported backbones (input `image`, outputs `features` and optionally
+//! `prototype_logits`, see [`export`](crate::export)) and on third-party ONNX files whose
+//! single input is an f32 `[1, 3, H, W]` image (for example the reference's PyTorch export,
+//! input `input`). The features output is the one named `features`, else the first
+//! output; the logits output is the one named `prototype_logits`, if any.
+//!
+//! # Per-frame work and allocation
+//!
+//! [`OnnxModel::run_rgb8`] preprocesses into a preallocated input tensor (see
+//! [`preprocess`](crate::preprocess) for the resize policy), runs the plan, keeps the
+//! output tensors and hands out borrowed [`TokenMap`] views of them.
+//! Preprocessing and output handling never allocate.
+//! tract's run itself allocates every intermediate tensor of every node on every run
+//! (its `SimpleState` keeps no arena): `tests/alloc_audit.rs` reports the count.
+//!
+//! # Threads
+//!
+//! [`ModelOptions::threads`] selects tract's matmul executor: `1` runs on the calling
+//! thread ([`Executor::SingleThread`]); `n > 1` gives the plan a private `n`-thread rayon
+//! pool ([`Executor::multithread`]), installed around every run, which tract uses for large
+//! matmuls, packing, element-wise ops, softmax and reductions above its size thresholds.
+//! Pitfall: a *one*-thread rayon pool is not single-threaded in tract 0.23: its matmul
+//! dispatcher treats a pool of `<= 1` thread as "use rayon's global pool", which has one
+//! thread per core. That is why `threads = 1` maps to `SingleThread` here and never to
+//! `Executor::multithread(1)`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::plan::{self, SimplePlan};
+use tract_onnx::tract_hir::internal::InferenceModelExt;
+
+use crate::error::ModelError;
+use crate::export::{FEATURES_NAME, LOGITS_NAME};
+use crate::preprocess::{Normalization, Rgb8Frame, preprocess_rgb8};
+
+pub use tract_onnx::prelude::tract_linalg::multithread::Executor;
+
+/// How to load and run a model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelOptions {
+    /// Threads for tract's matmul executor (`0` and `1` both mean the calling thread only).
+    pub threads: usize,
+    /// Input size `(H, W)` in pixels to fix the input to `[1, 3, H, W]`; `None` takes the
+    /// size the ONNX file declares (an error if it is symbolic).
+    pub input_size: Option<(usize, usize)>,
+    /// Normalization applied by [`OnnxModel::run_rgb8`].
+    pub normalization: Normalization,
+}
+
+impl ModelOptions {
+    /// One thread, the file's input size, ImageNet normalization.
+    pub const fn new() -> Self {
+        Self {
+            threads: 1,
+            input_size: None,
+            normalization: Normalization::IMAGENET,
+        }
+    }
+
+    /// With `threads` executor threads.
+    pub const fn with_threads(self, threads: usize) -> Self {
+        Self { threads, ..self }
+    }
+
+    /// With a fixed input size `(H, W)`.
+    pub const fn with_input_size(self, h: usize, w: usize) -> Self {
+        Self {
+            input_size: Some((h, w)),
+            ..self
+        }
+    }
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A borrowed `[tokens, channels]` row-major view of one output (batch 1 dropped).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenMap<'a> {
+    data: &'a [f32],
+    tokens: usize,
+    channels: usize,
+}
+
+impl<'a> TokenMap<'a> {
+    /// All values, token-major.
+    pub fn as_slice(&self) -> &'a [f32] {
+        self.data
+    }
+
+    /// Number of tokens `N` (rows).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Channels per token (`D` for features, `K` for logits).
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Token `i`'s channels; `None` past the end.
+    pub fn row(&self, i: usize) -> Option<&'a [f32]> {
+        self.data.get(i * self.channels..(i + 1) * self.channels)
+    }
+
+    /// Iterates over the tokens' rows.
+    pub fn rows(&self) -> std::slice::ChunksExact<'a, f32> {
+        self.data.chunks_exact(self.channels.max(1))
+    }
+}
+
+/// The outputs of the last run, borrowed from the model.
+#[derive(Debug, Clone, Copy)]
+pub struct Outputs<'a> {
+    /// Backbone features `[N, D]`.
+    pub features: TokenMap<'a>,
+    /// Prototype logits `[N, K]`, when the model has a head output.
+    pub logits: Option<TokenMap<'a>>,
+}
+
+/// Which side of a node's evaluation an [`OnnxModel::run_observed`] hook is called on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePhase {
+    /// Just before the node is evaluated.
+    Before,
+    /// Just after (also when it failed).
+    After,
+}
+
+/// Time spent in one kind of op during [`OnnxModel::profile`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    /// tract's op name (after optimization), for example `OptMatMul`.
+    pub op: String,
+    /// Number of nodes of this kind in the plan.
+    pub nodes: usize,
+    /// Mean time per frame over the profiled runs.
+    pub per_frame: Duration,
+}
+
+/// Time spent in one node during [`OnnxModel::profile`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeTime {
+    /// Node name.
+    pub node: String,
+    /// tract's op name.
+    pub op: String,
+    /// Mean time per frame.
+    pub per_frame: Duration,
+}
+
+/// A per-op breakdown of a run (see [`OnnxModel::profile`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// Mean wall time per frame of the profiled runs.
+    pub total_per_frame: Duration,
+    /// Op kinds, slowest first.
+    pub by_op: Vec<OpTime>,
+    /// Nodes, slowest first.
+    pub by_node: Vec<NodeTime>,
+}
+
+/// An optimized ONNX image model with its reused run state and buffers.
+#[derive(Debug)]
+pub struct OnnxModel {
+    name: String,
+    state: TypedSimpleState,
+    input: Arc<Tensor>,
+    input_shape: [usize; 4],
+    outputs: TVec<TValue>,
+    features_ix: usize,
+    logits_ix: Option<usize>,
+    options: ModelOptions,
+}
+
+impl OnnxModel {
+    /// Loads, shape-fixes and optimizes the ONNX file at `path`.
+    pub fn load(path: &Path, options: ModelOptions) -> Result<Self, ModelError> {
+        let name = path.display().to_string();
+        let _span = tracing::info_span!("onnx_load", model = %name).entered();
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|source| ModelError::Load {
+                model: name.clone(),
+                source,
+            })?;
+        Self::from_inference_model(model, name, options)
+    }
+
+    /// Loads a model from ONNX bytes (for example straight from
+    /// [`export_vit`](crate::export::export_vit)).
+    pub fn from_bytes(bytes: &[u8], options: ModelOptions) -> Result<Self, ModelError> {
+        let name = String::from("<memory>");
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(|source| ModelError::Load {
+                model: name.clone(),
+                source,
+            })?;
+        Self::from_inference_model(model, name, options)
+    }
+
+    fn from_inference_model(
+        mut model: InferenceModel,
+        name: String,
+        options: ModelOptions,
+    ) -> Result<Self, ModelError> {
+        let unsupported = |reason: String| ModelError::Unsupported {
+            model: name.clone(),
+            reason,
+        };
+        let n_inputs = model.inputs.len();
+        if n_inputs != 1 {
+            return Err(unsupported(format!(
+                "{n_inputs} inputs, expected one image input"
+            )));
+        }
+        let (h, w) = match options.input_size {
+            Some(hw) => hw,
+            None => {
+                let fact = model.input_fact(0).map_err(|source| ModelError::Load {
+                    model: name.clone(),
+                    source,
+                })?;
+                let shape = fact
+                    .shape
+                    .as_concrete_finite()
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        unsupported(format!(
+                            "input shape {:?} is not fixed; pass an input size",
+                            fact.shape
+                        ))
+                    })?;
+                match shape.as_slice() {
+                    [1, 3, h, w] => (*h, *w),
+                    other => {
+                        return Err(unsupported(format!(
+                            "input shape {other:?}, expected [1, 3, H, W]"
+                        )));
+                    }
+                }
+            }
+        };
+        let shape = [1, 3, h, w];
+        let optimize = |source| ModelError::Optimize {
+            model: name.clone(),
+            shape,
+            source,
+        };
+        model
+            .set_input_fact(0, f32::fact(shape).into())
+            .map_err(optimize)?;
+        let typed = model.into_optimized().map_err(optimize)?;
+
+        let outlets = typed.output_outlets().map_err(optimize)?.to_vec();
+        let labels: Vec<String> = outlets
+            .iter()
+            .map(|o| {
+                typed
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| typed.node(o.node).name.clone())
+            })
+            .collect();
+        let features_ix = labels.iter().position(|l| l == FEATURES_NAME).unwrap_or(0);
+        let logits_ix = labels.iter().position(|l| l == LOGITS_NAME);
+        for ix in std::iter::once(features_ix).chain(logits_ix) {
+            let fact = typed.outlet_fact(outlets[ix]).map_err(optimize)?;
+            if fact.datum_type != f32::datum_type()
+                || fact.shape.as_concrete().is_none()
+                || fact.rank() < 1
+            {
+                return Err(unsupported(format!(
+                    "output {} is {fact:?}, expected a fixed-shape f32 tensor",
+                    labels[ix]
+                )));
+            }
+        }
+
+        let executor = if options.threads <= 1 {
+            Executor::SingleThread
+        } else {
+            Executor::multithread(options.threads)
+        };
+        let run_options = RunOptions {
+            executor: Some(executor),
+            ..Default::default()
+        };
+        let plan = SimplePlan::new_with_options(typed, &run_options).map_err(|source| {
+            ModelError::Plan {
+                model: name.clone(),
+                source,
+            }
+        })?;
+        let state = plan.spawn().map_err(|source| ModelError::Plan {
+            model: name.clone(),
+            source,
+        })?;
+        let input = Arc::new(
+            Tensor::zero::<f32>(&shape).map_err(|source| ModelError::Plan {
+                model: name.clone(),
+                source,
+            })?,
+        );
+        tracing::debug!(model = %name, ?shape, outputs = ?labels, threads = options.threads, "model ready");
+        Ok(Self {
+            name,
+            state,
+            input,
+            input_shape: shape,
+            outputs: tvec!(),
+            features_ix,
+            logits_ix,
+            options,
+        })
+    }
+
+    /// The fixed input shape `[1, 3, H, W]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        self.input_shape
+    }
+
+    /// The options the model was loaded with.
+    pub fn options(&self) -> &ModelOptions {
+        &self.options
+    }
+
+    /// The model's name in errors (its path, or `<memory>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the model has a `prototype_logits` output.
+    pub fn has_logits(&self) -> bool {
+        self.logits_ix.is_some()
+    }
+
+    /// The preallocated input tensor's data, `[1, 3, H, W]` row-major, to fill directly
+    /// before [`run`](Self::run) (already-normalized data).
+    pub fn input_mut(&mut self) -> Result<&mut [f32], ModelError> {
+        if Arc::get_mut(&mut self.input).is_none() {
+            // tract still holds the previous input (it never does after a completed run);
+            // fall back to a fresh tensor rather than failing.
+            self.input = Arc::new(
+                Tensor::zero::<f32>(&self.input_shape).map_err(|source| self.run_error(source))?,
+            );
+        }
+        let (name, shape) = (&self.name, self.input_shape);
+        let t = Arc::get_mut(&mut self.input)
+            .expect("input tensor should be exclusive after replacement");
+        let view = t
+            .to_plain_array_view_mut::<f32>()
+            .map_err(|source| ModelError::Run {
+                model: name.clone(),
+                shape,
+                source,
+            })?;
+        Ok(view
+            .into_slice()
+            .expect("a freshly created tensor is contiguous"))
+    }
+
+    /// Preprocesses `frame` into the input (see [`preprocess`](crate::preprocess)), runs the
+    /// model and returns views of its outputs.
+    pub fn run_rgb8(&mut self, frame: &Rgb8Frame<'_>) -> Result<Outputs<'_>, ModelError> {
+        let [_, _, h, w] = self.input_shape;
+        let norm = self.options.normalization;
+        preprocess_rgb8(frame, &norm, self.input_mut()?, h, w)?;
+        self.run()?;
+        Ok(self
+            .outputs()
+            .expect("outputs exist after a successful run"))
+    }
+
+    /// Copies an already-normalized `[1, 3, H, W]` tensor into the input and runs.
+    pub fn run_tensor(&mut self, data: &[f32]) -> Result<Outputs<'_>, ModelError> {
+        let input = self.input_mut()?;
+        if data.len() != input.len() {
+            return Err(ModelError::Mismatch {
+                what: "input tensor length",
+                expected: format!("{} ({:?})", input.len(), self.input_shape),
+                got: data.len().to_string(),
+            });
+        }
+        input.copy_from_slice(data);
+        self.run()?;
+        Ok(self
+            .outputs()
+            .expect("outputs exist after a successful run"))
+    }
+
+    /// Runs the model on the current input (see [`input_mut`](Self::input_mut)).
+    pub fn run(&mut self) -> Result<(), ModelError> {
+        let _span = tracing::trace_span!("onnx_run").entered();
+        // Drop the previous outputs first, so that their memory is free for this run.
+        self.outputs.clear();
+        let input = TValue::from_const(Arc::clone(&self.input));
+        self.outputs = self
+            .state
+            .run(tvec!(input))
+            .map_err(|source| self.run_error(source))?;
+        Ok(())
+    }
+
+    /// Views of the last run's outputs; `None` before the first successful run.
+    pub fn outputs(&self) -> Option<Outputs<'_>> {
+        let features = token_map(self.outputs.get(self.features_ix)?)?;
+        let logits = self
+            .logits_ix
+            .and_then(|ix| token_map(self.outputs.get(ix)?));
+        Some(Outputs { features, logits })
+    }
+
+    /// Runs the model on the current input like [`run`](Self::run), calling `hook` just
+    /// before and just after each node is evaluated (diagnostics: timing, allocation
+    /// counting). The hook gets the phase, the node id, its name and its op name.
+    pub fn run_observed(
+        &mut self,
+        mut hook: impl FnMut(NodePhase, usize, &str, &str),
+    ) -> Result<(), ModelError> {
+        self.outputs.clear();
+        let input = TValue::from_const(Arc::clone(&self.input));
+        let outputs = self
+            .state
+            .run_plan_with_eval(tvec!(input), |ctx, op_state, node, inputs| {
+                let op = node.op().name();
+                hook(NodePhase::Before, node.id, &node.name, &op);
+                let r = plan::eval(ctx, op_state, node, inputs);
+                hook(NodePhase::After, node.id, &node.name, &op);
+                r
+            })
+            .map_err(|source| self.run_error(source))?;
+        self.outputs = outputs;
+        Ok(())
+    }
+
+    /// Runs `iters` times on the current input, timing every node, and returns the mean
+    /// per-frame time by op kind and by node (diagnostics; allocates).
+    pub fn profile(&mut self, iters: usize) -> Result<Profile, ModelError> {
+        let iters = iters.max(1);
+        let n_nodes = self.state.model().nodes().len();
+        let mut times = vec![Duration::ZERO; n_nodes];
+        let mut started = Instant::now();
+        let start = Instant::now();
+        for _ in 0..iters {
+            self.run_observed(|phase, id, _, _| match phase {
+                NodePhase::Before => started = Instant::now(),
+                NodePhase::After => times[id] += started.elapsed(),
+            })?;
+        }
+        let total_per_frame = start.elapsed() / iters as u32;
+        let model = self.state.model();
+        let mut by_node: Vec<NodeTime> = model
+            .nodes()
+            .iter()
+            .filter(|n| !times[n.id].is_zero())
+            .map(|n| NodeTime {
+                node: n.name.clone(),
+                op: n.op().name().to_string(),
+                per_frame: times[n.id] / iters as u32,
+            })
+            .collect();
+        by_node.sort_by_key(|n| std::cmp::Reverse(n.per_frame));
+        let mut by_op: Vec<OpTime> = Vec::new();
+        for n in &by_node {
+            match by_op.iter_mut().find(|o| o.op == n.op) {
+                Some(o) => {
+                    o.nodes += 1;
+                    o.per_frame += n.per_frame;
+                }
+                None => by_op.push(OpTime {
+                    op: n.op.clone(),
+                    nodes: 1,
+                    per_frame: n.per_frame,
+                }),
+            }
+        }
+        by_op.sort_by_key(|o| std::cmp::Reverse(o.per_frame));
+        Ok(Profile {
+            total_per_frame,
+            by_op,
+            by_node,
+        })
+    }
+
+    fn run_error(&self, source: TractError) -> ModelError {
+        ModelError::Run {
+            model: self.name.clone(),
+            shape: self.input_shape,
+            source,
+        }
+    }
+}
+
+/// `[1, .., C]` -> `[tokens, C]` view (`tokens` = product of the middle dims).
+fn token_map(t: &TValue) -> Option<TokenMap<'_>> {
+    let data = t.as_plain_ram()?.as_slice::<f32>().ok()?;
+    let channels = *t.shape().last()?;
+    let tokens = data.len().checked_div(channels).unwrap_or(0);
+    Some(TokenMap {
+        data,
+        tokens,
+        channels,
+    })
+}

@@ -1,0 +1,47 @@
+//! Shared helpers of the runtime's integration tests: the micro reference fixtures.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use flsl_runtime::export::HostTensors;
+use safetensors::{Dtype, SafeTensors};
+
+/// `tests/fixtures/reference/micro` of the workspace (copied from the reference set).
+pub fn micro_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/micro")
+}
+
+/// Every F32 tensor of a safetensors file under `micro/`, keys prefixed with `prefix`.
+pub fn load_safetensors(file: &str, prefix: &str) -> HostTensors {
+    let path = micro_dir().join(file);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("fixture should be valid safetensors");
+    let mut out = HostTensors::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            continue;
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(format!("{prefix}{name}"), (view.shape().to_vec(), data));
+    }
+    out
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A process-unique scratch directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flsl-runtime-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir should be creatable");
+    dir
+}
