@@ -680,7 +680,13 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         let ours_t = teacher_after.get(name).ok_or("teacher incomplete")?.to_f64();
         let n = ours.len() as f64;
         // Per element: 1e-3 lr for 99.9 % of the elements and 2 lr for the rest (README table).
-        let budget = 1e-3 * lr * n + 2.0 * lr * (0.001 * n).ceil();
+        let mut budget = 1e-3 * lr * n + 2.0 * lr * (0.001 * n).ceil();
+        // The key slice [D, 2D) of qkv.bias has a zero gradient in exact arithmetic: its first
+        // Adam step is rounding noise of size up to lr per element (README "facts", 15), so
+        // each of its D elements may add up to lr (both directions: 2 lr) to the L1 and sum.
+        if name.ends_with("attn.qkv.bias") {
+            budget += 2.0 * lr * d_model as f64;
+        }
         let stat = |k: &str| s.get(k).and_then(Value::as_f64);
         let delta: f64 = ours.iter().zip(&init_t).map(|(a, b)| (a - b).abs()).sum();
         let sum: f64 = ours.iter().sum();
