@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release -p flsl-examples --features onnx --example onnx_bench -- \
-//!     [--out DIR] [--models tiny,small] [--threads 1,2] [--iters 30] [--warmup 5] \
+//!     [--out DIR] [--models tiny,small|none] [--threads 1,2] [--iters 30] [--warmup 5] \
 //!     [--profile] [--no-ort] [--onnx EXTRA.onnx ...]
 //! ```
 //!
@@ -47,7 +47,14 @@ fn parse_args() -> Result<Args> {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--out" => a.out = value()?.into(),
-            "--models" => a.models = value()?.split(',').map(str::to_string).collect(),
+            "--models" => {
+                // `none`: only the files given with --onnx.
+                a.models = value()?
+                    .split(',')
+                    .filter(|m| !m.is_empty() && *m != "none")
+                    .map(str::to_string)
+                    .collect()
+            }
             "--threads" => {
                 a.threads = value()?
                     .split(',')
@@ -156,6 +163,29 @@ fn main() -> Result<()> {
                     t,
                     100.0 * t / total
                 );
+            }
+            // Per role inside a block: node names are `blocks.{i}.<role>` or `blocks.{i}/<role>`
+            // (tract keeps the exporter's names and suffixes the ops it fuses or splits).
+            let mut roles: Vec<(String, f64)> = Vec::new();
+            for n in &p.by_node {
+                let role = match n.node.strip_prefix("blocks.") {
+                    Some(rest) => rest
+                        .trim_start_matches(|c: char| c.is_ascii_digit())
+                        .trim_start_matches(['.', '/']),
+                    None => n.node.as_str(),
+                };
+                let role = format!("{role} ({})", n.op);
+                match roles.iter_mut().find(|r| r.0 == role) {
+                    Some(r) => r.1 += ms(n.per_frame),
+                    None => roles.push((role, ms(n.per_frame))),
+                }
+            }
+            roles.sort_by(|a, b| b.1.total_cmp(&a.1));
+            println!("\nby node role, summed over blocks:\n");
+            println!("| node role (op) | ms/frame |");
+            println!("|---|---|");
+            for (role, t) in roles.iter().take(16) {
+                println!("| {role} | {t:.2} |");
             }
             println!("\nslowest nodes:\n");
             for n in p.by_node.iter().take(12) {

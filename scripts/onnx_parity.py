@@ -6,8 +6,9 @@ Usage:
 
 Writes the first output to OUTPUT.npy and any further output NAME to OUTPUT.NAME.npy.
 With --compare, also checks the first output against OTHER.npy (for example what
-`flsl infer --model MODEL.onnx --npy INPUT.npy --out OTHER.npy` wrote with tract) and
-exits 1 when the max absolute difference exceeds --atol.
+`flsl infer --model MODEL.onnx --npy INPUT.npy --out OTHER.npy` wrote with tract), and each
+further output NAME against OTHER.NAME.npy where that file exists (flsl writes
+`prototype_logits` there); exits 1 when a max absolute difference exceeds --atol.
 
 CI (outside the README test command):
   pip install onnxruntime numpy
@@ -46,14 +47,22 @@ def main() -> int:
           + ", ".join(f"{n}{list(v.shape)}" for n, v in zip(names, outs)))
 
     if args.compare:
-        other = np.load(args.compare)
-        if other.shape != outs[0].shape:
-            print(f"FAIL: shape {other.shape} != onnxruntime {outs[0].shape}")
-            return 1
-        diff = float(np.max(np.abs(other.astype(np.float32) - outs[0])))
-        ok = diff <= args.atol
-        print(f"{'ok' if ok else 'FAIL'}: max |{args.compare} - onnxruntime| = {diff:.3g} (atol {args.atol})")
-        return 0 if ok else 1
+        cstem, _ = os.path.splitext(args.compare)
+        pairs = [(names[0], args.compare, outs[0])]
+        pairs += [(n, f"{cstem}.{n}.npy", v) for n, v in zip(names[1:], outs[1:])
+                  if os.path.exists(f"{cstem}.{n}.npy")]
+        failed = False
+        for name, path, value in pairs:
+            other = np.load(path)
+            if other.shape != value.shape:
+                print(f"FAIL: {name}: shape {other.shape} != onnxruntime {value.shape}")
+                failed = True
+                continue
+            diff = float(np.max(np.abs(other.astype(np.float32) - value)))
+            ok = diff <= args.atol
+            failed |= not ok
+            print(f"{'ok' if ok else 'FAIL'}: {name}: max |{path} - onnxruntime| = {diff:.3g} (atol {args.atol})")
+        return 1 if failed else 0
     return 0
 
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use flsl_train::reference;
 
 fn micro() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/reference/micro")
+    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("fixtures/reference/micro")
 }
 
 fn run(case: &str) {

@@ -9,7 +9,7 @@ use flsl_train::reference;
 use flsl_train::tensors::{self, HostTensor};
 
 fn micro() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/reference/micro")
+    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("fixtures/reference/micro")
 }
 
 fn tmp(name: &str) -> PathBuf {

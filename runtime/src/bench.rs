@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::ModelError;
+use crate::export::LOGITS_NAME;
 use crate::npy::{read_npy, write_npy};
 use crate::onnx::{ModelOptions, OnnxModel};
 use crate::preprocess::Rgb8Frame;
@@ -213,7 +214,8 @@ pub fn ort_bench(
 /// Runs `in_npy` (f32 `[1, 3, H, W]`, already normalized) through `model` and writes the
 /// features to `out_npy` (shape as the model outputs it, for example `[1, N, D]`).
 /// A prototype-logits output, if the model has one, goes next to it as
-/// `<out stem>.logits.npy`. Returns the files written.
+/// `<out stem>.prototype_logits.npy` (the naming of `scripts/onnx_parity.py`). Returns the
+/// files written.
 pub fn infer_npy(
     model: &Path,
     in_npy: &Path,
@@ -246,7 +248,7 @@ pub fn infer_npy(
     )?;
     written.push(out_npy.to_path_buf());
     if let Some(logits) = out.logits {
-        let path = out_npy.with_extension("logits.npy");
+        let path = out_npy.with_extension(format!("{LOGITS_NAME}.npy"));
         write_npy(
             &path,
             &[1, logits.tokens(), logits.channels()],

@@ -18,14 +18,28 @@
 //!
 //! # Threads
 //!
-//! [`ModelOptions::threads`] selects tract's matmul executor: `1` runs on the calling
-//! thread ([`Executor::SingleThread`]); `n > 1` gives the plan a private `n`-thread rayon
-//! pool ([`Executor::multithread`]), installed around every run, which tract uses for large
-//! matmuls, packing, element-wise ops, softmax and reductions above its size thresholds.
-//! Pitfall: a *one*-thread rayon pool is not single-threaded in tract 0.23: its matmul
-//! dispatcher treats a pool of `<= 1` thread as "use rayon's global pool", which has one
-//! thread per core. That is why `threads = 1` maps to `SingleThread` here and never to
-//! `Executor::multithread(1)`.
+//! [`ModelOptions::threads`] selects tract's matmul executor.
+//! `1` (or `0`) runs everything on the calling thread ([`Executor::SingleThread`]).
+//! `n > 1` builds a private `n`-thread rayon pool, hands it to the plan as
+//! [`Executor::MultiThread`] (tract then splits large matmuls, activation packing,
+//! element-wise ops, softmax and reductions above its size thresholds across it) and runs
+//! every frame *inside* the pool (`pool.install`), so the ops tract runs serially execute on
+//! a pool thread too: `n` busy threads in all, not `n` workers plus a calling thread
+//! competing for the same cores (on the 2-core machine this measured slightly faster,
+//! see `docs/PERFORMANCE.md`).
+//!
+//! Pitfalls of tract 0.23's executor, read from `tract-linalg/src/multithread.rs` and
+//! `frame/mmm/mod.rs`:
+//! - A *one*-thread pool is not single-threaded: the matmul dispatcher treats a pool of
+//!   `<= 1` thread as "use rayon's global pool", which has one thread per core. Hence
+//!   `threads = 1` maps to `SingleThread`, never to `Executor::multithread(1)`.
+//! - tract-core does not enable `tract-linalg/multithread-mm` by itself; without it
+//!   `Executor::MultiThread` does not exist. This crate turns it on.
+//! - Without an executor in the plan's `RunOptions`, tract falls back to a process-wide
+//!   default (`set_default_executor`, single-threaded unless someone changed it), so two
+//!   models in one process could silently share one setting. Every plan here carries its own.
+//! - Work below tract's thresholds (64 matmul panels, 2^21 multiply-adds, 32768 elements;
+//!   `tract_linalg::multithread::set_threading_*`) stays on one thread.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -174,6 +188,8 @@ pub struct Profile {
 pub struct OnnxModel {
     name: String,
     state: TypedSimpleState,
+    /// The executor's pool (`threads > 1`); every run executes inside it.
+    pool: Option<Arc<rayon::ThreadPool>>,
     input: Arc<Tensor>,
     input_shape: [usize; 4],
     outputs: TVec<TValue>,
@@ -288,10 +304,22 @@ impl OnnxModel {
             }
         }
 
-        let executor = if options.threads <= 1 {
-            Executor::SingleThread
+        let pool = if options.threads <= 1 {
+            None
         } else {
-            Executor::multithread(options.threads)
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(options.threads)
+                .thread_name(|i| format!("flsl-tract-{i}"))
+                .build()
+                .map_err(|e| ModelError::Plan {
+                    model: name.clone(),
+                    source: TractError::new(e),
+                })?;
+            Some(Arc::new(pool))
+        };
+        let executor = match &pool {
+            None => Executor::SingleThread,
+            Some(pool) => Executor::MultiThread(Arc::clone(pool)),
         };
         let run_options = RunOptions {
             executor: Some(executor),
@@ -317,6 +345,7 @@ impl OnnxModel {
         Ok(Self {
             name,
             state,
+            pool,
             input,
             input_shape: shape,
             outputs: tvec!(),
@@ -406,10 +435,12 @@ impl OnnxModel {
         // Drop the previous outputs first, so that their memory is free for this run.
         self.outputs.clear();
         let input = TValue::from_const(Arc::clone(&self.input));
-        self.outputs = self
-            .state
-            .run(tvec!(input))
-            .map_err(|source| self.run_error(source))?;
+        let state = &mut self.state;
+        let result = match &self.pool {
+            Some(pool) => pool.install(|| state.run(tvec!(input))),
+            None => state.run(tvec!(input)),
+        };
+        self.outputs = result.map_err(|source| self.run_error(source))?;
         Ok(())
     }
 
@@ -427,21 +458,25 @@ impl OnnxModel {
     /// counting). The hook gets the phase, the node id, its name and its op name.
     pub fn run_observed(
         &mut self,
-        mut hook: impl FnMut(NodePhase, usize, &str, &str),
+        mut hook: impl FnMut(NodePhase, usize, &str, &str) + Send,
     ) -> Result<(), ModelError> {
         self.outputs.clear();
         let input = TValue::from_const(Arc::clone(&self.input));
-        let outputs = self
-            .state
-            .run_plan_with_eval(tvec!(input), |ctx, op_state, node, inputs| {
+        let state = &mut self.state;
+        let run = || {
+            state.run_plan_with_eval(tvec!(input), |ctx, op_state, node, inputs| {
                 let op = node.op().name();
                 hook(NodePhase::Before, node.id, &node.name, &op);
                 let r = plan::eval(ctx, op_state, node, inputs);
                 hook(NodePhase::After, node.id, &node.name, &op);
                 r
             })
-            .map_err(|source| self.run_error(source))?;
-        self.outputs = outputs;
+        };
+        let result = match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        };
+        self.outputs = result.map_err(|source| self.run_error(source))?;
         Ok(())
     }
 

@@ -171,7 +171,10 @@ fn infer_npy_round_trip() {
     write_npy(&input, &[1, 3, 64, 64], &x[..3 * 64 * 64]).unwrap();
     let out = dir.join("features.npy");
     let written = infer_npy(&model, &input, &out, 1).unwrap();
-    assert_eq!(written, [out.clone(), dir.join("features.logits.npy")]);
+    assert_eq!(
+        written,
+        [out.clone(), dir.join("features.prototype_logits.npy")]
+    );
     let got = read_npy(&out).unwrap();
     assert_eq!(got.shape, [1, 16, 64]);
     assert!(max_abs_diff(&got.data, &features[..16 * 64]) <= 1e-4);

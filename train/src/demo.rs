@@ -35,7 +35,7 @@ pub struct DemoOptions {
 
 /// The repository's embedded demo images.
 pub fn default_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/neon-aerial-trees/images")
+    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../data/neon-aerial-trees/images")
 }
 
 impl Default for DemoOptions {

@@ -8,7 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 
 /// `tests/fixtures/reference/micro` of the workspace (copied from the reference set).
 pub fn micro_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/micro")
+    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../tests/fixtures/reference/micro")
 }
 
 /// Every F32 tensor of a safetensors file under `micro/`, keys prefixed with `prefix`.
