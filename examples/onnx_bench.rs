@@ -6,8 +6,14 @@
 //! ```text
 //! cargo run --release -p flsl-examples --features onnx --example onnx_bench -- \
 //!     [--out DIR] [--models tiny,small|none] [--threads 1,2] [--iters 30] [--warmup 5] \
-//!     [--profile] [--no-ort] [--onnx EXTRA.onnx ...]
+//!     [--profile] [--plan] [--no-ort] [--engines gemm,tract] [--blocks 1] [--onnx EXTRA.onnx ...]
 //! ```
+//!
+//! `--engines` picks which matmul engines of [`OnnxModel`] are timed (`gemm`: the default,
+//! `tract`: tract's own kernels); `--blocks B` repeats the whole set of measurements B
+//! times, interleaved, and reports the median and the best of the per-block medians.
+//! `--plan` prints tract's optimized plan (op per node and the kernel each matmul uses).
+//! `--profile` times every node of each engine's plan at 1 thread; `--plan` shows the first engine's.
 //!
 //! Random weights are fine for speed: the work per frame does not depend on the values.
 //! Use `RUSTFLAGS="-C target-cpu=x86-64-v3"` (or the board's CPU) for deployment builds.
@@ -16,9 +22,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use flsl_runtime::bench::{bench, ort_bench, peak_rss_bytes};
+use flsl_runtime::bench::{bench_with, ort_bench, peak_rss_bytes};
 use flsl_runtime::export::{VitSpec, export_vit, random_vit_weights};
-use flsl_runtime::onnx::{ModelOptions, OnnxModel};
+use flsl_runtime::onnx::{MatMulEngine, ModelOptions, OnnxModel};
 
 struct Args {
     out: PathBuf,
@@ -27,7 +33,10 @@ struct Args {
     iters: usize,
     warmup: usize,
     profile: bool,
+    plan: bool,
     ort: bool,
+    engines: Vec<MatMulEngine>,
+    blocks: usize,
     extra: Vec<PathBuf>,
 }
 
@@ -39,7 +48,10 @@ fn parse_args() -> Result<Args> {
         iters: 30,
         warmup: 5,
         profile: false,
+        plan: false,
         ort: true,
+        engines: vec![MatMulEngine::Gemm, MatMulEngine::Tract],
+        blocks: 1,
         extra: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +76,18 @@ fn parse_args() -> Result<Args> {
             "--iters" => a.iters = value()?.parse().context("--iters")?,
             "--warmup" => a.warmup = value()?.parse().context("--warmup")?,
             "--profile" => a.profile = true,
+            "--plan" => a.plan = true,
+            "--blocks" => a.blocks = value()?.parse::<usize>().context("--blocks")?.max(1),
+            "--engines" => {
+                a.engines = value()?
+                    .split(',')
+                    .map(|e| match e {
+                        "gemm" => Ok(MatMulEngine::Gemm),
+                        "tract" => Ok(MatMulEngine::Tract),
+                        other => bail!("unknown engine {other} (gemm, tract)"),
+                    })
+                    .collect::<Result<_>>()?
+            }
             "--no-ort" => a.ort = false,
             "--onnx" => a.extra.push(value()?.into()),
             other => bail!("unknown argument {other}"),
@@ -98,48 +122,97 @@ fn main() -> Result<()> {
     }
     files.extend(args.extra.iter().cloned());
 
-    println!("| model | runtime | threads | median ms | p90 ms | min ms | frames/s |");
-    println!("|---|---|---|---|---|---|---|");
-    for path in &files {
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let t = bench(path, &args.threads, args.iters, args.warmup)?;
-        for r in &t.timings {
-            println!(
-                "| {name} | tract | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                r.threads, r.median_ms, r.p90_ms, r.min_ms, r.fps
-            );
+    // Every block times each (model, engine, threads) in tract and then onnxruntime, so
+    // both see the same machine load; the table gives the median and the best of the
+    // per-block medians.
+    let mut cells: Vec<(String, String, usize, Vec<f64>)> = Vec::new();
+    let mut record = |model: &str, runtime: String, threads: usize, ms: f64| {
+        match cells
+            .iter_mut()
+            .find(|c| c.0 == model && c.1 == runtime && c.2 == threads)
+        {
+            Some(c) => c.3.push(ms),
+            None => cells.push((model.to_string(), runtime, threads, vec![ms])),
         }
-        if args.ort {
-            match ort_bench(path, &args.threads, args.iters, args.warmup)? {
-                Some(o) => {
-                    for r in &o.timings {
-                        println!(
-                            "| {name} | onnxruntime {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                            o.onnxruntime_version,
-                            r.threads,
-                            r.median_ms,
-                            r.p90_ms,
-                            r.min_ms,
-                            r.fps
-                        );
-                    }
+    };
+    for block in 0..args.blocks {
+        for path in &files {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for &engine in &args.engines {
+                let options = ModelOptions::new().with_matmul(engine);
+                let t = bench_with(path, options, &args.threads, args.iters, args.warmup)?;
+                for r in &t.timings {
+                    record(&name, format!("tract ({engine:?})"), r.threads, r.median_ms);
                 }
-                None => eprintln!("onnxruntime not importable by python3: skipped"),
+                if block == 0 {
+                    eprintln!(
+                        "{name} ({engine:?}): preprocessing (RGB8 224x224 -> tensor) {:.3} ms; peak RSS so far {:.0} MB",
+                        t.timings.first().map_or(0.0, |r| r.preprocess_ms),
+                        peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+                    );
+                }
+            }
+            if args.ort {
+                match ort_bench(path, &args.threads, args.iters, args.warmup)? {
+                    Some(o) => {
+                        for r in &o.timings {
+                            let rt = format!("onnxruntime {}", o.onnxruntime_version);
+                            record(&name, rt, r.threads, r.median_ms);
+                        }
+                    }
+                    None => eprintln!("onnxruntime not importable by python3: skipped"),
+                }
             }
         }
-        eprintln!(
-            "{name}: preprocessing (RGB8 224x224 -> tensor) {:.3} ms; peak RSS so far {:.0} MB",
-            t.timings.first().map_or(0.0, |r| r.preprocess_ms),
-            peak_rss_bytes().unwrap_or(0) as f64 / 1e6
-        );
+        eprintln!("block {} of {} done", block + 1, args.blocks);
+    }
+    let stat = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0])
+    };
+    println!(
+        "| model | runtime | threads | ms/frame, median of {} block medians | best block | vs onnxruntime (median, best) |",
+        args.blocks
+    );
+    println!("|---|---|---|---|---|---|");
+    for (model, runtime, threads, v) in &cells {
+        let (med, best) = stat(v);
+        let ort = cells
+            .iter()
+            .find(|c| &c.0 == model && c.1.starts_with("onnxruntime") && c.2 == *threads)
+            .map(|c| stat(&c.3));
+        let ratio = match ort {
+            Some((om, ob)) if !runtime.starts_with("onnxruntime") => {
+                format!("{:.2}x, {:.2}x", med / om, best / ob)
+            }
+            _ => "-".into(),
+        };
+        println!("| {model} | {runtime} | {threads} | {med:.1} | {best:.1} | {ratio} |");
+    }
+
+    if args.plan {
+        for path in &files {
+            let m = OnnxModel::load(path, ModelOptions::new().with_matmul(args.engines[0]))?;
+            println!("\n### optimized plan of {} ({:?} matmuls)\n", path.display(), args.engines[0]);
+            for (node, op, info) in m.plan_info() {
+                println!("- {node} ({op})");
+                for line in info {
+                    println!("    {line}");
+                }
+            }
+        }
     }
 
     if args.profile {
-        for path in &files {
-            let mut m = OnnxModel::load(path, ModelOptions::new())?;
+        for (path, &engine) in files
+            .iter()
+            .flat_map(|p| args.engines.iter().map(move |e| (p, e)))
+        {
+            let mut m = OnnxModel::load(path, ModelOptions::new().with_matmul(engine))?;
             m.input_mut()?
                 .iter_mut()
                 .enumerate()
@@ -147,7 +220,7 @@ fn main() -> Result<()> {
             m.profile(args.warmup.max(1))?;
             let p = m.profile(args.iters)?;
             println!(
-                "\n### tract per-op profile, {} (1 thread, {:.1} ms/frame)\n",
+                "\n### tract per-op profile, {} ({engine:?} matmuls, 1 thread, {:.1} ms/frame)\n",
                 path.display(),
                 ms(p.total_per_frame)
             );

@@ -3,7 +3,7 @@
 //! The fixtures were produced by calling the official FLSL PyTorch code; see
 //! `fixtures/reference/micro/README.md`. Tolerances are the manifests' suggested ones.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use flsl_train::reference;
 

@@ -90,12 +90,24 @@ pub fn bench(
     iters: usize,
     warmup: usize,
 ) -> Result<BenchReport, ModelError> {
+    bench_with(model, ModelOptions::new(), threads, iters, warmup)
+}
+
+/// [`bench`] with the given load options (their thread count is replaced by each of
+/// `threads`), for example to compare [`MatMulEngine`](crate::onnx::MatMulEngine)s.
+pub fn bench_with(
+    model: &Path,
+    options: ModelOptions,
+    threads: &[usize],
+    iters: usize,
+    warmup: usize,
+) -> Result<BenchReport, ModelError> {
     let iters = iters.max(1);
     let mut timings = Vec::with_capacity(threads.len());
     let mut input_shape = [0; 4];
     for &t in threads {
         let _span = tracing::info_span!("bench", threads = t).entered();
-        let mut m = OnnxModel::load(model, ModelOptions::new().with_threads(t))?;
+        let mut m = OnnxModel::load(model, options.with_threads(t))?;
         input_shape = m.input_shape();
         let [_, _, h, w] = input_shape;
         // A fixed, non-constant frame of the model's size.

@@ -65,6 +65,21 @@ pub struct ModelOptions {
     pub input_size: Option<(usize, usize)>,
     /// Normalization applied by [`OnnxModel::run_rgb8`].
     pub normalization: Normalization,
+    /// Which code runs the f32 matrix products.
+    pub matmul: MatMulEngine,
+}
+
+/// Which code runs a model's f32 matrix products (ONNX `MatMul`, after tract's lowering to
+/// `EinSum`). The ONNX file is the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatMulEngine {
+    /// tract's own `OptMatMul` (tract-linalg kernels, activations packed per product).
+    Tract,
+    /// The `gemm` crate, substituted into the plan after loading
+    /// ([`crate::ops::substitute_gemm_matmuls`]); faster on the ViT shapes measured in
+    /// `docs/PERFORMANCE.md`. Products it cannot express stay with tract.
+    #[default]
+    Gemm,
 }
 
 impl ModelOptions {
@@ -74,7 +89,13 @@ impl ModelOptions {
             threads: 1,
             input_size: None,
             normalization: Normalization::IMAGENET,
+            matmul: MatMulEngine::Gemm,
         }
+    }
+
+    /// With the given matmul engine.
+    pub const fn with_matmul(self, matmul: MatMulEngine) -> Self {
+        Self { matmul, ..self }
     }
 
     /// With `threads` executor threads.
@@ -196,6 +217,8 @@ pub struct OnnxModel {
     features_ix: usize,
     logits_ix: Option<usize>,
     options: ModelOptions,
+    /// Output names, in the plan's output order.
+    output_names: Vec<String>,
 }
 
 impl OnnxModel {
@@ -277,7 +300,18 @@ impl OnnxModel {
         model
             .set_input_fact(0, f32::fact(shape).into())
             .map_err(optimize)?;
-        let typed = model.into_optimized().map_err(optimize)?;
+        let typed = match options.matmul {
+            MatMulEngine::Tract => model.into_optimized(),
+            MatMulEngine::Gemm => model
+                .into_typed()
+                .and_then(|t| t.into_decluttered())
+                .and_then(|mut t| {
+                    let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
+                    tracing::debug!(model = %name, products = n, "matmuls moved to gemm");
+                    t.into_optimized()
+                }),
+        }
+        .map_err(optimize)?;
 
         let outlets = typed.output_outlets().map_err(optimize)?.to_vec();
         let labels: Vec<String> = outlets
@@ -352,6 +386,7 @@ impl OnnxModel {
             features_ix,
             logits_ix,
             options,
+            output_names: labels,
         })
     }
 
@@ -444,6 +479,20 @@ impl OnnxModel {
         Ok(())
     }
 
+    /// The model's output names, in order (for example `features`, `prototype_logits`,
+    /// `det_heatmap`, `det_boxes`).
+    pub fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+
+    /// The last run's output `name` as `(shape, row-major f32 data)`, borrowed; `None` before
+    /// the first run, for an unknown name, or for a non-f32 output.
+    pub fn output_f32(&self, name: &str) -> Option<(&[usize], &[f32])> {
+        let ix = self.output_names.iter().position(|n| n == name)?;
+        let t = self.outputs.get(ix)?;
+        Some((t.shape(), t.as_plain_ram()?.as_slice::<f32>().ok()?))
+    }
+
     /// Views of the last run's outputs; `None` before the first successful run.
     pub fn outputs(&self) -> Option<Outputs<'_>> {
         let features = token_map(self.outputs.get(self.features_ix)?)?;
@@ -527,6 +576,26 @@ impl OnnxModel {
             by_op,
             by_node,
         })
+    }
+
+    /// The optimized plan's nodes in evaluation order: `(node name, op name, op info)`,
+    /// where the info lines are tract's own description of the op (for matmuls: the shapes
+    /// and the kernel it picked). Diagnostics; allocates.
+    pub fn plan_info(&self) -> Vec<(String, String, Vec<String>)> {
+        let model = self.state.model();
+        model
+            .eval_order()
+            .unwrap_or_else(|_| (0..model.nodes().len()).collect())
+            .into_iter()
+            .map(|id| {
+                let node = model.node(id);
+                (
+                    node.name.clone(),
+                    node.op().name().to_string(),
+                    node.op().info().unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     fn run_error(&self, source: TractError) -> ModelError {

@@ -11,17 +11,24 @@
 //! - [`tensors`], [`pth`], [`checkpoint`]: host tensors, safetensors, PyTorch `.pth` import.
 //! - [`reference`]: the golden-vector checker behind `flsl reference-check`.
 //! - [`augment`], [`data`], [`config`], [`trainer`], [`plot`]: the pretraining pipeline.
+//! - [`export`]: checkpoints -> ONNX (through `flsl_runtime::export`, no burn involved).
+//! - [`annotations`], [`detector`]: COCO/VOC/VisDrone boxes and the CenterNet-style head
+//!   trained on a frozen backbone (`flsl train-detector`).
 //! - [`backend`]: the one module that names concrete backends.
 #![warn(missing_docs)]
 
+pub mod annotations;
 pub mod augment;
 pub mod backend;
 pub mod checkpoint;
 pub mod cluster;
+pub mod clusters_eval;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod detector;
 pub mod error;
+pub mod export;
 pub mod gpu_check;
 pub mod loss;
 pub mod masks;

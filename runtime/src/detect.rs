@@ -1,0 +1,411 @@
+//! `flsl detect`: frames in (a folder of images, or a video through `ffmpeg`), per frame the
+//! ONNX model in tract and the no-alloc perception core (clusters, segments, detections,
+//! tracks) out, as JSON lines, optional overlay PNGs, and a timing summary split into
+//! decode / preprocess / model / post-process.
+//!
+//! The model is whatever [`OnnxModel`] loads: `features` is required; `prototype_logits`
+//! gives the cluster labels (else k-means on the features), `det_heatmap` + `det_boxes`
+//! (see [`export_det`](crate::export_det)) give detections and tracks. The frame is resized
+//! to the model input without cropping ([`preprocess`](crate::preprocess)), so boxes map back
+//! to frame pixels with [`BoxMap::stretch`].
+
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use image::{Rgb, RgbImage};
+
+use crate::error::ModelError;
+use crate::export_det::{BOXES_NAME, HEATMAP_NAME};
+use crate::onnx::{ModelOptions, OnnxModel};
+use crate::perception::decode::HeadDims;
+use crate::perception::{BoxMap, LabelSource, Perception, PerceptionConfig, PerceptionDims};
+use crate::preprocess::{Rgb8Frame, preprocess_rgb8};
+
+/// Capacities of the post-process: segments, detections, tracks.
+const SEGMENTS: usize = 128;
+const DETECTIONS: usize = 100;
+const TRACKS: usize = 64;
+
+/// `flsl detect` settings.
+#[derive(Debug, Clone)]
+pub struct DetectOptions {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// tract threads.
+    pub threads: usize,
+    /// Least detection score.
+    pub score_threshold: f32,
+    /// Mean-shift refinement of the features before clustering (default off: it costs
+    /// ~8 ms per 14x14 frame on one core, the rest of the post-process ~0.05-0.5 ms).
+    pub meanshift: bool,
+    /// k-means clusters when the model has no `prototype_logits`.
+    pub kmeans_k: usize,
+    /// Write an overlay PNG per frame here.
+    pub overlays: Option<PathBuf>,
+    /// Stop after this many frames.
+    pub max_frames: Option<usize>,
+    /// Input pixels per map cell of the detection head (default `patch / 2`).
+    pub det_stride: Option<f32>,
+}
+
+impl DetectOptions {
+    /// Defaults for `model`.
+    pub fn new(model: PathBuf) -> Self {
+        Self { model, threads: 1, score_threshold: 0.3, meanshift: false, kmeans_k: 8, overlays: None, max_frames: None, det_stride: None }
+    }
+}
+
+/// Per-stage time totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    /// Reading and decoding frames.
+    pub decode: Duration,
+    /// RGB8 -> normalized input tensor.
+    pub preprocess: Duration,
+    /// The model in tract.
+    pub model: Duration,
+    /// Clustering, segments, decoding, NMS, tracking.
+    pub postprocess: Duration,
+    /// JSON lines and overlays.
+    pub output: Duration,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DetectSummary {
+    /// Frames processed.
+    pub frames: usize,
+    /// Time per stage, summed over frames.
+    pub times: StageTimes,
+    /// Wall time of the whole loop.
+    pub wall: Duration,
+    /// Detections after NMS, summed over frames.
+    pub detections: usize,
+    /// Distinct confirmed track ids seen.
+    pub tracks: usize,
+    /// Segments, summed over frames.
+    pub segments: usize,
+    /// Model input `[1, 3, H, W]`.
+    pub input_shape: [usize; 4],
+    /// Model outputs.
+    pub outputs: Vec<String>,
+}
+
+impl DetectSummary {
+    /// A human summary with frames/s overall and per stage (ms per frame).
+    pub fn render(&self) -> String {
+        let n = self.frames.max(1) as f64;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
+        let fps = self.frames as f64 / self.wall.as_secs_f64().max(1e-9);
+        format!(
+            "{} frames in {:.2} s: {:.1} frames/s end to end\n  per frame: decode {:.2} ms, preprocess {:.2} ms, model {:.2} ms, post-process {:.3} ms, output {:.2} ms\n  {} detections, {} confirmed tracks, {} segments (mean {:.1}/frame); model input {:?}, outputs {:?}",
+            self.frames,
+            self.wall.as_secs_f64(),
+            fps,
+            ms(self.times.decode),
+            ms(self.times.preprocess),
+            ms(self.times.model),
+            ms(self.times.postprocess),
+            ms(self.times.output),
+            self.detections,
+            self.tracks,
+            self.segments,
+            self.segments as f64 / n,
+            self.input_shape,
+            self.outputs
+        )
+    }
+}
+
+/// Where frames come from.
+pub enum Frames {
+    /// Image files, in name order.
+    Folder(std::vec::IntoIter<PathBuf>),
+    /// Raw RGB24 frames from an `ffmpeg` subprocess.
+    Video {
+        /// The ffmpeg process.
+        child: Child,
+        /// Frame width.
+        width: u32,
+        /// Frame height.
+        height: u32,
+        /// Frames read so far.
+        index: usize,
+        /// The video file (for names and errors).
+        path: PathBuf,
+    },
+}
+
+fn helper_err(action: String, e: std::io::Error) -> ModelError {
+    ModelError::Helper { action, source: e }
+}
+
+impl Frames {
+    /// A folder of `.png`/`.jpg` frames or a video file (decoded by `ffmpeg`, which must be on
+    /// the `PATH`: a clear error names the missing tool otherwise).
+    pub fn open(input: &Path) -> Result<Self, ModelError> {
+        if input.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+                .map_err(|e| helper_err(format!("listing frames in {}", input.display()), e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| matches!(e.to_string_lossy().to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(helper_err(format!("no .png/.jpg frames in {}", input.display()), std::io::Error::from(std::io::ErrorKind::NotFound)));
+            }
+            return Ok(Self::Folder(files.into_iter()));
+        }
+        if !input.is_file() {
+            return Err(helper_err(format!("opening {}", input.display()), std::io::Error::from(std::io::ErrorKind::NotFound)));
+        }
+        let missing = |tool: &str, e: std::io::Error| {
+            helper_err(format!("decoding the video {} needs `{tool}` on the PATH (install ffmpeg, or pass a folder of frames)", input.display()), e)
+        };
+        let probe = Command::new("ffprobe")
+            .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "stream=width,height", "-of", "csv=p=0"])
+            .arg(input)
+            .output()
+            .map_err(|e| missing("ffprobe", e))?;
+        let text = String::from_utf8_lossy(&probe.stdout);
+        let dims: Vec<u32> = text.trim().split(',').filter_map(|v| v.trim().parse().ok()).collect();
+        let [width, height] = dims[..] else {
+            return Err(helper_err(
+                format!("ffprobe found no video stream size in {}: {}", input.display(), String::from_utf8_lossy(&probe.stderr).trim()),
+                std::io::Error::from(std::io::ErrorKind::InvalidData),
+            ));
+        };
+        let child = Command::new("ffmpeg")
+            .args(["-v", "error", "-i"])
+            .arg(input)
+            .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| missing("ffmpeg", e))?;
+        Ok(Self::Video { child, width, height, index: 0, path: input.to_path_buf() })
+    }
+
+    /// The next frame and its name; `None` at the end. Unreadable image files are skipped
+    /// with a warning (never a crash).
+    pub fn next_frame(&mut self) -> Option<(String, RgbImage)> {
+        match self {
+            Self::Folder(files) => {
+                for f in files.by_ref() {
+                    match image::open(&f) {
+                        Ok(img) => return Some((f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), img.to_rgb8())),
+                        Err(e) => tracing::warn!("skipping unreadable frame {}: {e}", f.display()),
+                    }
+                }
+                None
+            }
+            Self::Video { child, width, height, index, path } => {
+                let mut buf = vec![0u8; *width as usize * *height as usize * 3];
+                let out = child.stdout.as_mut()?;
+                if out.read_exact(&mut buf).is_err() {
+                    return None;
+                }
+                let name = format!("{}#{:06}", path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), *index);
+                *index += 1;
+                RgbImage::from_raw(*width, *height, buf).map(|img| (name, img))
+            }
+        }
+    }
+}
+
+impl Drop for Frames {
+    fn drop(&mut self) {
+        if let Self::Video { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The colour of cluster `label`.
+pub fn palette(label: u32) -> [u8; 3] {
+    let h = label.wrapping_mul(2_654_435_761);
+    [(h >> 24) as u8 | 0x40, (h >> 16) as u8 | 0x40, (h >> 8) as u8 | 0x40]
+}
+
+fn draw_rect(img: &mut RgbImage, b: [f32; 4], color: [u8; 3]) {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let c = |v: f32, hi: i64| (v.round() as i64).clamp(0, hi - 1);
+    let (x0, y0, x1, y1) = (c(b[0], w), c(b[1], h), c(b[2], w), c(b[3], h));
+    for t in 0..2 {
+        for x in x0..=x1 {
+            for y in [(y0 + t).min(h - 1), (y1 - t).max(0)] {
+                img.put_pixel(x as u32, y as u32, Rgb(color));
+            }
+        }
+        for y in y0..=y1 {
+            for x in [(x0 + t).min(w - 1), (x1 - t).max(0)] {
+                img.put_pixel(x as u32, y as u32, Rgb(color));
+            }
+        }
+    }
+}
+
+/// Frame with the cluster map blended in (45 %) and the tracked boxes drawn.
+fn overlay(frame: &RgbImage, labels: &[u32], gh: usize, gw: usize, boxes: &[([f32; 4], u32)]) -> RgbImage {
+    let mut img = frame.clone();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        let (gx, gy) = ((x as usize * gw / w.max(1)).min(gw - 1), (y as usize * gh / h.max(1)).min(gh - 1));
+        let c = palette(labels.get(gy * gw + gx).copied().unwrap_or(0));
+        for k in 0..3 {
+            p[k] = ((f32::from(p[k]) * 0.55) + f32::from(c[k]) * 0.45) as u8;
+        }
+    }
+    for &(b, id) in boxes {
+        draw_rect(&mut img, b, if id == 0 { [255, 255, 0] } else { palette(id ^ 0x5555) });
+    }
+    img
+}
+
+/// Runs detection on every frame of `input`, writing one JSON object per frame to `out`.
+pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut on_frame: impl FnMut(usize)) -> Result<DetectSummary, ModelError> {
+    let mut model = OnnxModel::load(&opts.model, ModelOptions::new().with_threads(opts.threads))?;
+    let [_, _, ih, iw] = model.input_shape();
+    let outputs = model.output_names().to_vec();
+    // One dry run gives the output shapes.
+    model.input_mut()?.fill(0.0);
+    model.run()?;
+    let o = model.outputs().ok_or_else(|| ModelError::Mismatch { what: "model outputs", expected: "features".into(), got: "none".into() })?;
+    let (n, d) = (o.features.tokens(), o.features.channels());
+    let k = o.logits.map_or(0, |l| l.channels());
+    // The patch grid: the aspect of the input decides gh x gw.
+    let patch = ((ih * iw) as f64 / n.max(1) as f64).sqrt().round().max(1.0) as usize;
+    let (gh, gw) = (ih / patch, iw / patch);
+    if gh * gw != n {
+        return Err(ModelError::Mismatch { what: "token grid", expected: format!("{n} tokens for a {ih}x{iw} input"), got: format!("{gh}x{gw} patches of {patch} px") });
+    }
+    let head = match (model.output_f32(HEATMAP_NAME), model.output_f32(BOXES_NAME)) {
+        (Some((hs, _)), Some(_)) if hs.len() == 4 => {
+            let stride = opts.det_stride.unwrap_or(ih as f32 / hs[2] as f32);
+            Some(HeadDims::new(hs[1], hs[2], hs[3], stride))
+        }
+        _ => None,
+    };
+    let dims = PerceptionDims { gh, gw, d, k, patch_px: patch as f32, head };
+    let mut config = PerceptionConfig { score_threshold: opts.score_threshold, ..PerceptionConfig::DEFAULT };
+    if !opts.meanshift {
+        config.meanshift = None;
+    }
+    config.kmeans.k = opts.kmeans_k.max(1);
+    let sizes = Perception::<SEGMENTS, DETECTIONS, TRACKS>::scratch_sizes(&dims, &config).map_err(|e| ModelError::Mismatch { what: "post-process dims", expected: "valid".into(), got: format!("{e:?}") })?;
+    let mut f32s = vec![0f32; sizes.f32s];
+    let mut u32s = vec![0u32; sizes.u32s];
+    let mut post = Perception::<SEGMENTS, DETECTIONS, TRACKS>::new(dims, config, &mut f32s, &mut u32s)
+        .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "valid settings".into(), got: format!("{e:?}") })?;
+    if let Some(dir) = &opts.overlays {
+        std::fs::create_dir_all(dir).map_err(|e| helper_err(format!("creating {}", dir.display()), e))?;
+    }
+
+    let mut frames = Frames::open(input)?;
+    let mut summary = DetectSummary { input_shape: model.input_shape(), outputs, ..Default::default() };
+    let mut ids = std::collections::BTreeSet::new();
+    let norm = model.options().normalization;
+    let wall = Instant::now();
+    loop {
+        if opts.max_frames.is_some_and(|m| summary.frames >= m) {
+            break;
+        }
+        let t0 = Instant::now();
+        let Some((name, img)) = frames.next_frame() else { break };
+        let t1 = Instant::now();
+        let frame = Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize)?;
+        preprocess_rgb8(&frame, &norm, model.input_mut()?, ih, iw)?;
+        let t2 = Instant::now();
+        model.run()?;
+        let t3 = Instant::now();
+        let o = model.outputs().ok_or_else(|| ModelError::Mismatch { what: "model outputs", expected: "features".into(), got: "none".into() })?;
+        let labels = match o.logits {
+            Some(l) => LabelSource::Logits(l.as_slice()),
+            None => LabelSource::KMeans,
+        };
+        let det = match (head, model.output_f32(HEATMAP_NAME), model.output_f32(BOXES_NAME)) {
+            (Some(_), Some((_, h)), Some((_, b))) => Some((h, b)),
+            _ => None,
+        };
+        let report = post
+            .process_frame(&crate::perception::FrameInput { features: o.features.as_slice(), labels, detections: det })
+            .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "model outputs of the probed shapes".into(), got: format!("{e:?}") })?;
+        let t4 = Instant::now();
+
+        let map = BoxMap::stretch(iw as u32, ih as u32, img.width(), img.height());
+        let tracks: Vec<([f32; 4], u32, u16, f32)> =
+            post.tracker().tracks().filter(|t| t.misses == 0).map(|t| (map.apply(t.bbox), t.id, t.class, t.score)).collect();
+        ids.extend(tracks.iter().filter(|t| t.1 != 0).map(|t| t.1));
+        let dets: Vec<serde_json::Value> = post
+            .detections()
+            .iter()
+            .map(|dt| {
+                let b = map.apply(dt.bbox);
+                serde_json::json!({"bbox": b, "class": dt.class, "score": dt.score})
+            })
+            .collect();
+        let seg_map = BoxMap::stretch(iw as u32, ih as u32, img.width(), img.height());
+        let segs: Vec<serde_json::Value> = post
+            .segments()
+            .iter()
+            .map(|s| serde_json::json!({"label": s.label, "area_patches": s.area, "cells": s.cells, "bbox": seg_map.apply(s.bbox)}))
+            .collect();
+        let line = serde_json::json!({
+            "frame": summary.frames,
+            "source": name,
+            "size": [img.width(), img.height()],
+            "detections": dets,
+            "tracks": tracks.iter().map(|t| serde_json::json!({"id": t.1, "bbox": t.0, "class": t.2, "score": t.3})).collect::<Vec<_>>(),
+            "segments": segs,
+            "clusters": report.clusters,
+            "segments_overflowed": report.segments.overflowed(),
+            "ms": {"decode": ms(t1 - t0), "preprocess": ms(t2 - t1), "model": ms(t3 - t2), "postprocess": ms(t4 - t3)},
+        });
+        writeln!(out, "{line}").map_err(|e| helper_err("writing JSON lines".into(), e))?;
+        if let Some(dir) = &opts.overlays {
+            let boxes: Vec<([f32; 4], u32)> = if head.is_some() {
+                if tracks.is_empty() { post.detections().iter().map(|d| (map.apply(d.bbox), 0)).collect() } else { tracks.iter().map(|t| (t.0, t.1)).collect() }
+            } else {
+                Vec::new()
+            };
+            let png = overlay(&img, post.labels(), gh, gw, &boxes);
+            let file = dir.join(format!("{:06}.png", summary.frames));
+            png.save(&file).map_err(|e| helper_err(format!("writing {}", file.display()), std::io::Error::other(e)))?;
+        }
+        let t5 = Instant::now();
+        summary.times.decode += t1 - t0;
+        summary.times.preprocess += t2 - t1;
+        summary.times.model += t3 - t2;
+        summary.times.postprocess += t4 - t3;
+        summary.times.output += t5 - t4;
+        summary.detections += report.detections;
+        summary.segments += report.segments.written;
+        summary.frames += 1;
+        on_frame(summary.frames);
+    }
+    summary.wall = wall.elapsed();
+    summary.tracks = ids.len();
+    if summary.frames == 0 {
+        return Err(helper_err(format!("no frame could be read from {}", input.display()), std::io::Error::from(std::io::ErrorKind::InvalidData)));
+    }
+    Ok(summary)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Reads JSON lines written by [`run_detect`] (for tests and tools).
+pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>, ModelError> {
+    let f = std::fs::File::open(path).map_err(|e| helper_err(format!("opening {}", path.display()), e))?;
+    std::io::BufReader::new(f)
+        .lines()
+        .map(|l| {
+            let l = l.map_err(|e| helper_err(format!("reading {}", path.display()), e))?;
+            serde_json::from_str(&l).map_err(|e| helper_err(format!("parsing {}", path.display()), std::io::Error::other(e)))
+        })
+        .collect()
+}

@@ -1,0 +1,361 @@
+//! f32 matrix products run by the [`gemm`] crate instead of tract's own matmul kernels.
+//!
+//! tract lowers every ONNX `MatMul` to an `EinSum` and then to its `OptMatMul` (an
+//! activation-packing op plus a kernel from tract-linalg). On the ViT shapes (196 tokens,
+//! widths 384 to 1536, per-head attention products of depth 64) the `gemm` crate's
+//! AVX-512/FMA kernels, which pack both operands in cache-sized blocks themselves, ran
+//! faster on the development machine (see `docs/PERFORMANCE.md`, "Inference").
+//! [`substitute_gemm_matmuls`] replaces each f32 two-operand `EinSum` that is a (batched)
+//! matrix product with a [`GemmMatMul`], folding a following bias `Add` of a constant
+//! vector into it, before tract optimizes the rest of the model.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::math::Add;
+
+use tract_onnx::prelude::tract_linalg::multithread::{Executor, current_tract_executor};
+
+/// Below this many multiply-adds a product runs on one thread (gemm's own default
+/// threshold, `48 * 48 * 256`, applies on top).
+const PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// Where `C = A B` finds its operands: sizes and element strides of the `m`, `k`, `n`
+/// axes and of the batch axes, for contiguous row-major tensors.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    m: usize,
+    k: usize,
+    n: usize,
+    /// Strides of `m` and `k` in A.
+    a_rs: isize,
+    a_cs: isize,
+    /// Strides of `k` and `n` in B.
+    b_rs: isize,
+    b_cs: isize,
+    /// Strides of `m` and `n` in C.
+    c_rs: isize,
+    c_cs: isize,
+    /// Batch axes (in A, B and C): size and strides in A, B, C.
+    batch: Vec<(usize, isize, isize, isize)>,
+    /// C's shape.
+    out_shape: TVec<usize>,
+    /// C's `n` axis, if `n > 1`.
+    c_n_axis: Option<usize>,
+}
+
+fn strides(shape: &[usize]) -> TVec<isize> {
+    let mut s: TVec<isize> = tvec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1] as isize;
+    }
+    s
+}
+
+impl Geometry {
+    /// The geometry of `axes` (an einsum with inputs of shapes `a`, `b` and output `c`), or
+    /// `None` when it is not a plain batched matrix product (diagonals, reductions over one
+    /// operand, broadcast batch axes, several non-unit `m`, `n` or `k` axes).
+    pub fn from_einsum(axes: &AxesMapping, a: &[usize], b: &[usize], c: &[usize]) -> Option<Self> {
+        if axes.input_count() != 2 || axes.output_count() != 1 {
+            return None;
+        }
+        let (sa, sb, sc) = (strides(a), strides(b), strides(c));
+        let mut g = Geometry {
+            m: 1,
+            k: 1,
+            n: 1,
+            a_rs: 1,
+            a_cs: 1,
+            b_rs: 1,
+            b_cs: 1,
+            c_rs: 1,
+            c_cs: 1,
+            batch: Vec::new(),
+            out_shape: c.into(),
+            c_n_axis: None,
+        };
+        let (mut has_m, mut has_k, mut has_n) = (false, false, false);
+        for axis in axes.iter_all_axes() {
+            let (ia, ib, ic) = (&axis.inputs[0], &axis.inputs[1], &axis.outputs[0]);
+            if ia.len() > 1 || ib.len() > 1 || ic.len() > 1 {
+                return None;
+            }
+            let (pa, pb, pc) = (ia.first().copied(), ib.first().copied(), ic.first().copied());
+            let dims = [pa.map(|p| a[p]), pb.map(|p| b[p]), pc.map(|p| c[p])];
+            let size = dims.iter().flatten().copied().max()?;
+            if dims.iter().flatten().any(|&d| d != size) {
+                return None;
+            }
+            if size == 1 {
+                continue;
+            }
+            match (pa, pb, pc) {
+                (Some(pa), Some(pb), Some(pc)) => g.batch.push((size, sa[pa], sb[pb], sc[pc])),
+                (Some(pa), None, Some(pc)) if !has_m => {
+                    has_m = true;
+                    (g.m, g.a_rs, g.c_rs) = (size, sa[pa], sc[pc]);
+                }
+                (None, Some(pb), Some(pc)) if !has_n => {
+                    has_n = true;
+                    (g.n, g.b_cs, g.c_cs, g.c_n_axis) = (size, sb[pb], sc[pc], Some(pc));
+                }
+                (Some(pa), Some(pb), None) if !has_k => {
+                    has_k = true;
+                    (g.k, g.a_cs, g.b_rs) = (size, sa[pa], sb[pb]);
+                }
+                _ => return None,
+            }
+        }
+        let batch: usize = g.batch.iter().map(|b| b.0).product();
+        (batch * g.m * g.n == c.iter().product::<usize>()).then_some(g)
+    }
+
+    /// The bias vector (length `n`) of a constant added to C, when it only varies along
+    /// C's `n` axis (or is a scalar).
+    fn bias_vector(&self, bias: &Tensor) -> Option<Vec<f32>> {
+        if bias.datum_type() != f32::datum_type() || bias.rank() > self.out_shape.len() {
+            return None;
+        }
+        let offset = self.out_shape.len() - bias.rank();
+        for (i, &d) in bias.shape().iter().enumerate() {
+            if d != 1 && (Some(offset + i) != self.c_n_axis || d != self.n) {
+                return None;
+            }
+        }
+        let view = bias.to_plain_array_view::<f32>().ok()?;
+        let values: Vec<f32> = view.iter().copied().collect();
+        match values.len() {
+            1 => Some(vec![values[0]; self.n]),
+            l if l == self.n => Some(values),
+            _ => None,
+        }
+    }
+}
+
+/// A constant bias vector, compared bit for bit (so that the op can be `Eq`).
+#[derive(Debug, Clone)]
+struct Bias(Vec<f32>);
+
+impl PartialEq for Bias {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(&other.0).all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+impl Eq for Bias {}
+
+/// `C = A B (+ bias)` for f32 `A`, `B` (any contiguous layout the [`Geometry`] describes),
+/// computed by [`gemm::gemm`]. Multithreaded on the plan's rayon executor when the plan has
+/// one (`Executor::MultiThread`), on the calling thread otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GemmMatMul {
+    geometry: Geometry,
+    bias: Option<Bias>,
+}
+
+impl GemmMatMul {
+    /// A product with the given geometry and no bias.
+    pub fn new(geometry: Geometry) -> Self {
+        Self {
+            geometry,
+            bias: None,
+        }
+    }
+
+    fn parallelism(&self) -> gemm::Parallelism {
+        let g = &self.geometry;
+        if g.m * g.n * g.k < PARALLEL_MIN_MACS {
+            return gemm::Parallelism::None;
+        }
+        match current_tract_executor() {
+            Executor::SingleThread => gemm::Parallelism::None,
+            Executor::MultiThread(pool) => gemm::Parallelism::Rayon(pool.current_num_threads()),
+            #[allow(unreachable_patterns)]
+            _ => gemm::Parallelism::Rayon(0),
+        }
+    }
+}
+
+impl Op for GemmMatMul {
+    fn name(&self) -> StaticName {
+        "GemmMatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let g = &self.geometry;
+        Ok(vec![format!(
+            "m:{} k:{} n:{} batch:{:?} bias:{} out:{:?}",
+            g.m,
+            g.k,
+            g.n,
+            g.batch.iter().map(|b| b.0).collect::<Vec<_>>(),
+            self.bias.is_some(),
+            g.out_shape
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for GemmMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let g = &self.geometry;
+        let a = inputs[0].to_plain_array_view::<f32>()?;
+        let b = inputs[1].to_plain_array_view::<f32>()?;
+        let a = a.as_slice().context("GemmMatMul: A is not contiguous")?;
+        let b = b.as_slice().context("GemmMatMul: B is not contiguous")?;
+        let mut c = Tensor::zero::<f32>(&g.out_shape)?;
+        {
+            let mut view = c.to_plain_array_view_mut::<f32>()?;
+            let out = view
+                .as_slice_mut()
+                .context("GemmMatMul: fresh output is not contiguous")?;
+            let read_dst = match &self.bias {
+                Some(Bias(bias)) => {
+                    let stride = g.c_cs as usize;
+                    for (i, v) in out.iter_mut().enumerate() {
+                        *v = bias[(i / stride) % g.n];
+                    }
+                    true
+                }
+                None => false,
+            };
+            let parallelism = self.parallelism();
+            let n_batch: usize = g.batch.iter().map(|b| b.0).product();
+            let mut index = vec![0usize; g.batch.len()];
+            for _ in 0..n_batch {
+                let (mut oa, mut ob, mut oc) = (0isize, 0isize, 0isize);
+                for (ix, &(_, sa, sb, sc)) in index.iter().zip(&g.batch) {
+                    oa += *ix as isize * sa;
+                    ob += *ix as isize * sb;
+                    oc += *ix as isize * sc;
+                }
+                // Safety: the geometry was derived from these very shapes (checked by
+                // output_facts and the plan), so every offset stays inside the slices.
+                #[allow(unsafe_code)]
+                unsafe {
+                    gemm::gemm(
+                        g.m,
+                        g.n,
+                        g.k,
+                        out.as_mut_ptr().offset(oc),
+                        g.c_cs,
+                        g.c_rs,
+                        read_dst,
+                        a.as_ptr().offset(oa),
+                        g.a_cs,
+                        g.a_rs,
+                        b.as_ptr().offset(ob),
+                        g.b_cs,
+                        g.b_rs,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
+                }
+                for (ix, &(size, ..)) in index.iter_mut().zip(&g.batch).rev() {
+                    *ix += 1;
+                    if *ix < size {
+                        break;
+                    }
+                    *ix = 0;
+                }
+            }
+        }
+        Ok(tvec!(c.into_tvalue()))
+    }
+}
+
+impl TypedOp for GemmMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 2, "GemmMatMul takes two inputs");
+        for i in inputs {
+            ensure!(i.datum_type == f32::datum_type(), "GemmMatMul is f32 only");
+        }
+        Ok(tvec!(f32::fact(&*self.geometry.out_shape)))
+    }
+
+    as_op!();
+}
+
+/// Replaces every f32 `EinSum` of `model` that is a plain (batched) matrix product of two
+/// fixed-shape operands with a [`GemmMatMul`], folding a following `Add` of a constant bias
+/// vector into it. Run it on a decluttered model (`into_decluttered`), before
+/// `into_optimized`. Returns the number of products replaced.
+pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    let outputs = model.output_outlets()?.to_vec();
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(einsum) = node.op_as::<EinSum>() else {
+            continue;
+        };
+        if einsum.q_params.is_some()
+            || einsum.operating_dt != f32::datum_type()
+            || node.inputs.len() != 2
+        {
+            continue;
+        }
+        let facts: Vec<TypedFact> = model.node_input_facts(id)?.into_iter().cloned().collect();
+        let out_fact = model.outlet_fact(OutletId::new(id, 0))?.clone();
+        if facts
+            .iter()
+            .chain(std::iter::once(&out_fact))
+            .any(|f| f.datum_type != f32::datum_type())
+        {
+            continue;
+        }
+        let (Some(a), Some(b), Some(c)) = (
+            facts[0].shape.as_concrete(),
+            facts[1].shape.as_concrete(),
+            out_fact.shape.as_concrete(),
+        ) else {
+            continue;
+        };
+        let Some(geometry) = Geometry::from_einsum(&einsum.axes, a, b, c) else {
+            continue;
+        };
+        let mut op = GemmMatMul::new(geometry);
+        // The node whose output the new op takes over: the einsum, or its bias Add.
+        let mut tail = OutletId::new(id, 0);
+        let successors = &node.outputs[0].successors;
+        if successors.len() == 1 && !outputs.contains(&tail) {
+            let next = model.node(successors[0].node);
+            let is_add = next
+                .op_as::<TypedBinOp>()
+                .is_some_and(|bin| bin.0.is::<Add>());
+            if is_add && next.inputs.len() == 2 {
+                let other = next.inputs[1 - successors[0].slot];
+                let next_fact = model.outlet_fact(OutletId::new(next.id, 0))?;
+                let bias = model
+                    .outlet_fact(other)?
+                    .konst
+                    .as_ref()
+                    .filter(|_| next_fact.shape.as_concrete() == Some(c))
+                    .and_then(|k| op.geometry.bias_vector(k));
+                if let Some(bias) = bias {
+                    op.bias = Some(Bias(bias));
+                    tail = OutletId::new(next.id, 0);
+                }
+            }
+        }
+        let name = node.name.clone();
+        let inputs = node.inputs.clone();
+        let mut patch = TypedModelPatch::default();
+        let a = patch.tap_model(model, inputs[0])?;
+        let b = patch.tap_model(model, inputs[1])?;
+        let wire = patch.wire_node(format!("{name}.gemm"), op, &[a, b])?;
+        patch.shunt_outside(model, tail, wire[0])?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
