@@ -28,6 +28,10 @@
 //! competing for the same cores (on the 2-core machine this measured slightly faster,
 //! see `docs/PERFORMANCE.md`).
 //!
+//! With [`MatMulEngine::Gemm`] (the default) the matrix products that moved to the `gemm`
+//! crate ([`crate::ops::gemm_matmul`]) split their work over the same pool (gemm's rayon
+//! path runs on the pool the frame runs in), above `2^20` multiply-adds.
+//!
 //! Pitfalls of tract 0.23's executor, read from `tract-linalg/src/multithread.rs` and
 //! `frame/mmm/mod.rs`:
 //! - A *one*-thread pool is not single-threaded: the matmul dispatcher treats a pool of
