@@ -30,7 +30,8 @@ from pycocotools.cocoeval import COCOeval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "runtime", "tests", "fixtures", "coco")
-TREES = "/work/shared/data/neon-aerial-trees/trees.coco.json"
+# The repository's embedded copy of the NEON tree-crown boxes (same file as ../shared/data).
+TREES = os.path.join(ROOT, "data", "neon-aerial-trees", "trees.coco.json")
 NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 

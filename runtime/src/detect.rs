@@ -347,11 +347,10 @@ pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut o
                 serde_json::json!({"bbox": b, "class": dt.class, "score": dt.score})
             })
             .collect();
-        let seg_map = BoxMap::stretch(iw as u32, ih as u32, img.width(), img.height());
         let segs: Vec<serde_json::Value> = post
             .segments()
             .iter()
-            .map(|s| serde_json::json!({"label": s.label, "area_patches": s.area, "cells": s.cells, "bbox": seg_map.apply(s.bbox)}))
+            .map(|s| serde_json::json!({"label": s.label, "area_patches": s.area, "cells": s.cells, "bbox": map.apply(s.bbox)}))
             .collect();
         let line = serde_json::json!({
             "frame": summary.frames,

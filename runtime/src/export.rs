@@ -786,7 +786,7 @@ impl GraphBuilder {
     }
 }
 
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+pub(crate) fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Ints as i32,
@@ -795,7 +795,7 @@ fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     }
 }
 
-fn attr_int(name: &str, v: i64) -> AttributeProto {
+pub(crate) fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Int as i32,
@@ -813,7 +813,7 @@ fn attr_float(name: &str, v: f32) -> AttributeProto {
     }
 }
 
-fn value_info(name: &str, dims: &[usize]) -> ValueInfoProto {
+pub(crate) fn value_info(name: &str, dims: &[usize]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|&d| tensor_shape_proto::Dimension {

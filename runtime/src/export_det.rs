@@ -17,12 +17,9 @@
 //! Only standard operators (Transpose, Reshape, ConvTranspose, Conv, Relu, Sigmoid, Exp,
 //! Concat), so tract, onnxruntime and TensorRT read it.
 
-use tract_onnx::pb::{
-    AttributeProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-};
+use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
 
-use crate::export::{ExportError, FEATURES_NAME, HostTensors, VitSpec};
+use crate::export::{ExportError, FEATURES_NAME, HostTensors, VitSpec, attr_int, attr_ints, value_info};
 
 /// Name of the heatmap output `[1, C, 2gh, 2gw]` (sigmoid applied).
 pub const HEATMAP_NAME: &str = "det_heatmap";
@@ -75,14 +72,6 @@ fn init(model: &mut Vec<TensorProto>, name: &str, dims: &[usize], data: &[f32]) 
     name.into()
 }
 
-fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v.to_vec(), ..Default::default() }
-}
-
-fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
-}
-
 fn node(nodes: &mut Vec<NodeProto>, op: &str, name: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
     nodes.push(NodeProto {
         op_type: op.into(),
@@ -93,21 +82,6 @@ fn node(nodes: &mut Vec<NodeProto>, op: &str, name: &str, inputs: &[&str], attri
         ..Default::default()
     });
     name.into()
-}
-
-fn output(name: &str, dims: &[usize]) -> ValueInfoProto {
-    let dim = dims
-        .iter()
-        .map(|&d| tensor_shape_proto::Dimension { value: Some(tensor_shape_proto::dimension::Value::DimValue(d as i64)), ..Default::default() })
-        .collect();
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: DataType::Float as i32, shape: Some(TensorShapeProto { dim }) })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// Appends the detection head (weights under `det.*`) to `model`, an exported backbone of
@@ -139,31 +113,31 @@ pub fn append_det_head(model: &mut ModelProto, spec: &VitSpec, weights: &HostTen
     inits.push(TensorProto { name: "det/grid_shape".into(), dims: vec![4], data_type: DataType::Int64 as i32, int64_data: vec![1, d as i64, gh as i64, gw as i64], ..Default::default() });
 
     let n = &mut nodes;
-    let x = node(n, "Transpose", "det/channels_first", &[FEATURES_NAME], vec![ints("perm", &[0, 2, 1])]);
+    let x = node(n, "Transpose", "det/channels_first", &[FEATURES_NAME], vec![attr_ints("perm", &[0, 2, 1])]);
     let x = node(n, "Reshape", "det/grid", &[&x, "det/grid_shape"], vec![]);
-    let x = node(n, "ConvTranspose", "det/up", &[&x, &up_w, &up_b], vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]);
+    let x = node(n, "ConvTranspose", "det/up", &[&x, &up_w, &up_b], vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])]);
     let x = node(n, "Relu", "det/up_relu", &[&x], vec![]);
-    let x = node(n, "Conv", "det/conv", &[&x, &conv_w, &conv_b], vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])]);
+    let x = node(n, "Conv", "det/conv", &[&x, &conv_w, &conv_b], vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("pads", &[1, 1, 1, 1])]);
     let x = node(n, "Relu", "det/conv_relu", &[&x], vec![]);
-    let heat = node(n, "Conv", "det/heat", &[&x, &heat_w, &heat_b], vec![ints("kernel_shape", &[1, 1])]);
+    let heat = node(n, "Conv", "det/heat", &[&x, &heat_w, &heat_b], vec![attr_ints("kernel_shape", &[1, 1])]);
     nodes_push_named(n, "Sigmoid", "det/heat_sigmoid", &[&heat], HEATMAP_NAME);
-    let off = node(n, "Conv", "det/offset", &[&x, &off_w, &off_b], vec![ints("kernel_shape", &[1, 1])]);
+    let off = node(n, "Conv", "det/offset", &[&x, &off_w, &off_b], vec![attr_ints("kernel_shape", &[1, 1])]);
     let off = node(n, "Sigmoid", "det/offset_sigmoid", &[&off], vec![]);
-    let size = node(n, "Conv", "det/size", &[&x, &size_w, &size_b], vec![ints("kernel_shape", &[1, 1])]);
+    let size = node(n, "Conv", "det/size", &[&x, &size_w, &size_b], vec![attr_ints("kernel_shape", &[1, 1])]);
     let size = node(n, "Exp", "det/size_exp", &[&size], vec![]);
     n.push(NodeProto {
         op_type: "Concat".into(),
         name: "det/boxes".into(),
         input: vec![off, size],
         output: vec![BOXES_NAME.into()],
-        attribute: vec![int("axis", 1)],
+        attribute: vec![attr_int("axis", 1)],
         ..Default::default()
     });
 
     graph.node.extend(nodes);
     graph.initializer.extend(inits);
-    graph.output.push(output(HEATMAP_NAME, &[1, c, 2 * gh, 2 * gw]));
-    graph.output.push(output(BOXES_NAME, &[1, 4, 2 * gh, 2 * gw]));
+    graph.output.push(value_info(HEATMAP_NAME, &[1, c, 2 * gh, 2 * gw]));
+    graph.output.push(value_info(BOXES_NAME, &[1, 4, 2 * gh, 2 * gw]));
     let stride = spec.patch_size as f32 / 2.0;
     for (key, value) in [("flsl.det_stride", stride.to_string()), ("flsl.det_classes", c.to_string())] {
         model.metadata_props.retain(|p| p.key != key);

@@ -563,7 +563,6 @@ pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Dev
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let bar = progress_bar(opts.steps as u64, "detector", opts.progress);
     let mut losses: Vec<DetLoss> = Vec::with_capacity(opts.steps);
-    let plane = hs * ws;
     for step in 0..opts.steps {
         let idx: Vec<usize> = (0..opts.batch).map(|_| rng.random_range(0..cache.len())).collect();
         let bsz = idx.len();
@@ -600,7 +599,6 @@ pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Dev
             opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()) + 1e-6
         };
         head = optim.step(lr, head, grads);
-        let _ = plane;
         bar.set_message(format!("loss {:.3}", l.total));
         if step % 50 == 0 || step + 1 == opts.steps {
             tracing::info!(step, loss = l.total, heat = l.heat, offset = l.offset, size = l.size, "detector training");
