@@ -39,6 +39,11 @@ pub struct Geometry {
     c_cs: isize,
     /// Batch axes (in A, B and C): size and strides in A, B, C.
     batch: Vec<(usize, isize, isize, isize)>,
+    /// Further reduction axes (in A and B, not in C): size and strides in A, B. The product
+    /// loops over them, accumulating into C (the attention output projection reads the
+    /// per-head context `[h, n, d]` against weights `[h, d, D]`: two reduction axes that no
+    /// single stride describes).
+    kloop: Vec<(usize, isize, isize)>,
     /// C's shape.
     out_shape: TVec<usize>,
     /// C's `n` axis, if `n > 1`.
@@ -56,7 +61,9 @@ fn strides(shape: &[usize]) -> TVec<isize> {
 impl Geometry {
     /// The geometry of `axes` (an einsum with inputs of shapes `a`, `b` and output `c`), or
     /// `None` when it is not a plain batched matrix product (diagonals, reductions over one
-    /// operand, broadcast batch axes, several non-unit `m`, `n` or `k` axes).
+    /// operand, broadcast batch axes, several non-unit `m` or `n` axes). Of several reduction
+    /// axes, the longest (then the one with the smallest stride in A) is gemm's `k`; the
+    /// others are looped over.
     pub fn from_einsum(axes: &AxesMapping, a: &[usize], b: &[usize], c: &[usize]) -> Option<Self> {
         if axes.input_count() != 2 || axes.output_count() != 1 {
             return None;
@@ -73,10 +80,12 @@ impl Geometry {
             c_rs: 1,
             c_cs: 1,
             batch: Vec::new(),
+            kloop: Vec::new(),
             out_shape: c.into(),
             c_n_axis: None,
         };
-        let (mut has_m, mut has_k, mut has_n) = (false, false, false);
+        let (mut has_m, mut has_n) = (false, false);
+        let mut ks: Vec<(usize, isize, isize)> = Vec::new();
         for axis in axes.iter_all_axes() {
             let (ia, ib, ic) = (&axis.inputs[0], &axis.inputs[1], &axis.outputs[0]);
             if ia.len() > 1 || ib.len() > 1 || ic.len() > 1 {
@@ -101,12 +110,15 @@ impl Geometry {
                     has_n = true;
                     (g.n, g.b_cs, g.c_cs, g.c_n_axis) = (size, sb[pb], sc[pc], Some(pc));
                 }
-                (Some(pa), Some(pb), None) if !has_k => {
-                    has_k = true;
-                    (g.k, g.a_cs, g.b_rs) = (size, sa[pa], sb[pb]);
-                }
+                (Some(pa), Some(pb), None) => ks.push((size, sa[pa], sb[pb])),
                 _ => return None,
             }
+        }
+        // gemm's k: the longest reduction axis, then the one with the smallest stride in A.
+        if let Some(best) = (0..ks.len()).min_by_key(|&i| (std::cmp::Reverse(ks[i].0), ks[i].1.abs())) {
+            let (size, sa, sb) = ks.remove(best);
+            (g.k, g.a_cs, g.b_rs) = (size, sa, sb);
+            g.kloop = ks;
         }
         let batch: usize = g.batch.iter().map(|b| b.0).product();
         (batch * g.m * g.n == c.iter().product::<usize>()).then_some(g)
@@ -187,11 +199,12 @@ impl Op for GemmMatMul {
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
         Ok(vec![format!(
-            "m:{} k:{} n:{} batch:{:?} bias:{} out:{:?}",
+            "m:{} k:{} n:{} batch:{:?} k-loop:{:?} bias:{} out:{:?}",
             g.m,
             g.k,
             g.n,
             g.batch.iter().map(|b| b.0).collect::<Vec<_>>(),
+            g.kloop.iter().map(|k| k.0).collect::<Vec<_>>(),
             self.bias.is_some(),
             g.out_shape
         )])
@@ -226,15 +239,26 @@ impl EvalOp for GemmMatMul {
                 None => false,
             };
             let parallelism = self.parallelism();
-            let n_batch: usize = g.batch.iter().map(|b| b.0).product();
-            let mut index = vec![0usize; g.batch.len()];
-            for _ in 0..n_batch {
+            // Batch axes first, then the looped reduction axes (accumulating into C).
+            let axes: Vec<(usize, isize, isize, isize)> = g
+                .batch
+                .iter()
+                .copied()
+                .chain(g.kloop.iter().map(|&(size, sa, sb)| (size, sa, sb, 0)))
+                .collect();
+            let steps: usize = axes.iter().map(|a| a.0).product();
+            let loop_len: usize = g.kloop.iter().map(|k| k.0).product();
+            let mut index = vec![0usize; axes.len()];
+            for step in 0..steps {
                 let (mut oa, mut ob, mut oc) = (0isize, 0isize, 0isize);
-                for (ix, &(_, sa, sb, sc)) in index.iter().zip(&g.batch) {
+                for (ix, &(_, sa, sb, sc)) in index.iter().zip(&axes) {
                     oa += *ix as isize * sa;
                     ob += *ix as isize * sb;
                     oc += *ix as isize * sc;
                 }
+                // The first reduction step of each output block writes C (or adds to the
+                // bias), the later ones accumulate.
+                let accumulate = read_dst || step % loop_len != 0;
                 // Safety: the geometry was derived from these very shapes (checked by
                 // output_facts and the plan), so every offset stays inside the slices.
                 #[allow(unsafe_code)]
@@ -246,7 +270,7 @@ impl EvalOp for GemmMatMul {
                         out.as_mut_ptr().offset(oc),
                         g.c_cs,
                         g.c_rs,
-                        read_dst,
+                        accumulate,
                         a.as_ptr().offset(oa),
                         g.a_cs,
                         g.a_rs,
@@ -261,7 +285,7 @@ impl EvalOp for GemmMatMul {
                         parallelism,
                     );
                 }
-                for (ix, &(size, ..)) in index.iter_mut().zip(&g.batch).rev() {
+                for (ix, &(size, ..)) in index.iter_mut().zip(&axes).rev() {
                     *ix += 1;
                     if *ix < size {
                         break;
