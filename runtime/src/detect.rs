@@ -20,7 +20,7 @@ use crate::error::ModelError;
 use crate::export_det::{BOXES_NAME, HEATMAP_NAME};
 use crate::onnx::{ModelOptions, OnnxModel};
 use crate::perception::decode::HeadDims;
-use crate::perception::{BoxMap, LabelSource, Perception, PerceptionConfig, PerceptionDims};
+use crate::perception::{BoxMap, LabelSource, Perception, PerceptionConfig, PerceptionDims, Segment};
 use crate::preprocess::{Rgb8Frame, preprocess_rgb8};
 
 /// Capacities of the post-process: segments, detections, tracks.
@@ -265,49 +265,205 @@ fn overlay(frame: &RgbImage, labels: &[u32], gh: usize, gw: usize, boxes: &[([f3
     img
 }
 
+/// A box in frame pixels: a detection (`track_id` 0) or a confirmed track.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameBox {
+    /// `[x0, y0, x1, y1]` in frame pixels.
+    pub bbox: [f32; 4],
+    /// Class index of the detection head.
+    pub class: u16,
+    /// Detection score (tracks: the score of their last detection).
+    pub score: f32,
+    /// Track id, 0 for an untracked detection.
+    pub track_id: u32,
+}
+
+/// What [`Detector::process`] found in one frame, in frame pixels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FrameResult {
+    /// Frame `[width, height]`.
+    pub size: [u32; 2],
+    /// Detections after NMS (empty without a detection head).
+    pub detections: Vec<FrameBox>,
+    /// Tracks updated by this frame (confirmed ones have a non-zero id).
+    pub tracks: Vec<FrameBox>,
+    /// Connected regions of one cluster label; `bbox` mapped to frame pixels.
+    pub segments: Vec<Segment>,
+    /// Clusters used for the labels.
+    pub clusters: usize,
+    /// More segments than the capacity: the list is incomplete.
+    pub segments_overflowed: bool,
+    /// RGB8 -> input tensor.
+    pub preprocess: Duration,
+    /// The model in tract.
+    pub model: Duration,
+    /// Clustering, segments, decoding, NMS, tracking.
+    pub postprocess: Duration,
+}
+
+/// Scratch memory of a [`Detector`]'s post-process, sized from the model when it loads
+/// (the post-process itself never allocates).
+#[derive(Debug, Default)]
+pub struct DetectorScratch {
+    f32s: Vec<f32>,
+    u32s: Vec<u32>,
+}
+
+/// The companion computer's per-frame pipeline as a library: an RGB frame of any size in;
+/// detections, tracks, segments and the cluster map out. One reused tract plan and one
+/// post-process state (the tracker) across frames. [`run_detect`] is this plus frame
+/// reading, JSON lines and overlays.
+///
+/// ```no_run
+/// # use flsl_runtime::detect::{DetectOptions, Detector, DetectorScratch};
+/// let mut scratch = DetectorScratch::default();
+/// let mut detector = Detector::new(&DetectOptions::new("model.onnx".into()), &mut scratch)?;
+/// let frame = image::open("frame.png").unwrap().to_rgb8();
+/// for t in detector.process(&frame)?.tracks {
+///     println!("track {} at {:?}", t.track_id, t.bbox);
+/// }
+/// # Ok::<(), flsl_runtime::ModelError>(())
+/// ```
+pub struct Detector<'s> {
+    model: OnnxModel,
+    post: Perception<'s, SEGMENTS, DETECTIONS, TRACKS>,
+    head: Option<HeadDims>,
+    input: [usize; 2],
+    grid: [usize; 2],
+    outputs: Vec<String>,
+}
+
+fn no_outputs() -> ModelError {
+    ModelError::Mismatch { what: "model outputs", expected: "features".into(), got: "none".into() }
+}
+
+impl<'s> Detector<'s> {
+    /// Loads `opts.model`, probes its outputs (features, optional prototype logits and
+    /// detection head) and sizes the post-process for them in `scratch`.
+    pub fn new(opts: &DetectOptions, scratch: &'s mut DetectorScratch) -> Result<Self, ModelError> {
+        let mut model = OnnxModel::load(&opts.model, ModelOptions::new().with_threads(opts.threads))?;
+        let [_, _, ih, iw] = model.input_shape();
+        let outputs = model.output_names().to_vec();
+        // One dry run gives the output shapes.
+        model.input_mut()?.fill(0.0);
+        model.run()?;
+        let o = model.outputs().ok_or_else(no_outputs)?;
+        let (n, d) = (o.features.tokens(), o.features.channels());
+        let k = o.logits.map_or(0, |l| l.channels());
+        // The patch grid: the aspect of the input decides gh x gw.
+        let patch = ((ih * iw) as f64 / n.max(1) as f64).sqrt().round().max(1.0) as usize;
+        let (gh, gw) = (ih / patch, iw / patch);
+        if gh * gw != n {
+            return Err(ModelError::Mismatch { what: "token grid", expected: format!("{n} tokens for a {ih}x{iw} input"), got: format!("{gh}x{gw} patches of {patch} px") });
+        }
+        let head = match (model.output_f32(HEATMAP_NAME), model.output_f32(BOXES_NAME)) {
+            (Some((hs, _)), Some(_)) if hs.len() == 4 => {
+                let stride = opts.det_stride.unwrap_or(ih as f32 / hs[2] as f32);
+                Some(HeadDims::new(hs[1], hs[2], hs[3], stride))
+            }
+            _ => None,
+        };
+        let dims = PerceptionDims { gh, gw, d, k, patch_px: patch as f32, head };
+        let mut config = PerceptionConfig { score_threshold: opts.score_threshold, ..PerceptionConfig::DEFAULT };
+        if !opts.meanshift {
+            config.meanshift = None;
+        }
+        config.kmeans.k = opts.kmeans_k.max(1);
+        let sizes = Perception::<SEGMENTS, DETECTIONS, TRACKS>::scratch_sizes(&dims, &config).map_err(|e| ModelError::Mismatch { what: "post-process dims", expected: "valid".into(), got: format!("{e:?}") })?;
+        let DetectorScratch { f32s, u32s } = scratch;
+        f32s.clear();
+        f32s.resize(sizes.f32s, 0.0);
+        u32s.clear();
+        u32s.resize(sizes.u32s, 0);
+        let post = Perception::<SEGMENTS, DETECTIONS, TRACKS>::new(dims, config, f32s, u32s)
+            .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "valid settings".into(), got: format!("{e:?}") })?;
+        Ok(Self { model, post, head, input: [ih, iw], grid: [gh, gw], outputs })
+    }
+
+    /// Runs one frame: preprocess (resize without cropping), model, post-process.
+    pub fn process(&mut self, img: &RgbImage) -> Result<FrameResult, ModelError> {
+        let [ih, iw] = self.input;
+        let t1 = Instant::now();
+        let frame = Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize)?;
+        let norm = self.model.options().normalization;
+        preprocess_rgb8(&frame, &norm, self.model.input_mut()?, ih, iw)?;
+        let t2 = Instant::now();
+        self.model.run()?;
+        let t3 = Instant::now();
+        let o = self.model.outputs().ok_or_else(no_outputs)?;
+        let labels = match o.logits {
+            Some(l) => LabelSource::Logits(l.as_slice()),
+            None => LabelSource::KMeans,
+        };
+        let det = match (self.head, self.model.output_f32(HEATMAP_NAME), self.model.output_f32(BOXES_NAME)) {
+            (Some(_), Some((_, h)), Some((_, b))) => Some((h, b)),
+            _ => None,
+        };
+        let report = self
+            .post
+            .process_frame(&crate::perception::FrameInput { features: o.features.as_slice(), labels, detections: det })
+            .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "model outputs of the probed shapes".into(), got: format!("{e:?}") })?;
+        let t4 = Instant::now();
+
+        let map = BoxMap::stretch(iw as u32, ih as u32, img.width(), img.height());
+        let tracks = self
+            .post
+            .tracker()
+            .tracks()
+            .filter(|t| t.misses == 0)
+            .map(|t| FrameBox { bbox: map.apply(t.bbox), class: t.class, score: t.score, track_id: t.id })
+            .collect();
+        let detections = self.post.detections().iter().map(|d| FrameBox { bbox: map.apply(d.bbox), class: d.class, score: d.score, track_id: 0 }).collect();
+        let segments = self.post.segments().iter().map(|s| Segment { bbox: map.apply(s.bbox), ..*s }).collect();
+        Ok(FrameResult {
+            size: [img.width(), img.height()],
+            detections,
+            tracks,
+            segments,
+            clusters: report.clusters,
+            segments_overflowed: report.segments.overflowed(),
+            preprocess: t2 - t1,
+            model: t3 - t2,
+            postprocess: t4 - t3,
+        })
+    }
+
+    /// The cluster label of each patch of the last frame, row-major over [`Self::grid`].
+    pub fn labels(&self) -> &[u32] {
+        self.post.labels()
+    }
+
+    /// The patch grid `[rows, columns]`.
+    pub fn grid(&self) -> [usize; 2] {
+        self.grid
+    }
+
+    /// Whether the model has a detection head (`det_heatmap` + `det_boxes`).
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// The model input `[1, 3, H, W]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        self.model.input_shape()
+    }
+
+    /// The model's output names.
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+}
+
 /// Runs detection on every frame of `input`, writing one JSON object per frame to `out`.
 pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut on_frame: impl FnMut(usize)) -> Result<DetectSummary, ModelError> {
-    let mut model = OnnxModel::load(&opts.model, ModelOptions::new().with_threads(opts.threads))?;
-    let [_, _, ih, iw] = model.input_shape();
-    let outputs = model.output_names().to_vec();
-    // One dry run gives the output shapes.
-    model.input_mut()?.fill(0.0);
-    model.run()?;
-    let o = model.outputs().ok_or_else(|| ModelError::Mismatch { what: "model outputs", expected: "features".into(), got: "none".into() })?;
-    let (n, d) = (o.features.tokens(), o.features.channels());
-    let k = o.logits.map_or(0, |l| l.channels());
-    // The patch grid: the aspect of the input decides gh x gw.
-    let patch = ((ih * iw) as f64 / n.max(1) as f64).sqrt().round().max(1.0) as usize;
-    let (gh, gw) = (ih / patch, iw / patch);
-    if gh * gw != n {
-        return Err(ModelError::Mismatch { what: "token grid", expected: format!("{n} tokens for a {ih}x{iw} input"), got: format!("{gh}x{gw} patches of {patch} px") });
-    }
-    let head = match (model.output_f32(HEATMAP_NAME), model.output_f32(BOXES_NAME)) {
-        (Some((hs, _)), Some(_)) if hs.len() == 4 => {
-            let stride = opts.det_stride.unwrap_or(ih as f32 / hs[2] as f32);
-            Some(HeadDims::new(hs[1], hs[2], hs[3], stride))
-        }
-        _ => None,
-    };
-    let dims = PerceptionDims { gh, gw, d, k, patch_px: patch as f32, head };
-    let mut config = PerceptionConfig { score_threshold: opts.score_threshold, ..PerceptionConfig::DEFAULT };
-    if !opts.meanshift {
-        config.meanshift = None;
-    }
-    config.kmeans.k = opts.kmeans_k.max(1);
-    let sizes = Perception::<SEGMENTS, DETECTIONS, TRACKS>::scratch_sizes(&dims, &config).map_err(|e| ModelError::Mismatch { what: "post-process dims", expected: "valid".into(), got: format!("{e:?}") })?;
-    let mut f32s = vec![0f32; sizes.f32s];
-    let mut u32s = vec![0u32; sizes.u32s];
-    let mut post = Perception::<SEGMENTS, DETECTIONS, TRACKS>::new(dims, config, &mut f32s, &mut u32s)
-        .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "valid settings".into(), got: format!("{e:?}") })?;
+    let mut scratch = DetectorScratch::default();
+    let mut detector = Detector::new(opts, &mut scratch)?;
     if let Some(dir) = &opts.overlays {
         std::fs::create_dir_all(dir).map_err(|e| helper_err(format!("creating {}", dir.display()), e))?;
     }
-
     let mut frames = Frames::open(input)?;
-    let mut summary = DetectSummary { input_shape: model.input_shape(), outputs, ..Default::default() };
+    let mut summary = DetectSummary { input_shape: detector.input_shape(), outputs: detector.output_names().to_vec(), ..Default::default() };
     let mut ids = std::collections::BTreeSet::new();
-    let norm = model.options().normalization;
     let wall = Instant::now();
     loop {
         if opts.max_frames.is_some_and(|m| summary.frames >= m) {
@@ -315,73 +471,53 @@ pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut o
         }
         let t0 = Instant::now();
         let Some((name, img)) = frames.next_frame() else { break };
-        let t1 = Instant::now();
-        let frame = Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize)?;
-        preprocess_rgb8(&frame, &norm, model.input_mut()?, ih, iw)?;
-        let t2 = Instant::now();
-        model.run()?;
-        let t3 = Instant::now();
-        let o = model.outputs().ok_or_else(|| ModelError::Mismatch { what: "model outputs", expected: "features".into(), got: "none".into() })?;
-        let labels = match o.logits {
-            Some(l) => LabelSource::Logits(l.as_slice()),
-            None => LabelSource::KMeans,
-        };
-        let det = match (head, model.output_f32(HEATMAP_NAME), model.output_f32(BOXES_NAME)) {
-            (Some(_), Some((_, h)), Some((_, b))) => Some((h, b)),
-            _ => None,
-        };
-        let report = post
-            .process_frame(&crate::perception::FrameInput { features: o.features.as_slice(), labels, detections: det })
-            .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "model outputs of the probed shapes".into(), got: format!("{e:?}") })?;
+        let decode = t0.elapsed();
+        let r = detector.process(&img)?;
         let t4 = Instant::now();
-
-        let map = BoxMap::stretch(iw as u32, ih as u32, img.width(), img.height());
-        let tracks: Vec<([f32; 4], u32, u16, f32)> =
-            post.tracker().tracks().filter(|t| t.misses == 0).map(|t| (map.apply(t.bbox), t.id, t.class, t.score)).collect();
-        ids.extend(tracks.iter().filter(|t| t.1 != 0).map(|t| t.1));
-        let dets: Vec<serde_json::Value> = post
-            .detections()
-            .iter()
-            .map(|dt| {
-                let b = map.apply(dt.bbox);
-                serde_json::json!({"bbox": b, "class": dt.class, "score": dt.score})
-            })
-            .collect();
-        let segs: Vec<serde_json::Value> = post
-            .segments()
-            .iter()
-            .map(|s| serde_json::json!({"label": s.label, "area_patches": s.area, "cells": s.cells, "bbox": map.apply(s.bbox)}))
-            .collect();
+        ids.extend(r.tracks.iter().filter(|t| t.track_id != 0).map(|t| t.track_id));
+        let boxes = |v: &[FrameBox], with_id: bool| -> Vec<serde_json::Value> {
+            v.iter()
+                .map(|b| {
+                    if with_id {
+                        serde_json::json!({"id": b.track_id, "bbox": b.bbox, "class": b.class, "score": b.score})
+                    } else {
+                        serde_json::json!({"bbox": b.bbox, "class": b.class, "score": b.score})
+                    }
+                })
+                .collect()
+        };
+        let segs: Vec<serde_json::Value> =
+            r.segments.iter().map(|s| serde_json::json!({"label": s.label, "area_patches": s.area, "cells": s.cells, "bbox": s.bbox})).collect();
         let line = serde_json::json!({
             "frame": summary.frames,
             "source": name,
-            "size": [img.width(), img.height()],
-            "detections": dets,
-            "tracks": tracks.iter().map(|t| serde_json::json!({"id": t.1, "bbox": t.0, "class": t.2, "score": t.3})).collect::<Vec<_>>(),
+            "size": r.size,
+            "detections": boxes(&r.detections, false),
+            "tracks": boxes(&r.tracks, true),
             "segments": segs,
-            "clusters": report.clusters,
-            "segments_overflowed": report.segments.overflowed(),
-            "ms": {"decode": ms(t1 - t0), "preprocess": ms(t2 - t1), "model": ms(t3 - t2), "postprocess": ms(t4 - t3)},
+            "clusters": r.clusters,
+            "segments_overflowed": r.segments_overflowed,
+            "ms": {"decode": ms(decode), "preprocess": ms(r.preprocess), "model": ms(r.model), "postprocess": ms(r.postprocess)},
         });
         writeln!(out, "{line}").map_err(|e| helper_err("writing JSON lines".into(), e))?;
         if let Some(dir) = &opts.overlays {
-            let boxes: Vec<([f32; 4], u32)> = if head.is_some() {
-                if tracks.is_empty() { post.detections().iter().map(|d| (map.apply(d.bbox), 0)).collect() } else { tracks.iter().map(|t| (t.0, t.1)).collect() }
+            let boxes: Vec<([f32; 4], u32)> = if detector.has_head() {
+                if r.tracks.is_empty() { r.detections.iter().map(|d| (d.bbox, 0)).collect() } else { r.tracks.iter().map(|t| (t.bbox, t.track_id)).collect() }
             } else {
                 Vec::new()
             };
-            let png = overlay(&img, post.labels(), gh, gw, &boxes);
+            let [gh, gw] = detector.grid();
+            let png = overlay(&img, detector.labels(), gh, gw, &boxes);
             let file = dir.join(format!("{:06}.png", summary.frames));
             png.save(&file).map_err(|e| helper_err(format!("writing {}", file.display()), std::io::Error::other(e)))?;
         }
-        let t5 = Instant::now();
-        summary.times.decode += t1 - t0;
-        summary.times.preprocess += t2 - t1;
-        summary.times.model += t3 - t2;
-        summary.times.postprocess += t4 - t3;
-        summary.times.output += t5 - t4;
-        summary.detections += report.detections;
-        summary.segments += report.segments.written;
+        summary.times.decode += decode;
+        summary.times.preprocess += r.preprocess;
+        summary.times.model += r.model;
+        summary.times.postprocess += r.postprocess;
+        summary.times.output += t4.elapsed();
+        summary.detections += r.detections.len();
+        summary.segments += r.segments.len();
         summary.frames += 1;
         on_frame(summary.frames);
     }
