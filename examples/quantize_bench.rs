@@ -273,7 +273,7 @@ fn main() -> Result<()> {
             ort_dynamic(fp32, &args)?;
         }
         if args.profile {
-            for suffix in ["", ".int8-tract"] {
+            for suffix in ["", ".int8-tract", ".int8-qdq"] {
                 let path = if suffix.is_empty() {
                     fp32.clone()
                 } else {

@@ -230,32 +230,47 @@ impl OnnxModel {
     pub fn load(path: &Path, options: ModelOptions) -> Result<Self, ModelError> {
         let name = path.display().to_string();
         let _span = tracing::info_span!("onnx_load", model = %name).entered();
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|source| ModelError::Load {
-                model: name.clone(),
-                source,
-            })?;
-        Self::from_inference_model(model, name, options)
+        let load = |source| ModelError::Load { model: name.clone(), source };
+        let onnx = tract_onnx::onnx();
+        let proto = onnx.proto_model_for_path(path).map_err(load)?;
+        let dir = path.parent().and_then(Path::to_str);
+        Self::from_proto(proto, dir, name.clone(), options)
     }
 
     /// Loads a model from ONNX bytes (for example straight from
     /// [`export_vit`](crate::export::export_vit)).
     pub fn from_bytes(bytes: &[u8], options: ModelOptions) -> Result<Self, ModelError> {
         let name = String::from("<memory>");
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])
-            .map_err(|source| ModelError::Load {
-                model: name.clone(),
-                source,
-            })?;
-        Self::from_inference_model(model, name, options)
+        let load = |source| ModelError::Load { model: name.clone(), source };
+        let proto = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]).map_err(load)?;
+        Self::from_proto(proto, None, name.clone(), options)
+    }
+
+    /// Lowers the QDQ linear layers for the integer op (gemm engine only), then parses.
+    fn from_proto(
+        mut proto: tract_onnx::pb::ModelProto,
+        dir: Option<&str>,
+        name: String,
+        options: ModelOptions,
+    ) -> Result<Self, ModelError> {
+        let int8 = match options.matmul {
+            MatMulEngine::Gemm => crate::ops::lower_qdq_matmuls(&mut proto),
+            MatMulEngine::Tract => Default::default(),
+        };
+        let load = |source| ModelError::Load { model: name.clone(), source };
+        let parsed = tract_onnx::onnx().parse(&proto, dir).map_err(load)?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(load(TractError::msg(format!("unresolved inputs: {:?}", parsed.unresolved_inputs))));
+        }
+        drop(proto);
+        Self::from_inference_model(parsed.model, name, options, &int8)
     }
 
     fn from_inference_model(
         mut model: InferenceModel,
         name: String,
         options: ModelOptions,
+        int8: &std::collections::HashMap<String, crate::ops::QdqLayer>,
     ) -> Result<Self, ModelError> {
         let unsupported = |reason: String| ModelError::Unsupported {
             model: name.clone(),
@@ -310,8 +325,12 @@ impl OnnxModel {
                 .into_typed()
                 .and_then(|t| t.into_decluttered())
                 .and_then(|mut t| {
+                    let q = crate::ops::substitute_int8_matmuls(&mut t, int8)?;
+                    if q != int8.len() {
+                        tracing::warn!(model = %name, found = int8.len(), substituted = q, "some QDQ layers stay as float products");
+                    }
                     let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
-                    tracing::debug!(model = %name, products = n, "matmuls moved to gemm");
+                    tracing::debug!(model = %name, products = n, int8 = q, "matmuls moved to gemm / int8");
                     t.into_optimized()
                 }),
         }

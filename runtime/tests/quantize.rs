@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use flsl_runtime::export::{HeadSpec, HostTensors, VitSpec, export_vit};
+use flsl_runtime::onnx::{MatMulEngine, ModelOptions, OnnxModel};
 use flsl_runtime::quantize::{
     Calibration, QParams, QuantFormat, QuantizeError, QuantizeOptions, quantize_file,
     quantize_per_column,
@@ -189,8 +190,23 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
                     r.tract_ops
                 );
             }
-            // QDQ runs as fake quantization in tract: no integer kernels.
-            QuantFormat::Qdq => assert_eq!(r.tract_ops.integer_matmuls, 0, "{:?}", r.tract_ops),
+            // QDQ: our engine lowers every weight matmul to the fused Int8MatMul.
+            QuantFormat::Qdq => {
+                let int8 = r.tract_ops.ops.iter().find(|o| o.0 == "Int8MatMul").map_or(0, |o| o.1);
+                assert_eq!(int8, weight_matmuls, "{:?}", r.tract_ops);
+                assert_eq!(r.tract_ops.integer_matmuls, weight_matmuls, "{:?}", r.tract_ops);
+                // Same semantics as tract's own run of the QDQ graph (fake quantization:
+                // float products of the dequantized values), up to float rounding.
+                let input: Vec<f32> = (0..3 * 64 * 64).map(|i| ((i * 7919) % 1000) as f32 / 400.0 - 1.2).collect();
+                let run = |engine| {
+                    let mut m = OnnxModel::load(&out, ModelOptions::new().with_matmul(engine)).unwrap();
+                    m.run_tensor(&input).unwrap().features.as_slice().to_vec()
+                };
+                let (int8, fake) = (run(MatMulEngine::Gemm), run(MatMulEngine::Tract));
+                let scale = fake.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let diff = int8.iter().zip(&fake).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(diff <= 1e-3 * scale.max(1.0), "Int8MatMul vs tract's QDQ run: max abs diff {diff} (scale {scale})");
+            }
         }
         let model = flsl_runtime::quantize::read_model(&out).unwrap();
         let ops: Vec<&str> = model.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();

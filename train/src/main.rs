@@ -180,8 +180,9 @@ enum Command {
         /// Output int8 ONNX (written only when everything succeeded).
         #[arg(long)]
         out: PathBuf,
-        /// `tract` (QLinearMatMul, integer kernels in tract) or `qdq` (TensorRT's explicit form).
-        #[arg(long, default_value = "tract")]
+        /// `qdq` (explicit QuantizeLinear/DequantizeLinear: our engine runs its linear layers as
+        /// fused int8 matmuls, and TensorRT and onnxruntime read it) or `tract` (QLinearMatMul).
+        #[arg(long, default_value = "qdq")]
         format: String,
         /// `minmax`, `percentile[=P]` (default 99.99) or `mse`.
         #[arg(long, default_value = "percentile")]

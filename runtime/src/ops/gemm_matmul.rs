@@ -124,6 +124,29 @@ impl Geometry {
         (batch * g.m * g.n == c.iter().product::<usize>()).then_some(g)
     }
 
+    /// When this is `C[m, n] = A[m, K] W[K, n]` with `W` a row-major `[K, n]` matrix and `C`
+    /// row-major, the rows of A as strides: `(m, row stride, k axes outer to inner as
+    /// (size, stride))`, the k axes enumerating W's rows in order. The attention output
+    /// projection reads A as `[heads, m, head_dim]` (two k axes); plain linears have one.
+    pub(crate) fn linear_rows(&self, k: usize, n: usize) -> Option<(usize, isize, Vec<(usize, isize)>)> {
+        let row_major_c = self.c_cs == 1 && (self.m == 1 || self.c_rs == n as isize);
+        if !self.batch.is_empty() || self.n != n || self.b_cs != 1 || !row_major_c || self.kloop.len() > 1 {
+            return None;
+        }
+        let inner_ok = self.k == 1 || self.b_rs == n as isize;
+        let mut ks = Vec::new();
+        let mut total = self.k;
+        if let Some(&(size, sa, sb)) = self.kloop.first() {
+            if sb != (self.k * n) as isize {
+                return None;
+            }
+            ks.push((size, sa));
+            total *= size;
+        }
+        ks.push((self.k, self.a_cs));
+        (inner_ok && total == k).then_some((self.m, self.a_rs, ks))
+    }
+
     /// The bias vector (length `n`) of a constant added to C, when it only varies along
     /// C's `n` axis (or is a scalar).
     fn bias_vector(&self, bias: &Tensor) -> Option<Vec<f32>> {
@@ -310,13 +333,37 @@ impl TypedOp for GemmMatMul {
     as_op!();
 }
 
+/// The constant bias vector of an `Add` that alone reads product `id`'s output (of shape
+/// `c`, not a model output), and that `Add`'s outlet.
+pub(crate) fn following_bias(model: &TypedModel, id: usize, geometry: &Geometry, c: &[usize]) -> TractResult<Option<(Vec<f32>, OutletId)>> {
+    let node = model.node(id);
+    let out = OutletId::new(id, 0);
+    let successors = &node.outputs[0].successors;
+    if successors.len() != 1 || model.output_outlets()?.contains(&out) {
+        return Ok(None);
+    }
+    let next = model.node(successors[0].node);
+    let is_add = next.op_as::<TypedBinOp>().is_some_and(|bin| bin.0.is::<Add>());
+    if !is_add || next.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let other = next.inputs[1 - successors[0].slot];
+    let next_fact = model.outlet_fact(OutletId::new(next.id, 0))?;
+    let bias = model
+        .outlet_fact(other)?
+        .konst
+        .as_ref()
+        .filter(|_| next_fact.shape.as_concrete() == Some(c))
+        .and_then(|k| geometry.bias_vector(k));
+    Ok(bias.map(|b| (b, OutletId::new(next.id, 0))))
+}
+
 /// Replaces every f32 `EinSum` of `model` that is a plain (batched) matrix product of two
 /// fixed-shape operands with a [`GemmMatMul`], folding a following `Add` of a constant bias
 /// vector into it. Run it on a decluttered model (`into_decluttered`), before
 /// `into_optimized`. Returns the number of products replaced.
 pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
-    let outputs = model.output_outlets()?.to_vec();
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(einsum) = node.op_as::<EinSum>() else {
@@ -350,26 +397,9 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
         let mut op = GemmMatMul::new(geometry);
         // The node whose output the new op takes over: the einsum, or its bias Add.
         let mut tail = OutletId::new(id, 0);
-        let successors = &node.outputs[0].successors;
-        if successors.len() == 1 && !outputs.contains(&tail) {
-            let next = model.node(successors[0].node);
-            let is_add = next
-                .op_as::<TypedBinOp>()
-                .is_some_and(|bin| bin.0.is::<Add>());
-            if is_add && next.inputs.len() == 2 {
-                let other = next.inputs[1 - successors[0].slot];
-                let next_fact = model.outlet_fact(OutletId::new(next.id, 0))?;
-                let bias = model
-                    .outlet_fact(other)?
-                    .konst
-                    .as_ref()
-                    .filter(|_| next_fact.shape.as_concrete() == Some(c))
-                    .and_then(|k| op.geometry.bias_vector(k));
-                if let Some(bias) = bias {
-                    op.bias = Some(Bias(bias));
-                    tail = OutletId::new(next.id, 0);
-                }
-            }
+        if let Some((bias, add)) = following_bias(model, id, &op.geometry, c)? {
+            op.bias = Some(Bias(bias));
+            tail = add;
         }
         let name = node.name.clone();
         let inputs = node.inputs.clone();

@@ -4,5 +4,9 @@
 //! loading, so onnxruntime and TensorRT read the same file unchanged.
 
 pub mod gemm_matmul;
+pub mod int8_matmul;
+pub mod qdq;
 
 pub use gemm_matmul::{GemmMatMul, substitute_gemm_matmuls};
+pub use int8_matmul::{Int8Layer, Int8MatMul};
+pub use qdq::{QdqLayer, lower_qdq_matmuls, substitute_int8_matmuls};

@@ -19,16 +19,22 @@
 //!
 //! # Formats
 //!
+//! - [`QuantFormat::Qdq`] (the default): explicit `QuantizeLinear -> DequantizeLinear` pairs
+//!   on the activations (symmetric, zero point 0) and `DequantizeLinear` on the int8 weights
+//!   (per-axis), in front of the unchanged float `MatMul`: the form TensorRT reads and
+//!   onnxruntime fuses. tract alone runs it as fake quantization (float matmuls plus
+//!   standalone quantize ops, slower than fp32); [`OnnxModel`]'s default engine instead
+//!   lowers each such linear layer to one [`Int8MatMul`](crate::ops::Int8MatMul)
+//!   (`crate::ops::qdq`): activation quantization fused into the op, AVX-512 VNNI integer
+//!   kernel, dequantization, bias and a following GELU fused into its store.
 //! - [`QuantFormat::Tract`]: `QuantizeLinear -> QLinearMatMul -> DequantizeLinear` with
 //!   int8 activations (asymmetric, zero point in i8) and int8 outputs. tract lowers
 //!   `QLinearMatMul` to one integer matmul whose zero-point compensation, requantization,
 //!   clamping and int8 store are fused into the kernel; one `QuantizeLinear` feeds the q, k
 //!   and v matmuls together. i8 rather than u8 activations: tract converts u8 operands to
 //!   i8 in a separate pass before its integer kernels.
-//! - [`QuantFormat::Qdq`]: explicit `QuantizeLinear -> DequantizeLinear` pairs on the
-//!   activations (symmetric, zero point 0) and `DequantizeLinear` on the int8 weights
-//!   (per-axis), in front of the unchanged float `MatMul`: the form TensorRT reads.
-//!   onnxruntime fuses it into integer kernels; tract runs it as a float matmul (no speed-up).
+//!   Its standalone quantize and requantize ops make it slower than the QDQ form in our
+//!   engine (docs/PERFORMANCE.md).
 
 mod calib;
 mod graph;
@@ -117,9 +123,10 @@ pub enum QuantizeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QuantFormat {
-    /// `QLinearMatMul` with int8 activations: runs on tract's integer kernels (default).
+    /// `QLinearMatMul` with int8 activations: tract's own integer kernels.
     Tract,
-    /// Explicit `QuantizeLinear`/`DequantizeLinear` around float matmuls (TensorRT).
+    /// Explicit `QuantizeLinear`/`DequantizeLinear` around float matmuls (default): our
+    /// engine's fused `Int8MatMul`, TensorRT, onnxruntime.
     Qdq,
 }
 
@@ -190,11 +197,11 @@ pub struct QuantizeOptions {
 }
 
 impl Default for QuantizeOptions {
-    /// tract form, percentile 99.99, 64 calibration images, 32 held-out, Conv in float,
+    /// QDQ form, percentile 99.99, 64 calibration images, 32 held-out, Conv in float,
     /// default benchmark.
     fn default() -> Self {
         Self {
-            format: QuantFormat::Tract,
+            format: QuantFormat::Qdq,
             calibration: Calibration::Percentile(99.99),
             calib_images: 64,
             heldout_dir: None,
@@ -644,28 +651,19 @@ pub fn latency(
     Ok(rows)
 }
 
-/// The op kinds of tract's optimized plan for ONNX `bytes` at input `shape`, and how many
-/// of its matmuls run integer kernels (read from each `OptMatMul`'s kernel name).
+/// The op kinds of the optimized plan our engine ([`OnnxModel`], default matmul engine)
+/// builds for ONNX `bytes` at input `shape`, and how many of its matmuls run integer kernels:
+/// [`Int8MatMul`](crate::ops::Int8MatMul) (the QDQ linear layers, lowered) and tract's own
+/// `OptMatMul` with an `i32` kernel (the `QLinearMatMul` form).
 pub fn tract_ops(bytes: &[u8], shape: [usize; 4]) -> Result<TractOps, QuantizeError> {
-    use tract_onnx::prelude::*;
-    use tract_onnx::tract_hir::internal::InferenceModelExt;
-    let err = |what: &str| {
-        let what = what.to_string();
-        move |source| QuantizeError::Tract { what, source }
-    };
-    let mut m = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
-        .map_err(err("loading the int8 model"))?;
-    m.set_input_fact(0, f32::fact(shape).into())
-        .map_err(err("fixing the int8 model's input"))?;
-    let typed = m.into_optimized().map_err(err("optimizing the int8 model"))?;
+    let model = OnnxModel::from_bytes(bytes, ModelOptions::new().with_input_size(shape[2], shape[3]))?;
     let mut ops: Vec<(String, usize)> = Vec::new();
     let (mut integer, mut float) = (0, 0);
-    for n in typed.nodes() {
-        let name = n.op().name().to_string();
-        if name.contains("MatMul") && !name.contains("Pack") {
-            let info = n.op().info().unwrap_or_default().join(" ");
-            if info.contains("i32") {
+    for (_, name, info) in model.plan_info() {
+        if name == "Int8MatMul" {
+            integer += 1;
+        } else if name.contains("MatMul") && !name.contains("Pack") {
+            if info.join(" ").contains("i32") {
                 integer += 1;
             } else {
                 float += 1;

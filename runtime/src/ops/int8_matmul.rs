@@ -1,0 +1,733 @@
+//! Integer matrix products with the activation quantization fused in: `y = dq(q(x)) · dq(Wq)`
+//! computed as one op, with int8 weights packed once at load time.
+//!
+//! tract runs a QDQ `MatMul` (`DequantizeLinear(QuantizeLinear(x))` times
+//! `DequantizeLinear(Wq)`) as fake quantization: a float product plus standalone quantize
+//! ops that cost more than the products they feed (see `docs/PERFORMANCE.md` and
+//! `../shared/anchors.md`). [`Int8MatMul`] replaces the whole pattern
+//! ([`crate::ops::qdq`] finds it in the ONNX graph): it quantizes the f32 activation rows
+//! into a `u8` buffer (one vectorized pass), multiplies them with the packed int8 weights
+//! (AVX-512 VNNI `vpdpbusd` where the CPU has it, portable integer code otherwise), and
+//! dequantizes the `i32` sums with the per-column scales and the bias in the same pass that
+//! stores them. The integer sums are exact, so the result equals the QDQ graph's float
+//! semantics up to the float rounding of the dequantization.
+
+// The kernels read and write through raw pointers (SIMD loads, threads writing disjoint
+// columns of one output); every unsafe block states why it stays in bounds.
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+/// Columns per packed weight panel (two 16-lane vectors).
+pub const NR: usize = 32;
+/// Rows per kernel call.
+const MR: usize = 12;
+/// Round-half-to-even by the float adder: exact for `|x| < 2^22`.
+const MAGIC: f32 = 12_582_912.0;
+
+/// Per-tensor activation quantization, ONNX `QuantizeLinear` semantics:
+/// `q = saturate(round_half_even(x / scale) + zero_point)`, `x ~ (q - zero_point) * scale`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActQuant {
+    /// Scale (finite, > 0).
+    pub scale: f32,
+    /// Zero point, within the type's range.
+    pub zero_point: i32,
+    /// `int8` (range -128..=127) rather than `uint8` (0..=255).
+    pub signed: bool,
+}
+
+impl ActQuant {
+    /// The `u8` code stores `q + 128` for int8, `q` for uint8: the value is `u - offset`.
+    fn offset(&self) -> i32 {
+        self.zero_point + if self.signed { 128 } else { 0 }
+    }
+
+    fn shift(&self) -> f32 {
+        if self.signed { 128.0 } else { 0.0 }
+    }
+}
+
+/// Int8 weights `[K, N]` packed in panels of [`NR`] columns: for panel `p`, k-group `g`
+/// (4 consecutive `k`), column `c` and `j < 4`, byte `((p * kg + g) * NR + c) * 4 + j` is
+/// `W[4g + j, p * NR + c]` (0 beyond `K` or `N`): the layout `vpdpbusd` reads.
+pub struct PackedWeights {
+    k: usize,
+    n: usize,
+    kg: usize,
+    panels: usize,
+    data: Vec<i8>,
+    /// `sum_k W[k, n]`, for the zero-point correction.
+    colsum: Vec<i32>,
+}
+
+impl PackedWeights {
+    /// Packs row-major `w` (`k * n` values).
+    pub fn pack(w: &[i8], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "PackedWeights::pack: {} values for [{k}, {n}]", w.len());
+        let kg = k.div_ceil(4);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0i8; panels * kg * NR * 4];
+        let mut colsum = vec![0i32; panels * NR];
+        for kk in 0..k {
+            let (g, j) = (kk / 4, kk % 4);
+            for (c, &v) in w[kk * n..(kk + 1) * n].iter().enumerate() {
+                let (p, cc) = (c / NR, c % NR);
+                data[((p * kg + g) * NR + cc) * 4 + j] = v;
+                colsum[c] += i32::from(v);
+            }
+        }
+        Self { k, n, kg, panels, data, colsum }
+    }
+
+    /// `K`.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `N`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes of one quantized activation row (`K` rounded up to 4).
+    fn kp(&self) -> usize {
+        self.kg * 4
+    }
+}
+
+/// Quantizes row-major `x` (`rows * k`) into `u8` codes, rows of `kp >= k` bytes (the
+/// padding is 0, which the zero padding of the weights cancels).
+pub fn quantize_rows(x: &[f32], k: usize, kp: usize, q: ActQuant, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // Safety: the feature was just detected.
+        unsafe { quantize_rows_avx512(x, k, kp, q, out) };
+        return;
+    }
+    quantize_rows_body(x, k, kp, q, out);
+}
+
+/// [`quantize_rows_body`] compiled for AVX-512 (16 lanes; the default x86-64 build would
+/// use 4).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_rows_avx512(x: &[f32], k: usize, kp: usize, q: ActQuant, out: &mut [u8]) {
+    quantize_rows_body(x, k, kp, q, out);
+}
+
+/// One activation code. Subnormal inputs (GELU's far negative tail) are flushed to 0 first:
+/// they quantize to 0 at any realistic scale, and dividing them costs a microcode assist of
+/// ~100 cycles each on Intel cores (measured: the fc2 input of ViT-S took 2.8 ms instead of
+/// 0.3 ms per layer). The integer comes out of the float's bits (`MAGIC + j` has `j` in its
+/// low mantissa bits), so the loop vectorizes without a float-to-int conversion.
+#[inline(always)]
+fn code(v: f32, scale: f32, off: f32) -> u8 {
+    let v = if v.abs() < f32::MIN_POSITIVE { 0.0 } else { v };
+    // round_half_even(x / scale) first (the zero point is added after rounding, as ONNX
+    // does), then saturate; NaN ends at code 0 through `max`.
+    let t = (v / scale).clamp(-512.0, 512.0);
+    let y = ((t + MAGIC) + off).max(MAGIC).min(MAGIC + 255.0);
+    (y.to_bits() & 0xff) as u8
+}
+
+#[inline(always)]
+fn quantize_slice(src: &[f32], dst: &mut [u8], scale: f32, off: f32) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = code(v, scale, off);
+    }
+}
+
+#[inline(always)]
+fn quantize_rows_body(x: &[f32], k: usize, kp: usize, q: ActQuant, out: &mut [u8]) {
+    let off = q.zero_point as f32 + q.shift();
+    for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(kp)) {
+        let (body, pad) = dst.split_at_mut(k);
+        quantize_slice(row, body, q.scale, off);
+        pad.fill(0);
+    }
+}
+
+/// Where the rows of a product's `A` operand are in its input tensor: `m` rows `row_stride`
+/// apart, each row the `K` values enumerated by the k axes (outer to inner, `(size,
+/// stride)`). A contiguous `[.., K]` input is `ks = [(K, 1)]`, `row_stride = K`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowLayout {
+    /// Rows.
+    pub m: usize,
+    /// Element stride between rows.
+    pub row_stride: isize,
+    /// The k axes, outer to inner: size and element stride.
+    pub ks: Vec<(usize, isize)>,
+}
+
+impl RowLayout {
+    /// Contiguous rows of `k` values.
+    pub fn contiguous(m: usize, k: usize) -> Self {
+        Self { m, row_stride: k as isize, ks: vec![(k, 1)] }
+    }
+
+    fn is_contiguous(&self) -> bool {
+        let k: usize = self.ks.iter().map(|a| a.0).product();
+        (self.m <= 1 || self.row_stride == k as isize) && (self.ks.len() == 1 && (self.ks[0].1 == 1 || self.ks[0].0 <= 1))
+    }
+
+    /// The largest element offset read, plus one.
+    fn span(&self) -> usize {
+        let last = |size: usize, stride: isize| size.saturating_sub(1) as isize * stride;
+        (last(self.m, self.row_stride) + self.ks.iter().map(|&(s, st)| last(s, st)).sum::<isize>() + 1).max(0) as usize
+    }
+}
+
+/// [`quantize_rows`] for rows read through a [`RowLayout`] (the two-k-axes case of the
+/// attention projection).
+fn quantize_gather(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // Safety: the feature was just detected.
+        unsafe { quantize_gather_avx512(x, layout, kp, q, out) };
+        return;
+    }
+    quantize_gather_body(x, layout, kp, q, out);
+}
+
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_gather_avx512(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &mut [u8]) {
+    quantize_gather_body(x, layout, kp, q, out);
+}
+
+#[inline(always)]
+fn quantize_gather_body(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &mut [u8]) {
+    let off = q.zero_point as f32 + q.shift();
+    // The outer k axis (if any) and the inner one.
+    let (outer, (k, sk)) = match layout.ks[..] {
+        [inner] => ((1, 0), inner),
+        [outer, inner] => (outer, inner),
+        _ => unreachable!("RowLayout has one or two k axes (checked by Int8MatMul::new)"),
+    };
+    for (r, dst) in out.chunks_exact_mut(kp).take(layout.m).enumerate() {
+        let base = r as isize * layout.row_stride;
+        for a in 0..outer.0 {
+            let start = base + a as isize * outer.1;
+            let d = &mut dst[a * k..(a + 1) * k];
+            if sk == 1 {
+                // A contiguous run of k values (head_dim values of one head).
+                quantize_slice(&x[start as usize..start as usize + k], d, q.scale, off);
+            } else {
+                for (i, c) in d.iter_mut().enumerate() {
+                    *c = code(x[(start + i as isize * sk) as usize], q.scale, off);
+                }
+            }
+        }
+        dst[outer.0 * k..].fill(0);
+    }
+}
+
+/// What one product needs besides its operands.
+struct Epilogue<'a> {
+    /// `offset * colsum[n]`, subtracted from the raw sums.
+    correction: &'a [i32],
+    /// `x_scale * w_scale[n]`.
+    scale: &'a [f32],
+    /// Bias per column (zeros when none).
+    bias: &'a [f32],
+    /// Apply GELU (erf form) to the result.
+    gelu: bool,
+}
+
+/// tract's erf (Abramowitz & Stegun 7.1.28, |error| < 3e-7; `tract-linalg`'s
+/// `generic/erf.rs`), so that a fused GELU gives what tract's `GeluExact` gives.
+#[allow(clippy::excessive_precision)]
+const ERF_A: [f32; 6] = [0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638];
+
+/// `0.5 x (1 + erf(x / sqrt 2))` with tract's erf.
+fn gelu(x: f32) -> f32 {
+    let c = x * std::f32::consts::FRAC_1_SQRT_2;
+    let abs = c.abs();
+    let mut y = ERF_A[5] * abs;
+    for a in ERF_A[..5].iter().rev() {
+        y = (a + y) * abs;
+    }
+    let q = y + 1.0;
+    let q2 = q * q;
+    let q4 = q2 * q2;
+    let q8 = q4 * q4;
+    let q16 = q8 * q8;
+    let erf = (1.0 - q16.recip()).copysign(c);
+    (x * 0.5) * (erf + 1.0)
+}
+
+/// `out[m, n] = (sum_k a[m, k] * W[k, n] - correction[n]) * scale[n] + bias[n]` for the
+/// panels `panels` (all rows), `a` quantized rows of `w.kp()` bytes, `out` row-major `[m, n]`.
+///
+/// # Safety
+/// `out` must point to `m * w.n` writable floats that no one else writes in the columns of
+/// `panels` during the call.
+unsafe fn run_panels(
+    a: &[u8],
+    m: usize,
+    w: &PackedWeights,
+    epi: &Epilogue,
+    out: *mut f32,
+    panels: std::ops::Range<usize>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
+        // Safety: the features were just detected; the bounds are the caller's.
+        unsafe { vnni::run_panels(a, m, w, epi, out, panels) };
+        return;
+    }
+    // Safety: the caller's contract.
+    unsafe { portable_panels(a, m, w, epi, out, panels) }
+}
+
+/// The same product in portable integer code (any CPU).
+///
+/// # Safety
+/// As [`run_panels`].
+unsafe fn portable_panels(
+    a: &[u8],
+    m: usize,
+    w: &PackedWeights,
+    epi: &Epilogue,
+    out: *mut f32,
+    panels: std::ops::Range<usize>,
+) {
+    let kp = w.kp();
+    for p in panels {
+        let b = &w.data[p * w.kg * NR * 4..(p + 1) * w.kg * NR * 4];
+        let cols = (w.n - p * NR).min(NR);
+        for r in 0..m {
+            let row = &a[r * kp..(r + 1) * kp];
+            let mut acc = [0i32; NR];
+            for (g, a4) in row.chunks_exact(4).enumerate() {
+                let bg = &b[g * NR * 4..(g + 1) * NR * 4];
+                for (c, b4) in bg.chunks_exact(4).enumerate() {
+                    acc[c] += i32::from(a4[0]) * i32::from(b4[0])
+                        + i32::from(a4[1]) * i32::from(b4[1])
+                        + i32::from(a4[2]) * i32::from(b4[2])
+                        + i32::from(a4[3]) * i32::from(b4[3]);
+                }
+            }
+            for (c, &v) in acc.iter().enumerate().take(cols) {
+                let col = p * NR + c;
+                let y = (v - epi.correction[col]) as f32 * epi.scale[col] + epi.bias[col];
+                let y = if epi.gelu { gelu(y) } else { y };
+                // Safety: `r < m`, `col < n`: inside the caller's `m * n` output.
+                #[allow(unsafe_code)]
+                unsafe {
+                    *out.add(r * w.n + col) = y;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod vnni {
+    //! The AVX-512 VNNI kernel: `MR x 32` tiles, `vpdpbusd` (u8 x i8, 4-way dot products into
+    //! i32 lanes), the dequantization fused into the store.
+
+    use std::arch::x86_64::*;
+
+    use super::{ERF_A, Epilogue, MR, NR, PackedWeights};
+
+    /// [`super::gelu`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn gelu16(x: __m512) -> __m512 {
+        let c = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let abs = _mm512_abs_ps(c);
+        let mut y = _mm512_mul_ps(_mm512_set1_ps(ERF_A[5]), abs);
+        for a in ERF_A[..5].iter().rev() {
+            y = _mm512_mul_ps(_mm512_add_ps(_mm512_set1_ps(*a), y), abs);
+        }
+        let q = _mm512_add_ps(y, _mm512_set1_ps(1.0));
+        let q2 = _mm512_mul_ps(q, q);
+        let q4 = _mm512_mul_ps(q2, q2);
+        let q8 = _mm512_mul_ps(q4, q4);
+        let q16 = _mm512_mul_ps(q8, q8);
+        let e = _mm512_sub_ps(_mm512_set1_ps(1.0), _mm512_div_ps(_mm512_set1_ps(1.0), q16));
+        // copysign(e, c): e >= 0, so OR in c's sign bit.
+        let sign = _mm512_and_si512(_mm512_castps_si512(c), _mm512_set1_epi32(i32::MIN));
+        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
+        _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5)), _mm512_add_ps(erf, _mm512_set1_ps(1.0)))
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI; [`super::run_panels`]'s contract.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn run_panels(
+        a: &[u8],
+        m: usize,
+        w: &PackedWeights,
+        epi: &Epilogue,
+        out: *mut f32,
+        panels: std::ops::Range<usize>,
+    ) {
+        for p in panels {
+            let mut r = 0;
+            while r < m {
+                let rows = (m - r).min(MR);
+                // Safety: rows r..r+rows exist; the panel exists; the caller's output contract.
+                unsafe {
+                    match rows {
+                        12 => tile::<12>(a, r, w, p, epi, out),
+                        11 => tile::<11>(a, r, w, p, epi, out),
+                        10 => tile::<10>(a, r, w, p, epi, out),
+                        9 => tile::<9>(a, r, w, p, epi, out),
+                        8 => tile::<8>(a, r, w, p, epi, out),
+                        7 => tile::<7>(a, r, w, p, epi, out),
+                        6 => tile::<6>(a, r, w, p, epi, out),
+                        5 => tile::<5>(a, r, w, p, epi, out),
+                        4 => tile::<4>(a, r, w, p, epi, out),
+                        3 => tile::<3>(a, r, w, p, epi, out),
+                        2 => tile::<2>(a, r, w, p, epi, out),
+                        _ => tile::<1>(a, r, w, p, epi, out),
+                    }
+                }
+                r += rows;
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + R` times panel `p`.
+    ///
+    /// # Safety
+    /// As [`run_panels`], with `r0 + R <= m`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn tile<const R: usize>(
+        a: &[u8],
+        r0: usize,
+        w: &PackedWeights,
+        p: usize,
+        epi: &Epilogue,
+        out: *mut f32,
+    ) {
+        let kp = w.kp();
+        let mut acc = [[_mm512_setzero_si512(); 2]; R];
+        let b = w.data[p * w.kg * NR * 4..].as_ptr();
+        let a0 = a[r0 * kp..].as_ptr();
+        for g in 0..w.kg {
+            // Safety: panel p holds kg groups of 128 bytes; rows r0..r0+R hold kp >= 4 kg bytes.
+            unsafe {
+                let b0 = _mm512_loadu_si512(b.add(g * NR * 4).cast());
+                let b1 = _mm512_loadu_si512(b.add(g * NR * 4 + 64).cast());
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a4 = a0.add(i * kp + g * 4).cast::<i32>().read_unaligned();
+                    let av = _mm512_set1_epi32(a4);
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
+                }
+            }
+        }
+        let col0 = p * NR;
+        let cols = (w.n - col0).min(NR);
+        for half in 0..2 {
+            let c = col0 + half * 16;
+            let valid = cols.saturating_sub(half * 16).min(16);
+            if valid == 0 {
+                continue;
+            }
+            let mask: __mmask16 = if valid == 16 { 0xffff } else { (1u16 << valid) - 1 };
+            // Safety: masked loads and stores touch only columns c..c+valid < n.
+            unsafe {
+                let corr = _mm512_maskz_loadu_epi32(mask, epi.correction.as_ptr().add(c).cast());
+                let scale = _mm512_maskz_loadu_ps(mask, epi.scale.as_ptr().add(c));
+                let bias = _mm512_maskz_loadu_ps(mask, epi.bias.as_ptr().add(c));
+                for (i, acc) in acc.iter().enumerate() {
+                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[half], corr));
+                    let mut y = _mm512_fmadd_ps(v, scale, bias);
+                    if epi.gelu {
+                        y = gelu16(y);
+                    }
+                    _mm512_mask_storeu_ps(out.add((r0 + i) * w.n + c), mask, y);
+                }
+            }
+        }
+    }
+}
+
+/// A raw output pointer shared by the threads that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// Safety: every thread writes its own panels' columns only (see `Int8Layer::run`).
+#[allow(unsafe_code)]
+unsafe impl Send for SharedOut {}
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedOut {}
+
+impl std::fmt::Debug for PackedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeights {{ k: {}, n: {}, {} panels of {NR} }}", self.k, self.n, self.panels)
+    }
+}
+
+/// One quantized linear layer: activation quantization, packed weights, scales, bias.
+pub struct Int8Layer {
+    act: ActQuant,
+    weights: PackedWeights,
+    correction: Vec<i32>,
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+    gelu: bool,
+}
+
+impl std::fmt::Debug for Int8Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Int8Layer {{ {:?}, {:?}, gelu {} }}", self.act, self.weights, self.gelu)
+    }
+}
+
+impl Int8Layer {
+    /// A layer for `y = dq(q(x, act)) · (w_q * w_scale[n]) (+ bias)`, `w_q` row-major `[k, n]`.
+    pub fn new(act: ActQuant, w_q: &[i8], k: usize, n: usize, w_scale: &[f32], bias: Option<&[f32]>) -> Self {
+        let weights = PackedWeights::pack(w_q, k, n);
+        let correction = weights.colsum[..n].iter().map(|s| s * act.offset()).collect();
+        let scale = w_scale.iter().map(|s| s * act.scale).collect();
+        let bias = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
+        Self { act, weights, correction, scale, bias, gelu: false }
+    }
+
+    /// The same layer followed by GELU (erf form), applied as its outputs are stored.
+    pub fn with_gelu(mut self) -> Self {
+        self.gelu = true;
+        self
+    }
+
+    /// `x` row-major `[m, k]` into `out` `[m, n]`, with `threads` threads from the current
+    /// tract executor's pool (1: the calling thread).
+    pub fn run(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.run_layout(x, &RowLayout::contiguous(m, self.weights.k), out);
+    }
+
+    /// [`Self::run`] with `A`'s rows read through `layout`.
+    pub fn run_layout(&self, x: &[f32], layout: &RowLayout, out: &mut [f32]) {
+        let w = &self.weights;
+        let m = layout.m;
+        assert!(
+            layout.span() <= x.len() && layout.ks.iter().map(|a| a.0).product::<usize>() == w.k && out.len() == m * w.n,
+            "Int8Layer::run: {layout:?} over {} values x [{}, {}] into {} floats",
+            x.len(),
+            w.k,
+            w.n,
+            out.len()
+        );
+        let mut a = vec![0u8; m * w.kp()];
+        if layout.is_contiguous() {
+            quantize_rows(&x[..m * w.k], w.k, w.kp(), self.act, &mut a);
+        } else {
+            quantize_gather(x, layout, w.kp(), self.act, &mut a);
+        }
+        let epi = Epilogue { correction: &self.correction, scale: &self.scale, bias: &self.bias, gelu: self.gelu };
+        let dst = SharedOut(out.as_mut_ptr());
+        // Inside a rayon pool (OnnxModel runs every frame inside its executor's pool when
+        // threads > 1), split the panels over its threads; on a plain thread, run here.
+        let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads().min(w.panels) } else { 1 };
+        if threads <= 1 || m * w.k * w.n < 1 << 20 {
+            // Safety: `out` holds m * n floats and is exclusively borrowed here.
+            unsafe { run_panels(&a, m, w, &epi, dst.0, 0..w.panels) };
+        } else {
+            let per = w.panels.div_ceil(threads);
+            rayon::scope(|s| {
+                for t in 0..threads {
+                    let (a, epi) = (&a, &epi);
+                    let range = (t * per).min(w.panels)..((t + 1) * per).min(w.panels);
+                    s.spawn(move |_| {
+                        let dst = dst;
+                        // Safety: the threads' panel ranges are disjoint, so are the columns
+                        // they write; `out` outlives the scope.
+                        unsafe { run_panels(a, m, w, epi, dst.0, range) };
+                    });
+                }
+            });
+        }
+    }
+}
+
+/// The tract op: an [`Int8Layer`] applied to the last axis of an f32 input `[.., K]`.
+#[derive(Debug, Clone)]
+pub struct Int8MatMul {
+    layer: Arc<Int8Layer>,
+    /// Where A's rows are in the input.
+    rows: RowLayout,
+    /// Output shape: the input's with the last axis `N`.
+    out_shape: TVec<usize>,
+}
+
+impl PartialEq for Int8MatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.layer, &other.layer) && self.rows == other.rows && self.out_shape == other.out_shape
+    }
+}
+
+impl Eq for Int8MatMul {}
+
+impl Int8MatMul {
+    /// The op for `layer` reading A's rows through `rows` in inputs of shape `in_shape`,
+    /// giving the row-major `out_shape` (`rows.m` rows of `N`).
+    pub fn new(layer: Arc<Int8Layer>, rows: RowLayout, in_shape: &[usize], out_shape: &[usize]) -> TractResult<Self> {
+        let (k, n) = (layer.weights.k, layer.weights.n);
+        ensure!(
+            (1..=2).contains(&rows.ks.len())
+                && rows.ks.iter().map(|a| a.0).product::<usize>() == k
+                && rows.row_stride >= 0
+                && rows.ks.iter().all(|a| a.1 >= 0)
+                && rows.span() <= in_shape.iter().product::<usize>()
+                && out_shape.last() == Some(&n)
+                && out_shape.iter().product::<usize>() == rows.m * n,
+            "Int8MatMul: {rows:?} in {in_shape:?} -> output {out_shape:?} for K = {k}, N = {n}"
+        );
+        Ok(Self { layer, rows, out_shape: out_shape.into() })
+    }
+}
+
+impl Op for Int8MatMul {
+    fn name(&self) -> StaticName {
+        "Int8MatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        let (w, a) = (&self.layer.weights, &self.layer.act);
+        Ok(vec![format!(
+            "k:{} n:{} rows:{:?} act scale {} zero point {} ({}) gelu:{} out:{:?}",
+            w.k,
+            w.n,
+            self.rows,
+            a.scale,
+            a.zero_point,
+            if a.signed { "i8" } else { "u8" },
+            self.layer.gelu,
+            self.out_shape
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Int8MatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = inputs[0].to_plain_array_view::<f32>()?;
+        let x = x.as_slice().context("Int8MatMul: input is not contiguous")?;
+        let mut y = Tensor::zero::<f32>(&self.out_shape)?;
+        {
+            let mut view = y.to_plain_array_view_mut::<f32>()?;
+            let out = view.as_slice_mut().context("Int8MatMul: fresh output is not contiguous")?;
+            self.layer.run_layout(x, &self.rows, out);
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for Int8MatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1, "Int8MatMul takes one input");
+        ensure!(inputs[0].datum_type == f32::datum_type(), "Int8MatMul is f32 in, f32 out");
+        Ok(tvec!(f32::fact(&*self.out_shape)))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, k: usize, n: usize, act: ActQuant, w: &[i8], ws: &[f32], bias: &[f32]) -> Vec<f32> {
+        let q: Vec<i32> = x
+            .iter()
+            .map(|&v| {
+                let (lo, hi) = if act.signed { (-128, 127) } else { (0, 255) };
+                ((v / act.scale).round_ties_even() as i32 + act.zero_point).clamp(lo, hi) - act.zero_point
+            })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                let s: i32 = (0..k).map(|kk| q[r * k + kk] * i32::from(w[kk * n + c])).sum();
+                y[r * n + c] = s as f32 * (act.scale * ws[c]) + bias[c];
+            }
+        }
+        y
+    }
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    /// Odd sizes (K not a multiple of 4, N not of 32, M not of 12), both activation types:
+    /// the kernel in use (VNNI here when the CPU has it) and the portable one equal the
+    /// integer reference.
+    #[test]
+    fn kernels_match_integer_reference() {
+        let mut seed = 5u64;
+        for &(m, k, n, signed, zp) in &[(13usize, 10usize, 37usize, true, 0i32), (25, 64, 64, false, 131), (1, 3, 1, true, -7), (30, 96, 70, false, 0)] {
+            let x: Vec<f32> = (0..m * k).map(|_| (lcg(&mut seed) % 2001) as f32 / 100.0 - 10.0).collect();
+            let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut seed) % 256) as u8 as i8).collect();
+            let ws: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
+            let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let act = ActQuant { scale: 0.08, zero_point: zp, signed };
+            let expected = reference(&x, m, k, n, act, &w, &ws, &bias);
+            let gelu_too = m % 2 == 1;
+            let expected: Vec<f32> = if gelu_too { expected.iter().map(|&v| gelu(v)).collect() } else { expected };
+            let layer = Int8Layer::new(act, &w, k, n, &ws, Some(&bias));
+            let layer = if gelu_too { layer.with_gelu() } else { layer };
+            let mut got = vec![f32::NAN; m * n];
+            layer.run(&x, m, &mut got);
+            let mut portable = vec![f32::NAN; m * n];
+            let mut a = vec![0u8; m * layer.weights.kp()];
+            quantize_rows(&x, k, layer.weights.kp(), act, &mut a);
+            let epi = Epilogue { correction: &layer.correction, scale: &layer.scale, bias: &layer.bias, gelu: layer.gelu };
+            // Safety: `portable` holds m * n floats.
+            #[allow(unsafe_code)]
+            unsafe {
+                portable_panels(&a, m, &layer.weights, &epi, portable.as_mut_ptr(), 0..layer.weights.panels)
+            };
+            for (i, ((g, p), e)) in got.iter().zip(&portable).zip(&expected).enumerate() {
+                let tol = 1e-4 * e.abs().max(1.0);
+                assert!((g - e).abs() <= tol, "[{m},{k},{n}] element {i}: kernel {g} vs reference {e}");
+                assert!((p - e).abs() <= tol, "[{m},{k},{n}] element {i}: portable {p} vs reference {e}");
+            }
+        }
+    }
+
+    /// Saturation, ties to even and NaN in the activation quantization.
+    /// The scalar GELU matches the exact erf form within tract's erf error.
+    #[test]
+    fn gelu_matches_erf_form() {
+        for i in -400..=400 {
+            let x = i as f32 / 50.0;
+            let exact = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            assert!((gelu(x) - exact).abs() <= 2e-6 * x.abs().max(1.0), "x {x}: {} vs {exact}", gelu(x));
+        }
+    }
+
+    #[test]
+    fn quantize_rows_follows_onnx() {
+        let act = ActQuant { scale: 0.5, zero_point: 0, signed: true };
+        let x = [0.25f32, 0.75, -0.25, 1000.0, -1000.0, f32::NAN, 1.25, -63.75];
+        let mut out = [0u8; 8];
+        quantize_rows(&x, 8, 8, act, &mut out);
+        // q + 128: round_half_even(0.5) = 0, (1.5) = 2, (-0.5) = 0, saturate, NaN -> -128, (2.5) = 2, (-127.5) = -128.
+        assert_eq!(out, [128, 130, 128, 255, 0, 0, 130, 0]);
+        let act = ActQuant { scale: 1.0, zero_point: 3, signed: false };
+        let mut out = [9u8; 6];
+        quantize_rows(&[0.5, 1.5, -10.0, 300.0], 4, 6, act, &mut out);
+        assert_eq!(out, [3, 5, 0, 255, 0, 0]);
+    }
+}
+

@@ -1,0 +1,268 @@
+//! Finds the quantized linear layers of a QDQ ONNX graph and lowers them for
+//! [`Int8MatMul`](super::Int8MatMul).
+//!
+//! The pattern (what `flsl quantize --format qdq` writes, and onnxruntime's static QDQ
+//! quantizer too):
+//!
+//! ```text
+//! x -> QuantizeLinear(xs, xz) -> DequantizeLinear(xs, xz) --\
+//!                                                            MatMul -> [Add(bias)]
+//! W_q (int8 [K, N]) -> DequantizeLinear(ws [N] or scalar, 0) -/
+//! ```
+//!
+//! [`lower_qdq_matmuls`] records each such `MatMul` (activation scale and zero point, the
+//! int8 weights and their scales) under the `MatMul` node's name, and rewrites the graph so
+//! that tract sees a plain float `MatMul` of `x` and the dequantized weights (the Q/DQ pair
+//! on `x` disappears when nothing else reads it). [`substitute_int8_matmuls`] then swaps
+//! those products in tract's typed model for the integer op. Anything that does not match
+//! exactly (another axis, a non-zero weight zero point, a shared weight, a non-constant
+//! scale) is left as it was, so the graph always keeps its meaning.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tract_onnx::pb::{ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::nn::GeluExact;
+
+use super::gemm_matmul::{Geometry, following_bias};
+use super::int8_matmul::{ActQuant, Int8Layer, Int8MatMul, RowLayout};
+
+/// What [`lower_qdq_matmuls`] found for one `MatMul`.
+#[derive(Debug, Clone)]
+pub struct QdqLayer {
+    /// Activation quantization.
+    pub act: ActQuant,
+    /// Int8 weights, row-major `[K, N]`.
+    pub w_q: Vec<i8>,
+    /// `K`, `N`.
+    pub k: usize,
+    /// `N`.
+    pub n: usize,
+    /// Per-column weight scales (`N` values).
+    pub w_scale: Vec<f32>,
+}
+
+fn raw_or<T: Copy>(t: &TensorProto, width: usize, from: impl Fn(&[u8]) -> T, typed: impl Fn() -> Vec<T>) -> Option<Vec<T>> {
+    if t.data_location == Some(1) {
+        return None;
+    }
+    if !t.raw_data.is_empty() {
+        if t.raw_data.len() % width != 0 {
+            return None;
+        }
+        return Some(t.raw_data.chunks_exact(width).map(from).collect());
+    }
+    Some(typed())
+}
+
+fn f32s(t: &TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != DataType::Float as i32 {
+        return None;
+    }
+    raw_or(t, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]), || t.float_data.clone())
+}
+
+/// int8 or uint8 values as i32, and whether they were signed.
+fn int8s(t: &TensorProto) -> Option<(Vec<i32>, bool)> {
+    let signed = if t.data_type == DataType::Int8 as i32 {
+        true
+    } else if t.data_type == DataType::Uint8 as i32 {
+        false
+    } else {
+        return None;
+    };
+    let v = raw_or(
+        t,
+        1,
+        |b| if signed { i32::from(b[0] as i8) } else { i32::from(b[0]) },
+        || t.int32_data.clone(),
+    )?;
+    Some((v, signed))
+}
+
+fn dims(t: &TensorProto) -> Vec<usize> {
+    t.dims.iter().map(|&d| d.max(0) as usize).collect()
+}
+
+fn axis_attr(n: &NodeProto) -> i64 {
+    n.attribute.iter().find(|a| a.name == "axis").map_or(1, |a| a.i)
+}
+
+/// Records and lowers the quantized `MatMul`s of `model` (see the module docs). Returns the
+/// layers by `MatMul` node name; an empty map leaves `model` untouched.
+pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
+    let mut found = HashMap::new();
+    let Some(g) = model.graph.as_mut() else { return found };
+    let inits: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let producer: HashMap<String, usize> =
+        g.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for n in &g.node {
+        for i in &n.input {
+            *readers.entry(i.clone()).or_default() += 1;
+        }
+    }
+    let init = |name: &str| inits.get(name).map(|&i| &g.initializer[i]);
+    // Scalar scale and zero point of a Q or DQ node.
+    let scalar_params = |n: &NodeProto| -> Option<(f32, i32, bool)> {
+        let s = f32s(init(n.input.get(1)?)?)?;
+        let (z, signed) = match n.input.get(2).filter(|z| !z.is_empty()) {
+            Some(z) => int8s(init(z)?)?,
+            None => (vec![0], false),
+        };
+        (s.len() == 1 && z.len() == 1 && s[0].is_finite() && s[0] > 0.0).then(|| (s[0], z[0], signed))
+    };
+
+    let mut rewrites: Vec<(usize, String, String, TensorProto)> = Vec::new();
+    for (ix, n) in g.node.iter().enumerate() {
+        if n.op_type != "MatMul" || n.input.len() != 2 || !n.domain.is_empty() && n.domain != "ai.onnx" {
+            continue;
+        }
+        // The weight side: DequantizeLinear of an int8 initializer [K, N], per column or
+        // per tensor, zero point 0, read by this MatMul only.
+        let Some(&wdq_ix) = producer.get(&n.input[1]) else { continue };
+        let wdq = &g.node[wdq_ix];
+        if wdq.op_type != "DequantizeLinear" || readers.get(&wdq.output[0]) != Some(&1) {
+            continue;
+        }
+        let Some(wt) = wdq.input.first().and_then(|w| init(w)) else { continue };
+        let Some((wq, true)) = int8s(wt) else { continue };
+        let wd = dims(wt);
+        let [k, nn] = wd[..] else { continue };
+        let Some(ws) = wdq.input.get(1).and_then(|s| init(s)).and_then(f32s) else { continue };
+        let wz_ok = match wdq.input.get(2).filter(|z| !z.is_empty()) {
+            Some(z) => init(z).and_then(int8s).is_some_and(|(z, _)| z.iter().all(|&v| v == 0)),
+            None => true,
+        };
+        let per_column = ws.len() == nn && (axis_attr(wdq) == 1 || axis_attr(wdq) == -1);
+        if !wz_ok || !(per_column || ws.len() == 1) || ws.iter().any(|s| !s.is_finite()) {
+            continue;
+        }
+        let w_scale = if ws.len() == 1 { vec![ws[0]; nn] } else { ws };
+        // The activation side: DequantizeLinear(QuantizeLinear(x)) with equal scalar params.
+        let Some(&adq_ix) = producer.get(&n.input[0]) else { continue };
+        let adq = &g.node[adq_ix];
+        let Some(&aq_ix) = adq.input.first().and_then(|i| producer.get(i)) else { continue };
+        let aq = &g.node[aq_ix];
+        if adq.op_type != "DequantizeLinear" || aq.op_type != "QuantizeLinear" {
+            continue;
+        }
+        let (Some(p_dq), Some(p_q)) = (scalar_params(adq), scalar_params(aq)) else { continue };
+        if p_dq.0.to_bits() != p_q.0.to_bits() || p_dq.1 != p_q.1 {
+            continue;
+        }
+        let (scale, zero_point, signed) = p_q;
+        let w_q: Vec<i8> = wq.iter().map(|&v| v as i8).collect();
+        let dequantized: Vec<f32> = w_q.iter().enumerate().map(|(i, &q)| f32::from(q) * w_scale[i % nn]).collect();
+        let wname = format!("{}/int8_lowered", n.name);
+        let tensor = TensorProto {
+            name: wname.clone(),
+            dims: vec![k as i64, nn as i64],
+            data_type: DataType::Float as i32,
+            raw_data: dequantized.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        };
+        rewrites.push((ix, aq.input[0].clone(), wname, tensor));
+        found.insert(n.name.clone(), QdqLayer { act: ActQuant { scale, zero_point, signed }, w_q, k, n: nn, w_scale });
+    }
+    if found.len() != rewrites.len() || found.is_empty() {
+        // Unnamed or duplicate MatMul names: matching by name would be ambiguous.
+        found.clear();
+        return found;
+    }
+    for (ix, x, wname, tensor) in rewrites {
+        g.node[ix].input = vec![x, wname];
+        g.initializer.push(tensor);
+    }
+    // Drop the nodes nothing reads any more (the bypassed Q/DQ pairs and weight DQs), then
+    // the initializers only they read.
+    let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    loop {
+        let read: HashSet<&String> = g.node.iter().flat_map(|n| n.input.iter()).collect();
+        let dead: Vec<usize> = g
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear")
+                    && n.output.iter().all(|o| !read.contains(o) && !outputs.contains(o))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if dead.is_empty() {
+            break;
+        }
+        for i in dead.into_iter().rev() {
+            g.node.remove(i);
+        }
+    }
+    let read: HashSet<String> = g.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
+    g.initializer.retain(|t| read.contains(&t.name) || outputs.contains(&t.name));
+    found
+}
+
+/// The outlet of a `GeluExact` that alone reads `outlet` (not a model output).
+fn following_gelu(model: &TypedModel, outlet: OutletId) -> TractResult<Option<OutletId>> {
+    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
+    if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let next = model.node(succ[0].node);
+    let is_gelu = next.op_as::<ElementWiseOp>().is_some_and(|ew| ew.0.is::<GeluExact>());
+    Ok(is_gelu.then(|| OutletId::new(next.id, 0)))
+}
+
+/// Replaces each `EinSum` of `model` named like a layer of `layers` (a product of an f32
+/// activation `[.., K]` and the constant `[K, N]` weights) with an [`Int8MatMul`], folding a
+/// following bias `Add`. Run it on the decluttered model. Returns how many it replaced.
+pub fn substitute_int8_matmuls(model: &mut TypedModel, layers: &HashMap<String, QdqLayer>) -> TractResult<usize> {
+    let mut replaced = 0;
+    let mut done = HashSet::new();
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(layer) = layers.get(&node.name) else { continue };
+        let Some(einsum) = node.op_as::<EinSum>() else { continue };
+        if node.inputs.len() != 2 || einsum.q_params.is_some() {
+            continue;
+        }
+        let facts: Vec<TypedFact> = model.node_input_facts(id)?.into_iter().cloned().collect();
+        let out_fact = model.outlet_fact(OutletId::new(id, 0))?.clone();
+        let (Some(a), Some(b), Some(c)) = (facts[0].shape.as_concrete(), facts[1].shape.as_concrete(), out_fact.shape.as_concrete()) else {
+            continue;
+        };
+        // `A [m, K] x W [K, N]`, A's rows read through strides, B the constant weights.
+        let Some(geometry) = Geometry::from_einsum(&einsum.axes, a, b, c) else { continue };
+        if facts[1].konst.is_none() {
+            continue;
+        }
+        let Some((m, row_stride, ks)) = geometry.linear_rows(layer.k, layer.n) else { continue };
+        let (bias, tail) = match following_bias(model, id, &geometry, c)? {
+            Some((bias, tail)) => (Some(bias), tail),
+            None => (None, OutletId::new(id, 0)),
+        };
+        let mut int8 = Int8Layer::new(layer.act, &layer.w_q, layer.k, layer.n, &layer.w_scale, bias.as_deref());
+        // A GELU that alone reads the result runs in the op's store (MLP fc1).
+        let mut tail = tail;
+        if let Some(gelu) = following_gelu(model, tail)? {
+            int8 = int8.with_gelu();
+            tail = gelu;
+        }
+        let op = Int8MatMul::new(Arc::new(int8), RowLayout { m, row_stride, ks }, a, c)?;
+        let name = node.name.clone();
+        let input = node.inputs[0];
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, input)?;
+        let wire = patch.wire_node(format!("{name}.int8"), op, &[x])?;
+        patch.shunt_outside(model, tail, wire[0])?;
+        patch.apply(model)?;
+        replaced += 1;
+        done.insert(name);
+    }
+    for name in layers.keys().filter(|n| !done.contains(*n)) {
+        tracing::warn!(layer = %name, "QDQ layer not lowered to Int8MatMul (its product is not a plain [.., K] x [K, N] in tract's graph): it runs as a float product");
+    }
+    Ok(replaced)
+}
