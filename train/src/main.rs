@@ -202,6 +202,16 @@ enum Command {
         /// Thread counts for the latency report (empty: no latency report).
         #[arg(long, default_value = "1,2", value_delimiter = ',')]
         threads: Vec<usize>,
+        /// COCO instances file of a labelled detection set: the report compares detection AP
+        /// of fp32 and int8 on it (models with a detection head).
+        #[arg(long, requires = "det_images")]
+        det_gt: Option<PathBuf>,
+        /// Folder of the images that `--det-gt` names.
+        #[arg(long, requires = "det_gt")]
+        det_images: Option<PathBuf>,
+        /// Least detection score for the AP comparison.
+        #[arg(long, default_value_t = 0.05)]
+        det_score: f32,
     },
     /// COCO bbox evaluation (numerically the same as pycocotools).
     EvalDetections {
@@ -515,8 +525,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{}", summary.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Quantize { model, calib, out, format, calibration, calib_images, heldout, float_ops, quantize_conv, threads } => {
-            use flsl_runtime::quantize::{BenchOptions, Calibration, QuantFormat, QuantizeOptions, quantize_file, report_markdown};
+        Command::Quantize { model, calib, out, format, calibration, calib_images, heldout, float_ops, quantize_conv, threads, det_gt, det_images, det_score } => {
+            use flsl_runtime::quantize::{BenchOptions, Calibration, DetectionSet, QuantFormat, QuantizeOptions, quantize_file, report_markdown};
             let format = match format.as_str() {
                 "tract" => QuantFormat::Tract,
                 "qdq" => QuantFormat::Qdq,
@@ -537,6 +547,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 float_ops,
                 quantize_conv,
                 bench: (!threads.is_empty()).then(|| BenchOptions { threads, ..BenchOptions::default() }),
+                detection: det_gt.zip(det_images).map(|(gt, images)| DetectionSet { gt, images, score_threshold: det_score }),
                 ..QuantizeOptions::default()
             };
             let bar = indicatif::ProgressBar::new(0);

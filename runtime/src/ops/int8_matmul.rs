@@ -25,6 +25,8 @@ use tract_onnx::tract_core::internal::*;
 pub const NR: usize = 32;
 /// Rows per kernel call.
 const MR: usize = 12;
+/// Products below this many multiply-adds run on one thread.
+const PARALLEL_MIN_MACS: usize = 16 << 20;
 /// Round-half-to-even by the float adder: exact for `|x| < 2^22`.
 const MAGIC: f32 = 12_582_912.0;
 
@@ -459,10 +461,10 @@ mod vnni {
     }
 }
 
-/// A raw output pointer shared by the threads that write disjoint columns of it.
+/// A raw output pointer shared by the threads that write disjoint rows of it.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
-// Safety: every thread writes its own panels' columns only (see `Int8Layer::run`).
+// Safety: every thread writes its own rows only (see `Int8Layer::run_layout`).
 #[allow(unsafe_code)]
 unsafe impl Send for SharedOut {}
 #[allow(unsafe_code)]
@@ -524,33 +526,40 @@ impl Int8Layer {
             w.n,
             out.len()
         );
-        let mut a = vec![0u8; m * w.kp()];
-        if layout.is_contiguous() {
-            quantize_rows(&x[..m * w.k], w.k, w.kp(), self.act, &mut a);
-        } else {
-            quantize_gather(x, layout, w.kp(), self.act, &mut a);
-        }
         let epi = Epilogue { correction: &self.correction, scale: &self.scale, bias: &self.bias, gelu: self.gelu };
         let dst = SharedOut(out.as_mut_ptr());
+        // Rows `r0..r1`: quantize them, multiply them with every weight panel.
+        let rows_job = |r0: usize, r1: usize, dst: SharedOut| {
+            let rows = r1 - r0;
+            let mut a = vec![0u8; rows * w.kp()];
+            let offset = (r0 as isize * layout.row_stride) as usize;
+            let sub = RowLayout { m: rows, row_stride: layout.row_stride, ks: layout.ks.clone() };
+            if layout.is_contiguous() {
+                quantize_rows(&x[offset..offset + rows * w.k], w.k, w.kp(), self.act, &mut a);
+            } else {
+                quantize_gather(&x[offset..], &sub, w.kp(), self.act, &mut a);
+            }
+            // Safety: rows r0..r1 of the m x n output are this job's alone.
+            unsafe { run_panels(&a, rows, w, &epi, dst.0.add(r0 * w.n), 0..w.panels) };
+        };
         // Inside a rayon pool (OnnxModel runs every frame inside its executor's pool when
-        // threads > 1), split the panels over its threads; on a plain thread, run here.
-        let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads().min(w.panels) } else { 1 };
-        if threads <= 1 || m * w.k * w.n < 1 << 20 {
-            // Safety: `out` holds m * n floats and is exclusively borrowed here.
-            unsafe { run_panels(&a, m, w, &epi, dst.0, 0..w.panels) };
+        // threads > 1), split the rows over its threads (each quantizes its own rows); small
+        // products stay on one thread, where waking the other costs more than it saves.
+        let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads() } else { 1 };
+        let threads = threads.min(m.div_ceil(MR));
+        if threads <= 1 || m * w.k * w.n < PARALLEL_MIN_MACS {
+            rows_job(0, m, dst);
         } else {
-            let per = w.panels.div_ceil(threads);
+            let per = m.div_ceil(threads).div_ceil(MR) * MR;
             rayon::scope(|s| {
-                for t in 0..threads {
-                    let (a, epi) = (&a, &epi);
-                    let range = (t * per).min(w.panels)..((t + 1) * per).min(w.panels);
-                    s.spawn(move |_| {
-                        let dst = dst;
-                        // Safety: the threads' panel ranges are disjoint, so are the columns
-                        // they write; `out` outlives the scope.
-                        unsafe { run_panels(a, m, w, epi, dst.0, range) };
-                    });
+                for t in 1..threads {
+                    let (r0, r1) = ((t * per).min(m), ((t + 1) * per).min(m));
+                    if r0 < r1 {
+                        let job = &rows_job;
+                        s.spawn(move |_| job(r0, r1, dst));
+                    }
                 }
+                rows_job(0, per.min(m), dst);
             });
         }
     }
@@ -706,6 +715,34 @@ mod tests {
     }
 
     /// Saturation, ties to even and NaN in the activation quantization.
+    /// Inside a 2-thread pool a large product splits its rows over both threads (each
+    /// quantizing its own rows, one of them through the two-k-axes gather layout): the same
+    /// result, bit for bit, as on one thread.
+    #[test]
+    fn threads_split_rows_without_changing_results() {
+        let (m, heads, hd, n) = (101usize, 6usize, 67usize, 420usize);
+        let k = heads * hd;
+        assert!(m * k * n >= PARALLEL_MIN_MACS);
+        let mut seed = 9u64;
+        // x as [heads, m, hd]: row r is the concatenation over heads of x[h, r, :].
+        let x: Vec<f32> = (0..heads * m * hd).map(|_| (lcg(&mut seed) % 2001) as f32 / 200.0 - 5.0).collect();
+        let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut seed) % 256) as u8 as i8).collect();
+        let act = ActQuant { scale: 0.05, zero_point: 3, signed: true };
+        let layer = Int8Layer::new(act, &w, k, n, &vec![0.001; n], None).with_gelu();
+        let layout = RowLayout { m, row_stride: hd as isize, ks: vec![(heads, (m * hd) as isize), (hd, 1)] };
+        let mut one = vec![0f32; m * n];
+        layer.run_layout(&x, &layout, &mut one);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut two = vec![0f32; m * n];
+        pool.install(|| layer.run_layout(&x, &layout, &mut two));
+        assert!(one.iter().zip(&two).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // And the gather equals quantizing the rearranged rows contiguously.
+        let rows: Vec<f32> = (0..m).flat_map(|r| (0..heads).flat_map(move |h| (0..hd).map(move |d| (h, r, d)))).map(|(h, r, d)| x[(h * m + r) * hd + d]).collect();
+        let mut flat = vec![0f32; m * n];
+        layer.run(&rows, m, &mut flat);
+        assert!(one.iter().zip(&flat).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
     /// The scalar GELU matches the exact erf form within tract's erf error.
     #[test]
     fn gelu_matches_erf_form() {

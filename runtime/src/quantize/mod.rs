@@ -194,6 +194,33 @@ pub struct QuantizeOptions {
     pub normalization: Normalization,
     /// Latency measurement; `None` skips it.
     pub bench: Option<BenchOptions>,
+    /// A labelled detection set: when given (and the model has a detection head), the
+    /// report compares COCO AP of fp32 and int8 on it. Needs the `eval` feature.
+    pub detection: Option<DetectionSet>,
+}
+
+/// A labelled set for the detection-AP comparison: a COCO instances file and the folder of
+/// its images (`images[].file_name` under it, or its base name there); the detector's class
+/// `c` is the file's `c`-th category.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectionSet {
+    /// COCO instances JSON.
+    pub gt: PathBuf,
+    /// Folder of the images it names.
+    pub images: PathBuf,
+    /// Least detection score kept (low, so that AP sees the whole precision-recall curve).
+    pub score_threshold: f32,
+}
+
+/// Detection AP of fp32 and int8 on a [`DetectionSet`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DetectionDelta {
+    /// Images evaluated.
+    pub images: usize,
+    /// COCO summary (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl), fp32.
+    pub fp32: [f64; 12],
+    /// The same for int8.
+    pub int8: [f64; 12],
 }
 
 impl Default for QuantizeOptions {
@@ -211,6 +238,7 @@ impl Default for QuantizeOptions {
             input_size: None,
             normalization: Normalization::IMAGENET,
             bench: Some(BenchOptions::default()),
+            detection: None,
         }
     }
 }
@@ -311,6 +339,8 @@ pub struct QuantReport {
     pub latency: Vec<Latency>,
     /// tract's optimized int8 plan.
     pub tract_ops: TractOps,
+    /// Detection AP fp32 vs int8 (a detection head and [`QuantizeOptions::detection`]).
+    pub detection: Option<DetectionDelta>,
     /// Wall time of calibration + rewrite, seconds.
     pub quantize_seconds: f64,
 }
@@ -470,7 +500,12 @@ pub fn quantize_file(
         Some(b) => latency(input, out, shape, b, progress)?,
         None => Vec::new(),
     };
+    let detection = match &options.detection {
+        Some(set) => detection_delta(input, out, set)?,
+        None => None,
+    };
     let report = QuantReport {
+        detection,
         model_fp32: input.to_path_buf(),
         model_int8: out.to_path_buf(),
         format: options.format,
@@ -489,6 +524,62 @@ pub fn quantize_file(
     write_atomic(&out.with_extension("quant.json"), &json)?;
     write_atomic(&out.with_extension("quant.md"), report_markdown(&report).as_bytes())?;
     Ok(report)
+}
+
+/// COCO AP of `fp32` and `int8` on `set`; `None` when the model has no detection head.
+#[cfg(feature = "eval")]
+fn detection_delta(fp32: &Path, int8: &Path, set: &DetectionSet) -> Result<Option<DetectionDelta>, QuantizeError> {
+    use crate::detect::{DetectOptions, Detector, DetectorScratch};
+    use crate::eval::{CocoDet, CocoGt, evaluate};
+    let bad = |reason: String| QuantizeError::Calibration { dir: set.gt.clone(), reason };
+    let text = std::fs::read_to_string(&set.gt).map_err(io("reading", &set.gt))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let gt = CocoGt::from_value(&doc, Some(&set.gt)).map_err(|e| bad(e.to_string()))?;
+    let files: Vec<(i64, PathBuf)> = doc["images"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| {
+                    // `file_name` under the folder, or its base name there (files often
+                    // carry a directory prefix such as `images/`).
+                    let name = Path::new(i["file_name"].as_str()?);
+                    let direct = set.images.join(name);
+                    let path = if direct.is_file() { direct } else { set.images.join(name.file_name()?) };
+                    Some((i["id"].as_i64()?, path))
+                })
+                .filter(|(_, p)| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    if files.is_empty() {
+        return Err(bad(format!("none of its images is in {}", set.images.display())));
+    }
+    let mut stats = Vec::new();
+    for model in [fp32, int8] {
+        let mut opts = DetectOptions::new(model.to_path_buf());
+        opts.score_threshold = set.score_threshold;
+        let mut scratch = DetectorScratch::default();
+        let mut detector = Detector::new(&opts, &mut scratch)?;
+        if !detector.has_head() {
+            return Ok(None);
+        }
+        let mut dets = Vec::new();
+        for (id, path) in &files {
+            let img = image::open(path).map_err(|source| QuantizeError::Image { path: path.clone(), source })?.to_rgb8();
+            for d in detector.process(&img)?.detections {
+                let Some(&category_id) = gt.categories.get(usize::from(d.class)) else { continue };
+                let [x0, y0, x1, y1] = d.bbox.map(f64::from);
+                dets.push(CocoDet { image_id: *id, category_id, bbox: [x0, y0, x1 - x0, y1 - y0], score: f64::from(d.score) });
+            }
+        }
+        stats.push(evaluate(&gt, &dets).map_err(|e| bad(e.to_string()))?.to_array());
+    }
+    Ok(Some(DetectionDelta { images: files.len(), fp32: stats[0], int8: stats[1] }))
+}
+
+#[cfg(not(feature = "eval"))]
+fn detection_delta(_: &Path, _: &Path, set: &DetectionSet) -> Result<Option<DetectionDelta>, QuantizeError> {
+    Err(QuantizeError::Calibration { dir: set.gt.clone(), reason: "the detection AP comparison needs flsl-runtime's `eval` feature".into() })
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -741,6 +832,13 @@ pub fn report_markdown(r: &QuantReport) -> String {
         None => {
             let _ = writeln!(s, "- held-out accuracy: not measured (no held-out images)");
         }
+    }
+    if let Some(d) = &r.detection {
+        let _ = writeln!(
+            s,
+            "- detection ({} labelled images): AP50 {:.4} fp32 -> {:.4} int8, AP {:.4} -> {:.4}, AR100 {:.4} -> {:.4}",
+            d.images, d.fp32[1], d.int8[1], d.fp32[0], d.int8[0], d.fp32[8], d.int8[8]
+        );
     }
     if !r.latency.is_empty() {
         let _ = writeln!(s, "\n| runtime | model | threads | median ms | min ms |");
