@@ -332,7 +332,9 @@ fn parse_args() -> Result<Args, String> {
 /// One camera frame as the companion computer saw it.
 struct Shot {
     objects: Vec<Object>,
-    /// The image offset of the locked track from the image centre, in degrees, if visible.
+    /// The image offset of the locked track from the image centre, in degrees, if visible
+    /// (the real-detection camera's error measure).
+    #[cfg_attr(not(feature = "onnx"), allow(dead_code))]
     lock_offset_deg: Option<f32>,
 }
 
