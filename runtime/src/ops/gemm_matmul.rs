@@ -13,7 +13,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::Add;
+use tract_onnx::tract_core::ops::nn::{GeluExact, Softmax, SoftmaxKind};
 
 use tract_onnx::prelude::tract_linalg::multithread::{Executor, current_tract_executor};
 
@@ -182,6 +184,17 @@ impl PartialEq for Bias {
 
 impl Eq for Bias {}
 
+/// Element-wise work that runs on C right after the product, while it is in cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Post {
+    /// Nothing.
+    None,
+    /// GELU (erf form; the MLP's fc1).
+    Gelu,
+    /// Softmax over C's last axis (the attention scores).
+    Softmax,
+}
+
 /// `C = A B (+ bias)` for f32 `A`, `B` (any contiguous layout the [`Geometry`] describes),
 /// computed by [`gemm::gemm`]. Multithreaded on the plan's rayon executor when the plan has
 /// one (`Executor::MultiThread`), on the calling thread otherwise.
@@ -189,6 +202,7 @@ impl Eq for Bias {}
 pub struct GemmMatMul {
     geometry: Geometry,
     bias: Option<Bias>,
+    post: Post,
 }
 
 impl GemmMatMul {
@@ -197,6 +211,7 @@ impl GemmMatMul {
         Self {
             geometry,
             bias: None,
+            post: Post::None,
         }
     }
 
@@ -222,13 +237,14 @@ impl Op for GemmMatMul {
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
         Ok(vec![format!(
-            "m:{} k:{} n:{} batch:{:?} k-loop:{:?} bias:{} out:{:?}",
+            "m:{} k:{} n:{} batch:{:?} k-loop:{:?} bias:{} post:{:?} out:{:?}",
             g.m,
             g.k,
             g.n,
             g.batch.iter().map(|b| b.0).collect::<Vec<_>>(),
             g.kloop.iter().map(|k| k.0).collect::<Vec<_>>(),
             self.bias.is_some(),
+            self.post,
             g.out_shape
         )])
     }
@@ -316,6 +332,14 @@ impl EvalOp for GemmMatMul {
                     *ix = 0;
                 }
             }
+            match self.post {
+                Post::None => {}
+                Post::Gelu => super::simd::gelu_inplace(out),
+                Post::Softmax => {
+                    let row = g.out_shape.last().copied().unwrap_or(1);
+                    super::simd::softmax_rows_inplace(out, row);
+                }
+            }
         }
         Ok(tvec!(c.into_tvalue()))
     }
@@ -356,6 +380,32 @@ pub(crate) fn following_bias(model: &TypedModel, id: usize, geometry: &Geometry,
         .filter(|_| next_fact.shape.as_concrete() == Some(c))
         .and_then(|k| geometry.bias_vector(k));
     Ok(bias.map(|b| (b, OutletId::new(next.id, 0))))
+}
+
+/// A GELU, or a softmax over C's last (contiguous) axis, that alone reads `outlet` (not a
+/// model output), and its outlet.
+pub(crate) fn following_post(model: &TypedModel, outlet: OutletId, geometry: &Geometry) -> TractResult<Option<(Post, OutletId)>> {
+    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
+    if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let next = model.node(succ[0].node);
+    let next_out = OutletId::new(next.id, 0);
+    if next.op_as::<ElementWiseOp>().is_some_and(|ew| ew.0.is::<GeluExact>() && ew.1.is_none()) {
+        return Ok(Some((Post::Gelu, next_out)));
+    }
+    let rank = geometry.out_shape.len();
+    let last_is_n = geometry.c_n_axis == Some(rank.saturating_sub(1)) && geometry.c_cs == 1;
+    if let Some(sm) = next.op_as::<Softmax>()
+        && sm.kind == SoftmaxKind::Softmax
+        && sm.quant_output_dt.is_none()
+        && sm.axes.as_slice() == [rank - 1]
+        && last_is_n
+        && model.outlet_fact(next_out)?.datum_type == f32::datum_type()
+    {
+        return Ok(Some((Post::Softmax, next_out)));
+    }
+    Ok(None)
 }
 
 /// Replaces every f32 `EinSum` of `model` that is a plain (batched) matrix product of two
@@ -400,6 +450,10 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
         if let Some((bias, add)) = following_bias(model, id, &op.geometry, c)? {
             op.bias = Some(Bias(bias));
             tail = add;
+        }
+        if let Some((post, outlet)) = following_post(model, tail, &op.geometry)? {
+            op.post = post;
+            tail = outlet;
         }
         let name = node.name.clone();
         let inputs = node.inputs.clone();

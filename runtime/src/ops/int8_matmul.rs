@@ -246,27 +246,7 @@ struct Epilogue<'a> {
     gelu: bool,
 }
 
-/// tract's erf (Abramowitz & Stegun 7.1.28, |error| < 3e-7; `tract-linalg`'s
-/// `generic/erf.rs`), so that a fused GELU gives what tract's `GeluExact` gives.
-#[allow(clippy::excessive_precision)]
-const ERF_A: [f32; 6] = [0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638];
-
-/// `0.5 x (1 + erf(x / sqrt 2))` with tract's erf.
-fn gelu(x: f32) -> f32 {
-    let c = x * std::f32::consts::FRAC_1_SQRT_2;
-    let abs = c.abs();
-    let mut y = ERF_A[5] * abs;
-    for a in ERF_A[..5].iter().rev() {
-        y = (a + y) * abs;
-    }
-    let q = y + 1.0;
-    let q2 = q * q;
-    let q4 = q2 * q2;
-    let q8 = q4 * q4;
-    let q16 = q8 * q8;
-    let erf = (1.0 - q16.recip()).copysign(c);
-    (x * 0.5) * (erf + 1.0)
-}
+use super::simd::gelu;
 
 /// `out[m, n] = (sum_k a[m, k] * W[k, n] - correction[n]) * scale[n] + bias[n]` for the
 /// panels `panels` (all rows), `a` quantized rows of `w.kp()` bytes, `out` row-major `[m, n]`.
@@ -342,29 +322,8 @@ mod vnni {
 
     use std::arch::x86_64::*;
 
-    use super::{ERF_A, Epilogue, MR, NR, PackedWeights};
-
-    /// [`super::gelu`] on 16 lanes.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn gelu16(x: __m512) -> __m512 {
-        let c = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-        let abs = _mm512_abs_ps(c);
-        let mut y = _mm512_mul_ps(_mm512_set1_ps(ERF_A[5]), abs);
-        for a in ERF_A[..5].iter().rev() {
-            y = _mm512_mul_ps(_mm512_add_ps(_mm512_set1_ps(*a), y), abs);
-        }
-        let q = _mm512_add_ps(y, _mm512_set1_ps(1.0));
-        let q2 = _mm512_mul_ps(q, q);
-        let q4 = _mm512_mul_ps(q2, q2);
-        let q8 = _mm512_mul_ps(q4, q4);
-        let q16 = _mm512_mul_ps(q8, q8);
-        let e = _mm512_sub_ps(_mm512_set1_ps(1.0), _mm512_div_ps(_mm512_set1_ps(1.0), q16));
-        // copysign(e, c): e >= 0, so OR in c's sign bit.
-        let sign = _mm512_and_si512(_mm512_castps_si512(c), _mm512_set1_epi32(i32::MIN));
-        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
-        _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5)), _mm512_add_ps(erf, _mm512_set1_ps(1.0)))
-    }
+    use super::super::simd::avx512::gelu16;
+    use super::{Epilogue, MR, NR, PackedWeights};
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI; [`super::run_panels`]'s contract.
@@ -741,16 +700,6 @@ mod tests {
         let mut flat = vec![0f32; m * n];
         layer.run(&rows, m, &mut flat);
         assert!(one.iter().zip(&flat).all(|(a, b)| a.to_bits() == b.to_bits()));
-    }
-
-    /// The scalar GELU matches the exact erf form within tract's erf error.
-    #[test]
-    fn gelu_matches_erf_form() {
-        for i in -400..=400 {
-            let x = i as f32 / 50.0;
-            let exact = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-            assert!((gelu(x) - exact).abs() <= 2e-6 * x.abs().max(1.0), "x {x}: {} vs {exact}", gelu(x));
-        }
     }
 
     #[test]

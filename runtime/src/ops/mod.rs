@@ -6,6 +6,7 @@
 pub mod gemm_matmul;
 pub mod int8_matmul;
 pub mod qdq;
+pub mod simd;
 
 pub use gemm_matmul::{GemmMatMul, substitute_gemm_matmuls};
 pub use int8_matmul::{Int8Layer, Int8MatMul};

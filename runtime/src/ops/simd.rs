@@ -1,0 +1,250 @@
+//! Element-wise work fused into our matmul ops: GELU (with tract's erf, so results match
+//! its `GeluExact`) and row softmax, on 16 AVX-512 lanes where the CPU has them, in plain
+//! Rust otherwise. Rows are split over the threads of the current rayon pool when the
+//! caller runs inside one (as `OnnxModel` does with more than one thread).
+
+// The AVX-512 paths use intrinsics on raw lane loads and stores, each bounded by the slice
+// it reads; every unsafe block states why it stays in bounds.
+#![allow(unsafe_code)]
+
+/// tract's erf (Abramowitz & Stegun 7.1.28, |error| < 3e-7; `tract-linalg`'s
+/// `generic/erf.rs`), so that a fused GELU gives what tract's `GeluExact` gives.
+#[allow(clippy::excessive_precision)]
+pub(crate) const ERF_A: [f32; 6] = [0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638];
+
+/// Below this many elements the work stays on the calling thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+
+/// `0.5 x (1 + erf(x / sqrt 2))` with tract's erf.
+pub(crate) fn gelu(x: f32) -> f32 {
+    let c = x * std::f32::consts::FRAC_1_SQRT_2;
+    let abs = c.abs();
+    let mut y = ERF_A[5] * abs;
+    for a in ERF_A[..5].iter().rev() {
+        y = (a + y) * abs;
+    }
+    let q = y + 1.0;
+    let q2 = q * q;
+    let q4 = q2 * q2;
+    let q8 = q4 * q4;
+    let q16 = q8 * q8;
+    let erf = (1.0 - q16.recip()).copysign(c);
+    (x * 0.5) * (erf + 1.0)
+}
+
+fn softmax_row_scalar(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = sum.recip();
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Runs `f` on chunks of whole rows of `x` (rows of `row` values), on the threads of the
+/// current rayon pool when inside one and the work is large enough.
+fn for_row_chunks(x: &mut [f32], row: usize, f: impl Fn(&mut [f32]) + Sync) {
+    let row = row.max(1);
+    let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads() } else { 1 };
+    let rows = x.len() / row;
+    if threads <= 1 || x.len() < PARALLEL_MIN_ELEMENTS || rows < 2 {
+        f(x);
+        return;
+    }
+    let per = rows.div_ceil(threads) * row;
+    rayon::scope(|s| {
+        let mut chunks = x.chunks_mut(per);
+        let first = chunks.next();
+        for chunk in chunks {
+            let f = &f;
+            s.spawn(move |_| f(chunk));
+        }
+        if let Some(c) = first {
+            f(c);
+        }
+    });
+}
+
+/// GELU on every value of `x`, in place.
+pub fn gelu_inplace(x: &mut [f32]) {
+    for_row_chunks(x, 1024, |chunk| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the feature was just detected.
+            unsafe { avx512::gelu_slice(chunk) };
+            return;
+        }
+        chunk.iter_mut().for_each(|v| *v = gelu(*v));
+    });
+}
+
+/// Softmax over each row of `row` values of `x`, in place (`x.len()` a multiple of `row`).
+pub fn softmax_rows_inplace(x: &mut [f32], row: usize) {
+    for_row_chunks(x, row, |chunk| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for r in chunk.chunks_exact_mut(row) {
+                // Safety: the feature was just detected.
+                unsafe { avx512::softmax_row(r) };
+            }
+            return;
+        }
+        chunk.chunks_exact_mut(row).for_each(softmax_row_scalar);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    //! 16-lane GELU, exp and row softmax.
+
+    use std::arch::x86_64::*;
+
+    use super::ERF_A;
+
+    /// [`super::gelu`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) fn gelu16(x: __m512) -> __m512 {
+        let c = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let abs = _mm512_abs_ps(c);
+        let mut y = _mm512_mul_ps(_mm512_set1_ps(ERF_A[5]), abs);
+        for a in ERF_A[..5].iter().rev() {
+            y = _mm512_mul_ps(_mm512_add_ps(_mm512_set1_ps(*a), y), abs);
+        }
+        let q = _mm512_add_ps(y, _mm512_set1_ps(1.0));
+        let q2 = _mm512_mul_ps(q, q);
+        let q4 = _mm512_mul_ps(q2, q2);
+        let q8 = _mm512_mul_ps(q4, q4);
+        let q16 = _mm512_mul_ps(q8, q8);
+        let e = _mm512_sub_ps(_mm512_set1_ps(1.0), _mm512_div_ps(_mm512_set1_ps(1.0), q16));
+        // copysign(e, c): e >= 0, so OR in c's sign bit.
+        let sign = _mm512_and_si512(_mm512_castps_si512(c), _mm512_set1_epi32(i32::MIN));
+        let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
+        _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5)), _mm512_add_ps(erf, _mm512_set1_ps(1.0)))
+    }
+
+    /// `e^x` on 16 lanes: `x = n ln 2 + r`, a degree-6 polynomial for `e^r` on
+    /// `|r| <= ln 2 / 2` (relative error ~2e-7), `2^n` by `vscalefps`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn gelu_slice(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(16);
+        for c in &mut chunks {
+            // Safety: `c` holds 16 floats.
+            unsafe {
+                let v = _mm512_loadu_ps(c.as_ptr());
+                _mm512_storeu_ps(c.as_mut_ptr(), gelu16(v));
+            }
+        }
+        chunks.into_remainder().iter_mut().for_each(|v| *v = super::gelu(*v));
+    }
+
+    fn tail_mask(len: usize) -> __mmask16 {
+        if len >= 16 { 0xffff } else { (1u16 << len) - 1 }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn softmax_row(row: &mut [f32]) {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        // Safety (all blocks): masked loads and stores touch indices i..i+16 clipped to n.
+        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            let v = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, p.add(i)) };
+            vmax = _mm512_max_ps(vmax, v);
+            i += 16;
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        let mut vsum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, p.add(i));
+                let e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(v, max)));
+                vsum = _mm512_add_ps(vsum, e);
+                _mm512_mask_storeu_ps(p.add(i), m, e);
+            }
+            i += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vsum));
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, p.add(i));
+                _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(v, inv));
+            }
+            i += 16;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_erf_form() {
+        for i in -400..=400 {
+            let x = i as f32 / 50.0;
+            let exact = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+            assert!((gelu(x) - exact).abs() <= 2e-6 * x.abs().max(1.0), "x {x}: {} vs {exact}", gelu(x));
+        }
+        let mut v: Vec<f32> = (-400..=400).map(|i| i as f32 / 37.0).collect();
+        let expected: Vec<f32> = v.iter().map(|&x| gelu(x)).collect();
+        gelu_inplace(&mut v);
+        for (g, e) in v.iter().zip(&expected) {
+            assert!((g - e).abs() <= 1e-6 * e.abs().max(1.0), "{g} vs {e}");
+        }
+    }
+
+    /// Rows of odd lengths (masked tails), large and tiny values, inside a 2-thread pool and
+    /// not: within 1e-6 of the f64 softmax, rows summing to 1.
+    #[test]
+    fn softmax_rows_match_f64() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for &(rows, row) in &[(3usize, 1usize), (7, 17), (400, 196), (5, 50)] {
+            let x: Vec<f32> = (0..rows * row).map(|i| ((i * 7919) % 2003) as f32 / 40.0 - 25.0).collect();
+            for threaded in [false, true] {
+                let mut got = x.clone();
+                if threaded {
+                    pool.install(|| softmax_rows_inplace(&mut got, row));
+                } else {
+                    softmax_rows_inplace(&mut got, row);
+                }
+                for (r, (xs, gs)) in x.chunks(row).zip(got.chunks(row)).enumerate() {
+                    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let sum: f64 = xs.iter().map(|&v| (v as f64 - max).exp()).sum();
+                    for (&v, &g) in xs.iter().zip(gs) {
+                        let e = (v as f64 - max).exp() / sum;
+                        assert!((g as f64 - e).abs() <= 1e-6, "[{rows}x{row}] row {r}: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+}
