@@ -171,6 +171,15 @@ impl Geometry {
     }
 }
 
+/// C's data pointer, shared by the threads that write disjoint batch blocks of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// Safety: the batch-parallel path hands each thread its own batch blocks of C.
+#[allow(unsafe_code)]
+unsafe impl Send for SharedOut {}
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedOut {}
+
 /// A constant bias vector, compared bit for bit (so that the op can be `Eq`).
 #[derive(Debug, Clone)]
 struct Bias(Vec<f32>);
@@ -277,7 +286,6 @@ impl EvalOp for GemmMatMul {
                 }
                 None => false,
             };
-            let parallelism = self.parallelism();
             // Batch axes first, then the looped reduction axes (accumulating into C).
             let axes: Vec<(usize, isize, isize, isize)> = g
                 .batch
@@ -287,50 +295,68 @@ impl EvalOp for GemmMatMul {
                 .collect();
             let steps: usize = axes.iter().map(|a| a.0).product();
             let loop_len: usize = g.kloop.iter().map(|k| k.0).product();
-            let mut index = vec![0usize; axes.len()];
-            for step in 0..steps {
-                let (mut oa, mut ob, mut oc) = (0isize, 0isize, 0isize);
-                for (ix, &(_, sa, sb, sc)) in index.iter().zip(&axes) {
-                    oa += *ix as isize * sa;
-                    ob += *ix as isize * sb;
-                    oc += *ix as isize * sc;
-                }
-                // The first reduction step of each output block writes C (or adds to the
-                // bias), the later ones accumulate.
-                let accumulate = read_dst || step % loop_len != 0;
-                // Safety: the geometry was derived from these very shapes (checked by
-                // output_facts and the plan), so every offset stays inside the slices.
-                #[allow(unsafe_code)]
-                unsafe {
-                    gemm::gemm(
-                        g.m,
-                        g.n,
-                        g.k,
-                        out.as_mut_ptr().offset(oc),
-                        g.c_cs,
-                        g.c_rs,
-                        accumulate,
-                        a.as_ptr().offset(oa),
-                        g.a_cs,
-                        g.a_rs,
-                        b.as_ptr().offset(ob),
-                        g.b_cs,
-                        g.b_rs,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
-                for (ix, &(size, ..)) in index.iter_mut().zip(&axes).rev() {
-                    *ix += 1;
-                    if *ix < size {
-                        break;
+            let dst = SharedOut(out.as_mut_ptr());
+            // Steps `range` (flat indices over `axes`), one gemm call each.
+            let run_steps = |range: std::ops::Range<usize>, parallelism: gemm::Parallelism| {
+                for step in range {
+                    let (mut oa, mut ob, mut oc) = (0isize, 0isize, 0isize);
+                    let mut rest = step;
+                    for &(size, sa, sb, sc) in axes.iter().rev() {
+                        let ix = (rest % size) as isize;
+                        rest /= size;
+                        oa += ix * sa;
+                        ob += ix * sb;
+                        oc += ix * sc;
                     }
-                    *ix = 0;
+                    // The first reduction step of each output block writes C (or adds to
+                    // the bias), the later ones accumulate.
+                    let accumulate = read_dst || step % loop_len != 0;
+                    let c_ptr = dst;
+                    // Safety: the geometry was derived from these very shapes (checked by
+                    // output_facts and the plan), so every offset stays inside the slices;
+                    // concurrent calls (below) write disjoint batch blocks of C.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        gemm::gemm(
+                            g.m,
+                            g.n,
+                            g.k,
+                            c_ptr.0.offset(oc),
+                            g.c_cs,
+                            g.c_rs,
+                            accumulate,
+                            a.as_ptr().offset(oa),
+                            g.a_cs,
+                            g.a_rs,
+                            b.as_ptr().offset(ob),
+                            g.b_cs,
+                            g.b_rs,
+                            1.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            parallelism,
+                        );
+                    }
                 }
+            };
+            // Per-head products (a batch of independent blocks of C, no looped reduction):
+            // inside a rayon pool, give each thread whole blocks rather than splitting every
+            // small product across threads.
+            let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads() } else { 1 };
+            if threads > 1 && g.kloop.is_empty() && steps >= threads && g.m * g.n * g.k * steps >= PARALLEL_MIN_MACS {
+                let per = steps.div_ceil(threads);
+                rayon::scope(|s| {
+                    for t in 1..threads {
+                        let range = (t * per).min(steps)..((t + 1) * per).min(steps);
+                        let run = &run_steps;
+                        s.spawn(move |_| run(range, gemm::Parallelism::None));
+                    }
+                    run_steps(0..per.min(steps), gemm::Parallelism::None);
+                });
+            } else {
+                run_steps(0..steps, self.parallelism());
             }
             match self.post {
                 Post::None => {}
