@@ -330,7 +330,8 @@ impl OnnxModel {
                         tracing::warn!(model = %name, found = int8.len(), substituted = q, "some QDQ layers stay as float products");
                     }
                     let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
-                    tracing::debug!(model = %name, products = n, int8 = q, "matmuls moved to gemm / int8");
+                    let attn = crate::ops::fuse_attention(&mut t)?;
+                    tracing::debug!(model = %name, products = n, int8 = q, attention = attn, "matmuls moved to gemm / int8, attention fused");
                     t.into_optimized()
                 }),
         }

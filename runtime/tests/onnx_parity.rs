@@ -114,6 +114,30 @@ fn gemm_engine_matches_tract_on_vit_tiny() {
     assert!(diff <= 1e-4, "max abs diff {diff}");
 }
 
+/// Many tokens (a patch-8 ViT-Ti at 224: 784 tokens, 3 heads, 7.4 MB of scores per block):
+/// the attention of every block runs as one `FusedAttention` (scores, softmax and context
+/// per block of query rows) and matches tract's own kernels, on 1 and 2 threads.
+#[test]
+fn fused_attention_matches_tract_on_many_tokens() {
+    let mut spec = VitSpec::vit_tiny_p16(224, 224);
+    spec.patch_size = 8;
+    spec.depth = 2;
+    let weights = random_vit_weights(&spec, 5);
+    let bytes = export_vit(&weights, &spec, &weights["pos_embed"].1, None).unwrap();
+    let input: Vec<f32> = (0..3 * 224 * 224).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let mut reference = OnnxModel::from_bytes(&bytes, ModelOptions::new().with_matmul(MatMulEngine::Tract)).unwrap();
+    let expected = reference.run_tensor(&input).unwrap().features.as_slice().to_vec();
+    for threads in [1, 2] {
+        let mut model = OnnxModel::from_bytes(&bytes, ModelOptions::new().with_threads(threads)).unwrap();
+        let fused = model.plan_info().iter().filter(|n| n.1 == "FusedAttention").count();
+        assert_eq!(fused, 2, "one fused attention per block");
+        let got = model.run_tensor(&input).unwrap().features;
+        assert_eq!((got.tokens(), got.channels()), (784, 192));
+        let diff = max_abs_diff(got.as_slice(), &expected);
+        assert!(diff <= 1e-4, "{threads} threads: max abs diff {diff}");
+    }
+}
+
 fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x / std::f32::consts::SQRT_2))
 }

@@ -27,29 +27,29 @@ const PARALLEL_MIN_MACS: usize = 1 << 20;
 /// axes and of the batch axes, for contiguous row-major tensors.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Geometry {
-    m: usize,
-    k: usize,
-    n: usize,
+    pub(crate) m: usize,
+    pub(crate) k: usize,
+    pub(crate) n: usize,
     /// Strides of `m` and `k` in A.
-    a_rs: isize,
-    a_cs: isize,
+    pub(crate) a_rs: isize,
+    pub(crate) a_cs: isize,
     /// Strides of `k` and `n` in B.
-    b_rs: isize,
-    b_cs: isize,
+    pub(crate) b_rs: isize,
+    pub(crate) b_cs: isize,
     /// Strides of `m` and `n` in C.
-    c_rs: isize,
-    c_cs: isize,
+    pub(crate) c_rs: isize,
+    pub(crate) c_cs: isize,
     /// Batch axes (in A, B and C): size and strides in A, B, C.
-    batch: Vec<(usize, isize, isize, isize)>,
+    pub(crate) batch: Vec<(usize, isize, isize, isize)>,
     /// Further reduction axes (in A and B, not in C): size and strides in A, B. The product
     /// loops over them, accumulating into C (the attention output projection reads the
     /// per-head context `[h, n, d]` against weights `[h, d, D]`: two reduction axes that no
     /// single stride describes).
-    kloop: Vec<(usize, isize, isize)>,
+    pub(crate) kloop: Vec<(usize, isize, isize)>,
     /// C's shape.
-    out_shape: TVec<usize>,
+    pub(crate) out_shape: TVec<usize>,
     /// C's `n` axis, if `n > 1`.
-    c_n_axis: Option<usize>,
+    pub(crate) c_n_axis: Option<usize>,
 }
 
 fn strides(shape: &[usize]) -> TVec<isize> {
@@ -235,6 +235,23 @@ impl GemmMatMul {
             #[allow(unreachable_patterns)]
             _ => gemm::Parallelism::Rayon(0),
         }
+    }
+}
+
+impl GemmMatMul {
+    /// The product's geometry.
+    pub(crate) fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The element-wise work fused after the product.
+    pub(crate) fn post(&self) -> Post {
+        self.post
+    }
+
+    /// Whether a bias vector is folded in.
+    pub(crate) fn has_bias(&self) -> bool {
+        self.bias.is_some()
     }
 }
 

@@ -3,11 +3,13 @@
 //! The ONNX file stays standard: these patches are applied to tract's typed model after
 //! loading, so onnxruntime and TensorRT read the same file unchanged.
 
+pub mod attention;
 pub mod gemm_matmul;
 pub mod int8_matmul;
 pub mod qdq;
 pub mod simd;
 
+pub use attention::{FusedAttention, fuse_attention};
 pub use gemm_matmul::{GemmMatMul, substitute_gemm_matmuls};
 pub use int8_matmul::{Int8Layer, Int8MatMul};
 pub use qdq::{QdqLayer, lower_qdq_matmuls, substitute_int8_matmuls};
