@@ -6,7 +6,8 @@
 //! only feeds the [`GemmMatMul`] of the context. With many tokens that intermediate is large
 //! (the patch-8 demo backbone at 224: 4 heads x 784 x 784 floats, 9.8 MB per block) and
 //! makes the pair memory-bound. [`fuse_attention`] replaces such a pair with one
-//! [`FusedAttention`] op that, for each head and each block of [`ROWS`] query rows, computes
+//! [`FusedAttention`] op that, for each head and each block of query rows ([`BLOCK_BYTES`] of
+//! scores), computes
 //! the scores block (`gemm`), its softmax, and the context rows (`gemm`), reusing one
 //! per-thread buffer. Heads (and row blocks) are split over the pool's threads.
 
@@ -19,8 +20,10 @@ use tract_onnx::tract_core::internal::*;
 
 use super::gemm_matmul::{GemmMatMul, Geometry, Post};
 
-/// Query rows per block: 64 x 784 scores are 200 KB, within a core's L2.
-pub const ROWS: usize = 64;
+/// Scores per block of query rows, in bytes: 512 KB (163 rows of 784 keys) stays within a
+/// core's L2 next to the keys and values, while few blocks per head keep `gemm`'s repeated
+/// packing of the keys small.
+pub const BLOCK_BYTES: usize = 512 << 10;
 /// Only score tensors at least this large are fused: smaller ones stay in cache anyway, and
 /// there the unfused pair (one large product per head, split over threads) measured faster
 /// at 2 threads (ViT-S/16: 6 x 196 x 196 floats, 0.9 MB, stays unfused; the patch-8 demo
@@ -66,7 +69,8 @@ impl FusedAttention {
     unsafe fn run_batches(&self, q: &[f32], k: &[f32], v: &[f32], out: Shared, range: std::ops::Range<usize>, buf: &mut Vec<f32>) {
         let (s, c) = (&self.scores, &self.context);
         let keys = s.n;
-        buf.resize(ROWS * keys, 0.0);
+        let block = (BLOCK_BYTES / (4 * keys.max(1))).clamp(16, s.m.max(16));
+        buf.resize(block * keys, 0.0);
         for flat in range {
             let (mut oq, mut ok, mut ov, mut oo) = (0isize, 0isize, 0isize, 0isize);
             let mut rest = flat;
@@ -80,7 +84,7 @@ impl FusedAttention {
             }
             let mut r0 = 0;
             while r0 < s.m {
-                let rows = (s.m - r0).min(ROWS);
+                let rows = (s.m - r0).min(block);
                 let scores = &mut buf[..rows * keys];
                 // Safety: rows r0..r0+rows of this batch block exist in Q and in the output
                 // (the geometries were derived from these shapes); the scores block is a
