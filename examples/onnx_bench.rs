@@ -237,28 +237,11 @@ fn main() -> Result<()> {
                     100.0 * t / total
                 );
             }
-            // Per role inside a block: node names are `blocks.{i}.<role>` or `blocks.{i}/<role>`
-            // (tract keeps the exporter's names and suffixes the ops it fuses or splits).
-            let mut roles: Vec<(String, f64)> = Vec::new();
-            for n in &p.by_node {
-                let role = match n.node.strip_prefix("blocks.") {
-                    Some(rest) => rest
-                        .trim_start_matches(|c: char| c.is_ascii_digit())
-                        .trim_start_matches(['.', '/']),
-                    None => n.node.as_str(),
-                };
-                let role = format!("{role} ({})", n.op);
-                match roles.iter_mut().find(|r| r.0 == role) {
-                    Some(r) => r.1 += ms(n.per_frame),
-                    None => roles.push((role, ms(n.per_frame))),
-                }
-            }
-            roles.sort_by(|a, b| b.1.total_cmp(&a.1));
             println!("\nby node role, summed over blocks:\n");
             println!("| node role (op) | ms/frame |");
             println!("|---|---|");
-            for (role, t) in roles.iter().take(16) {
-                println!("| {role} | {t:.2} |");
+            for (role, t) in p.by_role().iter().take(16) {
+                println!("| {role} | {:.2} |", ms(*t));
             }
             println!("\nslowest nodes:\n");
             for n in p.by_node.iter().take(12) {

@@ -256,17 +256,8 @@ fn main() -> Result<()> {
             println!("tract ops of the int8 plan: {:?}\n", r.tract_ops.ops);
             if args.ort {
                 // onnxruntime must accept both forms: load, run, cosine vs fp32.
-                let script =
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort_check_int8.py");
-                let status = std::process::Command::new("python3")
-                    .arg(&script)
-                    .arg(fp32)
-                    .arg(&out)
-                    .status()
-                    .with_context(|| format!("running {}", script.display()))?;
-                if !status.success() {
-                    bail!("onnxruntime rejected {}: {status}", out.display());
-                }
+                run_script("ort_check_int8.py", fp32, &out)
+                    .with_context(|| format!("onnxruntime rejected {}", out.display()))?;
             }
         }
         if args.ort_dynamic {
@@ -288,20 +279,26 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// onnxruntime's own `quantize_dynamic` (u8 activations, per-channel s8 weights) on
-/// `fp32`, timed in tract and onnxruntime.
-fn ort_dynamic(fp32: &Path, args: &Args) -> Result<()> {
-    let out = fp32.with_extension("ort-dynamic.onnx");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ort_quantize_dynamic.py");
+/// Runs `python3 scripts/<name> <a> <b>`; an error when it cannot start or fails.
+fn run_script(name: &str, a: &Path, b: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts").join(name);
     let status = std::process::Command::new("python3")
         .arg(&script)
-        .arg(fp32)
-        .arg(&out)
+        .arg(a)
+        .arg(b)
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {
         bail!("{} failed: {status}", script.display());
     }
+    Ok(())
+}
+
+/// onnxruntime's own `quantize_dynamic` (u8 activations, per-channel s8 weights) on
+/// `fp32`, timed in tract and onnxruntime.
+fn ort_dynamic(fp32: &Path, args: &Args) -> Result<()> {
+    let out = fp32.with_extension("ort-dynamic.onnx");
+    run_script("ort_quantize_dynamic.py", fp32, &out)?;
     let name = out.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let t = bench(&out, &args.threads, args.iters, args.warmup)?;
     for r in &t.timings {
@@ -337,24 +334,9 @@ fn profile(path: &Path, iters: usize) -> Result<()> {
     for o in &p.by_op {
         println!("| {} | {} | {:.2} |", o.op, o.nodes, ms(o.per_frame));
     }
-    let mut roles: Vec<(String, f64)> = Vec::new();
-    for n in &p.by_node {
-        let role = match n.node.strip_prefix("blocks.") {
-            Some(rest) => rest
-                .trim_start_matches(|c: char| c.is_ascii_digit())
-                .trim_start_matches(['.', '/']),
-            None => n.node.as_str(),
-        };
-        let role = format!("{role} ({})", n.op);
-        match roles.iter_mut().find(|r| r.0 == role) {
-            Some(r) => r.1 += ms(n.per_frame),
-            None => roles.push((role, ms(n.per_frame))),
-        }
-    }
-    roles.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!("\n| node role (op), summed over blocks | ms/frame |\n|---|---|");
-    for (role, t) in roles.iter().take(24) {
-        println!("| {role} | {t:.2} |");
+    for (role, t) in p.by_role().iter().take(24) {
+        println!("| {role} | {:.2} |", ms(*t));
     }
     Ok(())
 }

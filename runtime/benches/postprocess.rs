@@ -4,10 +4,8 @@
 //! `cargo bench -p flsl-runtime --bench postprocess`
 //! (or the built binary: `target/release/deps/postprocess-* --bench`).
 //!
-//! Frames are synthetic but shaped like a real one: three rectangular objects over a
-//! background, features = object direction + noise, `prototype_logits` (K = 64) peaking at the
-//! object's prototype, a 1-class 28x28 heatmap (stride 8) with one peak and a shoulder per
-//! object.
+//! Frames are synthetic but shaped like a real one (`tests/perception_fixture`, shared with
+//! the allocation test).
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use flsl_runtime::perception::cluster::{
@@ -23,69 +21,13 @@ use flsl_runtime::perception::{
 };
 use std::hint::black_box;
 
-const GH: usize = 14;
-const GW: usize = 14;
-const N: usize = GH * GW;
-const K: usize = 64;
-const HS: usize = 28;
-const WS: usize = 28;
+#[path = "../tests/perception_fixture/mod.rs"]
+mod perception_fixture;
+use perception_fixture::{GH, GW, HS, K, Lcg, N, Synthetic, WS};
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
-struct Synthetic {
-    features: Vec<f32>,
-    logits: Vec<f32>,
-    prototypes: Vec<f32>,
-    heatmap: Vec<f32>,
-    boxes: Vec<f32>,
-}
-
+/// The shared synthetic frame (frame 0) with `d`-wide features.
 fn synthetic(d: usize) -> Synthetic {
-    let mut rng = Lcg(1);
-    let prototypes: Vec<f32> = (0..K * d).map(|_| rng.next()).collect();
-    let objects = [(1, 2, 4, 3), (8, 6, 3, 5), (3, 10, 5, 3)];
-    let owner = |x: usize, y: usize| {
-        objects
-            .iter()
-            .position(|&(ox, oy, w, h)| x >= ox && x < ox + w && y >= oy && y < oy + h)
-            .map_or(0, |o| o + 1)
-    };
-    let mut features = vec![0.0; N * d];
-    let mut logits = vec![0.0; N * K];
-    for i in 0..N {
-        let c = owner(i % GW, i / GW);
-        for j in 0..d {
-            features[i * d + j] = 3.0 * prototypes[c * d + j] + 0.3 * rng.next();
-        }
-        for j in 0..K {
-            logits[i * K + j] = if j == c { 4.0 } else { 0.0 } + 0.1 * rng.next();
-        }
-    }
-    let mut heatmap = vec![0.0; HS * WS];
-    let mut boxes = vec![0.0; 4 * HS * WS];
-    for (o, &(ox, oy, w, h)) in objects.iter().enumerate() {
-        let at = (oy * 2 + h) * WS + ox * 2 + w;
-        heatmap[at] = 0.9 - o as f32 * 0.1;
-        heatmap[at + 1] = 0.5;
-        boxes[2 * HS * WS + at] = (2 * w) as f32;
-        boxes[3 * HS * WS + at] = (2 * h) as f32;
-    }
-    Synthetic {
-        features,
-        logits,
-        prototypes,
-        heatmap,
-        boxes,
-    }
+    perception_fixture::synthetic(0, d)
 }
 
 fn dims(d: usize) -> PerceptionDims {

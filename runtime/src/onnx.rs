@@ -208,6 +208,29 @@ pub struct Profile {
     pub by_node: Vec<NodeTime>,
 }
 
+impl Profile {
+    /// Node times summed by role inside a transformer block, slowest first: node names are
+    /// `blocks.{i}.<role>` or `blocks.{i}/<role>` (tract keeps the exporter's names and
+    /// suffixes the ops it fuses or splits); a role is reported as `<role> (<op>)`, and a node
+    /// outside the blocks keeps its own name.
+    pub fn by_role(&self) -> Vec<(String, Duration)> {
+        let mut roles: Vec<(String, Duration)> = Vec::new();
+        for n in &self.by_node {
+            let role = match n.node.strip_prefix("blocks.") {
+                Some(rest) => rest.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start_matches(['.', '/']),
+                None => n.node.as_str(),
+            };
+            let role = format!("{role} ({})", n.op);
+            match roles.iter_mut().find(|r| r.0 == role) {
+                Some(r) => r.1 += n.per_frame,
+                None => roles.push((role, n.per_frame)),
+            }
+        }
+        roles.sort_by(|a, b| b.1.cmp(&a.1));
+        roles
+    }
+}
+
 /// An optimized ONNX image model with its reused run state and buffers.
 #[derive(Debug)]
 pub struct OnnxModel {

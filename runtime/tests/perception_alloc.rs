@@ -47,81 +47,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const GH: usize = 14;
-const GW: usize = 14;
-const N: usize = GH * GW;
 const D: usize = 192;
-const K: usize = 64;
-const HS: usize = 28;
-const WS: usize = 28;
 
-/// Deterministic pseudo-random values in [-1, 1).
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
-/// One synthetic frame: three objects (rectangles of patches; two of them moving by up to
-/// one patch every 10 frames) over a background, as features, logits and detection maps.
-struct Synthetic {
-    features: Vec<f32>,
-    logits: Vec<f32>,
-    prototypes: Vec<f32>,
-    heatmap: Vec<f32>,
-    boxes: Vec<f32>,
-}
+mod perception_fixture;
+use perception_fixture::{GH, GW, HS, K, Synthetic, WS};
 
 fn synthetic(frame: usize) -> Synthetic {
-    let mut rng = Lcg(frame as u64 + 1);
-    let mut dirs = Lcg(99);
-    let protos: Vec<f32> = (0..K * D).map(|_| dirs.next()).collect();
-    let shift = frame / 10;
-    let objects = [
-        (1 + shift, 2, 4, 3),
-        (8, 6 + shift / 3, 3, 5),
-        (3, 10, 5, 3),
-    ];
-    let owner = |x: usize, y: usize| {
-        objects
-            .iter()
-            .position(|&(ox, oy, w, h)| x >= ox && x < ox + w && y >= oy && y < oy + h)
-            .map_or(0, |o| o + 1)
-    };
-    let mut features = vec![0.0; N * D];
-    let mut logits = vec![0.0; N * K];
-    for i in 0..N {
-        let c = owner(i % GW, i / GW);
-        for j in 0..D {
-            features[i * D + j] = 3.0 * protos[c * D + j] + 0.3 * rng.next();
-        }
-        for j in 0..K {
-            logits[i * K + j] = if j == c { 4.0 } else { 0.0 } + 0.1 * rng.next();
-        }
-    }
-    let mut heatmap = vec![0.0; HS * WS];
-    let mut boxes = vec![0.0; 4 * HS * WS];
-    for (o, &(ox, oy, w, h)) in objects.iter().enumerate() {
-        // Centre in stride-8 cells (patch 16 = 2 cells).
-        let (cx, cy) = (ox * 2 + w, oy * 2 + h);
-        let at = cy * WS + cx;
-        heatmap[at] = 0.9 - o as f32 * 0.1;
-        heatmap[at + 1] = 0.5; // a shoulder, not a peak
-        boxes[2 * HS * WS + at] = (2 * w) as f32;
-        boxes[3 * HS * WS + at] = (2 * h) as f32;
-    }
-    Synthetic {
-        features,
-        logits,
-        prototypes: protos,
-        heatmap,
-        boxes,
-    }
+    perception_fixture::synthetic(frame, D)
 }
 
 #[test]

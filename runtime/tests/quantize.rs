@@ -2,13 +2,15 @@
 //! and run in tract against its fp32 outputs, and the error paths (corrupt or unsupported
 //! models, empty or missing calibration folders, nothing written on failure).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use flsl_runtime::export::{HeadSpec, HostTensors, VitSpec, export_vit};
+use common::load_safetensors;
+use flsl_runtime::export::{HeadSpec, VitSpec, export_vit};
 use flsl_runtime::onnx::{MatMulEngine, ModelOptions, OnnxModel};
 use flsl_runtime::quantize::{
-    DetectionSet,
-    Calibration, QParams, QuantFormat, QuantizeError, QuantizeOptions, quantize_file,
+    Calibration, DetectionSet, QParams, QuantFormat, QuantizeError, QuantizeOptions, quantize_file,
     quantize_per_column,
 };
 use proptest::prelude::*;
@@ -76,32 +78,10 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn load_st(path: &Path, prefix: &str) -> HostTensors {
-    let bytes = std::fs::read(path).expect("reading a micro fixture");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parsing a micro fixture");
-    let mut out = HostTensors::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            continue;
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        out.insert(format!("{prefix}{name}"), (view.shape().to_vec(), data));
-    }
-    out
-}
-
 /// The reference micro ViT (64x64) + FLSL head, as ONNX bytes.
 fn micro_model() -> Vec<u8> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/micro");
-    let mut w = load_st(&dir.join("vit_micro16_noclass_seed11.safetensors"), "");
-    w.extend(load_st(
-        &dir.join("flsl_head_64_128_seed12.safetensors"),
-        "head.",
-    ));
+    let mut w = load_safetensors("vit_micro16_noclass_seed11.safetensors", "");
+    w.extend(load_safetensors("flsl_head_64_128_seed12.safetensors", "head."));
     let pos = w["pos_embed"].1.clone();
     export_vit(&w, &VitSpec::micro(), &pos, Some(&HeadSpec::default())).expect("micro export")
 }
@@ -387,7 +367,6 @@ fn detection_head_gets_an_ap_comparison() {
     };
     let r = quantize_file(&model, &calib, &out, &opts, &mut |_| {}).unwrap();
     let d = r.detection.clone().expect("the tree detector has a detection head");
-    eprintln!("{d:?}");
     assert_eq!(d.images, 2, "OSBS_029 and the YELL crop are labelled");
     // fp32 finds crowns (AP50 > 0 on its training image and the held-out one), and int8
     // loses at most a tenth of it (absolute 0.02 for tiny APs).

@@ -179,7 +179,7 @@ impl EvalOp for FusedAttention {
             let o = view.as_slice_mut().context("FusedAttention: fresh output is not contiguous")?;
             let dst = Shared(o.as_mut_ptr());
             let batches: usize = self.scores.batch.iter().map(|b| b.0).product();
-            let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads().min(batches) } else { 1 };
+            let threads = super::pool_threads().min(batches);
             if threads <= 1 {
                 // Safety: this call writes every batch block of `out`, exclusively borrowed.
                 unsafe { self.run_batches(q, k, v, dst, 0..batches, &mut Vec::new()) };

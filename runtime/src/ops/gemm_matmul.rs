@@ -17,7 +17,6 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::{GeluExact, Softmax, SoftmaxKind};
 
-use tract_onnx::prelude::tract_linalg::multithread::{Executor, current_tract_executor};
 
 /// Below this many multiply-adds a product runs on one thread (gemm's own default
 /// threshold, `48 * 48 * 256`, applies on top).
@@ -205,8 +204,8 @@ pub enum Post {
 }
 
 /// `C = A B (+ bias)` for f32 `A`, `B` (any contiguous layout the [`Geometry`] describes),
-/// computed by [`gemm::gemm`]. Multithreaded on the plan's rayon executor when the plan has
-/// one (`Executor::MultiThread`), on the calling thread otherwise.
+/// computed by [`gemm::gemm`]. Multithreaded on the rayon pool the frame runs in
+/// (`ops::pool_threads`), on the calling thread otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GemmMatMul {
     geometry: Geometry,
@@ -229,11 +228,9 @@ impl GemmMatMul {
         if g.m * g.n * g.k < PARALLEL_MIN_MACS {
             return gemm::Parallelism::None;
         }
-        match current_tract_executor() {
-            Executor::SingleThread => gemm::Parallelism::None,
-            Executor::MultiThread(pool) => gemm::Parallelism::Rayon(pool.current_num_threads()),
-            #[allow(unreachable_patterns)]
-            _ => gemm::Parallelism::Rayon(0),
+        match super::pool_threads() {
+            1 => gemm::Parallelism::None,
+            n => gemm::Parallelism::Rayon(n),
         }
     }
 }
@@ -361,7 +358,7 @@ impl EvalOp for GemmMatMul {
             // Per-head products (a batch of independent blocks of C, no looped reduction):
             // inside a rayon pool, give each thread whole blocks rather than splitting every
             // small product across threads.
-            let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads() } else { 1 };
+            let threads = super::pool_threads();
             if threads > 1 && g.kloop.is_empty() && steps >= threads && g.m * g.n * g.k * steps >= PARALLEL_MIN_MACS {
                 let per = steps.div_ceil(threads);
                 rayon::scope(|s| {

@@ -104,24 +104,7 @@ impl PackedWeights {
 /// Quantizes row-major `x` (`rows * k`) into `u8` codes, rows of `kp >= k` bytes (the
 /// padding is 0, which the zero padding of the weights cancels).
 pub fn quantize_rows(x: &[f32], k: usize, kp: usize, q: ActQuant, out: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // Safety: the feature was just detected.
-        unsafe { quantize_rows_avx512(x, k, kp, q, out) };
-        return;
-    }
-    quantize_rows_body(x, k, kp, q, out);
-}
-
-/// [`quantize_rows_body`] compiled for AVX-512 (16 lanes; the default x86-64 build would
-/// use 4).
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quantize_rows_avx512(x: &[f32], k: usize, kp: usize, q: ActQuant, out: &mut [u8]) {
-    quantize_rows_body(x, k, kp, q, out);
+    quantize_gather(x, &RowLayout::contiguous(x.len() / k.max(1), k), kp, q, out);
 }
 
 /// One activation code. Subnormal inputs (GELU's far negative tail) are flushed to 0 first:
@@ -146,16 +129,6 @@ fn quantize_slice(src: &[f32], dst: &mut [u8], scale: f32, off: f32) {
     }
 }
 
-#[inline(always)]
-fn quantize_rows_body(x: &[f32], k: usize, kp: usize, q: ActQuant, out: &mut [u8]) {
-    let off = q.zero_point as f32 + q.shift();
-    for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(kp)) {
-        let (body, pad) = dst.split_at_mut(k);
-        quantize_slice(row, body, q.scale, off);
-        pad.fill(0);
-    }
-}
-
 /// Where the rows of a product's `A` operand are in its input tensor: `m` rows `row_stride`
 /// apart, each row the `K` values enumerated by the k axes (outer to inner, `(size,
 /// stride)`). A contiguous `[.., K]` input is `ks = [(K, 1)]`, `row_stride = K`.
@@ -175,11 +148,6 @@ impl RowLayout {
         Self { m, row_stride: k as isize, ks: vec![(k, 1)] }
     }
 
-    fn is_contiguous(&self) -> bool {
-        let k: usize = self.ks.iter().map(|a| a.0).product();
-        (self.m <= 1 || self.row_stride == k as isize) && (self.ks.len() == 1 && (self.ks[0].1 == 1 || self.ks[0].0 <= 1))
-    }
-
     /// The largest element offset read, plus one.
     fn span(&self) -> usize {
         let last = |size: usize, stride: isize| size.saturating_sub(1) as isize * stride;
@@ -187,8 +155,9 @@ impl RowLayout {
     }
 }
 
-/// [`quantize_rows`] for rows read through a [`RowLayout`] (the two-k-axes case of the
-/// attention projection).
+/// Quantizes the rows `layout` describes in `x` into `u8` codes, rows of `kp >= k` bytes
+/// (zero padded). Contiguous runs (a whole row, or one head's values in the two-k-axes case
+/// of the attention projection) go through one vectorized loop.
 fn quantize_gather(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -493,18 +462,14 @@ impl Int8Layer {
             let mut a = vec![0u8; rows * w.kp()];
             let offset = (r0 as isize * layout.row_stride) as usize;
             let sub = RowLayout { m: rows, row_stride: layout.row_stride, ks: layout.ks.clone() };
-            if layout.is_contiguous() {
-                quantize_rows(&x[offset..offset + rows * w.k], w.k, w.kp(), self.act, &mut a);
-            } else {
-                quantize_gather(&x[offset..], &sub, w.kp(), self.act, &mut a);
-            }
+            quantize_gather(&x[offset..], &sub, w.kp(), self.act, &mut a);
             // Safety: rows r0..r1 of the m x n output are this job's alone.
             unsafe { run_panels(&a, rows, w, &epi, dst.0.add(r0 * w.n), 0..w.panels) };
         };
         // Inside a rayon pool (OnnxModel runs every frame inside its executor's pool when
         // threads > 1), split the rows over its threads (each quantizes its own rows); small
         // products stay on one thread, where waking the other costs more than it saves.
-        let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads() } else { 1 };
+        let threads = super::pool_threads();
         let threads = threads.min(m.div_ceil(MR));
         if threads <= 1 || m * w.k * w.n < PARALLEL_MIN_MACS {
             rows_job(0, m, dst);

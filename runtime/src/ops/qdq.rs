@@ -24,10 +24,8 @@ use std::sync::Arc;
 use tract_onnx::pb::{ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
-use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::nn::GeluExact;
 
-use super::gemm_matmul::{Geometry, following_bias};
+use super::gemm_matmul::{Geometry, Post, following_bias, following_post};
 use super::int8_matmul::{ActQuant, Int8Layer, Int8MatMul, RowLayout};
 
 /// What [`lower_qdq_matmuls`] found for one `MatMul`.
@@ -204,17 +202,6 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
     found
 }
 
-/// The outlet of a `GeluExact` that alone reads `outlet` (not a model output).
-fn following_gelu(model: &TypedModel, outlet: OutletId) -> TractResult<Option<OutletId>> {
-    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
-    if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
-        return Ok(None);
-    }
-    let next = model.node(succ[0].node);
-    let is_gelu = next.op_as::<ElementWiseOp>().is_some_and(|ew| ew.0.is::<GeluExact>());
-    Ok(is_gelu.then(|| OutletId::new(next.id, 0)))
-}
-
 /// Replaces each `EinSum` of `model` named like a layer of `layers` (a product of an f32
 /// activation `[.., K]` and the constant `[K, N]` weights) with an [`Int8MatMul`], folding a
 /// following bias `Add`. Run it on the decluttered model. Returns how many it replaced.
@@ -246,7 +233,7 @@ pub fn substitute_int8_matmuls(model: &mut TypedModel, layers: &HashMap<String, 
         let mut int8 = Int8Layer::new(layer.act, &layer.w_q, layer.k, layer.n, &layer.w_scale, bias.as_deref());
         // A GELU that alone reads the result runs in the op's store (MLP fc1).
         let mut tail = tail;
-        if let Some(gelu) = following_gelu(model, tail)? {
+        if let Some((Post::Gelu, gelu)) = following_post(model, tail, &geometry)? {
             int8 = int8.with_gelu();
             tail = gelu;
         }

@@ -49,7 +49,7 @@ fn softmax_row_scalar(row: &mut [f32]) {
 /// current rayon pool when inside one and the work is large enough.
 fn for_row_chunks(x: &mut [f32], row: usize, f: impl Fn(&mut [f32]) + Sync) {
     let row = row.max(1);
-    let threads = if rayon::current_thread_index().is_some() { rayon::current_num_threads() } else { 1 };
+    let threads = super::pool_threads();
     let rows = x.len() / row;
     if threads <= 1 || x.len() < PARALLEL_MIN_ELEMENTS || rows < 2 {
         f(x);
