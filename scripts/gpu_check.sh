@@ -7,6 +7,11 @@
 # Usage: scripts/gpu_check.sh [--preset tiny|vit_tiny16|vit_small16] [--steps N] [--batch N]
 # With FLSL_BIN set, runs that prebuilt binary instead of building (e.g. on a machine without
 # network access, with a binary built elsewhere by `cargo build --release -p flsl-train --features cuda`).
+#
+# Several GPUs (data-parallel, gradients averaged with burn-collective; rank 0 logs/saves):
+#   cargo run --release -p flsl-train --features cuda -- train --preset vit_small16 \
+#       --data DIR --out runs/ddp --device cuda:0,cuda:1 --max-steps 20
+# The progress bar and log.jsonl give images/s for the whole group (batch_size_per_gpu per GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${FLSL_BIN:-}" ]; then

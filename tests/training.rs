@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use flsl_train::backend::{CpuTrain, cpu_device};
 use flsl_train::config::TrainConfig;
 use flsl_train::model::named;
-use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir, train};
+use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir, train, train_on_devices};
 
 /// Writes `n` 48x48 PNGs: two-colour scenes (disc on a background) with seeded colours.
 fn synthetic_images(dir: &Path, n: usize) {
@@ -120,6 +120,59 @@ fn resuming_gives_the_same_weights_as_an_uninterrupted_run() {
         assert_eq!(sa, sb);
         assert!((la.total - lb.total).abs() < 1e-5, "step {sa}: {la} vs {lb}");
     }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
+    // Two replicas with 2 samples each (gradients averaged by burn-collective) against one
+    // device with the same 4 samples: the FLSL loss without the VMR term is a mean over
+    // samples, so the averaged gradient is the whole batch's gradient and both runs apply the
+    // same AdamW updates. Drop path is off (its draws differ per replica by design).
+    let root = tmp("ddp");
+    synthetic_images(&root.join("img"), 8);
+    let cfg = |out: &str, device: &str, per_device: usize| {
+        let mut c = micro_config(&root.join("img"), &root.join(out));
+        c.batch_size_per_gpu = per_device;
+        c.device = device.into();
+        c.drop_path_rate = 0.0;
+        c.volume_maximization = false;
+        c.epochs = 2;
+        c.lr = 0.5; // peak 0.5 * 4 / 256 ~ 8e-3: AdamW moves weights by ~1e-2 in 4 steps
+        c.validate().unwrap();
+        c
+    };
+    let init = Run::<CpuTrain>::new(cfg("init", "cpu", 4), cpu_device()).unwrap();
+    let one = train(Run::<CpuTrain>::new(cfg("one", "cpu", 4), cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
+    let two = train_on_devices(Run::<CpuTrain>::new(cfg("two", "cpu,cpu", 2), cpu_device()).unwrap(), vec![cpu_device()], &TrainOptions::default())
+        .unwrap();
+    assert_eq!((one.state.step, two.state.step), (4, 4));
+    let (w0, w1, w2) = (
+        named::state_dict::<CpuTrain, _>(&init.student),
+        named::state_dict::<CpuTrain, _>(&one.student),
+        named::state_dict::<CpuTrain, _>(&two.student),
+    );
+    let (mut moved, mut worst) = (0f32, (0f32, String::new()));
+    for (name, t) in &w1 {
+        let (a, b, z) = (t.to_f32(), w2[name].to_f32(), w0[name].to_f32());
+        moved = moved.max(a.iter().zip(&z).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max));
+        let d = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    // Training moved the weights by ~1e-2; the two runs agree to float32 summation order.
+    eprintln!("weights moved up to {moved:e}; 2 replicas vs 1 device: {:e} ({})", worst.0, worst.1);
+    assert!(moved > 1e-3, "training did not move the weights ({moved:e})");
+    assert!(worst.0 <= 2e-5, "parameter {} differs by {:e} between 2 replicas and 1 device", worst.1, worst.0);
+    // The logged loss is the replicas' mean, i.e. the whole batch's loss.
+    for ((sa, la), (sb, lb)) in one.state.history.iter().zip(&two.state.history) {
+        assert_eq!(sa, sb);
+        assert!((la.total - lb.total).abs() < 1e-4, "step {sa}: {la} vs {lb}");
+    }
+    // The device list and the replicas given must agree.
+    let err = train(Run::<CpuTrain>::new(cfg("bad", "cpu,cpu", 2), cpu_device()).unwrap(), &TrainOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("`device`") && err.contains("2 devices"), "{err}");
     std::fs::remove_dir_all(root).unwrap();
 }
 

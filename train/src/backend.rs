@@ -60,6 +60,30 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
+/// Parses a device list: one device (`cpu`, `cuda`, `cuda:N`) or several separated by commas
+/// for data-parallel training (`cuda:0,cuda:1`; `cuda:0,1` is accepted as a short form).
+/// All entries must use the same backend; a CUDA ordinal may appear once. `cpu,cpu` runs two
+/// replicas on the host (it proves the data-parallel path without a GPU; it is not faster).
+pub fn parse_devices(s: &str) -> Result<Vec<DeviceChoice>, String> {
+    let mut out: Vec<DeviceChoice> = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let d = match (part.parse::<usize>(), out.last()) {
+            (Ok(n), Some(DeviceChoice::Cuda(_))) => DeviceChoice::Cuda(n),
+            _ => part.parse::<DeviceChoice>()?,
+        };
+        if let Some(first) = out.first() {
+            if std::mem::discriminant(first) != std::mem::discriminant(&d) {
+                return Err(format!("`{s}` mixes CPU and CUDA devices: data-parallel replicas must share one backend"));
+            }
+            if matches!(d, DeviceChoice::Cuda(_)) && out.contains(&d) {
+                return Err(format!("`{s}` names {part} twice"));
+            }
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
 impl DeviceChoice {
     /// The default device: cuda:0 when the `cuda` feature is compiled in, else the CPU.
     pub fn default_device() -> Self {

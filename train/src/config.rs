@@ -135,7 +135,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Data-loading threads.
     pub num_workers: usize,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// `cpu`, `cuda` or `cuda:N`; several comma-separated devices (`cuda:0,cuda:1`) train
+    /// data-parallel, `batch_size_per_gpu` samples on each (burn-collective all-reduce).
     pub device: String,
 }
 
@@ -295,6 +296,12 @@ impl TrainConfig {
         Self::from_toml_str(&text, Some(self))
     }
 
+    /// Number of data-parallel replicas (devices listed in `device`; 1 when it does not parse,
+    /// which [`TrainConfig::validate`] reports).
+    pub fn world_size(&self) -> usize {
+        crate::backend::parse_devices(&self.device).map_or(1, |d| d.len().max(1))
+    }
+
     /// Checks values; errors name the key.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, reason: String| Err(Error::Config { key: key.into(), reason });
@@ -352,7 +359,7 @@ impl TrainConfig {
     }
 
     fn device_choice_err(&self) -> Option<String> {
-        self.device.parse::<crate::backend::DeviceChoice>().err()
+        crate::backend::parse_devices(&self.device).err()
     }
 
     /// The backbone configuration.
@@ -403,6 +410,21 @@ mod tests {
         assert!(e.contains("sampling_window_size_g"), "{e}");
         let e = TrainConfig::default().with_overrides(&["device=tpu".into()]).unwrap_err().to_string();
         assert!(e.contains("device"), "{e}");
+        let e = TrainConfig::default().with_overrides(&["device=\"cuda:0,cpu\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("device") && e.contains("mixes"), "{e}");
+        let e = TrainConfig::default().with_overrides(&["device=\"cuda:1,cuda:1\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("device") && e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn device_lists_give_the_replica_count() {
+        use crate::backend::{DeviceChoice, parse_devices};
+        assert_eq!(parse_devices("cuda:0,cuda:1").unwrap(), vec![DeviceChoice::Cuda(0), DeviceChoice::Cuda(1)]);
+        assert_eq!(parse_devices("cuda:2,3").unwrap(), vec![DeviceChoice::Cuda(2), DeviceChoice::Cuda(3)]);
+        assert_eq!(parse_devices("cpu, cpu").unwrap(), vec![DeviceChoice::Cpu, DeviceChoice::Cpu]);
+        let c = TrainConfig::default().with_overrides(&["device=\"cuda:0,cuda:1,cuda:2\"".into()]).unwrap();
+        assert_eq!(c.world_size(), 3);
+        assert_eq!(TrainConfig::default().world_size(), 1);
     }
 
     #[test]

@@ -70,6 +70,16 @@ pub enum Error {
         /// All loss terms, formatted.
         terms: String,
     },
+    /// A data-parallel collective operation failed (burn-collective).
+    #[error("data-parallel {op} on replica {peer}: {reason}")]
+    Collective {
+        /// The operation (`register`, `all-reduce`, ...).
+        op: &'static str,
+        /// The replica's rank.
+        peer: u32,
+        /// burn-collective's error.
+        reason: String,
+    },
 }
 
 /// Result alias.

@@ -49,7 +49,7 @@ enum Command {
         /// Output folder (overrides `output_dir`).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// `cpu`, `cuda` or `cuda:N` (overrides `device`).
+        /// `cpu`, `cuda`, `cuda:N`, or several for data-parallel training: `cuda:0,cuda:1` (overrides `device`).
         #[arg(long)]
         device: Option<String>,
         /// Stop after this many steps.
@@ -307,7 +307,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn train_on<B: burn::tensor::backend::AutodiffBackend>(cfg: TrainConfig, device: B::Device, fresh: bool, max_steps: Option<usize>) -> anyhow::Result<()> {
+/// Trains on `devices` (the first is rank 0; more than one: data-parallel replicas).
+fn train_on<B: burn::tensor::backend::AutodiffBackend>(cfg: TrainConfig, devices: Vec<B::Device>, fresh: bool, max_steps: Option<usize>) -> anyhow::Result<()> {
+    let mut devices = devices.into_iter();
+    let device = devices.next().context("no device")?;
+    let replicas: Vec<B::Device> = devices.collect();
     let latest = checkpoints_dir(&cfg.output_dir).join("latest");
     let run = if latest.exists() && !fresh {
         tracing::info!("resuming from {}", latest.display());
@@ -319,7 +323,7 @@ fn train_on<B: burn::tensor::backend::AutodiffBackend>(cfg: TrainConfig, device:
     } else {
         Run::<B>::new(cfg, device)?
     };
-    let run = train(run, &TrainOptions { max_steps, progress: true })?;
+    let run = flsl_train::trainer::train_on_devices(run, replicas, &TrainOptions { max_steps, progress: true })?;
     println!("trained {} steps; checkpoints in {}", run.state.step, checkpoints_dir(&run.cfg.output_dir).display());
     Ok(())
 }
@@ -366,15 +370,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 set.push(format!("device={d:?}"));
             }
             let cfg = cfg.with_overrides(&set)?;
-            let choice: DeviceChoice = cfg.device.parse().map_err(anyhow::Error::msg)?;
-            match choice.check_available().map_err(anyhow::Error::msg)? {
+            let devices = flsl_train::backend::parse_devices(&cfg.device).map_err(anyhow::Error::msg)?;
+            let first = devices.first().copied().unwrap_or(DeviceChoice::Cpu);
+            match first.check_available().map_err(anyhow::Error::msg)? {
                 DeviceChoice::Cpu => {
                     #[cfg(feature = "ndarray")]
-                    train_on::<flsl_train::backend::CpuTrain>(cfg, flsl_train::backend::cpu_device(), fresh, max_steps)?;
+                    train_on::<flsl_train::backend::CpuTrain>(cfg, devices.iter().map(|_| flsl_train::backend::cpu_device()).collect(), fresh, max_steps)?;
                 }
-                DeviceChoice::Cuda(_n) => {
+                DeviceChoice::Cuda(_) => {
                     #[cfg(feature = "cuda")]
-                    train_on::<flsl_train::backend::GpuTrain>(cfg, flsl_train::backend::cuda_device(_n), fresh, max_steps)?;
+                    train_on::<flsl_train::backend::GpuTrain>(
+                        cfg,
+                        devices.iter().map(|d| flsl_train::backend::cuda_device(match d { DeviceChoice::Cuda(n) => *n, DeviceChoice::Cpu => 0 })).collect(),
+                        fresh,
+                        max_steps,
+                    )?;
                 }
             }
             Ok(ExitCode::SUCCESS)

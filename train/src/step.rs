@@ -13,6 +13,7 @@ use crate::loss::{FlslLoss, LossTerms};
 use crate::meanshift::{TokenSelection, meanshift, repeat_views};
 use crate::model::FlslModel;
 use crate::model::named::reference_name;
+use crate::parallel::{self, Peer};
 use crate::tensors::{HostData, HostTensor, TensorMap};
 
 /// One augmented view of a batch: `[bt, 3, H, W]` images and, for student views, the query
@@ -68,6 +69,11 @@ impl<B: Backend> Default for AdamState<B> {
 }
 
 impl<B: Backend> AdamState<B> {
+    /// A copy on another device (data-parallel replicas).
+    pub fn to_device(&self, device: &B::Device) -> Self {
+        Self { slots: self.slots.iter().map(|(k, (s, m, v))| (k.clone(), (*s, m.clone().to_device(device), v.clone().to_device(device)))).collect() }
+    }
+
     /// To host tensors: `exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`.
     pub fn to_host(&self) -> TensorMap {
         let mut out = TensorMap::new();
@@ -119,6 +125,9 @@ pub struct StepReport {
 pub struct StepOptions {
     /// Keep the loss inputs and every pre-clip gradient as host tensors (golden checks).
     pub record: bool,
+    /// Data-parallel replica: gradients and loss terms are averaged over all replicas
+    /// ([`crate::parallel`]) before clipping and the update.
+    pub peer: Option<Peer>,
 }
 
 /// Splits student views into groups of consecutive equal widths (`unique_consecutive`).
@@ -225,7 +234,13 @@ pub fn train_step<B: AutodiffBackend>(
     let teacher_assign: Vec<u32> = assign.to_vec::<i64>().unwrap_or_default().into_iter().map(|v| v as u32).collect();
     loss_fn.coefficients[0] = hyper.ups;
     let out = loss_fn.forward(fwd.x, fwd.mode, fwd.student_pred, fwd.teacher_pred, hyper.epoch);
-    let terms = out.terms();
+    let mut terms = out.terms();
+    if let Some(peer) = opts.peer {
+        // Every replica sees the same (mean) terms, so a non-finite loss anywhere stops all.
+        let local = [terms.total, terms.mean_shift, terms.kmeans, terms.vmr];
+        let mean = parallel::all_reduce_mean_host::<B::InnerBackend>(peer, &local, &out.total.device())?;
+        terms = LossTerms { total: mean[0], mean_shift: mean[1], kmeans: mean[2], vmr: mean[3] };
+    }
     if !terms.is_finite() {
         // Nothing is updated: the caller keeps its last good state.
         return Err(Error::NonFinite { step: hyper.iteration, terms: terms.to_string() });
@@ -233,7 +248,7 @@ pub fn train_step<B: AutodiffBackend>(
     let grads = out.total.backward();
 
     let report = StepReport { loss: terms, grad_norms: Vec::new(), clipped: Vec::new(), recorded, teacher_assign };
-    let (student, report) = apply_adamw(student, grads, adam, hyper, opts.record, report);
+    let (student, report) = apply_adamw_parallel(student, grads, adam, hyper, opts.record, opts.peer, report)?;
 
     // EMA over every parameter pair, frozen ones included.
     ema_update(teacher, &student.valid(), hyper.momentum);
@@ -250,9 +265,28 @@ pub fn apply_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
     record: bool,
     report: StepReport,
 ) -> (M, StepReport) {
-    let mut opt = Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report };
+    let mut opt = Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report, peer: None, error: None };
     let module = module.map(&mut opt);
     (module, opt.report)
+}
+
+/// [`apply_adamw`] on a data-parallel replica: each gradient is first averaged over all
+/// replicas (every replica visits the parameters in the same order).
+pub fn apply_adamw_parallel<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: M,
+    grads: B::Gradients,
+    adam: &mut AdamState<B::InnerBackend>,
+    hyper: &StepHyper,
+    record: bool,
+    peer: Option<Peer>,
+    report: StepReport,
+) -> Result<(M, StepReport)> {
+    let mut opt = Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report, peer, error: None };
+    let module = module.map(&mut opt);
+    match opt.error {
+        Some(e) => Err(e),
+        None => Ok((module, opt.report)),
+    }
 }
 
 struct Optimizer<'a, B: AutodiffBackend> {
@@ -262,6 +296,9 @@ struct Optimizer<'a, B: AutodiffBackend> {
     hyper: &'a StepHyper,
     record: bool,
     report: StepReport,
+    peer: Option<Peer>,
+    /// The first collective failure (the mapper cannot return it).
+    error: Option<Error>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
@@ -274,9 +311,21 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let name = reference_name(&self.path);
-        let Some(grad) = tensor.grad(&self.grads) else {
+        let Some(mut grad) = tensor.grad(&self.grads) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
+        if let Some(peer) = self.peer {
+            if self.error.is_some() {
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+            match parallel::all_reduce_mean(peer, grad) {
+                Ok(g) => grad = g,
+                Err(e) => {
+                    self.error = Some(e);
+                    return Param::from_mapped_value(id, tensor, mapper);
+                }
+            }
+        }
         let h = self.hyper;
         let dims = tensor.dims();
         let numel: usize = dims.iter().product();

@@ -1,6 +1,8 @@
 //! The FLSL training loop: schedules, data, steps, logs, checkpoints and exact resume.
 //!
-//! Port of `main_flsl.train_flsl` / `train_one_epoch` (single process). A run folder holds
+//! Port of `main_flsl.train_flsl` / `train_one_epoch`. One process drives one device, or
+//! several data-parallel replicas ([`train_on_devices`], one thread per extra device, gradients
+//! averaged by burn-collective: see [`crate::parallel`]). A run folder holds
 //! `config.json`, `log.jsonl` (one line per step and per epoch), `checkpoints/` (one folder
 //! per saved state, `latest` a symlink to the newest), and at the end `loss.png`.
 
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::{Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +23,8 @@ use crate::meanshift::TokenSelection;
 use crate::model::FlslModel;
 use crate::model::named::{self, Missing};
 use crate::schedule::{cosine_scheduler, temp_scheduler};
-use crate::step::{AdamState, StepHyper, StepOptions, View, train_step};
+use crate::parallel::{self, Peer};
+use crate::step::{AdamState, StepHyper, StepOptions, StepReport, View, train_step};
 use crate::tensors::{self, TensorMap};
 
 /// All schedules of a run, indexed by global iteration (the teacher temperature by epoch).
@@ -48,7 +51,8 @@ impl Schedules {
     pub fn new(cfg: &TrainConfig, niter_per_ep: usize) -> Self {
         let e = cfg.epochs;
         let n = niter_per_ep;
-        let base_lr = cfg.lr * cfg.batch_size_per_gpu as f64 / 256.0;
+        // Linear scaling rule on the total batch (`batch_size_per_gpu * world_size / 256`).
+        let base_lr = cfg.lr * (cfg.batch_size_per_gpu * cfg.world_size()) as f64 / 256.0;
         let warmup = (cfg.warmup_epochs * e as f64) as usize;
         let c0 = cfg.loss_coefficients[0];
         Self {
@@ -234,19 +238,131 @@ pub struct TrainOptions {
     pub progress: bool,
 }
 
-/// Trains (or resumes `run`) to the end of the configuration or `max_steps`.
-pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result<Run<B>> {
+/// Trains (or resumes `run`) to the end of the configuration or `max_steps` on `run.device`.
+pub fn train<B: AutodiffBackend>(run: Run<B>, opts: &TrainOptions) -> Result<Run<B>> {
+    train_on_devices(run, Vec::new(), opts)
+}
+
+/// A step's work for a replica thread.
+enum Job {
+    Step { batch: Batch, hyper: StepHyper, seed: u64 },
+    /// Training is over: send back the weights (the consistency check) and leave the group.
+    Finish,
+}
+
+/// What a replica thread answers.
+enum Reply {
+    Step(Result<()>),
+    Finished(Result<TensorMap>),
+}
+
+/// One step of one replica (rank 0 or a worker): views on the replica's device, the training
+/// step (gradients averaged over replicas when `peer` is set), the teacher center averaged.
+#[allow(clippy::too_many_arguments)]
+fn replica_step<B: AutodiffBackend>(
+    student: FlslModel<B>,
+    teacher: &mut FlslModel<B::InnerBackend>,
+    adam: &mut AdamState<B::InnerBackend>,
+    loss_fn: &mut FlslLoss,
+    device: &B::Device,
+    batch: &Batch,
+    hyper: &StepHyper,
+    seed: u64,
+    peer: Option<Peer>,
+) -> Result<(FlslModel<B>, StepReport)> {
+    let views = batch_views::<B>(batch, device)?;
+    // Drop path draws from a stream seeded per step (and per replica), so a resumed run matches.
+    let seed = seed.wrapping_add(u64::from(peer.map_or(0, |p| p.rank)).wrapping_mul(0x9E37_79B9));
+    let out = crate::model::layers::with_seed(seed, || {
+        train_step(student, teacher, loss_fn, adam, &views, hyper, StepOptions { peer, ..Default::default() })
+    })?;
+    if let (Some(p), Some(c)) = (peer, loss_fn.centering.as_mut()) {
+        // The reference all-reduces the batch center; the EMA is linear, so averaging the
+        // updated centers is the same.
+        let local: Vec<f64> = c.center.iter().map(|&v| f64::from(v)).collect();
+        let mean = parallel::all_reduce_mean_host::<B::InnerBackend>(p, &local, device)?;
+        c.center = mean.into_iter().map(|v| v as f32).collect();
+    }
+    Ok(out)
+}
+
+/// A data-parallel replica on its own device, driven by [`Job`]s from rank 0.
+fn replica_worker<B: AutodiffBackend>(
+    mut student: FlslModel<B>,
+    mut teacher: FlslModel<B::InnerBackend>,
+    mut adam: AdamState<B::InnerBackend>,
+    mut loss_fn: FlslLoss,
+    device: B::Device,
+    peer: Peer,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    replies: std::sync::mpsc::Sender<Reply>,
+) {
+    if let Err(e) = parallel::register::<B::InnerBackend>(peer, &device) {
+        let _ = replies.send(Reply::Step(Err(e)));
+        return;
+    }
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Step { batch, hyper, seed } => {
+                let r = replica_step(student.clone(), &mut teacher, &mut adam, &mut loss_fn, &device, &batch, &hyper, seed, Some(peer));
+                let r = r.map(|(s, _)| student = s);
+                let failed = r.is_err();
+                if replies.send(Reply::Step(r)).is_err() || failed {
+                    break;
+                }
+            }
+            Job::Finish => {
+                let state = parallel::finish::<B::InnerBackend>(peer).map(|()| model_state(&student.valid()));
+                let _ = replies.send(Reply::Finished(state));
+                return;
+            }
+        }
+    }
+}
+
+/// Largest absolute difference between two state dicts with the same names.
+fn max_divergence(a: &TensorMap, b: &TensorMap) -> (f64, String) {
+    let mut worst = (0.0f64, String::new());
+    for (name, ta) in a {
+        let d = match b.get(name).map(|tb| (ta.to_f32(), tb.to_f32())) {
+            Some((x, y)) if x.len() == y.len() => {
+                x.iter().zip(y).map(|(p, q)| f64::from((p - q).abs())).fold(0.0, |m: f64, v| if v.is_nan() { f64::INFINITY } else { m.max(v) })
+            }
+            _ => f64::INFINITY,
+        };
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    worst
+}
+
+/// [`train`] with data-parallel replicas: `run` is rank 0 on `run.device`, and one replica per
+/// entry of `replica_devices` (ranks 1..) runs in its own thread. Each step the loader's batch of
+/// `batch_size_per_gpu * world` samples is split into one share per replica; gradients and
+/// loss terms are averaged with burn-collective, so every replica applies the same update.
+/// Rank 0 logs, shows progress and writes checkpoints; the replicas' weights are compared
+/// with rank 0's at the end (an error names the tensor if they diverged).
+pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Vec<B::Device>, opts: &TrainOptions) -> Result<Run<B>> {
     let cfg = run.cfg.clone();
+    let world = 1 + replica_devices.len();
+    if world != cfg.world_size() {
+        return Err(Error::Config {
+            key: "device".into(),
+            reason: format!("`{}` lists {} devices but the run was given {world}", cfg.device, cfg.world_size()),
+        });
+    }
     let dataset = Arc::new(ImageFolder::scan_excluding(&cfg.data_path, cfg.tile_size, &cfg.holdout)?);
     if dataset.is_empty() {
         return Err(Error::Config { key: "data_path".into(), reason: format!("no readable JPEG/PNG image under {}", cfg.data_path.display()) });
     }
     let epoch_len = cfg.epoch_len.unwrap_or(dataset.len());
-    let niter = epoch_len / cfg.batch_size_per_gpu;
+    let global_batch = cfg.batch_size_per_gpu * world;
+    let niter = epoch_len / global_batch;
     if niter == 0 {
         return Err(Error::Config {
             key: "batch_size_per_gpu".into(),
-            reason: format!("{} is larger than an epoch ({epoch_len} samples)", cfg.batch_size_per_gpu),
+            reason: format!("{} x {world} device(s) is larger than an epoch ({epoch_len} samples)", cfg.batch_size_per_gpu),
         });
     }
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io("cannot create", &cfg.output_dir, e))?;
@@ -261,8 +377,87 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
         vmr: cfg.volume_maximization.then_some(VmrPrior::Uniform),
         centering: run.state.center.clone().map(|center| Centering { center, momentum: 0.9 }),
     };
-    tracing::info!(images = dataset.len(), skipped = dataset.skipped.len(), steps_per_epoch = niter, "dataset ready");
+    tracing::info!(images = dataset.len(), skipped = dataset.skipped.len(), steps_per_epoch = niter, replicas = world, "dataset ready");
     let total_steps = opts.max_steps.unwrap_or(cfg.epochs * niter).min(cfg.epochs * niter);
+    let peer0 = (world > 1).then_some(Peer { rank: 0, world: world as u32 });
+
+    std::thread::scope(|scope| -> Result<Run<B>> {
+        // Replicas start as copies of rank 0 (fresh or resumed), each on its own device.
+        let mut workers = Vec::new();
+        for (i, device) in replica_devices.iter().enumerate() {
+            let peer = Peer { rank: i as u32 + 1, world: world as u32 };
+            let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+            let (reply_tx, reply_rx) = std::sync::mpsc::channel::<Reply>();
+            let student = run.student.clone().fork(device);
+            let teacher = run.teacher.clone().fork(device);
+            let adam = run.adam.to_device(device);
+            let (loss, device) = (loss_fn.clone(), device.clone());
+            scope.spawn(move || replica_worker::<B>(student, teacher, adam, loss, device, peer, job_rx, reply_tx));
+            workers.push((job_tx, reply_rx));
+        }
+        if let Some(p) = peer0 {
+            parallel::register::<B::InnerBackend>(p, &run.device)?;
+        }
+        let result = train_loop(&mut run, &cfg, &dataset, &sched, &mut loss_fn, &mut log, &workers, peer0, niter, epoch_len, total_steps, opts);
+        // Leave the group (and check that the replicas stayed identical) or, after a failure,
+        // release the replicas: dropping the job channels ends their loops.
+        match (result, peer0) {
+            (Ok(()), Some(p)) => {
+                for (tx, _) in &workers {
+                    let _ = tx.send(Job::Finish);
+                }
+                parallel::finish::<B::InnerBackend>(p)?;
+                let reference = model_state(&run.student.valid());
+                for (i, (_, rx)) in workers.iter().enumerate() {
+                    let state = loop {
+                        match rx.recv() {
+                            Ok(Reply::Finished(s)) => break s?,
+                            Ok(Reply::Step(_)) => continue,
+                            Err(_) => return Err(Error::Collective { op: "finish", peer: i as u32 + 1, reason: "the replica stopped".into() }),
+                        }
+                    };
+                    let (d, name) = max_divergence(&reference, &state);
+                    if d > 1e-6 {
+                        return Err(Error::Collective {
+                            op: "consistency check",
+                            peer: i as u32 + 1,
+                            reason: format!("the replica's `{name}` differs from rank 0's by {d:e}"),
+                        });
+                    }
+                }
+                Ok(run)
+            }
+            (Ok(()), None) => Ok(run),
+            (Err(e), p) => {
+                drop(workers);
+                if p.is_some() {
+                    parallel::reset::<B::InnerBackend>();
+                }
+                Err(e)
+            }
+        }
+    })
+}
+
+type Workers = [(std::sync::mpsc::Sender<Job>, std::sync::mpsc::Receiver<Reply>)];
+
+/// The epochs of [`train_on_devices`] on rank 0.
+#[allow(clippy::too_many_arguments)]
+fn train_loop<B: AutodiffBackend>(
+    run: &mut Run<B>,
+    cfg: &TrainConfig,
+    dataset: &Arc<ImageFolder>,
+    sched: &Schedules,
+    loss_fn: &mut FlslLoss,
+    log: &mut std::fs::File,
+    workers: &Workers,
+    peer0: Option<Peer>,
+    niter: usize,
+    epoch_len: usize,
+    total_steps: usize,
+    opts: &TrainOptions,
+) -> Result<()> {
+    let world = workers.len() + 1;
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(total_steps as u64);
         b.set_style(
@@ -275,13 +470,19 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
     } else {
         None
     };
+    let abandon = |e: Error| {
+        if let Some(b) = &bar {
+            b.abandon();
+        }
+        e
+    };
     'epochs: while run.state.epoch < cfg.epochs {
         let epoch = run.state.epoch;
-        let loader = Loader::new(
+        let mut loader = Loader::new(
             dataset.clone(),
             cfg.augment.clone(),
             cfg.patch_size,
-            cfg.batch_size_per_gpu,
+            cfg.batch_size_per_gpu * world,
             epoch_len,
             cfg.seed,
             epoch,
@@ -292,7 +493,6 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
         let mut sums = LossTerms { total: 0.0, mean_shift: 0.0, kmeans: 0.0, vmr: 0.0 };
         let mut n_batches = 0usize;
         let epoch_start = Instant::now();
-        let mut loader = loader;
         let mut exhausted = false;
         while run.state.batch_in_epoch < niter {
             if run.state.step >= total_steps {
@@ -305,7 +505,6 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
                 break;
             };
             let it = epoch * niter + run.state.batch_in_epoch;
-            let views = batch_views::<B>(&batch, &run.device)?;
             let hyper = StepHyper {
                 iteration: it,
                 epoch,
@@ -320,21 +519,29 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
                 betas: (0.9, 0.999),
                 eps: 1e-8,
             };
-            // Drop path draws from a stream seeded per step, so a resumed run matches.
             let step_seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(it as u64);
-            let student = run.student.clone();
-            let result = crate::model::layers::with_seed(step_seed, || {
-                train_step(student, &mut run.teacher, &mut loss_fn, &mut run.adam, &views, &hyper, StepOptions::default())
-            });
-            let (student, report) = match result {
-                Ok(r) => r,
-                Err(e) => {
-                    if let Some(b) = &bar {
-                        b.abandon();
+            // One share of the batch per replica; rank 0 keeps the first.
+            let mut shares = split_batch(batch, world);
+            let own = shares.remove(0);
+            for ((tx, _), share) in workers.iter().zip(shares) {
+                tx.send(Job::Step { batch: share, hyper, seed: step_seed })
+                    .map_err(|_| abandon(Error::Collective { op: "step", peer: 0, reason: "a replica stopped".into() }))?;
+            }
+            let result = replica_step(run.student.clone(), &mut run.teacher, &mut run.adam, loss_fn, &run.device, &own, &hyper, step_seed, peer0);
+            let mut replica_error = None;
+            for (i, (_, rx)) in workers.iter().enumerate() {
+                match rx.recv() {
+                    Ok(Reply::Step(Ok(()))) => {}
+                    Ok(Reply::Step(Err(e))) => replica_error = replica_error.or(Some(e)),
+                    _ => {
+                        replica_error = replica_error.or(Some(Error::Collective { op: "step", peer: i as u32 + 1, reason: "the replica stopped".into() }))
                     }
-                    return Err(e);
                 }
-            };
+            }
+            let (student, report) = result.map_err(abandon)?;
+            if let Some(e) = replica_error {
+                return Err(abandon(e));
+            }
             run.student = student;
             for a in &report.teacher_assign {
                 if let Some(h) = hist.get_mut(*a as usize) {
@@ -351,8 +558,8 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
             run.state.batch_in_epoch += 1;
             run.state.history.push((it, l));
             run.state.center = loss_fn.centering.as_ref().map(|c| c.center.clone());
-            let ips = cfg.batch_size_per_gpu as f64 / t0.elapsed().as_secs_f64();
-            log_line(&mut log, serde_json::json!({
+            let ips = (cfg.batch_size_per_gpu * world) as f64 / t0.elapsed().as_secs_f64();
+            log_line(log, serde_json::json!({
                 "step": it, "epoch": epoch, "loss": l.total, "mean_shift": l.mean_shift, "kmeans": l.kmeans, "vmr": l.vmr,
                 "lr": hyper.lr, "wd": hyper.weight_decay, "momentum": hyper.momentum, "images_per_s": ips,
             }))?;
@@ -376,7 +583,7 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
             loss: (n_batches > 0).then(|| LossTerms { total: sums.total / n, mean_shift: sums.mean_shift / n, kmeans: sums.kmeans / n, vmr: sums.vmr / n }),
             prototypes_used: used,
             assignment_entropy: entropy,
-            images_per_s: (n_batches * cfg.batch_size_per_gpu) as f64 / epoch_start.elapsed().as_secs_f64(),
+            images_per_s: (n_batches * cfg.batch_size_per_gpu * world) as f64 / epoch_start.elapsed().as_secs_f64(),
             skipped_images: skipped + dataset.skipped.len(),
         };
         tracing::info!(
@@ -387,7 +594,7 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
             summary.images_per_s,
             summary.skipped_images
         );
-        log_line(&mut log, serde_json::json!({ "epoch_summary": summary }))?;
+        log_line(log, serde_json::json!({ "epoch_summary": summary }))?;
         run.state.epochs.push(summary);
         run.state.epoch += 1;
         run.state.batch_in_epoch = 0;
@@ -404,7 +611,15 @@ pub fn train<B: AutodiffBackend>(mut run: Run<B>, opts: &TrainOptions) -> Result
         run.save(false)?;
     }
     crate::plot::loss_plot(&cfg.output_dir.join("loss.png"), &run.state.history)?;
-    Ok(run)
+    Ok(())
+}
+
+/// Splits a batch into `n` consecutive shares of equal size (the loader's batch is a multiple).
+fn split_batch(batch: Batch, n: usize) -> Vec<Batch> {
+    let per = batch.samples.len() / n.max(1);
+    let mut samples = batch.samples.into_iter();
+    let mut indices = batch.indices.into_iter();
+    (0..n.max(1)).map(|_| Batch { samples: samples.by_ref().take(per).collect(), indices: indices.by_ref().take(per).collect() }).collect()
 }
 
 /// The reference-named state dict of a model wrapper (`backbone.*`, `head.*`).
