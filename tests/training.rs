@@ -126,9 +126,10 @@ fn resuming_gives_the_same_weights_as_an_uninterrupted_run() {
 #[test]
 fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
     // Two replicas with 2 samples each (gradients averaged by burn-collective) against one
-    // device with the same 4 samples: the FLSL loss without the VMR term is a mean over
-    // samples, so the averaged gradient is the whole batch's gradient and both runs apply the
-    // same AdamW updates. Drop path is off (its draws differ per replica by design).
+    // device with the same 4 samples: the mean-shift and k-means terms are means over samples,
+    // and the VMR takes the replicas' mean assignment (the reference's AllReduce), so the
+    // averaged gradient is the whole batch's gradient and both runs apply the same AdamW
+    // updates. Drop path is off (its draws differ per replica by design).
     let root = tmp("ddp");
     synthetic_images(&root.join("img"), 8);
     let cfg = |out: &str, device: &str, per_device: usize| {
@@ -136,7 +137,6 @@ fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
         c.batch_size_per_gpu = per_device;
         c.device = device.into();
         c.drop_path_rate = 0.0;
-        c.volume_maximization = false;
         c.epochs = 2;
         c.lr = 0.5; // peak 0.5 * 4 / 256 ~ 8e-3: AdamW moves weights by ~1e-2 in 4 steps
         c.validate().unwrap();
@@ -153,10 +153,14 @@ fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
         named::state_dict::<CpuTrain, _>(&two.student),
     );
     let (mut moved, mut worst) = (0f32, (0f32, String::new()));
+    let width = 32; // micro_config's embed_dim
     for (name, t) in &w1 {
         let (a, b, z) = (t.to_f32(), w2[name].to_f32(), w0[name].to_f32());
         moved = moved.max(a.iter().zip(&z).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max));
-        let d = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        // The key bias (`qkv.bias[C..2C]`) has a zero true gradient (softmax is invariant to
+        // it): AdamW turns its float32 rounding noise into lr-sized steps in any two runs.
+        let key_bias = |i: usize| name.ends_with("attn.qkv.bias") && (width..2 * width).contains(&i);
+        let d = a.iter().zip(&b).enumerate().filter(|(i, _)| !key_bias(*i)).map(|(_, (p, q))| (p - q).abs()).fold(0f32, f32::max);
         if d > worst.0 {
             worst = (d, name.clone());
         }
@@ -164,7 +168,7 @@ fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
     // Training moved the weights by ~1e-2; the two runs agree to float32 summation order.
     eprintln!("weights moved up to {moved:e}; 2 replicas vs 1 device: {:e} ({})", worst.0, worst.1);
     assert!(moved > 1e-3, "training did not move the weights ({moved:e})");
-    assert!(worst.0 <= 2e-5, "parameter {} differs by {:e} between 2 replicas and 1 device", worst.1, worst.0);
+    assert!(worst.0 <= 1e-5, "parameter {} differs by {:e} between 2 replicas and 1 device", worst.1, worst.0);
     // The logged loss is the replicas' mean, i.e. the whole batch's loss.
     for ((sa, la), (sb, lb)) in one.state.history.iter().zip(&two.state.history) {
         assert_eq!(sa, sb);

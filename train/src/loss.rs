@@ -111,6 +111,22 @@ impl FlslLoss {
         teacher_pred: Tensor<B, 2>,
         epoch: usize,
     ) -> FlslLossOutput<B> {
+        self.forward_with_mean(x, mode, student_pred, teacher_pred, epoch, None)
+    }
+
+    /// [`FlslLoss::forward`] with the VMR's mean assignment `x̄ [1, K]` taken from all
+    /// data-parallel replicas: the reference's `utils.AllReduce` (forward: the mean over
+    /// replicas; backward: identity), so that after the gradient average the update equals one
+    /// device on the whole batch.
+    pub fn forward_with_mean<B: Backend>(
+        &mut self,
+        x: Tensor<B, 2>,
+        mode: Tensor<B, 2>,
+        student_pred: Tensor<B, 2>,
+        teacher_pred: Tensor<B, 2>,
+        epoch: usize,
+        replica_mean: Option<Tensor<B, 2>>,
+    ) -> FlslLossOutput<B> {
         let device = x.device();
         let [m, k] = student_pred.dims();
         // First-level clustering: 2 - 2 * mean cosine.
@@ -136,7 +152,11 @@ impl FlslLoss {
         let vmr = match &self.vmr {
             None => Tensor::<B, 1>::zeros([1], &device),
             Some(prior) => {
-                let xbar = s.mean_dim(0); // [1, K]
+                let mut xbar = s.mean_dim(0); // [1, K]
+                if let Some(global) = replica_mean {
+                    // Value of the replicas' mean, gradient of the local mean.
+                    xbar = xbar.clone() + (global - xbar.detach()).detach();
+                }
                 let ne = (xbar.clone() * xbar.clone().log()).sum();
                 match prior {
                     VmrPrior::Uniform => ne + (k as f64).ln(),

@@ -5,7 +5,8 @@
 //! averages every gradient across replicas before clipping (as PyTorch's DDP does before the
 //! reference's `clip_gradients`), so all replicas apply the same update and stay identical.
 //! The loss terms are averaged the same way, so a non-finite loss stops every replica at the
-//! same step, and the teacher center (when enabled) is averaged as the reference's
+//! same step; the VMR's mean assignment is the replicas' mean (the reference's `AllReduce`),
+//! and the teacher center (when enabled) is averaged as the reference's
 //! `dist.all_reduce(batch_center)`. No all-reduce of ours: burn-collective does the
 //! communication (a tree over the devices of this process).
 

@@ -233,7 +233,15 @@ pub fn train_step<B: AutodiffBackend>(
     let assign = fwd.teacher_pred.clone().argmax(1).into_data().convert::<i64>();
     let teacher_assign: Vec<u32> = assign.to_vec::<i64>().unwrap_or_default().into_iter().map(|v| v as u32).collect();
     loss_fn.coefficients[0] = hyper.ups;
-    let out = loss_fn.forward(fwd.x, fwd.mode, fwd.student_pred, fwd.teacher_pred, hyper.epoch);
+    // Data-parallel: the VMR sees the mean assignment of all replicas (reference `AllReduce`).
+    let replica_mean = match (opts.peer, &loss_fn.vmr) {
+        (Some(peer), Some(_)) => {
+            let s = burn::tensor::activation::softmax(fwd.student_pred.clone().inner() / loss_fn.student_temp, 1).mean_dim(0);
+            Some(Tensor::from_inner(parallel::all_reduce_mean(peer, s)?))
+        }
+        _ => None,
+    };
+    let out = loss_fn.forward_with_mean(fwd.x, fwd.mode, fwd.student_pred, fwd.teacher_pred, hyper.epoch, replica_mean);
     let mut terms = out.terms();
     if let Some(peer) = opts.peer {
         // Every replica sees the same (mean) terms, so a non-finite loss anywhere stops all.
