@@ -181,6 +181,41 @@ fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
 }
 
 #[test]
+fn multi_stage_training_is_guided_by_the_previous_stage() {
+    let root = tmp("stage");
+    synthetic_images(&root.join("img"), 8);
+    // Stage 1: two steps; its checkpoint folder is the previous stage.
+    let mut first = micro_config(&root.join("img"), &root.join("stage1"));
+    first.epochs = 1;
+    train(Run::<CpuTrain>::new(first, cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
+    // Stage 2 from the same initialisation, with and without it (same data, masks, seeds).
+    let stage2 = |out: &str, prev: Option<PathBuf>, level: usize| {
+        let mut c = micro_config(&root.join("img"), &root.join(out));
+        c.epochs = 1;
+        c.drop_path_rate = 0.0;
+        c.model_previous_stage = prev;
+        c.attention_level = level;
+        c.validate().unwrap();
+        c
+    };
+    let plain = train(Run::<CpuTrain>::new(stage2("plain", None, 1), cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
+    let staged = train(Run::<CpuTrain>::new(stage2("staged", Some(root.join("stage1")), 1), cpu_device()).unwrap(), &TrainOptions::default())
+        .unwrap();
+    let (p, s) = (&plain.state.history[0].1, &staged.state.history[0].1);
+    assert!(s.total.is_finite(), "{s}");
+    // The intra-view term does not involve the previous stage; the k-means term's targets do.
+    assert!((p.mean_shift - s.mean_shift).abs() < 1e-6, "{p} vs {s}");
+    assert!((p.kmeans - s.kmeans).abs() > 1e-4, "the previous stage changed nothing: {p} vs {s}");
+    // Clear errors naming the key.
+    let run = |c| train(Run::<CpuTrain>::new(c, cpu_device()).unwrap(), &TrainOptions::default()).err().unwrap().to_string();
+    let e = run(stage2("deep", Some(root.join("stage1")), 5));
+    assert!(e.contains("attention_level") && e.contains("1..=1"), "{e}");
+    let e = run(stage2("missing", Some(root.join("nowhere")), 1));
+    assert!(e.contains("model_previous_stage") && e.contains("nowhere"), "{e}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
 fn a_corrupt_image_is_skipped_and_counted() {
     let root = tmp("corrupt");
     synthetic_images(&root.join("img"), 8);

@@ -30,6 +30,7 @@ fn hyper() -> StepHyper {
         sa_temp: 0.1 / 384f64.sqrt(),
         ca_temp: 0.2 / 384f64.sqrt(),
         ups: 0.03,
+        mixture: 1.0,
         clip_grad: Some(3.0),
         freeze_last_layer: 1,
         betas: (0.9, 0.999),
@@ -70,7 +71,7 @@ fn backbone_step(c: &mut Criterion) {
             let m: Vec<u8> = (0..bt).flat_map(|_| sampling_mask(fs, ws, false, &mut rng)).collect();
             TokenSelection::from_mask(&m, bt, fs * fs).unwrap()
         });
-        View { images, mask }
+        View { images, mask, crops: None }
     };
     let (gs, ls) = (cfg.augment.global_resize as usize, cfg.augment.local_resize as usize);
     let views = vec![view(gs, None), view(gs, Some(3)), view(ls, Some(2)), view(ls, Some(2))];

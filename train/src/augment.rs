@@ -48,6 +48,10 @@ pub struct AugmentConfig {
     pub random_sampling: bool,
     /// Horizontal flip probability (0 in the reference).
     pub flip_p: f64,
+    /// Also keep each crop before the photometric transforms ([`AugView::crop`]); set by the
+    /// trainer for multi-stage runs, never read from a configuration file.
+    #[serde(skip)]
+    pub keep_crops: bool,
 }
 
 impl Default for AugmentConfig {
@@ -63,6 +67,7 @@ impl Default for AugmentConfig {
             sampling_window_size_l: 2,
             random_sampling: false,
             flip_p: 0.0,
+            keep_crops: false,
         }
     }
 }
@@ -76,6 +81,9 @@ pub struct AugView {
     pub pixels: Vec<f32>,
     /// `[grid*grid]` mask (1 = query), `None` for the teacher view.
     pub mask: Option<Vec<u8>>,
+    /// With `keep_crops`: the crop normalised without colour jitter, blur or solarisation
+    /// (the reference's `crops`, for the previous-stage model of multi-stage training).
+    pub crop: Option<Vec<f32>>,
 }
 
 /// All views of one image, teacher first.
@@ -269,8 +277,9 @@ pub fn augment(img: &RgbImage, cfg: &AugmentConfig, patch_size: usize, rng: &mut
         .into_iter()
         .map(|(crop, mask)| {
             let size = crop.width();
+            let plain = cfg.keep_crops.then(|| normalize(&crop));
             let img = transformation(crop, cfg, rng);
-            AugView { size, pixels: normalize(&img), mask }
+            AugView { size, pixels: normalize(&img), mask, crop: plain }
         })
         .collect();
     Sample { views }

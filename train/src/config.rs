@@ -106,7 +106,7 @@ pub struct TrainConfig {
     /// Start of the intra-view coefficient cosine schedule (default: constant).
     pub start_intraview: Option<f64>,
     // Multi-stage training (reference `--model_previous_stage`).
-    /// Checkpoint of the previous stage (not supported yet: must be unset).
+    /// Checkpoint of the previous stage (its teacher guides the inter-view mean shift).
     pub model_previous_stage: Option<PathBuf>,
     /// Blocks of the previous-stage model used for its attention map.
     pub attention_level: usize,
@@ -333,7 +333,15 @@ impl TrainConfig {
             return bad("post_layernorm", "only the post-LayerNorm backbone is supported; set it to true".into());
         }
         if self.model_previous_stage.is_some() {
-            return bad("model_previous_stage", "multi-stage training is not implemented yet".into());
+            if !(0.0..=1.0).contains(&self.mixture_bias) {
+                return bad("mixture_bias", format!("{} must be in [0, 1]", self.mixture_bias));
+            }
+            if !(self.map_sharpness > 0.0 && self.map_sharpness.is_finite()) {
+                return bad("map_sharpness", format!("{} must be a positive number", self.map_sharpness));
+            }
+            if self.attention_level == 0 {
+                return bad("attention_level", "must be at least 1".into());
+            }
         }
         let a = &self.augment;
         for (key, (lo, hi)) in [("global_crops_scale_t", a.global_crops_scale_t), ("global_crops_scale_s", a.global_crops_scale_s), ("local_crops_scale", a.local_crops_scale)] {

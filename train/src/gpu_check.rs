@@ -54,7 +54,7 @@ pub fn run_steps<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device, step
             }
             None => None,
         };
-        Ok::<_, crate::Error>(View { images, mask })
+        Ok::<_, crate::Error>(View { images, mask, crops: None })
     };
     let (g, l) = (cfg.augment.global_resize as usize, cfg.augment.local_resize as usize);
     let mut views = vec![view(g, None)?, view(g, Some(cfg.augment.sampling_window_size_g))?];
@@ -73,6 +73,7 @@ pub fn run_steps<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device, step
             sa_temp: cfg.meanshift_sa_temp,
             ca_temp: cfg.meanshift_ca_temp,
             ups: cfg.loss_coefficients[0],
+            mixture: 1.0,
             clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
             freeze_last_layer: cfg.freeze_last_layer,
             betas: (0.9, 0.999),

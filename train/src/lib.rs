@@ -14,6 +14,7 @@
 //! - [`export`]: checkpoints -> ONNX (through `flsl_runtime::export`, no burn involved).
 //! - [`annotations`], [`detector`]: COCO/VOC/VisDrone boxes and the CenterNet-style head
 //!   trained on a frozen backbone (`flsl train-detector`).
+//! - [`multistage`]: the previous-stage model of multi-stage training.
 //! - [`parallel`]: data-parallel replicas (burn-collective all-reduce of gradients).
 //! - [`backend`]: the one module that names concrete backends.
 #![warn(missing_docs)]
@@ -35,6 +36,7 @@ pub mod loss;
 pub mod masks;
 pub mod meanshift;
 pub mod model;
+pub mod multistage;
 pub mod parallel;
 pub mod plot;
 pub mod pth;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use flsl_train::backend::DeviceChoice;
 use flsl_train::config::TrainConfig;
 use flsl_train::demo::{DemoOptions, run_demo};
-use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir, train};
+use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir};
 
 #[derive(Parser)]
 #[command(name = "flsl", version, about = "FLSL: feature-level self-supervised ViTs, from training to drones")]

@@ -595,7 +595,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     for i in 0..n_views {
         let images: Tensor<CpuTrain, 4> = case.t(&format!("aug{i}"))?.to_device(&d);
         let mask = if i == 0 { None } else { Some(vmask(case, i, bt)?) };
-        views.push(View { images, mask });
+        views.push(View { images, mask, crops: None });
     }
     let opt = case.p("optimizer")?;
     let of = |k: &str| opt.get(k).and_then(Value::as_f64).ok_or(format!("params.optimizer.{k} missing"));
@@ -611,6 +611,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         sa_temp: case.pf("meanshift_sa_temp")?,
         ca_temp: case.pf("meanshift_ca_temp")?,
         ups: case.p("coefficients")?.get(0).and_then(Value::as_f64).ok_or("bad coefficients")?,
+        mixture: 1.0,
         clip_grad: case.pf("clip_grad").ok(),
         freeze_last_layer: case.pu("freeze_last_layer")?,
         betas: (betas[0].as_f64().unwrap_or(0.9), betas[1].as_f64().unwrap_or(0.999)),

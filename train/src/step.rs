@@ -10,7 +10,8 @@ use burn::tensor::{ElementConversion, Tensor, TensorData, backend::AutodiffBacke
 
 use crate::error::{Error, Result};
 use crate::loss::{FlslLoss, LossTerms};
-use crate::meanshift::{TokenSelection, meanshift, repeat_views};
+use crate::meanshift::{TokenSelection, meanshift, meanshift_mixed, repeat_views, sharpened_attention_map};
+use crate::multistage::PreviousStage;
 use crate::model::FlslModel;
 use crate::model::named::reference_name;
 use crate::parallel::{self, Peer};
@@ -24,6 +25,9 @@ pub struct View<B: Backend> {
     pub images: Tensor<B, 4>,
     /// Query selection (`None` for the teacher view).
     pub mask: Option<TokenSelection>,
+    /// The same crops before colour jitter, blur and solarisation (normalised only): the
+    /// reference's `crops`, input of the previous-stage model in multi-stage training.
+    pub crops: Option<Tensor<B, 4>>,
 }
 
 /// The per-iteration values of every schedule, plus the fixed optimiser settings.
@@ -45,6 +49,9 @@ pub struct StepHyper {
     pub ca_temp: f64,
     /// Intra-view coefficient `ups` (overwrites `coefficients[0]`).
     pub ups: f64,
+    /// Multi-stage: weight of the current attention against the previous-stage map in the
+    /// inter-view mean shift (`mixture_schedule[it]`; 1 without a previous stage).
+    pub mixture: f64,
     /// Per-parameter gradient clipping threshold (`None`/0 disables).
     pub clip_grad: Option<f64>,
     /// Epochs during which `last_layer` gets no update.
@@ -165,11 +172,39 @@ pub fn forward<B: AutodiffBackend>(
     sa_temp: f64,
     ca_temp: f64,
 ) -> Result<Forward<B>> {
+    forward_staged(student, teacher, views, sa_temp, ca_temp, None)
+}
+
+fn plain_crops<B: AutodiffBackend>(views: &[View<B>]) -> Result<Tensor<B::InnerBackend, 4>> {
+    let crops = views
+        .iter()
+        .map(|v| {
+            v.crops.clone().ok_or(Error::Shape { op: "train_step", reason: "multi-stage training needs the views' plain crops (keep_crops)".into() })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(crops, 0).inner())
+}
+
+/// [`forward`] with an optional previous-stage model and the attention mixture of this
+/// iteration (multi-stage training, [`crate::multistage`]).
+pub fn forward_staged<B: AutodiffBackend>(
+    student: &FlslModel<B>,
+    teacher: &FlslModel<B::InnerBackend>,
+    views: &[View<B>],
+    sa_temp: f64,
+    ca_temp: f64,
+    prev: Option<(&PreviousStage<B::InnerBackend>, f64)>,
+) -> Result<Forward<B>> {
     let (teacher_view, student_views) = views.split_first().ok_or(Error::Shape { op: "train_step", reason: "no views".into() })?;
     if student_views.is_empty() {
         return Err(Error::Shape { op: "train_step", reason: "no student views".into() });
     }
     let enc_t = teacher.backbone.forward(teacher_view.images.clone().inner()); // [bt, Nt, C]
+    // Previous stage: its features of the teacher's plain crop are the keys of its map.
+    let prev_k = match prev {
+        Some((p, _)) => Some(p.features(plain_crops(std::slice::from_ref(teacher_view))?)),
+        None => None,
+    };
     let widths: Vec<usize> = student_views.iter().map(|v| v.images.dims()[3]).collect();
     let (mut xs, mut modes, mut ps, mut pts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for group in view_groups(&widths) {
@@ -191,7 +226,14 @@ pub fn forward<B: AutodiffBackend>(
         }
         let (x_sel, mode_s) = meanshift(enc_s.clone(), enc_s.clone(), &sel, sa_temp);
         let tgt = repeat_views(enc_t.clone(), b);
-        let (_, mode_t) = meanshift(enc_s.inner(), tgt, &sel, ca_temp);
+        let mode_t = match (prev, &prev_k) {
+            (Some((p, mix)), Some(keys)) => {
+                let q = p.features(plain_crops(vs)?);
+                let a_prev = sharpened_attention_map(q, repeat_views(keys.clone(), b), &sel, p.temp, p.sharpness);
+                meanshift_mixed(enc_s.inner(), tgt, &sel, ca_temp, a_prev, mix).1
+            }
+            _ => meanshift(enc_s.inner(), tgt, &sel, ca_temp).1,
+        };
         let pred_s = student.head.forward(mode_s.clone());
         let pred_t = teacher.head.forward(mode_t);
         let k = pred_s.dims()[2];
@@ -221,7 +263,23 @@ pub fn train_step<B: AutodiffBackend>(
     hyper: &StepHyper,
     opts: StepOptions,
 ) -> Result<(FlslModel<B>, StepReport)> {
-    let fwd = forward(&student, teacher, views, hyper.sa_temp, hyper.ca_temp)?;
+    train_step_staged(student, teacher, None, loss_fn, adam, views, hyper, opts)
+}
+
+/// [`train_step`] with an optional previous-stage model (multi-stage training; the mixture
+/// weight is `hyper.mixture`).
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_staged<B: AutodiffBackend>(
+    student: FlslModel<B>,
+    teacher: &mut FlslModel<B::InnerBackend>,
+    prev: Option<&PreviousStage<B::InnerBackend>>,
+    loss_fn: &mut FlslLoss,
+    adam: &mut AdamState<B::InnerBackend>,
+    views: &[View<B>],
+    hyper: &StepHyper,
+    opts: StepOptions,
+) -> Result<(FlslModel<B>, StepReport)> {
+    let fwd = forward_staged(&student, teacher, views, hyper.sa_temp, hyper.ca_temp, prev.map(|p| (p, hyper.mixture)))?;
     let mut recorded = TensorMap::new();
     if opts.record {
         recorded.insert("loss_in_x".into(), HostTensor::from_tensor(fwd.x.clone()));

@@ -24,7 +24,9 @@ use crate::model::FlslModel;
 use crate::model::named::{self, Missing};
 use crate::schedule::{cosine_scheduler, temp_scheduler};
 use crate::parallel::{self, Peer};
-use crate::step::{AdamState, StepHyper, StepOptions, StepReport, View, train_step};
+use crate::augment::AugmentConfig;
+use crate::multistage::PreviousStage;
+use crate::step::{AdamState, StepHyper, StepOptions, StepReport, View, train_step_staged};
 use crate::tensors::{self, TensorMap};
 
 /// All schedules of a run, indexed by global iteration (the teacher temperature by epoch).
@@ -42,6 +44,8 @@ pub struct Schedules {
     pub sa_temp: Vec<f64>,
     /// Inter-view mean-shift temperature.
     pub ca_temp: Vec<f64>,
+    /// Weight of the current attention against the previous stage's map (1: single stage).
+    pub mixture: Vec<f64>,
     /// Teacher temperature per epoch.
     pub teacher_temp: Vec<f64>,
 }
@@ -60,6 +64,12 @@ impl Schedules {
             wd: cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, e, n, 0, 0.0),
             momentum: cosine_scheduler(cfg.momentum_teacher, 1.0, e, n, 0, 0.0),
             ups: cosine_scheduler(cfg.start_intraview.unwrap_or(c0), c0, e, n, 0, 0.0),
+            // Multi-stage attention mixture (`mixture_schedule`): cosine from 0 to 1 - bias.
+            mixture: if cfg.model_previous_stage.is_some() {
+                cosine_scheduler(0.0, 1.0 - cfg.mixture_bias, e, n, 0, 0.0)
+            } else {
+                vec![1.0; e * n]
+            },
             sa_temp: cosine_scheduler(cfg.meanshift_sa_temp_start.unwrap_or(cfg.meanshift_sa_temp), cfg.meanshift_sa_temp, e, n, 0, 0.0),
             ca_temp: cosine_scheduler(cfg.meanshift_ca_temp_start.unwrap_or(cfg.meanshift_ca_temp), cfg.meanshift_ca_temp, e, n, 0, 0.0),
             teacher_temp: temp_scheduler(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, e),
@@ -132,15 +142,20 @@ pub fn batch_views<B: Backend>(batch: &Batch, device: &B::Device) -> Result<Vec<
             let size = first.views[v].size as usize;
             let mut pixels = Vec::with_capacity(bt * 3 * size * size);
             let mut masks = Vec::new();
+            let mut crops = Vec::new();
             for s in &batch.samples {
                 pixels.extend_from_slice(&s.views[v].pixels);
                 if let Some(m) = &s.views[v].mask {
                     masks.extend_from_slice(m);
                 }
+                if let Some(c) = &s.views[v].crop {
+                    crops.extend_from_slice(c);
+                }
             }
             let images = Tensor::from_data(TensorData::new(pixels, [bt, 3, size, size]), device);
             let mask = if masks.is_empty() { None } else { Some(TokenSelection::from_mask(&masks, bt, masks.len() / bt)?) };
-            Ok(View { images, mask })
+            let crops = (crops.len() == bt * 3 * size * size).then(|| Tensor::from_data(TensorData::new(crops, [bt, 3, size, size]), device));
+            Ok(View { images, mask, crops })
         })
         .collect()
 }
@@ -262,6 +277,7 @@ enum Reply {
 fn replica_step<B: AutodiffBackend>(
     student: FlslModel<B>,
     teacher: &mut FlslModel<B::InnerBackend>,
+    prev: Option<&PreviousStage<B::InnerBackend>>,
     adam: &mut AdamState<B::InnerBackend>,
     loss_fn: &mut FlslLoss,
     device: &B::Device,
@@ -274,7 +290,7 @@ fn replica_step<B: AutodiffBackend>(
     // Drop path draws from a stream seeded per step (and per replica), so a resumed run matches.
     let seed = seed.wrapping_add(u64::from(peer.map_or(0, |p| p.rank)).wrapping_mul(0x9E37_79B9));
     let out = crate::model::layers::with_seed(seed, || {
-        train_step(student, teacher, loss_fn, adam, &views, hyper, StepOptions { peer, ..Default::default() })
+        train_step_staged(student, teacher, prev, loss_fn, adam, &views, hyper, StepOptions { peer, ..Default::default() })
     })?;
     if let (Some(p), Some(c)) = (peer, loss_fn.centering.as_mut()) {
         // The reference all-reduces the batch center; the EMA is linear, so averaging the
@@ -290,6 +306,7 @@ fn replica_step<B: AutodiffBackend>(
 fn replica_worker<B: AutodiffBackend>(
     mut student: FlslModel<B>,
     mut teacher: FlslModel<B::InnerBackend>,
+    prev: Option<PreviousStage<B::InnerBackend>>,
     mut adam: AdamState<B::InnerBackend>,
     mut loss_fn: FlslLoss,
     device: B::Device,
@@ -304,7 +321,7 @@ fn replica_worker<B: AutodiffBackend>(
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Step { batch, hyper, seed } => {
-                let r = replica_step(student.clone(), &mut teacher, &mut adam, &mut loss_fn, &device, &batch, &hyper, seed, Some(peer));
+                let r = replica_step(student.clone(), &mut teacher, prev.as_ref(), &mut adam, &mut loss_fn, &device, &batch, &hyper, seed, Some(peer));
                 let r = r.map(|(s, _)| student = s);
                 let failed = r.is_err();
                 if replies.send(Reply::Step(r)).is_err() || failed {
@@ -380,6 +397,10 @@ pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Ve
     tracing::info!(images = dataset.len(), skipped = dataset.skipped.len(), steps_per_epoch = niter, replicas = world, "dataset ready");
     let total_steps = opts.max_steps.unwrap_or(cfg.epochs * niter).min(cfg.epochs * niter);
     let peer0 = (world > 1).then_some(Peer { rank: 0, world: world as u32 });
+    let prev = PreviousStage::<B::InnerBackend>::load(&cfg, &run.device)?;
+    if let Some(p) = &prev {
+        tracing::info!(blocks = p.vit.blocks.len(), "previous stage loaded: multi-stage training");
+    }
 
     std::thread::scope(|scope| -> Result<Run<B>> {
         // Replicas start as copies of rank 0 (fresh or resumed), each on its own device.
@@ -391,14 +412,15 @@ pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Ve
             let student = run.student.clone().fork(device);
             let teacher = run.teacher.clone().fork(device);
             let adam = run.adam.to_device(device);
+            let replica_prev = prev.as_ref().map(|p| p.to_device(device));
             let (loss, device) = (loss_fn.clone(), device.clone());
-            scope.spawn(move || replica_worker::<B>(student, teacher, adam, loss, device, peer, job_rx, reply_tx));
+            scope.spawn(move || replica_worker::<B>(student, teacher, replica_prev, adam, loss, device, peer, job_rx, reply_tx));
             workers.push((job_tx, reply_rx));
         }
         if let Some(p) = peer0 {
             parallel::register::<B::InnerBackend>(p, &run.device)?;
         }
-        let result = train_loop(&mut run, &cfg, &dataset, &sched, &mut loss_fn, &mut log, &workers, peer0, niter, epoch_len, total_steps, opts);
+        let result = train_loop(&mut run, prev.as_ref(), &cfg, &dataset, &sched, &mut loss_fn, &mut log, &workers, peer0, niter, epoch_len, total_steps, opts);
         // Leave the group (and check that the replicas stayed identical) or, after a failure,
         // release the replicas: dropping the job channels ends their loops.
         match (result, peer0) {
@@ -445,6 +467,7 @@ type Workers = [(std::sync::mpsc::Sender<Job>, std::sync::mpsc::Receiver<Reply>)
 #[allow(clippy::too_many_arguments)]
 fn train_loop<B: AutodiffBackend>(
     run: &mut Run<B>,
+    prev: Option<&PreviousStage<B::InnerBackend>>,
     cfg: &TrainConfig,
     dataset: &Arc<ImageFolder>,
     sched: &Schedules,
@@ -478,9 +501,11 @@ fn train_loop<B: AutodiffBackend>(
     };
     'epochs: while run.state.epoch < cfg.epochs {
         let epoch = run.state.epoch;
+        // Multi-stage: the previous stage sees each crop before the photometric transforms.
+        let augment = AugmentConfig { keep_crops: prev.is_some(), ..cfg.augment.clone() };
         let mut loader = Loader::new(
             dataset.clone(),
-            cfg.augment.clone(),
+            augment,
             cfg.patch_size,
             cfg.batch_size_per_gpu * world,
             epoch_len,
@@ -514,6 +539,7 @@ fn train_loop<B: AutodiffBackend>(
                 sa_temp: sched.sa_temp[it],
                 ca_temp: sched.ca_temp[it],
                 ups: sched.ups[it],
+                mixture: sched.mixture[it],
                 clip_grad: (cfg.clip_grad > 0.0).then_some(cfg.clip_grad),
                 freeze_last_layer: cfg.freeze_last_layer,
                 betas: (0.9, 0.999),
@@ -527,7 +553,7 @@ fn train_loop<B: AutodiffBackend>(
                 tx.send(Job::Step { batch: share, hyper, seed: step_seed })
                     .map_err(|_| abandon(Error::Collective { op: "step", peer: 0, reason: "a replica stopped".into() }))?;
             }
-            let result = replica_step(run.student.clone(), &mut run.teacher, &mut run.adam, loss_fn, &run.device, &own, &hyper, step_seed, peer0);
+            let result = replica_step(run.student.clone(), &mut run.teacher, prev, &mut run.adam, loss_fn, &run.device, &own, &hyper, step_seed, peer0);
             let mut replica_error = None;
             for (i, (_, rx)) in workers.iter().enumerate() {
                 match rx.recv() {
