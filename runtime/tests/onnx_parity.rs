@@ -96,7 +96,16 @@ fn both_matmul_engines_match_reference() {
 #[test]
 fn gemm_engine_matches_tract_on_vit_tiny() {
     let spec = VitSpec::vit_tiny_p16(224, 224);
-    let weights = random_vit_weights(&spec, 3);
+    let mut weights = random_vit_weights(&spec, 3);
+    // Trained-like biases and LayerNorm affines (the random ones are 0 / 1, which tract
+    // folds away): every linear layer then carries a bias into `GemmMatMul`.
+    for (name, (_, values)) in weights.iter_mut() {
+        if name.ends_with(".bias") || name.contains("norm") {
+            for (i, v) in values.iter_mut().enumerate() {
+                *v += ((i * 2654435761usize % 1000) as f32 / 1000.0 - 0.5) * 0.2;
+            }
+        }
+    }
     let bytes = export_vit(&weights, &spec, &weights["pos_embed"].1, None).unwrap();
     let input: Vec<f32> = (0..3 * 224 * 224)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
