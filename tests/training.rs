@@ -242,3 +242,22 @@ fn an_empty_folder_is_a_clear_error() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
+
+#[test]
+fn a_learnable_position_table_is_resized_like_the_fixed_one_and_gets_gradients() {
+    use burn::tensor::{Distribution, Tensor};
+    use flsl_train::model::vit::{VitConfig, interpolate_pos_embed};
+    let device = cpu_device();
+    // Table for a 4x4 grid (32 px, patch 8); a 16-px crop needs it resized to 2x2.
+    let vit = VitConfig::new(32, 1, 2).with_patch_size(8).with_img_size(32).with_sincos_pos(false).init::<CpuTrain>(&device);
+    let table: Vec<f32> = vit.pos_embed.val().into_data().convert::<f32>().to_vec().unwrap();
+    let host = interpolate_pos_embed(&table, 4, 32, 2, 2);
+    let resized: Vec<f32> = vit.pos_embed_for(2, 2).into_data().convert::<f32>().to_vec().unwrap();
+    let worst = host.iter().zip(&resized).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-6, "product form differs from the bicubic resize by {worst}");
+    let x = Tensor::<CpuTrain, 4>::random([1, 3, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+    let grads = vit.forward(x).powi_scalar(2).sum().backward();
+    let g = vit.pos_embed.val().grad(&grads).expect("the learnable table gets a gradient from a resized crop");
+    let norm: f32 = g.abs().sum().into_scalar();
+    assert!(norm > 0.0);
+}

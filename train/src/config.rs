@@ -116,6 +116,8 @@ pub struct TrainConfig {
     pub mixture_bias: f64,
     /// Sharpness of the previous-stage map.
     pub map_sharpness: f64,
+    /// Fixed sin-cos position table (reference default); `false`: a learnable one.
+    pub sin_cos_pos_emb: bool,
     // Data and run.
     /// Image folder (recursive).
     pub data_path: PathBuf,
@@ -185,6 +187,7 @@ impl Default for TrainConfig {
             prev_ca_temp: 0.2 / 384f64.sqrt(),
             mixture_bias: 1.0,
             map_sharpness: 1e4,
+            sin_cos_pos_emb: true,
             data_path: PathBuf::from("data"),
             holdout: Vec::new(),
             tile_size: None,
@@ -379,7 +382,11 @@ impl TrainConfig {
                 reason: format!("unknown architecture `{a}` (vit_tiny, vit_small, vit_base, custom)"),
             })?,
         };
-        Ok(base.with_patch_size(self.patch_size).with_img_size(self.augment.global_resize as usize).with_drop_path_rate(self.drop_path_rate))
+        Ok(base
+            .with_patch_size(self.patch_size)
+            .with_img_size(self.augment.global_resize as usize)
+            .with_drop_path_rate(self.drop_path_rate)
+            .with_sincos_pos(self.sin_cos_pos_emb))
     }
 
     /// The head configuration.

@@ -33,6 +33,10 @@ pub struct VitConfig {
     /// Bias in the qkv projection.
     #[config(default = true)]
     pub qkv_bias: bool,
+    /// Fixed 2-D sin-cos position table (the reference's default `--sin_cos_pos_emb true`);
+    /// `false`: a learnable table initialised with a truncated normal of std 0.02.
+    #[config(default = true)]
+    pub sincos_pos: bool,
     /// LayerNorm epsilon.
     #[config(default = 1e-6)]
     pub layer_norm_eps: f64,
@@ -111,9 +115,13 @@ impl VitConfig {
         let d = self.embed_dim;
         let g = self.grid_size();
         let p = self.patch_size;
-        let pe = sincos_pos_embed_2d(d, g);
-        let pe: Vec<f32> = pe.into_iter().map(|x| x as f32).collect();
-        let pos_embed = Tensor::<B, 3>::from_data(TensorData::new(pe, [1, g * g, d]), device);
+        let pos_embed = if self.sincos_pos {
+            let pe = sincos_pos_embed_2d(d, g);
+            let pe: Vec<f32> = pe.into_iter().map(|x| x as f32).collect();
+            Tensor::<B, 3>::from_data(TensorData::new(pe, [1, g * g, d]), device)
+        } else {
+            super::layers::trunc_normal::<B, 3>([1, g * g, d], 0.02, device)
+        };
         let conv_w = super::layers::trunc_normal::<B, 2>([d, self.in_chans * p * p], 0.02, device)
             .reshape([d, self.in_chans, p, p]);
         let blocks = (0..self.depth)
@@ -137,7 +145,7 @@ impl VitConfig {
             .collect();
         Vit {
             cls_token: Param::from_tensor(Tensor::zeros([1, 1, d], device)).set_require_grad(false),
-            pos_embed: Param::from_tensor(pos_embed).set_require_grad(false),
+            pos_embed: Param::from_tensor(pos_embed).set_require_grad(!self.sincos_pos),
             patch_embed: PatchEmbed {
                 proj: Conv { weight: Param::from_tensor(conv_w), bias: Param::from_tensor(Tensor::zeros([d], device)) },
                 patch_size: p,
@@ -302,10 +310,19 @@ impl<B: Backend> Vit<B> {
             return self.pos_embed.val();
         }
         let g = (n as f64).sqrt().round() as usize;
+        let device = self.pos_embed.device();
+        if self.pos_embed.is_require_grad() {
+            // A learnable table: the same bicubic resize as a product with its (linear)
+            // interpolation matrix, so that the gradient reaches the table from every crop size.
+            let identity: Vec<f32> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+            let m = interpolate_pos_embed(&identity, g, n, gh, gw); // [gh*gw, n]
+            let m = Tensor::<B, 2>::from_data(TensorData::new(m, [gh * gw, n]), &device);
+            return m.matmul(self.pos_embed.val().reshape([n, d])).reshape([1, gh * gw, d]);
+        }
         let table = self.pos_embed.val().into_data().convert::<f32>();
         let table = table.to_vec::<f32>().expect("position table converted to f32");
         let out = interpolate_pos_embed(&table, g, d, gh, gw);
-        Tensor::from_data(TensorData::new(out, [1, gh * gw, d]), &self.pos_embed.device())
+        Tensor::from_data(TensorData::new(out, [1, gh * gw, d]), &device)
     }
 
     /// Features after the final LayerNorm.
