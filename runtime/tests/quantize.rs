@@ -118,6 +118,7 @@ fn options(format: QuantFormat, heldout: &Path) -> QuantizeOptions {
         heldout_dir: Some(heldout.to_path_buf()),
         heldout_images: 6,
         bench: None,
+        quantize_head_output: true,
         ..QuantizeOptions::default()
     }
 }
@@ -224,6 +225,14 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
     let r = quantize_file(&fp32, &calib, &dir.join("micro.nohead.onnx"), &opts, &mut |_| {})
         .expect("float head");
     assert_eq!(r.quantized_layers, 2 * 6);
+
+    // The defaults keep the head's output layers (its last MLP linear and the prototypes) in
+    // float and quantize its other two linears.
+    let opts = QuantizeOptions { quantize_head_output: false, ..options(QuantFormat::Qdq, &heldout) };
+    let r = quantize_file(&fp32, &calib, &dir.join("micro.default.onnx"), &opts, &mut |_| {}).expect("default head");
+    assert_eq!(r.quantized_layers, 2 * 6 + 2);
+    let kept = r.float_layers.join(" | ");
+    assert!(kept.contains("head.mlp.4") && kept.contains("head/last_layer") && !kept.contains("head.mlp.2"), "{kept}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

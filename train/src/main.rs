@@ -199,6 +199,10 @@ enum Command {
         /// Quantize the patch-embedding Conv too.
         #[arg(long)]
         quantize_conv: bool,
+        /// Quantize the FLSL head's output layers too (kept in float by default: int8 rounding
+        /// flips prototype argmaxes there).
+        #[arg(long)]
+        quantize_head_output: bool,
         /// Thread counts for the latency report (empty: no latency report).
         #[arg(long, default_value = "1,2", value_delimiter = ',')]
         threads: Vec<usize>,
@@ -535,7 +539,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{}", summary.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Quantize { model, calib, out, format, calibration, calib_images, heldout, float_ops, quantize_conv, threads, det_gt, det_images, det_score } => {
+        Command::Quantize { model, calib, out, format, calibration, calib_images, heldout, float_ops, quantize_conv, quantize_head_output, threads, det_gt, det_images, det_score } => {
             use flsl_runtime::quantize::{BenchOptions, Calibration, DetectionSet, QuantFormat, QuantizeOptions, quantize_file, report_markdown};
             let format = match format.as_str() {
                 "tract" => QuantFormat::Tract,
@@ -556,6 +560,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 heldout_dir: heldout,
                 float_ops,
                 quantize_conv,
+                quantize_head_output,
                 bench: (!threads.is_empty()).then(|| BenchOptions { threads, ..BenchOptions::default() }),
                 detection: det_gt.zip(det_images).map(|(gt, images)| DetectionSet { gt, images, score_threshold: det_score }),
                 ..QuantizeOptions::default()

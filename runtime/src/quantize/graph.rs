@@ -214,6 +214,24 @@ fn matches(pattern: &str, n: &NodeProto) -> bool {
     pattern == n.op_type || (!pattern.is_empty() && node_label(n).starts_with(pattern))
 }
 
+/// Index `i` of a node named `head.mlp.<i>/...` (our export's FLSL head MLP).
+fn head_mlp_index(n: &NodeProto) -> Option<usize> {
+    n.name.strip_prefix("head.mlp.")?.split('/').next()?.parse().ok()
+}
+
+/// The FLSL head's output layers in our export: the prototype layer `head/last_layer` and
+/// the head MLP's last linear (the bottleneck before the L2 normalisation).
+fn is_head_output(graph: &GraphProto, n: &NodeProto) -> bool {
+    if n.op_type != "MatMul" {
+        return false;
+    }
+    if n.name.starts_with("head/last_layer") {
+        return true;
+    }
+    let last = graph.node.iter().filter(|m| m.op_type == "MatMul").filter_map(head_mlp_index).max();
+    head_mlp_index(n).is_some_and(|i| Some(i) == last)
+}
+
 /// Finds every MatMul with a constant rank-2 weight and every Conv with a constant weight;
 /// marks which the options quantize.
 pub(crate) fn find_layers(
@@ -283,7 +301,8 @@ pub(crate) fn find_layers(
             None
         };
         let kept = options.float_ops.iter().any(|p| matches(p, n))
-            || (op == "Conv" && !options.quantize_conv);
+            || (op == "Conv" && !options.quantize_conv)
+            || (!options.quantize_head_output && is_head_output(graph, n));
         layers.push(Layer {
             node_ix: ix,
             name: node_label(n),
