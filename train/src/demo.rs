@@ -113,8 +113,9 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
     cfg.epochs = opts.steps.div_ceil(steps_per_epoch).max(1);
     cfg.saveckp_freq = 0;
     // A learnable position table (the reference's `--sin_cos_pos_emb false`): the fixed sin-cos
-    // table, ~2x the patch embeddings' scale at initialisation, dominated the features after a
-    // few CPU minutes (the k-means split was left/right, not crowns/ground).
+    // table (RMS 1/sqrt(2) ~ 0.71, against ~0.02 * sqrt(3 * 8 * 8) ~ 0.28 for the initial patch
+    // embedding of unit-variance pixels) dominated the features after a few CPU minutes (the
+    // k-means split was left/right, not crowns/ground).
     cfg.sin_cos_pos_emb = false;
     cfg.validate()?;
     // A fresh demo each time: an old run folder would be resumed otherwise.

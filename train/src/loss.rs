@@ -99,26 +99,14 @@ impl FlslLoss {
         self.teacher_temp_schedule.get(epoch).or(self.teacher_temp_schedule.last()).copied().unwrap_or(0.04)
     }
 
-    /// Evaluates the loss.
+    /// Evaluates the loss. `replica_mean`, for data-parallel replicas, is the VMR's mean
+    /// assignment `x̄ [1, K]` over all replicas: the reference's `utils.AllReduce` (forward: the
+    /// mean over replicas; backward: identity), so that after the gradient average the update
+    /// equals one device on the whole batch. `None` on one device.
     ///
     /// # Shapes
     /// `x, mode: [M, C]`, `student_pred, teacher_pred: [M, K]`.
     pub fn forward<B: Backend>(
-        &mut self,
-        x: Tensor<B, 2>,
-        mode: Tensor<B, 2>,
-        student_pred: Tensor<B, 2>,
-        teacher_pred: Tensor<B, 2>,
-        epoch: usize,
-    ) -> FlslLossOutput<B> {
-        self.forward_with_mean(x, mode, student_pred, teacher_pred, epoch, None)
-    }
-
-    /// [`FlslLoss::forward`] with the VMR's mean assignment `x̄ [1, K]` taken from all
-    /// data-parallel replicas: the reference's `utils.AllReduce` (forward: the mean over
-    /// replicas; backward: identity), so that after the gradient average the update equals one
-    /// device on the whole batch.
-    pub fn forward_with_mean<B: Backend>(
         &mut self,
         x: Tensor<B, 2>,
         mode: Tensor<B, 2>,

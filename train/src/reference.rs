@@ -328,7 +328,7 @@ fn check_loss(case: &Case, check: &mut Check) -> R {
     let mode: Tensor<CpuTrain, 2> = case.t("mode")?.to_device(&d).require_grad();
     let sp: Tensor<CpuTrain, 2> = case.t("student_pred")?.to_device(&d).require_grad();
     let tp: Tensor<CpuTrain, 2> = case.t("teacher_pred")?.to_device(&d).require_grad();
-    let out = loss.forward(x.clone(), mode.clone(), sp.clone(), tp.clone(), epoch);
+    let out = loss.forward(x.clone(), mode.clone(), sp.clone(), tp.clone(), epoch, None);
     let terms = out.terms();
     let grads = out.total.backward();
     if tp.grad(&grads).is_some_and(|g| g.abs().max().into_scalar() != 0.0) {

@@ -164,17 +164,6 @@ pub struct Forward<B: Backend> {
     pub enc_t: Tensor<B, 3>,
 }
 
-/// Runs the teacher and the student on the views (`views[0]` is the teacher's).
-pub fn forward<B: AutodiffBackend>(
-    student: &FlslModel<B>,
-    teacher: &FlslModel<B::InnerBackend>,
-    views: &[View<B>],
-    sa_temp: f64,
-    ca_temp: f64,
-) -> Result<Forward<B>> {
-    forward_staged(student, teacher, views, sa_temp, ca_temp, None)
-}
-
 fn plain_crops<B: AutodiffBackend>(views: &[View<B>]) -> Result<Tensor<B::InnerBackend, 4>> {
     let crops = views
         .iter()
@@ -185,9 +174,10 @@ fn plain_crops<B: AutodiffBackend>(views: &[View<B>]) -> Result<Tensor<B::InnerB
     Ok(Tensor::cat(crops, 0).inner())
 }
 
-/// [`forward`] with an optional previous-stage model and the attention mixture of this
-/// iteration (multi-stage training, [`crate::multistage`]).
-pub fn forward_staged<B: AutodiffBackend>(
+/// Runs the teacher and the student on the views (`views[0]` is the teacher's); `prev` is the
+/// previous-stage model and this iteration's attention mixture in multi-stage training
+/// ([`crate::multistage`]), `None` otherwise.
+pub fn forward<B: AutodiffBackend>(
     student: &FlslModel<B>,
     teacher: &FlslModel<B::InnerBackend>,
     views: &[View<B>],
@@ -279,7 +269,7 @@ pub fn train_step_staged<B: AutodiffBackend>(
     hyper: &StepHyper,
     opts: StepOptions,
 ) -> Result<(FlslModel<B>, StepReport)> {
-    let fwd = forward_staged(&student, teacher, views, hyper.sa_temp, hyper.ca_temp, prev.map(|p| (p, hyper.mixture)))?;
+    let fwd = forward(&student, teacher, views, hyper.sa_temp, hyper.ca_temp, prev.map(|p| (p, hyper.mixture)))?;
     let mut recorded = TensorMap::new();
     if opts.record {
         recorded.insert("loss_in_x".into(), HostTensor::from_tensor(fwd.x.clone()));
@@ -299,7 +289,7 @@ pub fn train_step_staged<B: AutodiffBackend>(
         }
         _ => None,
     };
-    let out = loss_fn.forward_with_mean(fwd.x, fwd.mode, fwd.student_pred, fwd.teacher_pred, hyper.epoch, replica_mean);
+    let out = loss_fn.forward(fwd.x, fwd.mode, fwd.student_pred, fwd.teacher_pred, hyper.epoch, replica_mean);
     let mut terms = out.terms();
     if let Some(peer) = opts.peer {
         // Every replica sees the same (mean) terms, so a non-finite loss anywhere stops all.

@@ -220,16 +220,9 @@ fn head_mlp_index(n: &NodeProto) -> Option<usize> {
 }
 
 /// The FLSL head's output layers in our export: the prototype layer `head/last_layer` and
-/// the head MLP's last linear (the bottleneck before the L2 normalisation).
-fn is_head_output(graph: &GraphProto, n: &NodeProto) -> bool {
-    if n.op_type != "MatMul" {
-        return false;
-    }
-    if n.name.starts_with("head/last_layer") {
-        return true;
-    }
-    let last = graph.node.iter().filter(|m| m.op_type == "MatMul").filter_map(head_mlp_index).max();
-    head_mlp_index(n).is_some_and(|i| Some(i) == last)
+/// the head MLP's last linear (`head.mlp.<last_mlp>`, the bottleneck before the L2 norm).
+fn is_head_output(n: &NodeProto, last_mlp: Option<usize>) -> bool {
+    n.op_type == "MatMul" && (n.name.starts_with("head/last_layer") || (head_mlp_index(n).is_some() && head_mlp_index(n) == last_mlp))
 }
 
 /// Finds every MatMul with a constant rank-2 weight and every Conv with a constant weight;
@@ -244,6 +237,7 @@ pub(crate) fn find_layers(
         .map(|t| (t.name.as_str(), t))
         .collect();
     let mut layers = Vec::new();
+    let last_head_mlp = graph.node.iter().filter(|m| m.op_type == "MatMul").filter_map(head_mlp_index).max();
     for (ix, n) in graph.node.iter().enumerate() {
         let op: &'static str = match n.op_type.as_str() {
             "MatMul" => "MatMul",
@@ -302,7 +296,7 @@ pub(crate) fn find_layers(
         };
         let kept = options.float_ops.iter().any(|p| matches(p, n))
             || (op == "Conv" && !options.quantize_conv)
-            || (!options.quantize_head_output && is_head_output(graph, n));
+            || (!options.quantize_head_output && is_head_output(n, last_head_mlp));
         layers.push(Layer {
             node_ix: ix,
             name: node_label(n),
