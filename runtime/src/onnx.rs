@@ -269,7 +269,8 @@ impl OnnxModel {
         Self::from_proto(proto, None, name.clone(), options)
     }
 
-    /// Lowers the QDQ linear layers for the integer op (gemm engine only), then parses.
+    /// Lowers the QDQ linear layers for the integer op and parses LayerNormalization into one
+    /// op (gemm engine only), then parses.
     fn from_proto(
         mut proto: tract_onnx::pb::ModelProto,
         dir: Option<&str>,
@@ -281,7 +282,11 @@ impl OnnxModel {
             MatMulEngine::Tract => Default::default(),
         };
         let load = |source| ModelError::Load { model: name.clone(), source };
-        let parsed = tract_onnx::onnx().parse(&proto, dir).map_err(load)?;
+        let parser = match options.matmul {
+            MatMulEngine::Gemm => crate::ops::layer_norm::onnx_parser(),
+            MatMulEngine::Tract => tract_onnx::onnx(),
+        };
+        let parsed = parser.parse(&proto, dir).map_err(load)?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(load(TractError::msg(format!("unresolved inputs: {:?}", parsed.unresolved_inputs))));
         }

@@ -91,8 +91,8 @@ fn both_matmul_engines_match_reference() {
 }
 
 /// ViT-Ti/16 at 224 (random weights): the gemm engine at 2 threads (its multithreaded
-/// path: the products are above its threading threshold there) against tract's own
-/// kernels at 1 thread.
+/// path: the products are above its threading threshold there), with the fused
+/// LayerNorms, against tract's own kernels and LayerNorm expansion at 1 thread.
 #[test]
 fn gemm_engine_matches_tract_on_vit_tiny() {
     let spec = VitSpec::vit_tiny_p16(224, 224);
@@ -117,6 +117,9 @@ fn gemm_engine_matches_tract_on_vit_tiny() {
     .unwrap();
     let expected = reference.run_tensor(&input).unwrap().features.as_slice().to_vec();
     let mut model = OnnxModel::from_bytes(&bytes, ModelOptions::new().with_threads(2)).unwrap();
+    // Every LayerNormalization (2 per block + the final one) runs as one fused op.
+    let norms = model.plan_info().iter().filter(|n| n.1 == "FusedLayerNorm").count();
+    assert_eq!(norms, 2 * 12 + 1);
     let got = model.run_tensor(&input).unwrap().features;
     assert_eq!((got.tokens(), got.channels()), (196, 192));
     let diff = max_abs_diff(got.as_slice(), &expected);

@@ -158,6 +158,73 @@ pub(crate) mod avx512 {
         chunks.into_remainder().iter_mut().for_each(|v| *v = super::gelu(*v));
     }
 
+    /// Layer normalization of one row into `y` (`x`, `y`, `scale`, `bias` of one length):
+    /// mean and variance in one pass, then `(x - mean) * inv * scale + bias`. A ViT row
+    /// (192 or 384 values) is so short that the chain reduce -> divide -> reduce -> sqrt
+    /// dominates, hence one pass and two independent sums.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the four slices have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn layer_norm_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+        let n = x.len();
+        let full = n / 16 * 16;
+        let (px, ps, pb, py) = (x.as_ptr(), scale.as_ptr(), bias.as_ptr(), y.as_mut_ptr());
+        let tail = tail_mask(n - full);
+        // Safety (all blocks): unmasked loads and stores touch i..i+16 <= full <= n, masked
+        // ones full..n; every slice has n values.
+        // No closures here: they would not inherit this function's target feature, and
+        // every intrinsic in them would become a call.
+        // One pass for both sums, of `x - x[0]` (the shift keeps `E[d^2] - E[d]^2` from
+        // cancelling when the row's mean is large against its spread).
+        let shift = _mm512_set1_ps(x.first().copied().unwrap_or(0.0));
+        let mut s1 = [_mm512_setzero_ps(); 2];
+        let mut s2 = [_mm512_setzero_ps(); 2];
+        let mut i = 0;
+        while i + 32 <= full {
+            for j in 0..2 {
+                let d = _mm512_sub_ps(unsafe { _mm512_loadu_ps(px.add(i + 16 * j)) }, shift);
+                s1[j] = _mm512_add_ps(s1[j], d);
+                s2[j] = _mm512_fmadd_ps(d, d, s2[j]);
+            }
+            i += 32;
+        }
+        while i < full {
+            let d = _mm512_sub_ps(unsafe { _mm512_loadu_ps(px.add(i)) }, shift);
+            s1[0] = _mm512_add_ps(s1[0], d);
+            s2[0] = _mm512_fmadd_ps(d, d, s2[0]);
+            i += 16;
+        }
+        let d = _mm512_maskz_sub_ps(tail, unsafe { _mm512_maskz_loadu_ps(tail, px.add(full)) }, shift);
+        s1[1] = _mm512_add_ps(s1[1], d);
+        s2[1] = _mm512_fmadd_ps(d, d, s2[1]);
+        let inv_n = 1.0 / n as f32;
+        let m1 = _mm512_reduce_add_ps(_mm512_add_ps(s1[0], s1[1])) * inv_n;
+        let m2 = _mm512_reduce_add_ps(_mm512_add_ps(s2[0], s2[1])) * inv_n;
+        let var = (m2 - m1 * m1).max(0.0);
+        // `x - mean` as `(x - x[0]) - m1`: the first difference is exact for values near
+        // x[0], so the mean's rounding to f32 does not enter.
+        let vm1 = _mm512_set1_ps(m1);
+        let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
+        let mut i = 0;
+        while i < full {
+            unsafe {
+                let d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(px.add(i)), shift), vm1);
+                let s = _mm512_mul_ps(_mm512_loadu_ps(ps.add(i)), inv);
+                _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(d, s, _mm512_loadu_ps(pb.add(i))));
+            }
+            i += 16;
+        }
+        if full < n {
+            unsafe {
+                let d = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, px.add(full)), shift), vm1);
+                let s = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, ps.add(full)), inv);
+                _mm512_mask_storeu_ps(py.add(full), tail, _mm512_fmadd_ps(d, s, _mm512_maskz_loadu_ps(tail, pb.add(full))));
+            }
+        }
+    }
+
+    #[inline]
     fn tail_mask(len: usize) -> __mmask16 {
         if len >= 16 { 0xffff } else { (1u16 << len) - 1 }
     }

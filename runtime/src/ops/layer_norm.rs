@@ -1,0 +1,294 @@
+//! ONNX `LayerNormalization` as one op: mean, variance, normalization and the affine in one
+//! pass per row, rows split over the pool's threads.
+//!
+//! tract 0.23 expands `LayerNormalization` into a chain of eight typed ops (a summing
+//! `Reduce`, a scalar multiply, a subtraction, `RmsNorm`, a multiply-add chain, ...), each a
+//! pass over the activations, the reductions on one thread. In an int8 ViT-Ti/16 those
+//! passes took 2.7 ms of an 18.5 ms frame (`docs/PERFORMANCE.md`), more than all four
+//! attention projections together. [`onnx_parser`] is tract's ONNX parser with
+//! `LayerNormalization` (scale and bias, no optional outputs: what every exported ViT has)
+//! parsed into [`FusedLayerNorm`]; other forms keep tract's own expansion. The file itself
+//! is unchanged, so onnxruntime and TensorRT read the same model.
+
+// One call into the AVX-512 row kernel of `simd`, behind runtime feature detection, and an
+// output tensor allocated without zeroing (every value is written).
+#![allow(unsafe_code)]
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_hir::internal::{Expansion, InferenceOp, InferenceResult, Solver, TensorProxy, check_input_arity, check_output_arity, expand};
+
+/// Below this many values a layer normalization stays on the calling thread (ViT-Ti/16's
+/// 197 x 192 does: splitting it costs more than the pass).
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+
+/// `y = (x - mean) / sqrt(var + eps) * scale + bias` over the trailing axes from `axis`
+/// (ONNX `LayerNormalization`, biased variance), f32. Inputs: `x`, `scale`, `bias`, the
+/// latter two with exactly as many values as one normalized row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusedLayerNorm {
+    /// First normalized axis (non-negative).
+    pub axis: usize,
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+// `eps` is finite (parsed from the file's attribute), so equality is reflexive.
+impl Eq for FusedLayerNorm {}
+
+impl FusedLayerNorm {
+    fn row_len(&self, shape: &[usize]) -> usize {
+        shape[self.axis.min(shape.len())..].iter().product()
+    }
+}
+
+/// One row, the portable form of `simd::avx512::layer_norm_row`: both sums of `x - x[0]` in
+/// one pass (the shift keeps `E[d^2] - E[d]^2` from cancelling when the mean is large against
+/// the spread), then `((x - x[0]) - E[d]) * inv * scale + bias`.
+fn normalize_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+    let shift = x.first().copied().unwrap_or(0.0);
+    let (mut s1, mut s2) = ([0f32; 16], [0f32; 16]);
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for ((a, b), v) in s1.iter_mut().zip(&mut s2).zip(c) {
+            let d = v - shift;
+            *a += d;
+            *b += d * d;
+        }
+    }
+    let inv_n = 1.0 / x.len() as f32;
+    let m1 = (s1.iter().sum::<f32>() + tail.iter().map(|v| v - shift).sum::<f32>()) * inv_n;
+    let m2 = (s2.iter().sum::<f32>() + tail.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>()) * inv_n;
+    let inv = 1.0 / ((m2 - m1 * m1).max(0.0) + eps).sqrt();
+    for (((o, v), s), b) in y.iter_mut().zip(x).zip(scale).zip(bias) {
+        *o = ((v - shift) - m1) * (inv * s) + b;
+    }
+}
+
+/// Layer normalization of every `row_len` values of `x` into `y`.
+pub fn layer_norm_rows(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+    let row = scale.len().max(1);
+    debug_assert!(bias.len() == row && x.len() == y.len() && x.len() % row == 0);
+    let run = |x: &[f32], y: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
+                // Safety: the feature was just detected; all four slices have `row` values.
+                unsafe { super::simd::avx512::layer_norm_row(xr, scale, bias, eps, yr) };
+            }
+            return;
+        }
+        for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
+            normalize_row(xr, scale, bias, eps, yr);
+        }
+    };
+    let threads = super::pool_threads();
+    let rows = x.len() / row;
+    if threads <= 1 || x.len() < PARALLEL_MIN_ELEMENTS || rows < 2 {
+        run(x, y);
+        return;
+    }
+    let per = rows.div_ceil(threads) * row;
+    rayon::scope(|s| {
+        let mut parts = x.chunks(per).zip(y.chunks_mut(per));
+        let first = parts.next();
+        for (xc, yc) in parts {
+            let run = &run;
+            s.spawn(move |_| run(xc, yc));
+        }
+        if let Some((xc, yc)) = first {
+            run(xc, yc);
+        }
+    });
+}
+
+impl Op for FusedLayerNorm {
+    fn name(&self) -> StaticName {
+        "FusedLayerNorm".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("axis: {} eps: {:e}", self.axis, self.eps)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for FusedLayerNorm {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 3, "FusedLayerNorm takes x, scale and bias");
+        let x = inputs[0].to_plain_array_view::<f32>()?;
+        let scale = inputs[1].to_plain_array_view::<f32>()?;
+        let bias = inputs[2].to_plain_array_view::<f32>()?;
+        let row = self.row_len(x.shape());
+        ensure!(
+            scale.len() == row && bias.len() == row,
+            "FusedLayerNorm: scale has {} and bias {} values for rows of {row}",
+            scale.len(),
+            bias.len()
+        );
+        let x = x.as_slice().context("FusedLayerNorm: input is not contiguous")?;
+        let (scale, bias) = (
+            scale.as_slice().context("FusedLayerNorm: scale is not contiguous")?,
+            bias.as_slice().context("FusedLayerNorm: bias is not contiguous")?,
+        );
+        // Safety: every value is written below (`layer_norm_rows` writes all of `y`), and an
+        // output with empty rows has no values.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
+        if row > 0 {
+            let mut view = out.to_plain_array_view_mut::<f32>()?;
+            let y = view.as_slice_mut().context("FusedLayerNorm: fresh output is not contiguous")?;
+            layer_norm_rows(x, scale, bias, self.eps, y);
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for FusedLayerNorm {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 3, "FusedLayerNorm takes x, scale and bias");
+        for i in inputs {
+            ensure!(i.datum_type == f32::datum_type(), "FusedLayerNorm is f32 only");
+        }
+        ensure!(self.axis <= inputs[0].rank(), "FusedLayerNorm: axis {} of a rank-{} input", self.axis, inputs[0].rank());
+        Ok(tvec!(inputs[0].without_value()))
+    }
+
+    as_op!();
+}
+
+/// The parse-time form: checks like tract's `LayerNorm` expansion, wires [`FusedLayerNorm`]
+/// (with casts to and from f32 for other float types, as tract's `stash_type` f32 does).
+#[derive(Debug, Clone)]
+struct LayerNormExpansion {
+    axis: isize,
+    eps: f32,
+}
+
+impl Expansion for LayerNormExpansion {
+    fn name(&self) -> StaticName {
+        "LayerNorm".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, &inputs[1].datum_type)?;
+        s.equals(&inputs[0].datum_type, &inputs[2].datum_type)?;
+        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        use tract_onnx::tract_core::ops::cast::cast;
+        let fact = model.outlet_fact(inputs[0])?.clone();
+        let rank = fact.rank() as isize;
+        let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
+        ensure!((0..=rank).contains(&axis), "{prefix}: LayerNormalization axis {} for a rank-{rank} input", self.axis);
+        let mut f32_inputs = tvec!();
+        for (i, input) in inputs.iter().enumerate() {
+            let dt = model.outlet_fact(*input)?.datum_type;
+            f32_inputs.push(if dt == f32::datum_type() {
+                *input
+            } else {
+                model.wire_node(format!("{prefix}.cast_{i}"), cast(f32::datum_type()), &[*input])?[0]
+            });
+        }
+        let y = model.wire_node(prefix, FusedLayerNorm { axis: axis as usize, eps: self.eps }, &f32_inputs)?;
+        if fact.datum_type == f32::datum_type() {
+            Ok(y)
+        } else {
+            model.wire_node(format!("{prefix}.cast_y"), cast(fact.datum_type), &y)
+        }
+    }
+}
+
+/// tract's builder for the forms [`FusedLayerNorm`] does not take.
+fn tract_layer_norm(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let builder = *tract_onnx::onnx()
+        .op_register
+        .0
+        .get("LayerNormalization")
+        .context("tract's ONNX parser has no LayerNormalization")?;
+    builder(ctx, node)
+}
+
+fn parse_layer_norm(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let with_bias = node.input.len() == 3 && !node.input[2].is_empty();
+    let one_output = node.output.iter().skip(1).all(|o| o.is_empty());
+    let stash_f32 = node.get_attr_opt::<i64>("stash_type")?.is_none_or(|t| t == 1);
+    if !(with_bias && one_output && stash_f32) {
+        return tract_layer_norm(ctx, node);
+    }
+    let axis = node.get_attr_opt::<i64>("axis")?.unwrap_or(-1) as isize;
+    let eps = node.get_attr_opt::<f32>("epsilon")?.unwrap_or(1e-5);
+    Ok((expand(LayerNormExpansion { axis, eps }), vec![]))
+}
+
+/// tract's ONNX parser, with `LayerNormalization` parsed into [`FusedLayerNorm`].
+pub fn onnx_parser() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    onnx.op_register.insert("LayerNormalization", parse_layer_norm);
+    onnx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], scale: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+        let n = scale.len();
+        let mut out = Vec::new();
+        for row in x.chunks_exact(n) {
+            let mean = row.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
+            let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            out.extend(row.iter().zip(scale).zip(bias).map(|((v, s), b)| ((*v as f64 - mean) * inv * *s as f64 + *b as f64) as f32));
+        }
+        out
+    }
+
+    #[test]
+    fn rows_match_a_double_precision_reference_on_one_and_two_threads_and_without_avx512() {
+        // 197 x 192 (ViT-Ti/16), 2 x 37 (a row length that is not a multiple of 16), rows
+        // whose mean grows to 400 against a spread of ~3, and rows at 1000 +- 0.05 (a mean
+        // 10^4 times the spread: the one-pass variance must not cancel).
+        for (rows, n, offset, spread) in [(197usize, 192usize, 0.0, 1.0), (2, 37, 0.0, 1.0), (400, 200, 1.0, 1.0), (3, 64, 1000.0, 0.01)] {
+            let x: Vec<f32> = (0..rows * n)
+                .map(|i| (((i * 7919) % 1000) as f32 / 100.0 - 5.0) * spread + offset * (1 + i / n) as f32)
+                .collect();
+            let scale: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect();
+            let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 / 5.0 - 0.4).collect();
+            let expected = reference(&x, &scale, &bias, 1e-6);
+            let mut portable = vec![f32::NAN; x.len()];
+            for (xr, yr) in x.chunks_exact(n).zip(portable.chunks_exact_mut(n)) {
+                normalize_row(xr, &scale, &bias, 1e-6, yr);
+            }
+            let worst = portable.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-5, "{rows}x{n}, portable row kernel: worst {worst}");
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut y = vec![f32::NAN; x.len()];
+                pool.install(|| layer_norm_rows(&x, &scale, &bias, 1e-6, &mut y));
+                let worst = y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 2e-5, "{rows}x{n}, {threads} threads: worst {worst}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_scale_of_the_wrong_length_is_an_error_naming_both_lengths() {
+        let op = FusedLayerNorm { axis: 1, eps: 1e-6 };
+        let x = Tensor::zero::<f32>(&[2, 4]).unwrap().into_tvalue();
+        let s = Tensor::zero::<f32>(&[3]).unwrap().into_tvalue();
+        let b = Tensor::zero::<f32>(&[4]).unwrap().into_tvalue();
+        let err = op.eval_out_of_plan(tvec!(x, s, b)).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("scale has 3") && err.contains("rows of 4"), "{err}");
+    }
+}
