@@ -25,8 +25,10 @@ use tract_onnx::tract_core::internal::*;
 pub const NR: usize = 32;
 /// Rows per kernel call.
 const MR: usize = 12;
-/// Products below this many multiply-adds run on one thread.
-const PARALLEL_MIN_MACS: usize = 16 << 20;
+/// Products below this many multiply-adds run on one thread. ViT-Ti/16's 197 x 192 x 192
+/// projections (7.3 M) are split: at 16 M they were not, and the int8 ViT-Ti/16 ran at
+/// 13.3 ms per frame on 2 threads instead of 11.3-11.9 (`onnx_bench --threads 2`, A/B).
+const PARALLEL_MIN_MACS: usize = 4 << 20;
 /// Round-half-to-even by the float adder: exact for `|x| < 2^22`.
 const MAGIC: f32 = 12_582_912.0;
 

@@ -287,6 +287,11 @@ mod tests {
         for (g, e) in v.iter().zip(&expected) {
             assert!((g - e).abs() <= 1e-6 * e.abs().max(1.0), "{g} vs {e}");
         }
+        // Far tails (q16 overflows to infinity on the vector path): x itself, or 0.
+        let mut far = vec![300.0f32, -300.0, 1e30, -1e30, 9.0, -9.0, 0.0];
+        far.resize(32, 0.0);
+        gelu_inplace(&mut far);
+        assert_eq!(&far[..7], &[300.0, 0.0, 1e30, 0.0, 9.0, 0.0, 0.0]);
     }
 
     /// Rows of odd lengths (masked tails), large and tiny values, inside a 2-thread pool and
