@@ -357,9 +357,10 @@ impl OnnxModel {
                     if q != int8.len() {
                         tracing::warn!(model = %name, found = int8.len(), substituted = q, "some QDQ layers stay as float products");
                     }
+                    let patches = crate::ops::substitute_patch_embeddings(&mut t)?;
                     let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
                     let attn = crate::ops::fuse_attention(&mut t)?;
-                    tracing::debug!(model = %name, products = n, int8 = q, attention = attn, "matmuls moved to gemm / int8, attention fused");
+                    tracing::debug!(model = %name, products = n, int8 = q, attention = attn, patch_embeddings = patches, "matmuls moved to gemm / int8, attention fused");
                     t.into_optimized()
                 }),
         }

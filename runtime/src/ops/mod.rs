@@ -7,6 +7,7 @@ pub mod attention;
 pub mod gemm_matmul;
 pub mod int8_matmul;
 pub mod layer_norm;
+pub mod patch_embed;
 pub mod qdq;
 pub mod simd;
 
@@ -14,6 +15,7 @@ pub use attention::{FusedAttention, fuse_attention};
 pub use gemm_matmul::{GemmMatMul, substitute_gemm_matmuls};
 pub use int8_matmul::{Int8Layer, Int8MatMul};
 pub use layer_norm::FusedLayerNorm;
+pub use patch_embed::{PatchEmbed, substitute_patch_embeddings};
 pub use qdq::{QdqLayer, lower_qdq_matmuls, substitute_int8_matmuls};
 
 /// Threads of the rayon pool the caller runs in: `OnnxModel` runs each frame inside its
