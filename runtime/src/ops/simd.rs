@@ -233,39 +233,66 @@ pub(crate) mod avx512 {
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn softmax_row(row: &mut [f32]) {
+        // Full vectors unmasked and unrolled with independent accumulators (a 197-value
+        // attention row is 12 vectors and a tail: one accumulator chain per pass made the
+        // row latency-bound, ~2.3 cycles per value), the tail masked.
         let n = row.len();
+        let full = n / 16 * 16;
+        let tail = tail_mask(n - full);
         let p = row.as_mut_ptr();
-        // Safety (all blocks): masked loads and stores touch indices i..i+16 clipped to n.
-        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+        // Safety (all blocks): unmasked loads and stores touch i..i+16 <= full <= n, masked
+        // ones full..n.
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut m = [ninf; 4];
         let mut i = 0;
-        while i < n {
-            let m = tail_mask(n - i);
-            let v = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, p.add(i)) };
-            vmax = _mm512_max_ps(vmax, v);
+        while i + 64 <= full {
+            for (j, a) in m.iter_mut().enumerate() {
+                *a = _mm512_max_ps(*a, unsafe { _mm512_loadu_ps(p.add(i + 16 * j)) });
+            }
+            i += 64;
+        }
+        while i < full {
+            m[0] = _mm512_max_ps(m[0], unsafe { _mm512_loadu_ps(p.add(i)) });
             i += 16;
         }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-        let mut vsum = _mm512_setzero_ps();
+        m[1] = _mm512_max_ps(m[1], unsafe { _mm512_mask_loadu_ps(ninf, tail, p.add(full)) });
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3]))));
+        let mut s = [_mm512_setzero_ps(); 2];
         let mut i = 0;
-        while i < n {
-            let m = tail_mask(n - i);
+        while i + 32 <= full {
+            for (j, a) in s.iter_mut().enumerate() {
+                unsafe {
+                    let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i + 16 * j)), max));
+                    *a = _mm512_add_ps(*a, e);
+                    _mm512_storeu_ps(p.add(i + 16 * j), e);
+                }
+            }
+            i += 32;
+        }
+        while i < full {
             unsafe {
-                let v = _mm512_maskz_loadu_ps(m, p.add(i));
-                let e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(v, max)));
-                vsum = _mm512_add_ps(vsum, e);
-                _mm512_mask_storeu_ps(p.add(i), m, e);
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), max));
+                s[0] = _mm512_add_ps(s[0], e);
+                _mm512_storeu_ps(p.add(i), e);
             }
             i += 16;
         }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vsum));
-        let mut i = 0;
-        while i < n {
-            let m = tail_mask(n - i);
+        if full < n {
             unsafe {
-                let v = _mm512_maskz_loadu_ps(m, p.add(i));
-                _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(v, inv));
+                let v = _mm512_maskz_loadu_ps(tail, p.add(full));
+                let e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(v, max)));
+                s[1] = _mm512_add_ps(s[1], e);
+                _mm512_mask_storeu_ps(p.add(full), tail, e);
             }
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(_mm512_add_ps(s[0], s[1])));
+        let mut i = 0;
+        while i < full {
+            unsafe { _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv)) };
             i += 16;
+        }
+        if full < n {
+            unsafe { _mm512_mask_storeu_ps(p.add(full), tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), inv)) };
         }
     }
 }
