@@ -354,10 +354,10 @@ impl OnnxModel {
                 .and_then(|t| t.into_decluttered())
                 .and_then(|mut t| {
                     let q = crate::ops::substitute_int8_matmuls(&mut t, int8)?;
-                    if q != int8.len() {
-                        tracing::warn!(model = %name, found = int8.len(), substituted = q, "some QDQ layers stay as float products");
+                    let (patches, q_patches) = crate::ops::substitute_patch_embeddings(&mut t, int8)?;
+                    if q + q_patches != int8.len() {
+                        tracing::warn!(model = %name, found = int8.len(), substituted = q + q_patches, "some QDQ layers stay as float products");
                     }
-                    let patches = crate::ops::substitute_patch_embeddings(&mut t)?;
                     let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
                     let attn = crate::ops::fuse_attention(&mut t)?;
                     tracing::debug!(model = %name, products = n, int8 = q, attention = attn, patch_embeddings = patches, "matmuls moved to gemm / int8, attention fused");

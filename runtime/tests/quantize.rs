@@ -217,6 +217,24 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
     let a = r.accuracy.unwrap();
     assert!(a.mean_token_cosine >= MICRO_MIN_MEAN_COSINE, "{a:?}");
 
+    // QDQ with the patch embedding quantized: our engine runs it as an int8 PatchEmbed
+    // (gather, quantize, integer product), equal to tract's fake-quantized QDQ run.
+    let out = dir.join("micro.conv.qdq.onnx");
+    let opts = QuantizeOptions { quantize_conv: true, ..options(QuantFormat::Qdq, &heldout) };
+    let r = quantize_file(&fp32, &calib, &out, &opts, &mut |_| {}).expect("QDQ conv quantization");
+    assert_eq!(r.quantized_layers, weight_matmuls + 1);
+    assert_eq!(r.tract_ops.integer_matmuls, weight_matmuls + 1, "{:?}", r.tract_ops);
+    assert!(r.tract_ops.ops.iter().any(|o| o.0 == "PatchEmbed"), "{:?}", r.tract_ops);
+    let input: Vec<f32> = (0..3 * 64 * 64).map(|i| ((i * 7919) % 1000) as f32 / 400.0 - 1.2).collect();
+    let run = |engine| {
+        let mut m = OnnxModel::load(&out, ModelOptions::new().with_matmul(engine)).unwrap();
+        m.run_tensor(&input).unwrap().features.as_slice().to_vec()
+    };
+    let (int8, fake) = (run(MatMulEngine::Gemm), run(MatMulEngine::Tract));
+    let scale = fake.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let diff = int8.iter().zip(&fake).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(diff <= 1e-3 * scale.max(1.0), "int8 PatchEmbed vs tract's QDQ run: max abs diff {diff} (scale {scale})");
+
     // --float-ops: keep the head in float by node-name prefix.
     let opts = QuantizeOptions {
         float_ops: vec!["head".into()],

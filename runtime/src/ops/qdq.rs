@@ -14,7 +14,9 @@
 //! int8 weights and their scales) under the `MatMul` node's name, and rewrites the graph so
 //! that tract sees a plain float `MatMul` of `x` and the dequantized weights (the Q/DQ pair
 //! on `x` disappears when nothing else reads it). [`substitute_int8_matmuls`] then swaps
-//! those products in tract's typed model for the integer op. Anything that does not match
+//! those products in tract's typed model for the integer op. A QDQ `Conv` that is a patch
+//! embedding (stride = kernel, no padding; weights `[D, C, kh, kw]` per output channel) is
+//! lowered the same way and becomes an int8 [`super::PatchEmbed`]. Anything that does not match
 //! exactly (another axis, a non-zero weight zero point, a shared weight, a non-constant
 //! scale) is left as it was, so the graph always keeps its meaning.
 
@@ -41,6 +43,29 @@ pub struct QdqLayer {
     pub n: usize,
     /// Per-column weight scales (`N` values).
     pub w_scale: Vec<f32>,
+    /// `Some((kh, kw))` for a patch-embedding `Conv` (stride = kernel, no padding): `w_q` is
+    /// then its `[D, C, kh, kw]` weights as `[C kh kw, D]`, for [`super::PatchEmbed`].
+    pub patch_kernel: Option<(usize, usize)>,
+}
+
+fn ints_attr(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    n.attribute.iter().find(|a| a.name == name).map(|a| a.ints.clone())
+}
+
+/// The kernel `(kh, kw)` of a `Conv` that is a patch embedding for weights of `dims`
+/// `[D, C, kh, kw]`: strides equal to the kernel, no padding or dilation, one group.
+fn patch_conv_kernel(n: &NodeProto, dims: &[usize]) -> Option<(usize, usize)> {
+    let [_, _, kh, kw] = *dims else { return None };
+    let attr_ok = n.attribute.iter().all(|a| match a.name.as_str() {
+        "kernel_shape" => a.ints == [kh as i64, kw as i64],
+        "strides" => a.ints == [kh as i64, kw as i64],
+        "pads" => a.ints.iter().all(|&p| p == 0),
+        "dilations" => a.ints.iter().all(|&d| d == 1),
+        "group" => a.i == 1,
+        "auto_pad" => matches!(a.s.as_slice(), b"NOTSET" | b"VALID" | b""),
+        _ => false,
+    });
+    (attr_ok && ints_attr(n, "strides").is_some()).then_some((kh, kw))
 }
 
 fn raw_or<T: Copy>(t: &TensorProto, width: usize, from: impl Fn(&[u8]) -> T, typed: impl Fn() -> Vec<T>) -> Option<Vec<T>> {
@@ -116,7 +141,8 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
 
     let mut rewrites: Vec<(usize, String, String, TensorProto)> = Vec::new();
     for (ix, n) in g.node.iter().enumerate() {
-        if n.op_type != "MatMul" || n.input.len() != 2 || !n.domain.is_empty() && n.domain != "ai.onnx" {
+        let conv = n.op_type == "Conv" && (n.input.len() == 2 || n.input.len() == 3);
+        if !(n.op_type == "MatMul" && n.input.len() == 2 || conv) || !n.domain.is_empty() && n.domain != "ai.onnx" {
             continue;
         }
         // The weight side: DequantizeLinear of an int8 initializer [K, N], per column or
@@ -129,13 +155,20 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
         let Some(wt) = wdq.input.first().and_then(|w| init(w)) else { continue };
         let Some((wq, true)) = int8s(wt) else { continue };
         let wd = dims(wt);
-        let [k, nn] = wd[..] else { continue };
+        // MatMul: [K, N]. Conv: [D, C, kh, kw], as the product [C kh kw, D].
+        let patch_kernel = if conv { patch_conv_kernel(n, &wd) } else { None };
+        let (k, nn) = match (&wd[..], patch_kernel) {
+            ([k, nn], None) if !conv => (*k, *nn),
+            ([d, c, kh, kw], Some(_)) => (c * kh * kw, *d),
+            _ => continue,
+        };
         let Some(ws) = wdq.input.get(1).and_then(|s| init(s)).and_then(f32s) else { continue };
         let wz_ok = match wdq.input.get(2).filter(|z| !z.is_empty()) {
             Some(z) => init(z).and_then(int8s).is_some_and(|(z, _)| z.iter().all(|&v| v == 0)),
             None => true,
         };
-        let per_column = ws.len() == nn && (axis_attr(wdq) == 1 || axis_attr(wdq) == -1);
+        let per_column = ws.len() == nn
+            && if conv { axis_attr(wdq) == 0 } else { axis_attr(wdq) == 1 || axis_attr(wdq) == -1 };
         if !wz_ok || !(per_column || ws.len() == 1) || ws.iter().any(|s| !s.is_finite()) {
             continue;
         }
@@ -153,18 +186,26 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
             continue;
         }
         let (scale, zero_point, signed) = p_q;
-        let w_q: Vec<i8> = wq.iter().map(|&v| v as i8).collect();
-        let dequantized: Vec<f32> = w_q.iter().enumerate().map(|(i, &q)| f32::from(q) * w_scale[i % nn]).collect();
+        let w_file: Vec<i8> = wq.iter().map(|&v| v as i8).collect();
+        // The float weights tract parses, in the file's layout (the dequantized values, so
+        // that a layer left unsubstituted still computes the QDQ graph's product).
+        let dequantized: Vec<f32> = if conv {
+            w_file.iter().enumerate().map(|(i, &q)| f32::from(q) * w_scale[i / k]).collect()
+        } else {
+            w_file.iter().enumerate().map(|(i, &q)| f32::from(q) * w_scale[i % nn]).collect()
+        };
+        // Int8MatMul's [K, N]: the Conv's [D, K] transposed.
+        let w_q = if conv { (0..k * nn).map(|i| w_file[(i % nn) * k + i / nn]).collect() } else { w_file };
         let wname = format!("{}/int8_lowered", n.name);
         let tensor = TensorProto {
             name: wname.clone(),
-            dims: vec![k as i64, nn as i64],
+            dims: wd.iter().map(|&d| d as i64).collect(),
             data_type: DataType::Float as i32,
             raw_data: dequantized.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ..Default::default()
         };
         rewrites.push((ix, aq.input[0].clone(), wname, tensor));
-        found.insert(n.name.clone(), QdqLayer { act: ActQuant { scale, zero_point, signed }, w_q, k, n: nn, w_scale });
+        found.insert(n.name.clone(), QdqLayer { act: ActQuant { scale, zero_point, signed }, w_q, k, n: nn, w_scale, patch_kernel });
     }
     if found.len() != rewrites.len() || found.is_empty() {
         // Unnamed or duplicate MatMul names: matching by name would be ambiguous.
@@ -172,7 +213,9 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
         return found;
     }
     for (ix, x, wname, tensor) in rewrites {
-        g.node[ix].input = vec![x, wname];
+        // A Conv keeps its bias input.
+        g.node[ix].input[0] = x;
+        g.node[ix].input[1] = wname;
         g.initializer.push(tensor);
     }
     // Drop the nodes nothing reads any more (the bypassed Q/DQ pairs and weight DQs), then
@@ -210,7 +253,7 @@ pub fn substitute_int8_matmuls(model: &mut TypedModel, layers: &HashMap<String, 
     let mut done = HashSet::new();
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(layer) = layers.get(&node.name) else { continue };
+        let Some(layer) = layers.get(&node.name).filter(|l| l.patch_kernel.is_none()) else { continue };
         let Some(einsum) = node.op_as::<EinSum>() else { continue };
         if node.inputs.len() != 2 || einsum.q_params.is_some() {
             continue;
@@ -248,7 +291,7 @@ pub fn substitute_int8_matmuls(model: &mut TypedModel, layers: &HashMap<String, 
         replaced += 1;
         done.insert(name);
     }
-    for name in layers.keys().filter(|n| !done.contains(*n)) {
+    for name in layers.iter().filter(|(n, l)| l.patch_kernel.is_none() && !done.contains(*n)).map(|(n, _)| n) {
         tracing::warn!(layer = %name, "QDQ layer not lowered to Int8MatMul (its product is not a plain [.., K] x [K, N] in tract's graph): it runs as a float product");
     }
     Ok(replaced)

@@ -751,15 +751,19 @@ pub fn latency(
 
 /// The op kinds of the optimized plan our engine ([`OnnxModel`], default matmul engine)
 /// builds for ONNX `bytes` at input `shape`, and how many of its matmuls run integer kernels:
-/// [`Int8MatMul`](crate::ops::Int8MatMul) (the QDQ linear layers, lowered) and tract's own
+/// [`Int8MatMul`](crate::ops::Int8MatMul) (the QDQ linear layers, lowered), an int8
+/// [`PatchEmbed`](crate::ops::PatchEmbed) (a QDQ patch-embedding `Conv`) and tract's own
 /// `OptMatMul` with an `i32` kernel (the `QLinearMatMul` form).
 pub fn tract_ops(bytes: &[u8], shape: [usize; 4]) -> Result<TractOps, QuantizeError> {
     let model = OnnxModel::from_bytes(bytes, ModelOptions::new().with_input_size(shape[2], shape[3]))?;
     let mut ops: Vec<(String, usize)> = Vec::new();
     let (mut integer, mut float) = (0, 0);
     for (_, name, info) in model.plan_info() {
-        if name == "Int8MatMul" {
+        let int8_patches = name == "PatchEmbed" && info.iter().any(|i| i.ends_with("int8"));
+        if name == "Int8MatMul" || int8_patches {
             integer += 1;
+        } else if name == "PatchEmbed" {
+            float += 1;
         } else if name.contains("MatMul") && !name.contains("Pack") {
             if info.join(" ").contains("i32") {
                 integer += 1;
