@@ -2,7 +2,7 @@
 //! and QDQ int8 files, and reports accuracy vs fp32 on held-out images plus tract fp32 vs
 //! int8 latency (interleaved in one run) and onnxruntime's on the same files; with
 //! `--ort-dynamic`, also onnxruntime's own `quantize_dynamic` file in both runtimes; with
-//! `--quantize-conv`, the patch embedding in int8 too; with `--profile`, tract's per-op
+//! `--float-conv`, the patch embedding kept in float; with `--profile`, tract's per-op
 //! profile of the int8 model.
 //!
 //! ```text
@@ -10,7 +10,7 @@
 //! target/release/examples/quantize_bench [--out DIR] [--models tiny,small|none] \
 //!     [--onnx MODEL.onnx ...] [--calib DIR] [--heldout DIR] [--calib-images 64] \
 //!     [--heldout-images 32] [--formats tract,qdq] [--calibration percentile|minmax|mse] \
-//!     [--threads 1,2] [--iters 20] [--warmup 3] [--no-ort] [--ort-dynamic] [--quantize-conv] [--profile]
+//!     [--threads 1,2] [--iters 20] [--warmup 3] [--no-ort] [--ort-dynamic] [--float-conv] [--profile]
 //! ```
 //!
 //! Without `--calib`, calibration uses 64 frames of the DAVIS 2016 `blackswan` and
@@ -45,7 +45,7 @@ struct Args {
     warmup: usize,
     ort: bool,
     ort_dynamic: bool,
-    quantize_conv: bool,
+    float_conv: bool,
     profile: bool,
 }
 
@@ -65,7 +65,7 @@ fn parse_args() -> Result<Args> {
         warmup: 3,
         ort: true,
         ort_dynamic: false,
-        quantize_conv: false,
+        float_conv: false,
         profile: false,
     };
     let mut it = std::env::args().skip(1);
@@ -118,7 +118,7 @@ fn parse_args() -> Result<Args> {
             "--warmup" => a.warmup = value()?.parse().context("--warmup")?,
             "--no-ort" => a.ort = false,
             "--ort-dynamic" => a.ort_dynamic = true,
-            "--quantize-conv" => a.quantize_conv = true,
+            "--float-conv" => a.float_conv = true,
             "--profile" => a.profile = true,
             other => bail!("unknown argument {other}"),
         }
@@ -246,7 +246,7 @@ fn main() -> Result<()> {
                     warmup: args.warmup,
                     onnxruntime: args.ort,
                 }),
-                quantize_conv: args.quantize_conv,
+                quantize_conv: !args.float_conv,
                 ..QuantizeOptions::default()
             };
             let mut last = None;

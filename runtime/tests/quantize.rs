@@ -119,6 +119,8 @@ fn options(format: QuantFormat, heldout: &Path) -> QuantizeOptions {
         heldout_images: 6,
         bench: None,
         quantize_head_output: true,
+        // The counts below are of the linear layers; the Conv cases set it.
+        quantize_conv: false,
         ..QuantizeOptions::default()
     }
 }

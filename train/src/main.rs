@@ -196,9 +196,10 @@ enum Command {
         /// Op types or node-name prefixes kept in float (comma-separated).
         #[arg(long, value_delimiter = ',')]
         float_ops: Vec<String>,
-        /// Quantize the patch-embedding Conv too.
+        /// Keep the patch-embedding Conv in float (quantized by default: it runs on the
+        /// integer kernel, and its input is the 8-bit image).
         #[arg(long)]
-        quantize_conv: bool,
+        float_conv: bool,
         /// Quantize the FLSL head's output layers too (kept in float by default: int8 rounding
         /// flips prototype argmaxes there).
         #[arg(long)]
@@ -539,7 +540,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{}", summary.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Quantize { model, calib, out, format, calibration, calib_images, heldout, float_ops, quantize_conv, quantize_head_output, threads, det_gt, det_images, det_score } => {
+        Command::Quantize { model, calib, out, format, calibration, calib_images, heldout, float_ops, float_conv, quantize_head_output, threads, det_gt, det_images, det_score } => {
             use flsl_runtime::quantize::{BenchOptions, Calibration, DetectionSet, QuantFormat, QuantizeOptions, quantize_file, report_markdown};
             let format = match format.as_str() {
                 "tract" => QuantFormat::Tract,
@@ -559,7 +560,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 calib_images,
                 heldout_dir: heldout,
                 float_ops,
-                quantize_conv,
+                quantize_conv: !float_conv,
                 quantize_head_output,
                 bench: (!threads.is_empty()).then(|| BenchOptions { threads, ..BenchOptions::default() }),
                 detection: det_gt.zip(det_images).map(|(gt, images)| DetectionSet { gt, images, score_threshold: det_score }),
