@@ -2,8 +2,8 @@
 //!
 //! Per image: a teacher global crop (`RandomResizedCrop(global, scale_t)`), a student global
 //! crop taken **from the teacher crop** (`scale_s`), `n` local crops from the teacher crop;
-//! then on every crop: colour jitter (p 0.8; brightness 0.4, contrast 0.4, saturation 0.2,
-//! hue 0.1, random order), grayscale (p 0.2), and either a Gaussian blur (p 0.5) or a weak
+//! then on every crop: colour jitter (p 0.8, `color_jitter_p`; brightness 0.4, contrast 0.4,
+//! saturation 0.2, hue 0.1, random order), grayscale (p 0.2, `grayscale_p`), and either a Gaussian blur (p 0.5) or a weak
 //! blur (p 0.1) followed by solarisation (p 0.2), chosen with p 0.5; ImageNet normalisation.
 //! Student views get token sampling masks. The reference has no horizontal flip (its
 //! `flip_and_color_jitter` only jitters); `flip_p` adds one for users who want it (default 0).
@@ -48,6 +48,12 @@ pub struct AugmentConfig {
     pub random_sampling: bool,
     /// Horizontal flip probability (0 in the reference).
     pub flip_p: f64,
+    /// Colour jitter probability per crop (0.8 in the reference). Colour jitter and grayscale
+    /// teach invariance to colour, which is right for ImageNet-like data and hides the one cue
+    /// that separates tree crowns from bare ground in a few CPU minutes (the demo lowers both).
+    pub color_jitter_p: f64,
+    /// Grayscale probability per crop (0.2 in the reference).
+    pub grayscale_p: f64,
     /// Also keep each crop before the photometric transforms ([`AugView::crop`]); set by the
     /// trainer for multi-stage runs, never read from a configuration file.
     #[serde(skip)]
@@ -67,6 +73,8 @@ impl Default for AugmentConfig {
             sampling_window_size_l: 2,
             random_sampling: false,
             flip_p: 0.0,
+            color_jitter_p: 0.8,
+            grayscale_p: 0.2,
             keep_crops: false,
         }
     }
@@ -232,10 +240,12 @@ fn transformation(mut img: RgbImage, cfg: &AugmentConfig, rng: &mut ChaCha8Rng) 
     if cfg.flip_p > 0.0 && rng.random::<f64>() < cfg.flip_p {
         img = imageops::flip_horizontal(&img);
     }
-    if rng.random::<f64>() < 0.8 {
+    // One draw each whatever the probability, so the random stream (and every later crop)
+    // stays that of the reference when the defaults are used.
+    if rng.random::<f64>() < cfg.color_jitter_p {
         color_jitter(&mut img, rng);
     }
-    if rng.random::<f64>() < 0.2 {
+    if rng.random::<f64>() < cfg.grayscale_p {
         grayscale(&mut img);
     }
     // utils.RandomSelect(GaussianBlur(0.5), [GaussianBlur(0.1), Solarization(0.2)], p=0.5)
@@ -315,6 +325,32 @@ mod tests {
         let c = augment(&test_image(), &cfg, 16, &mut ChaCha8Rng::seed_from_u64(8));
         assert_eq!(a.views[1].pixels, b.views[1].pixels);
         assert_ne!(a.views[1].pixels, c.views[1].pixels);
+    }
+
+    /// `grayscale_p = 1` turns every view gray (equal channels before normalisation), and
+    /// the default probabilities leave some views in colour.
+    #[test]
+    fn grayscale_and_jitter_follow_their_probabilities() {
+        let gray_views = |cfg: &AugmentConfig, seed: u64| {
+            let s = augment(&test_image(), cfg, 16, &mut ChaCha8Rng::seed_from_u64(seed));
+            s.views
+                .iter()
+                .map(|v| {
+                    let n = v.pixels.len() / 3;
+                    let px = |c: usize, i: usize| v.pixels[c * n + i] * IMAGENET_STD[c] + IMAGENET_MEAN[c];
+                    (0..n).all(|i| (px(0, i) - px(1, i)).abs() < 1e-4 && (px(1, i) - px(2, i)).abs() < 1e-4)
+                })
+                .filter(|g| *g)
+                .count()
+        };
+        let base = AugmentConfig { global_resize: 64, local_resize: 32, ..Default::default() };
+        let all_gray = AugmentConfig { grayscale_p: 1.0, color_jitter_p: 0.0, ..base.clone() };
+        let views = 2 + base.local_crops_number;
+        for seed in 0..4 {
+            assert_eq!(gray_views(&all_gray, seed), views, "seed {seed}");
+        }
+        let coloured: usize = (0..4).map(|seed| views - gray_views(&base, seed)).sum();
+        assert!(coloured > 0, "the reference probabilities keep most views in colour");
     }
 
     #[test]

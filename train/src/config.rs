@@ -352,6 +352,11 @@ impl TrainConfig {
                 return bad(key, format!("({lo}, {hi}) must satisfy 0 < min <= max <= 1"));
             }
         }
+        for (key, p) in [("flip_p", a.flip_p), ("color_jitter_p", a.color_jitter_p), ("grayscale_p", a.grayscale_p)] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(key, format!("{p} must be a probability in [0, 1]"));
+            }
+        }
         if a.global_resize as usize % self.patch_size != 0 || a.local_resize as usize % self.patch_size != 0 {
             return bad("global_resize", format!("crop sizes {} / {} must be multiples of patch_size {}", a.global_resize, a.local_resize, self.patch_size));
         }
@@ -423,6 +428,8 @@ mod tests {
         assert!(e.contains("learning_rate"), "{e}");
         let e = TrainConfig::default().with_overrides(&["augment.sampling_window_size_g=99".into()]).unwrap_err().to_string();
         assert!(e.contains("sampling_window_size_g"), "{e}");
+        let e = TrainConfig::default().with_overrides(&["augment.color_jitter_p=1.5".into()]).unwrap_err().to_string();
+        assert!(e.contains("color_jitter_p") && e.contains("probability"), "{e}");
         let e = TrainConfig::default().with_overrides(&["device=tpu".into()]).unwrap_err().to_string();
         assert!(e.contains("device"), "{e}");
         let e = TrainConfig::default().with_overrides(&["device=\"cuda:0,cpu\"".into()]).unwrap_err().to_string();
