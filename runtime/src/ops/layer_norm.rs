@@ -71,7 +71,7 @@ fn normalize_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]
 /// Layer normalization of every `row_len` values of `x` into `y`.
 pub fn layer_norm_rows(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
     let row = scale.len().max(1);
-    debug_assert!(bias.len() == row && x.len() == y.len() && x.len() % row == 0);
+    debug_assert!(bias.len() == row && x.len() == y.len() && x.len().is_multiple_of(row));
     let run = |x: &[f32], y: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {

@@ -85,8 +85,8 @@ impl PatchEmbed {
         Ok([n, self.d, h / kh, w / kw])
     }
 
-    /// Patches of one image `[C, H, W]` into `patches` `[gh * gw, C * kh * kw]`.
-    fn gather(&self, x: &[f32], c: usize, h: usize, w: usize, gh: usize, gw: usize, patches: &mut [f32]) {
+    /// Patches of one image `[C, H, W]` (`chw`) into `patches` `[gh * gw, C * kh * kw]`.
+    fn gather(&self, x: &[f32], (c, h, w): (usize, usize, usize), (gh, gw): (usize, usize), patches: &mut [f32]) {
         let (kh, kw) = self.kernel;
         let k = c * kh * kw;
         for i in 0..gh {
@@ -154,7 +154,7 @@ impl EvalOp for PatchEmbed {
             let mut view = out.to_plain_array_view_mut::<f32>()?;
             let out = view.as_slice_mut().context("PatchEmbed: fresh output is not contiguous")?;
             for (img, o) in x.chunks_exact(c * h * w).zip(out.chunks_exact_mut(d * tokens)) {
-                self.gather(img, c, h, w, gh, gw, patches);
+                self.gather(img, (c, h, w), (gh, gw), patches);
                 if let Some(layer) = &self.int8 {
                     layer.run(patches, tokens, rows);
                     to_channel_major(rows, d, tokens, o);
@@ -294,6 +294,7 @@ mod tests {
     use super::*;
 
     /// Direct convolution with stride = kernel, for comparison.
+    #[allow(clippy::too_many_arguments)]
     fn naive(x: &[f32], c: usize, h: usize, w: usize, weight: &[f32], bias: &[f32], d: usize, (kh, kw): (usize, usize)) -> Vec<f32> {
         let (gh, gw) = (h / kh, w / kw);
         let mut out = vec![0f32; d * gh * gw];
