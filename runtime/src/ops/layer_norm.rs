@@ -191,14 +191,21 @@ impl Expansion for LayerNormExpansion {
         let rank = fact.rank() as isize;
         let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
         ensure!((0..=rank).contains(&axis), "{prefix}: LayerNormalization axis {} for a rank-{rank} input", self.axis);
+        // Scale and bias broadcast to the normalized shape `x.shape[axis..]` (ONNX allows any
+        // unidirectionally broadcastable shape; the op reads one value per row element).
+        let normalized: TVec<TDim> = fact.shape.iter().skip(axis as usize).cloned().collect();
         let mut f32_inputs = tvec!();
         for (i, input) in inputs.iter().enumerate() {
             let dt = model.outlet_fact(*input)?.datum_type;
-            f32_inputs.push(if dt == f32::datum_type() {
+            let mut wire = if dt == f32::datum_type() {
                 *input
             } else {
                 model.wire_node(format!("{prefix}.cast_{i}"), cast(f32::datum_type()), &[*input])?[0]
-            });
+            };
+            if i > 0 {
+                wire = broadcast_to(model, &format!("{prefix}.{}", ["scale", "bias"][i - 1]), wire, &normalized)?;
+            }
+            f32_inputs.push(wire);
         }
         let y = model.wire_node(prefix, FusedLayerNorm { axis: axis as usize, eps: self.eps }, &f32_inputs)?;
         if fact.datum_type == f32::datum_type() {
@@ -207,6 +214,27 @@ impl Expansion for LayerNormExpansion {
             model.wire_node(format!("{prefix}.cast_y"), cast(fact.datum_type), &y)
         }
     }
+}
+
+/// `wire` broadcast (numpy rules) to exactly `shape`: leading unit axes dropped or added to
+/// match the rank, then `MultiBroadcastTo` when a dimension still differs.
+fn broadcast_to(model: &mut TypedModel, prefix: &str, mut wire: OutletId, shape: &[TDim]) -> TractResult<OutletId> {
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    let mut rank = model.outlet_fact(wire)?.rank();
+    let mut n = 0;
+    while rank > shape.len() {
+        ensure!(model.outlet_fact(wire)?.shape[0] == TDim::from(1), "{prefix}: shape {:?} does not broadcast to {shape:?}", model.outlet_fact(wire)?.shape);
+        wire = model.wire_node(format!("{prefix}.rm{n}"), AxisOp::Rm(0), &[wire])?[0];
+        (rank, n) = (rank - 1, n + 1);
+    }
+    while rank < shape.len() {
+        wire = model.wire_node(format!("{prefix}.add{n}"), AxisOp::Add(0), &[wire])?[0];
+        (rank, n) = (rank + 1, n + 1);
+    }
+    if model.outlet_fact(wire)?.shape.iter().zip(shape).any(|(a, b)| a != b) {
+        wire = model.wire_node(format!("{prefix}.broadcast"), MultiBroadcastTo { shape: ShapeFact::from_dims(shape) }, &[wire])?[0];
+    }
+    Ok(wire)
 }
 
 /// tract's builder for the forms [`FusedLayerNorm`] does not take.
@@ -279,6 +307,66 @@ mod tests {
                 let worst = y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(worst < 2e-5, "{rows}x{n}, {threads} threads: worst {worst}");
             }
+        }
+    }
+
+    /// A LayerNormalization over the last two axes with scale / bias of the last one only
+    /// (broadcast), and one over the last axis: our parser's plan equals tract's expansion.
+    #[test]
+    fn broadcast_scale_and_bias_match_tracts_expansion() {
+        use prost::Message;
+        use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, TensorProto, ValueInfoProto, tensor_proto::DataType};
+        use tract_onnx::pb::attribute_proto::AttributeType;
+        use tract_onnx::pb::type_proto::{Tensor as TensorType, Value};
+        use tract_onnx::pb::{TensorShapeProto, TypeProto, tensor_shape_proto::{Dimension, dimension::Value as DimValue}};
+        let f32s = |name: &str, dims: &[i64], v: Vec<f32>| TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: DataType::Float as i32,
+            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ..Default::default()
+        };
+        let shape = [2i64, 3, 5];
+        let info = |name: &str| ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                value: Some(Value::TensorType(TensorType {
+                    elem_type: DataType::Float as i32,
+                    shape: Some(TensorShapeProto { dim: shape.iter().map(|d| Dimension { value: Some(DimValue::DimValue(*d)), ..Default::default() }).collect() }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for axis in [-2i64, -1] {
+            let graph = GraphProto {
+                node: vec![tract_onnx::pb::NodeProto {
+                    op_type: "LayerNormalization".into(),
+                    name: "ln".into(),
+                    input: vec!["x".into(), "scale".into(), "bias".into()],
+                    output: vec!["y".into()],
+                    attribute: vec![AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: axis, ..Default::default() }],
+                    ..Default::default()
+                }],
+                initializer: vec![f32s("scale", &[5], vec![0.5, 1.0, 1.5, 2.0, -1.0]), f32s("bias", &[1, 5], vec![0.1, 0.2, 0.3, 0.4, 0.5])],
+                input: vec![info("x")],
+                output: vec![info("y")],
+                ..Default::default()
+            };
+            let model = ModelProto { ir_version: 8, opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }], graph: Some(graph), ..Default::default() };
+            let bytes = model.encode_to_vec();
+            let x: Vec<f32> = (0..30).map(|i| ((i * 37) % 11) as f32 - 4.0 + i as f32 / 7.0).collect();
+            let input = Tensor::from_shape(&[2, 3, 5], &x).unwrap();
+            let run = |onnx: tract_onnx::Onnx| -> (Vec<f32>, Vec<String>) {
+                let m = onnx.model_for_read(&mut &bytes[..]).unwrap().into_optimized().unwrap();
+                let ops = m.nodes().iter().map(|n| n.op().name().to_string()).collect();
+                let out = m.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+                (out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect(), ops)
+            };
+            let ((ours, ops), (theirs, _)) = (run(onnx_parser()), run(tract_onnx::onnx()));
+            assert!(ops.iter().any(|o| o == "FusedLayerNorm"), "axis {axis}: {ops:?}");
+            let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "axis {axis}: worst {worst}");
         }
     }
 
