@@ -125,6 +125,21 @@ fn options(format: QuantFormat, heldout: &Path) -> QuantizeOptions {
     }
 }
 
+/// Our engine's run of the QDQ file at `out` (integer ops) has the semantics of tract's own
+/// run of the same graph (fake quantization: float products of the dequantized values), up
+/// to float rounding; `what` names the integer op in the message.
+fn assert_matches_fake_quantization(out: &Path, what: &str) {
+    let input: Vec<f32> = (0..3 * 64 * 64).map(|i| ((i * 7919) % 1000) as f32 / 400.0 - 1.2).collect();
+    let run = |engine| {
+        let mut m = OnnxModel::load(out, ModelOptions::new().with_matmul(engine)).unwrap();
+        m.run_tensor(&input).unwrap().features.as_slice().to_vec()
+    };
+    let (int8, fake) = (run(MatMulEngine::Gemm), run(MatMulEngine::Tract));
+    let scale = fake.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let diff = int8.iter().zip(&fake).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(diff <= 1e-3 * scale.max(1.0), "{what} vs tract's QDQ run: max abs diff {diff} (scale {scale})");
+}
+
 #[test]
 fn micro_model_quantized_runs_in_tract_close_to_fp32() {
     let dir = scratch("micro");
@@ -179,17 +194,7 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
                 let int8 = r.tract_ops.ops.iter().find(|o| o.0 == "Int8MatMul").map_or(0, |o| o.1);
                 assert_eq!(int8, weight_matmuls, "{:?}", r.tract_ops);
                 assert_eq!(r.tract_ops.integer_matmuls, weight_matmuls, "{:?}", r.tract_ops);
-                // Same semantics as tract's own run of the QDQ graph (fake quantization:
-                // float products of the dequantized values), up to float rounding.
-                let input: Vec<f32> = (0..3 * 64 * 64).map(|i| ((i * 7919) % 1000) as f32 / 400.0 - 1.2).collect();
-                let run = |engine| {
-                    let mut m = OnnxModel::load(&out, ModelOptions::new().with_matmul(engine)).unwrap();
-                    m.run_tensor(&input).unwrap().features.as_slice().to_vec()
-                };
-                let (int8, fake) = (run(MatMulEngine::Gemm), run(MatMulEngine::Tract));
-                let scale = fake.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let diff = int8.iter().zip(&fake).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-                assert!(diff <= 1e-3 * scale.max(1.0), "Int8MatMul vs tract's QDQ run: max abs diff {diff} (scale {scale})");
+                assert_matches_fake_quantization(&out, "Int8MatMul");
             }
         }
         let model = flsl_runtime::quantize::read_model(&out).unwrap();
@@ -227,15 +232,7 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
     assert_eq!(r.quantized_layers, weight_matmuls + 1);
     assert_eq!(r.tract_ops.integer_matmuls, weight_matmuls + 1, "{:?}", r.tract_ops);
     assert!(r.tract_ops.ops.iter().any(|o| o.0 == "PatchEmbed"), "{:?}", r.tract_ops);
-    let input: Vec<f32> = (0..3 * 64 * 64).map(|i| ((i * 7919) % 1000) as f32 / 400.0 - 1.2).collect();
-    let run = |engine| {
-        let mut m = OnnxModel::load(&out, ModelOptions::new().with_matmul(engine)).unwrap();
-        m.run_tensor(&input).unwrap().features.as_slice().to_vec()
-    };
-    let (int8, fake) = (run(MatMulEngine::Gemm), run(MatMulEngine::Tract));
-    let scale = fake.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let diff = int8.iter().zip(&fake).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-    assert!(diff <= 1e-3 * scale.max(1.0), "int8 PatchEmbed vs tract's QDQ run: max abs diff {diff} (scale {scale})");
+    assert_matches_fake_quantization(&out, "int8 PatchEmbed");
 
     // --float-ops: keep the head in float by node-name prefix.
     let opts = QuantizeOptions {

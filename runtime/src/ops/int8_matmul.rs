@@ -104,7 +104,7 @@ impl PackedWeights {
 }
 
 /// Quantizes row-major `x` (`rows * k`) into `u8` codes, rows of `kp >= k` bytes (the
-/// padding is 0, which the zero padding of the weights cancels).
+/// padding bytes are left as they are: they meet the zero padding of the weights).
 pub fn quantize_rows(x: &[f32], k: usize, kp: usize, q: ActQuant, out: &mut [u8]) {
     quantize_gather(x, &RowLayout::contiguous(x.len() / k.max(1), k), kp, q, out);
 }
@@ -158,7 +158,7 @@ impl RowLayout {
 }
 
 /// Quantizes the rows `layout` describes in `x` into `u8` codes, rows of `kp >= k` bytes
-/// (zero padded). Contiguous runs (a whole row, or one head's values in the two-k-axes case
+/// (the padding bytes are not written). Contiguous runs (a whole row, or one head's values in the two-k-axes case
 /// of the attention projection) go through one vectorized loop.
 fn quantize_gather(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
@@ -467,18 +467,14 @@ impl Int8Layer {
         let rows_job = |r0: usize, r1: usize, dst: SharedOut| {
             let rows = r1 - r0;
             // The codes go to this thread's scratch buffer, reused from call to call (a fresh
-            // zeroed vector per call cost fc1 of ViT-Ti/16 ~190 of its ~390 us in this VM).
+            // zeroed vector per call showed as `memset`, 10-15 % of fc1's `perf` samples).
             A_SCRATCH.with_borrow_mut(|a| {
-                // Grown (zeroed) when too short, never cleared: `quantize_gather` writes the
-                // K codes of every row, and only the padding up to `kp` is zeroed here.
-                let (k, kp) = (w.k, w.kp());
-                if a.len() < rows * kp {
-                    a.resize(rows * kp, 0);
+                // Grown when too short, never cleared: `quantize_gather` writes the K codes of
+                // every row, and whatever the padding up to `kp` holds meets zero weights.
+                if a.len() < rows * w.kp() {
+                    a.resize(rows * w.kp(), 0);
                 }
-                let a = &mut a[..rows * kp];
-                if kp > k {
-                    a.chunks_exact_mut(kp).for_each(|row| row[k..].fill(0));
-                }
+                let a = &mut a[..rows * w.kp()];
                 let offset = (r0 as isize * layout.row_stride) as usize;
                 let sub = RowLayout { m: rows, row_stride: layout.row_stride, ks: layout.ks.clone() };
                 quantize_gather(&x[offset..], &sub, w.kp(), self.act, a);
@@ -624,7 +620,8 @@ mod tests {
 
     /// Odd sizes (K not a multiple of 4, N not of 32, M not of 12), both activation types:
     /// the kernel in use (VNNI here when the CPU has it) and the portable one equal the
-    /// integer reference.
+    /// integer reference. The layers run one after another on this thread's scratch buffer,
+    /// so the padding codes of the K = 3 layer are what the K = 64 layer left there.
     #[test]
     fn kernels_match_integer_reference() {
         let mut seed = 5u64;

@@ -10,8 +10,7 @@
 //! parsed into [`FusedLayerNorm`]; other forms keep tract's own expansion. The file itself
 //! is unchanged, so onnxruntime and TensorRT read the same model.
 
-// One call into the AVX-512 row kernel of `simd`, behind runtime feature detection, and an
-// output tensor allocated without zeroing (every value is written).
+// An output tensor allocated without zeroing (every value is written).
 #![allow(unsafe_code)]
 
 use tract_onnx::model::ParsingContext;
@@ -19,10 +18,6 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_hir::internal::{Expansion, InferenceOp, InferenceResult, Solver, TensorProxy, check_input_arity, check_output_arity, expand};
-
-/// Below this many values a layer normalization stays on the calling thread (ViT-Ti/16's
-/// 197 x 192 does: splitting it costs more than the pass).
-const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 
 /// `y = (x - mean) / sqrt(var + eps) * scale + bias` over the trailing axes from `axis`
 /// (ONNX `LayerNormalization`, biased variance), f32. Inputs: `x`, `scale`, `bias`, the
@@ -42,67 +37,6 @@ impl FusedLayerNorm {
     fn row_len(&self, shape: &[usize]) -> usize {
         shape[self.axis.min(shape.len())..].iter().product()
     }
-}
-
-/// One row, the portable form of `simd::avx512::layer_norm_row`: both sums of `x - x[0]` in
-/// one pass (the shift keeps `E[d^2] - E[d]^2` from cancelling when the mean is large against
-/// the spread), then `((x - x[0]) - E[d]) * inv * scale + bias`.
-fn normalize_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
-    let shift = x.first().copied().unwrap_or(0.0);
-    let (mut s1, mut s2) = ([0f32; 16], [0f32; 16]);
-    let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for ((a, b), v) in s1.iter_mut().zip(&mut s2).zip(c) {
-            let d = v - shift;
-            *a += d;
-            *b += d * d;
-        }
-    }
-    let inv_n = 1.0 / x.len() as f32;
-    let m1 = (s1.iter().sum::<f32>() + tail.iter().map(|v| v - shift).sum::<f32>()) * inv_n;
-    let m2 = (s2.iter().sum::<f32>() + tail.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>()) * inv_n;
-    let inv = 1.0 / ((m2 - m1 * m1).max(0.0) + eps).sqrt();
-    for (((o, v), s), b) in y.iter_mut().zip(x).zip(scale).zip(bias) {
-        *o = ((v - shift) - m1) * (inv * s) + b;
-    }
-}
-
-/// Layer normalization of every `row_len` values of `x` into `y`.
-pub fn layer_norm_rows(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
-    let row = scale.len().max(1);
-    debug_assert!(bias.len() == row && x.len() == y.len() && x.len().is_multiple_of(row));
-    let run = |x: &[f32], y: &mut [f32]| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
-                // Safety: the feature was just detected; all four slices have `row` values.
-                unsafe { super::simd::avx512::layer_norm_row(xr, scale, bias, eps, yr) };
-            }
-            return;
-        }
-        for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
-            normalize_row(xr, scale, bias, eps, yr);
-        }
-    };
-    let threads = super::pool_threads();
-    let rows = x.len() / row;
-    if threads <= 1 || x.len() < PARALLEL_MIN_ELEMENTS || rows < 2 {
-        run(x, y);
-        return;
-    }
-    let per = rows.div_ceil(threads) * row;
-    rayon::scope(|s| {
-        let mut parts = x.chunks(per).zip(y.chunks_mut(per));
-        let first = parts.next();
-        for (xc, yc) in parts {
-            let run = &run;
-            s.spawn(move |_| run(xc, yc));
-        }
-        if let Some((xc, yc)) = first {
-            run(xc, yc);
-        }
-    });
 }
 
 impl Op for FusedLayerNorm {
@@ -137,13 +71,13 @@ impl EvalOp for FusedLayerNorm {
             scale.as_slice().context("FusedLayerNorm: scale is not contiguous")?,
             bias.as_slice().context("FusedLayerNorm: bias is not contiguous")?,
         );
-        // Safety: every value is written below (`layer_norm_rows` writes all of `y`), and an
+        // Safety: every value is written below (`simd::layer_norm_rows` writes all of `y`), and an
         // output with empty rows has no values.
         let mut out = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
         if row > 0 {
             let mut view = out.to_plain_array_view_mut::<f32>()?;
             let y = view.as_slice_mut().context("FusedLayerNorm: fresh output is not contiguous")?;
-            layer_norm_rows(x, scale, bias, self.eps, y);
+            super::simd::layer_norm_rows(x, scale, bias, self.eps, y);
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -269,46 +203,6 @@ pub fn onnx_parser() -> tract_onnx::Onnx {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reference(x: &[f32], scale: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
-        let n = scale.len();
-        let mut out = Vec::new();
-        for row in x.chunks_exact(n) {
-            let mean = row.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
-            let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            out.extend(row.iter().zip(scale).zip(bias).map(|((v, s), b)| ((*v as f64 - mean) * inv * *s as f64 + *b as f64) as f32));
-        }
-        out
-    }
-
-    #[test]
-    fn rows_match_a_double_precision_reference_on_one_and_two_threads_and_without_avx512() {
-        // 197 x 192 (ViT-Ti/16), 2 x 37 (a row length that is not a multiple of 16), rows
-        // whose mean grows to 400 against a spread of ~3, and rows at 1000 +- 0.05 (a mean
-        // 10^4 times the spread: the one-pass variance must not cancel).
-        for (rows, n, offset, spread) in [(197usize, 192usize, 0.0, 1.0), (2, 37, 0.0, 1.0), (400, 200, 1.0, 1.0), (3, 64, 1000.0, 0.01)] {
-            let x: Vec<f32> = (0..rows * n)
-                .map(|i| (((i * 7919) % 1000) as f32 / 100.0 - 5.0) * spread + offset * (1 + i / n) as f32)
-                .collect();
-            let scale: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect();
-            let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 / 5.0 - 0.4).collect();
-            let expected = reference(&x, &scale, &bias, 1e-6);
-            let mut portable = vec![f32::NAN; x.len()];
-            for (xr, yr) in x.chunks_exact(n).zip(portable.chunks_exact_mut(n)) {
-                normalize_row(xr, &scale, &bias, 1e-6, yr);
-            }
-            let worst = portable.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst < 2e-5, "{rows}x{n}, portable row kernel: worst {worst}");
-            for threads in [1, 2] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let mut y = vec![f32::NAN; x.len()];
-                pool.install(|| layer_norm_rows(&x, &scale, &bias, 1e-6, &mut y));
-                let worst = y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(worst < 2e-5, "{rows}x{n}, {threads} threads: worst {worst}");
-            }
-        }
-    }
 
     /// A LayerNormalization over the last two axes with scale / bias of the last one only
     /// (broadcast), and one over the last axis: our parser's plan equals tract's expansion.

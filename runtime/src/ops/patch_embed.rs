@@ -9,7 +9,8 @@
 //! patches into `[tokens, C kh kw]`, multiply by the transposed `[C kh kw, D]` weights with
 //! the bias as the product's initial value, and write the result NCHW as the `Conv` did.
 
-// One gemm call on owned buffers; the unsafe block states why it stays in bounds.
+// One gemm call on owned buffers and an output allocated without zeroing; each unsafe
+// block states why it is sound.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -85,6 +86,48 @@ impl PatchEmbed {
         Ok([n, self.d, h / kh, w / kw])
     }
 
+    /// `rows [T, D] = patches [T, K] · W + bias`: on the integer kernel for int8 weights,
+    /// else one row-major `gemm` product with the bias as its initial value.
+    fn product(&self, patches: &[f32], tokens: usize, rows: &mut [f32]) {
+        if let Some(layer) = &self.int8 {
+            layer.run(patches, tokens, rows);
+            return;
+        }
+        let (k, d) = (self.k(), self.d);
+        for row in rows.chunks_exact_mut(d) {
+            row.copy_from_slice(&self.bias);
+        }
+        let parallelism = match super::pool_threads() {
+            t if t > 1 && d * tokens * k >= PARALLEL_MIN_MACS => gemm::Parallelism::Rayon(t),
+            _ => gemm::Parallelism::None,
+        };
+        // Safety: `rows` holds tokens x d floats, `patches` tokens x k, `weight_t` k x d:
+        // exactly the extents the strides below address.
+        unsafe {
+            gemm::gemm(
+                tokens,
+                d,
+                k,
+                rows.as_mut_ptr(),
+                1,
+                d as isize,
+                true,
+                patches.as_ptr(),
+                1,
+                k as isize,
+                self.weight_t.as_ptr(),
+                1,
+                d as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+
     /// Patches of one image `[C, H, W]` (`chw`) into `patches` `[gh * gw, C * kh * kw]`.
     fn gather(&self, x: &[f32], (c, h, w): (usize, usize, usize), (gh, gw): (usize, usize), patches: &mut [f32]) {
         let (kh, kw) = self.kernel;
@@ -140,60 +183,23 @@ impl EvalOp for PatchEmbed {
         let (c, h, w) = (x.shape()[1], x.shape()[2], x.shape()[3]);
         let x = x.as_slice().context("PatchEmbed: input is not contiguous")?;
         let (k, tokens) = (self.k(), gh * gw);
-        let mut out = Tensor::zero::<f32>(&shape)?;
-        // Per-thread scratch, reused from frame to frame (ViT-Ti/16: 0.6 MB of patches).
-        SCRATCH.with_borrow_mut(|(patches, rows)| -> TractResult<()> {
-        patches.resize(tokens * k, 0.0);
-        rows.resize(tokens * d, 0.0);
-        let (patches, rows) = (&mut patches[..tokens * k], &mut rows[..tokens * d]);
-        let parallelism = match super::pool_threads() {
-            t if t > 1 && d * tokens * k >= PARALLEL_MIN_MACS => gemm::Parallelism::Rayon(t),
-            _ => gemm::Parallelism::None,
-        };
+        // Safety: `to_channel_major` writes every value of every image's block.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         {
             let mut view = out.to_plain_array_view_mut::<f32>()?;
             let out = view.as_slice_mut().context("PatchEmbed: fresh output is not contiguous")?;
-            for (img, o) in x.chunks_exact(c * h * w).zip(out.chunks_exact_mut(d * tokens)) {
-                self.gather(img, (c, h, w), (gh, gw), patches);
-                if let Some(layer) = &self.int8 {
-                    layer.run(patches, tokens, rows);
+            // Per-thread scratch, reused from frame to frame (ViT-Ti/16: 0.6 MB of patches).
+            SCRATCH.with_borrow_mut(|(patches, rows)| {
+                patches.resize(tokens * k, 0.0);
+                rows.resize(tokens * d, 0.0);
+                let (patches, rows) = (&mut patches[..tokens * k], &mut rows[..tokens * d]);
+                for (img, o) in x.chunks_exact(c * h * w).zip(out.chunks_exact_mut(d * tokens)) {
+                    self.gather(img, (c, h, w), (gh, gw), patches);
+                    self.product(patches, tokens, rows);
                     to_channel_major(rows, d, tokens, o);
-                    continue;
                 }
-                for row in rows.chunks_exact_mut(d) {
-                    row.copy_from_slice(&self.bias);
-                }
-                // rows[T, D] = bias + patches[T, K] · weight_t[K, D], all row-major.
-                // Safety: `rows` holds tokens x d floats, `patches` tokens x k, `weight_t`
-                // k x d: exactly the extents the strides below address.
-                unsafe {
-                    gemm::gemm(
-                        tokens,
-                        d,
-                        k,
-                        rows.as_mut_ptr(),
-                        1,
-                        d as isize,
-                        true,
-                        patches.as_ptr(),
-                        1,
-                        k as isize,
-                        self.weight_t.as_ptr(),
-                        1,
-                        d as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
-                to_channel_major(rows, d, tokens, o);
-            }
+            });
         }
-        Ok(())
-        })?;
         Ok(tvec!(out.into_tvalue()))
     }
 }

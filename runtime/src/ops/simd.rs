@@ -1,5 +1,5 @@
-//! Element-wise work fused into our matmul ops: GELU (with tract's erf, so results match
-//! its `GeluExact`) and row softmax, on 16 AVX-512 lanes where the CPU has them, in plain
+//! Element-wise work fused into our ops: GELU (with tract's erf, so results match its
+//! `GeluExact`), row softmax and layer normalization, on 16 AVX-512 lanes where the CPU has them, in plain
 //! Rust otherwise. Rows are split over the threads of the current rayon pool when the
 //! caller runs inside one (as `OnnxModel` does with more than one thread).
 
@@ -45,28 +45,36 @@ fn softmax_row_scalar(row: &mut [f32]) {
     }
 }
 
+/// Values per chunk when `len` values in rows of `row` are split over the current rayon
+/// pool's threads; `None` keeps the work on the calling thread (no pool, too little work,
+/// or a single row).
+fn chunk_len(len: usize, row: usize) -> Option<usize> {
+    let threads = super::pool_threads();
+    let rows = len / row;
+    (threads > 1 && len >= PARALLEL_MIN_ELEMENTS && rows >= 2).then(|| rows.div_ceil(threads) * row)
+}
+
+/// Runs `f` on every part, the first on the calling thread, the others spawned in a scope.
+fn run_parts<T: Send>(mut parts: impl Iterator<Item = T> + Send, f: impl Fn(T) + Sync) {
+    rayon::scope(|s| {
+        let first = parts.next();
+        for part in parts {
+            let f = &f;
+            s.spawn(move |_| f(part));
+        }
+        if let Some(p) = first {
+            f(p);
+        }
+    });
+}
+
 /// Runs `f` on chunks of whole rows of `x` (rows of `row` values), on the threads of the
 /// current rayon pool when inside one and the work is large enough.
 fn for_row_chunks(x: &mut [f32], row: usize, f: impl Fn(&mut [f32]) + Sync) {
-    let row = row.max(1);
-    let threads = super::pool_threads();
-    let rows = x.len() / row;
-    if threads <= 1 || x.len() < PARALLEL_MIN_ELEMENTS || rows < 2 {
-        f(x);
-        return;
+    match chunk_len(x.len(), row.max(1)) {
+        Some(per) => run_parts(x.chunks_mut(per), f),
+        None => f(x),
     }
-    let per = rows.div_ceil(threads) * row;
-    rayon::scope(|s| {
-        let mut chunks = x.chunks_mut(per);
-        let first = chunks.next();
-        for chunk in chunks {
-            let f = &f;
-            s.spawn(move |_| f(chunk));
-        }
-        if let Some(c) = first {
-            f(c);
-        }
-    });
 }
 
 /// GELU on every value of `x`, in place.
@@ -95,6 +103,54 @@ pub fn softmax_rows_inplace(x: &mut [f32], row: usize) {
         }
         chunk.chunks_exact_mut(row).for_each(softmax_row_scalar);
     });
+}
+
+/// One row, the portable form of [`avx512::layer_norm_row`]: both sums of `x - x[0]` in
+/// one pass (the shift keeps `E[d^2] - E[d]^2` from cancelling when the mean is large against
+/// the spread), then `((x - x[0]) - E[d]) * inv * scale + bias`.
+fn layer_norm_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+    let shift = x.first().copied().unwrap_or(0.0);
+    let (mut s1, mut s2) = ([0f32; 16], [0f32; 16]);
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for ((a, b), v) in s1.iter_mut().zip(&mut s2).zip(c) {
+            let d = v - shift;
+            *a += d;
+            *b += d * d;
+        }
+    }
+    let inv_n = 1.0 / x.len() as f32;
+    let m1 = (s1.iter().sum::<f32>() + tail.iter().map(|v| v - shift).sum::<f32>()) * inv_n;
+    let m2 = (s2.iter().sum::<f32>() + tail.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>()) * inv_n;
+    let inv = 1.0 / ((m2 - m1 * m1).max(0.0) + eps).sqrt();
+    for (((o, v), s), b) in y.iter_mut().zip(x).zip(scale).zip(bias) {
+        *o = ((v - shift) - m1) * (inv * s) + b;
+    }
+}
+
+/// Layer normalization of every `scale.len()` values of `x` into `y` (`FusedLayerNorm`),
+/// rows split over the pool like the other kernels here.
+pub fn layer_norm_rows(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+    let row = scale.len().max(1);
+    debug_assert!(bias.len() == row && x.len() == y.len() && x.len().is_multiple_of(row));
+    let run = |(x, y): (&[f32], &mut [f32])| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
+                // Safety: the feature was just detected; all four slices have `row` values.
+                unsafe { avx512::layer_norm_row(xr, scale, bias, eps, yr) };
+            }
+            return;
+        }
+        for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
+            layer_norm_row(xr, scale, bias, eps, yr);
+        }
+    };
+    match chunk_len(x.len(), row) {
+        Some(per) => run_parts(x.chunks(per).zip(y.chunks_mut(per)), run),
+        None => run((x, y)),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -306,6 +362,47 @@ pub(crate) mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn layer_norm_reference(x: &[f32], scale: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+        let n = scale.len();
+        let mut out = Vec::new();
+        for row in x.chunks_exact(n) {
+            let mean = row.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
+            let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            out.extend(row.iter().zip(scale).zip(bias).map(|((v, s), b)| ((*v as f64 - mean) * inv * *s as f64 + *b as f64) as f32));
+        }
+        out
+    }
+
+    #[test]
+    fn layer_norm_rows_match_f64_on_one_and_two_threads_and_without_avx512() {
+        // 197 x 192 (ViT-Ti/16), 2 x 37 (a row length that is not a multiple of 16), rows
+        // whose mean grows to 400 against a spread of ~3, and rows at 1000 +- 0.05 (a mean
+        // 10^4 times the spread: the one-pass variance must not cancel).
+        for (rows, n, offset, spread) in [(197usize, 192usize, 0.0, 1.0), (2, 37, 0.0, 1.0), (400, 200, 1.0, 1.0), (3, 64, 1000.0, 0.01)] {
+            let x: Vec<f32> = (0..rows * n)
+                .map(|i| (((i * 7919) % 1000) as f32 / 100.0 - 5.0) * spread + offset * (1 + i / n) as f32)
+                .collect();
+            let scale: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect();
+            let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 / 5.0 - 0.4).collect();
+            let expected = layer_norm_reference(&x, &scale, &bias, 1e-6);
+            let mut portable = vec![f32::NAN; x.len()];
+            for (xr, yr) in x.chunks_exact(n).zip(portable.chunks_exact_mut(n)) {
+                layer_norm_row(xr, &scale, &bias, 1e-6, yr);
+            }
+            let worst = portable.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-5, "{rows}x{n}, portable row kernel: worst {worst}");
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut y = vec![f32::NAN; x.len()];
+                pool.install(|| layer_norm_rows(&x, &scale, &bias, 1e-6, &mut y));
+                let worst = y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 2e-5, "{rows}x{n}, {threads} threads: worst {worst}");
+            }
+        }
+    }
+
 
     #[test]
     fn gelu_matches_erf_form() {
