@@ -77,7 +77,7 @@ fn backbone_step(c: &mut Criterion) {
     let views = vec![view(gs, None), view(gs, Some(3)), view(ls, Some(2)), view(ls, Some(2))];
     group.bench_function("flsl_full_tiny_preset_b16", |b| {
         b.iter(|| {
-            let (s, _) = train_step(student.clone(), &mut teacher, &mut loss, &mut adam, &views, &hyper(), StepOptions::default()).unwrap();
+            let (s, _) = train_step(student.clone(), &mut teacher, None, &mut loss, &mut adam, &views, &hyper(), StepOptions::default()).unwrap();
             student = s;
         })
     });

@@ -80,7 +80,7 @@ pub fn run_steps<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device, step
             eps: 1e-8,
         };
         let t0 = Instant::now();
-        let (s, report) = with_seed(it as u64, || train_step(student.clone(), &mut teacher, &mut loss, &mut adam, &views, &hyper, StepOptions::default()))?;
+        let (s, report) = with_seed(it as u64, || train_step(student.clone(), &mut teacher, None, &mut loss, &mut adam, &views, &hyper, StepOptions::default()))?;
         student = s;
         if it > 0 {
             timed += t0.elapsed().as_secs_f64();

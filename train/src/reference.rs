@@ -622,7 +622,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     check.scalar("teacher_temp", tt, case.pf("teacher_temp")?, Tol::elementwise(1e-12, 0.0))?;
     let mut adam = AdamState::default();
     let (student, report) =
-        train_step(student, &mut teacher, &mut loss, &mut adam, &views, &hyper, StepOptions { record: true, ..Default::default() }).map_err(|e| e.to_string())?;
+        train_step(student, &mut teacher, None, &mut loss, &mut adam, &views, &hyper, StepOptions { record: true, ..Default::default() }).map_err(|e| e.to_string())?;
 
     // Loss and its inputs.
     let tl = case.tol("loss", Tol::elementwise(0.0, 1e-5));

@@ -243,23 +243,10 @@ pub fn forward<B: AutodiffBackend>(
 }
 
 /// One complete iteration. Returns the updated student; the teacher and the optimiser state
-/// are updated in place.
-pub fn train_step<B: AutodiffBackend>(
-    student: FlslModel<B>,
-    teacher: &mut FlslModel<B::InnerBackend>,
-    loss_fn: &mut FlslLoss,
-    adam: &mut AdamState<B::InnerBackend>,
-    views: &[View<B>],
-    hyper: &StepHyper,
-    opts: StepOptions,
-) -> Result<(FlslModel<B>, StepReport)> {
-    train_step_staged(student, teacher, None, loss_fn, adam, views, hyper, opts)
-}
-
-/// [`train_step`] with an optional previous-stage model (multi-stage training; the mixture
-/// weight is `hyper.mixture`).
+/// are updated in place. `prev`: the previous-stage model of multi-stage training (its
+/// mixture weight is `hyper.mixture`), `None` otherwise.
 #[allow(clippy::too_many_arguments)]
-pub fn train_step_staged<B: AutodiffBackend>(
+pub fn train_step<B: AutodiffBackend>(
     student: FlslModel<B>,
     teacher: &mut FlslModel<B::InnerBackend>,
     prev: Option<&PreviousStage<B::InnerBackend>>,

@@ -26,7 +26,7 @@ use crate::schedule::{cosine_scheduler, temp_scheduler};
 use crate::parallel::{self, Peer};
 use crate::augment::AugmentConfig;
 use crate::multistage::PreviousStage;
-use crate::step::{AdamState, StepHyper, StepOptions, StepReport, View, train_step_staged};
+use crate::step::{AdamState, StepHyper, StepOptions, StepReport, View, train_step};
 use crate::tensors::{self, TensorMap};
 
 /// All schedules of a run, indexed by global iteration (the teacher temperature by epoch).
@@ -290,7 +290,7 @@ fn replica_step<B: AutodiffBackend>(
     // Drop path draws from a stream seeded per step (and per replica), so a resumed run matches.
     let seed = seed.wrapping_add(u64::from(peer.map_or(0, |p| p.rank)).wrapping_mul(0x9E37_79B9));
     let out = crate::model::layers::with_seed(seed, || {
-        train_step_staged(student, teacher, prev, loss_fn, adam, &views, hyper, StepOptions { peer, ..Default::default() })
+        train_step(student, teacher, prev, loss_fn, adam, &views, hyper, StepOptions { peer, ..Default::default() })
     })?;
     if let (Some(p), Some(c)) = (peer, loss_fn.centering.as_mut()) {
         // The reference all-reduces the batch center; the EMA is linear, so averaging the

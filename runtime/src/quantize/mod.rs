@@ -187,9 +187,10 @@ pub struct QuantizeOptions {
     /// prefix (`head`, `blocks.11.mlp`).
     pub float_ops: Vec<String>,
     /// Quantize weight `Conv`s (the patch embedding); on by default: our engine runs a QDQ
-    /// patch embedding on the integer kernel (ViT-S/16 int8 45.2 -> 42.5 ms at 1 thread), and
-    /// its input is the 8-bit image (feature cosine 0.99988 instead of 0.99990, prototype
-    /// agreement 95.38 % instead of 95.46 % on the short-trained ViT-S/16; `docs/PERFORMANCE.md`).
+    /// patch embedding on the integer kernel (ViT-S/16 int8 45.2 -> 42.5 ms at 1 thread in
+    /// two `quantize_bench` runs), and its input is the 8-bit image (feature cosine 0.99988
+    /// instead of 0.99990, prototype agreement 95.38 % instead of 95.46 % on the
+    /// short-trained ViT-S/16; `docs/PERFORMANCE.md`).
     pub quantize_conv: bool,
     /// Quantize the FLSL head's output layers too (its last MLP linear, `head.mlp.<last>`, and
     /// the prototype layer `head/last_layer`); off by default: with many barely separated
