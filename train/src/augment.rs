@@ -3,7 +3,7 @@
 //! Per image: a teacher global crop (`RandomResizedCrop(global, scale_t)`), a student global
 //! crop taken **from the teacher crop** (`scale_s`), `n` local crops from the teacher crop;
 //! then on every crop: colour jitter (p 0.8, `color_jitter_p`; brightness 0.4, contrast 0.4,
-//! saturation 0.2, hue 0.1, random order), grayscale (p 0.2, `grayscale_p`), and either a Gaussian blur (p 0.5) or a weak
+//! saturation 0.2, hue 0.1 in `color_jitter`, random order), grayscale (p 0.2, `grayscale_p`), and either a Gaussian blur (p 0.5) or a weak
 //! blur (p 0.1) followed by solarisation (p 0.2), chosen with p 0.5; ImageNet normalisation.
 //! Student views get token sampling masks. The reference has no horizontal flip (its
 //! `flip_and_color_jitter` only jitters); `flip_p` adds one for users who want it (default 0).
@@ -49,9 +49,13 @@ pub struct AugmentConfig {
     /// Horizontal flip probability (0 in the reference).
     pub flip_p: f64,
     /// Colour jitter probability per crop (0.8 in the reference). Colour jitter and grayscale
-    /// teach invariance to colour, which is right for ImageNet-like data and hides the one cue
-    /// that separates tree crowns from bare ground in a few CPU minutes (the demo lowers both).
+    /// teach invariance to colour, right for ImageNet-like data; for imagery where colour is the
+    /// signal (vegetation) lower them, or the strengths in `color_jitter`.
     pub color_jitter_p: f64,
+    /// Colour jitter strengths `[brightness, contrast, saturation, hue]` (torchvision's
+    /// `ColorJitter` arguments; `[0.4, 0.4, 0.2, 0.1]` in the reference). Each factor is drawn
+    /// whatever its strength, so changing one leaves the random stream of every later crop as it is.
+    pub color_jitter: [f64; 4],
     /// Grayscale probability per crop (0.2 in the reference).
     pub grayscale_p: f64,
     /// Also keep each crop before the photometric transforms ([`AugView::crop`]); set by the
@@ -74,6 +78,7 @@ impl Default for AugmentConfig {
             random_sampling: false,
             flip_p: 0.0,
             color_jitter_p: 0.8,
+            color_jitter: [0.4, 0.4, 0.2, 0.1],
             grayscale_p: 0.2,
             keep_crops: false,
         }
@@ -151,6 +156,9 @@ fn blend(img: &mut RgbImage, other: impl Fn(&image::Rgb<u8>) -> [f32; 3], factor
 }
 
 fn adjust_hue(img: &mut RgbImage, shift: f32) {
+    if shift == 0.0 {
+        return;
+    }
     for p in img.pixels_mut() {
         let [r, g, b] = [f32::from(p[0]) / 255.0, f32::from(p[1]) / 255.0, f32::from(p[2]) / 255.0];
         let max = r.max(g).max(b);
@@ -183,17 +191,24 @@ fn adjust_hue(img: &mut RgbImage, shift: f32) {
     }
 }
 
-/// torchvision `ColorJitter(0.4, 0.4, 0.2, 0.1)`: the four adjustments in random order.
-fn color_jitter(img: &mut RgbImage, rng: &mut ChaCha8Rng) {
+/// torchvision `ColorJitter(b, c, s, h)` (the reference: `(0.4, 0.4, 0.2, 0.1)`): the four
+/// adjustments in random order.
+fn color_jitter(img: &mut RgbImage, strength: [f64; 4], rng: &mut ChaCha8Rng) {
     let mut order = [0usize, 1, 2, 3];
     for i in (1..4).rev() {
         let j = rng.random_range(0..=i);
         order.swap(i, j);
     }
-    let b = rng.random_range(0.6f32..=1.4);
-    let c = rng.random_range(0.6f32..=1.4);
-    let s = rng.random_range(0.8f32..=1.2);
-    let h = rng.random_range(-0.1f32..=0.1);
+    // One uniform draw per factor mapped onto its range, so that the stream does not depend on
+    // the strengths (a zero strength gives the identity factor).
+    let mut factor = |centre: f32, half: f64| {
+        let u: f32 = rng.random_range(-1.0f32..=1.0);
+        centre + u * half as f32
+    };
+    let b = factor(1.0, strength[0]);
+    let c = factor(1.0, strength[1]);
+    let s = factor(1.0, strength[2]);
+    let h = factor(0.0, strength[3]);
     for op in order {
         match op {
             0 => blend(img, |_| [0.0; 3], b),
@@ -243,7 +258,7 @@ fn transformation(mut img: RgbImage, cfg: &AugmentConfig, rng: &mut ChaCha8Rng) 
     // One draw each whatever the probability, so the random stream (and every later crop)
     // stays that of the reference when the defaults are used.
     if rng.random::<f64>() < cfg.color_jitter_p {
-        color_jitter(&mut img, rng);
+        color_jitter(&mut img, cfg.color_jitter, rng);
     }
     if rng.random::<f64>() < cfg.grayscale_p {
         grayscale(&mut img);
@@ -351,6 +366,20 @@ mod tests {
         }
         let coloured: usize = (0..4).map(|seed| views - gray_views(&base, seed)).sum();
         assert!(coloured > 0, "the reference probabilities keep most views in colour");
+    }
+
+    /// Zero jitter strengths leave the pixels as they are, the reference strengths change them,
+    /// and both consume the same random draws (later crops do not depend on the strengths).
+    #[test]
+    fn zero_jitter_strengths_are_the_identity_and_keep_the_stream() {
+        let img = test_image();
+        let (mut r0, mut r1) = (ChaCha8Rng::seed_from_u64(5), ChaCha8Rng::seed_from_u64(5));
+        let (mut zero, mut full) = (img.clone(), img.clone());
+        color_jitter(&mut zero, [0.0; 4], &mut r0);
+        color_jitter(&mut full, AugmentConfig::default().color_jitter, &mut r1);
+        assert_eq!(zero, img);
+        assert_ne!(full, img);
+        assert_eq!(r0.random::<u64>(), r1.random::<u64>());
     }
 
     #[test]

@@ -357,6 +357,10 @@ impl TrainConfig {
                 return bad(key, format!("{p} must be a probability in [0, 1]"));
             }
         }
+        let [b, c, sat, hue] = a.color_jitter;
+        if !([b, c, sat].iter().all(|v| (0.0..=1.0).contains(v)) && (0.0..=0.5).contains(&hue)) {
+            return bad("color_jitter", format!("{:?} must be [brightness, contrast, saturation] in [0, 1] and hue in [0, 0.5]", a.color_jitter));
+        }
         if a.global_resize as usize % self.patch_size != 0 || a.local_resize as usize % self.patch_size != 0 {
             return bad("global_resize", format!("crop sizes {} / {} must be multiples of patch_size {}", a.global_resize, a.local_resize, self.patch_size));
         }
@@ -430,6 +434,8 @@ mod tests {
         assert!(e.contains("sampling_window_size_g"), "{e}");
         let e = TrainConfig::default().with_overrides(&["augment.color_jitter_p=1.5".into()]).unwrap_err().to_string();
         assert!(e.contains("color_jitter_p") && e.contains("probability"), "{e}");
+        let e = TrainConfig::default().with_overrides(&["augment.color_jitter=[0.4, 0.4, 0.2, 0.7]".into()]).unwrap_err().to_string();
+        assert!(e.contains("color_jitter") && e.contains("hue"), "{e}");
         let e = TrainConfig::default().with_overrides(&["device=tpu".into()]).unwrap_err().to_string();
         assert!(e.contains("device"), "{e}");
         let e = TrainConfig::default().with_overrides(&["device=\"cuda:0,cpu\"".into()]).unwrap_err().to_string();
