@@ -1,5 +1,6 @@
 //! Cluster maps of backbone features: prototype assignment and k-means, rendered as overlays,
-//! and a box-based separation score for aerial images with tree-crown boxes.
+//! a colour-only baseline, and a box-based crown/ground separation score for aerial images with
+//! tree-crown boxes.
 
 use std::path::Path;
 
@@ -135,40 +136,81 @@ pub fn save_panels(path: &Path, panels: &[RgbImage]) -> Result<()> {
     crate::tensors::write_atomic(path, &bytes)
 }
 
-/// How well a cluster map separates boxed objects (tree crowns) from the rest: clusters whose
-/// patches lie mostly inside boxes form the "object" set; the score is the IoU of that set's
-/// patches with the patches whose centre lies in a box (1 = perfect separation).
-pub fn box_separation_iou(map: &ClusterMap, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> f64 {
-    let inside: Vec<bool> = (0..map.gh * map.gw)
-        .map(|i| {
-            let (gy, gx) = (i / map.gw, i % map.gw);
-            let cx = (gx as f32 + 0.5) / map.gw as f32 * img_w;
-            let cy = (gy as f32 + 0.5) / map.gh as f32 * img_h;
-            boxes.iter().any(|b| cx >= b[0] && cx <= b[2] && cy >= b[1] && cy <= b[3])
-        })
-        .collect();
-    let max_label = map.labels.iter().copied().max().unwrap_or(0) as usize;
-    let mut counts = vec![(0usize, 0usize); max_label + 1];
-    for (l, &ins) in map.labels.iter().zip(&inside) {
-        let c = &mut counts[*l as usize];
-        if ins {
-            c.0 += 1;
-        } else {
-            c.1 += 1;
+/// Central fraction (per side) of a crown box whose patches count as crown in [`crown_separation`].
+pub const CROWN_CORE: f32 = 0.6;
+
+/// How well a cluster map separates tree crowns from ground, scored against crown boxes.
+///
+/// Crown patches: those whose centre lies in the central [`CROWN_CORE`] (per side) of a box.
+/// Ground patches: those outside every box. The rest of each box (its corners are often ground,
+/// its rim often shadow) is not scored. The score is Youden's J of the best union of clusters
+/// called "crown": recall on crown patches minus the false-positive rate on ground patches.
+/// J is additive over clusters, so the best union takes every cluster whose share of the crown
+/// patches exceeds its share of the ground patches: `J = sum_c max(0, crown_c / crown - ground_c / ground)`.
+/// 0: no cluster tells crowns from ground; 1: some clusters hold every crown patch and no ground
+/// patch. Finer maps can only score higher, so compare maps with the same number of clusters.
+/// `None` when the boxes leave no crown or no ground patch.
+pub fn crown_separation(map: &ClusterMap, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> Option<f64> {
+    let n_labels = map.labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let (mut crown, mut ground) = (vec![0usize; n_labels], vec![0usize; n_labels]);
+    for (i, &l) in map.labels.iter().enumerate() {
+        let (gy, gx) = (i / map.gw.max(1), i % map.gw.max(1));
+        let cx = (gx as f32 + 0.5) / map.gw as f32 * img_w;
+        let cy = (gy as f32 + 0.5) / map.gh as f32 * img_h;
+        let inside = |b: &[f32; 4], f: f32| {
+            let (hw, hh) = (0.5 * f * (b[2] - b[0]), 0.5 * f * (b[3] - b[1]));
+            let (mx, my) = (0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3]));
+            (cx - mx).abs() <= hw && (cy - my).abs() <= hh
+        };
+        if boxes.iter().any(|b| inside(b, CROWN_CORE)) {
+            crown[l as usize] += 1;
+        } else if !boxes.iter().any(|b| inside(b, 1.0)) {
+            ground[l as usize] += 1;
         }
     }
-    let object: Vec<bool> = counts.iter().map(|(i, o)| i > o).collect();
-    let (mut inter, mut union) = (0usize, 0usize);
-    for (l, &ins) in map.labels.iter().zip(&inside) {
-        let pred = object[*l as usize];
-        if pred && ins {
-            inter += 1;
-        }
-        if pred || ins {
-            union += 1;
+    let (nc, ng) = (crown.iter().sum::<usize>(), ground.iter().sum::<usize>());
+    if nc == 0 || ng == 0 {
+        return None;
+    }
+    Some(crown.iter().zip(&ground).map(|(&c, &g)| (c as f64 / nc as f64 - g as f64 / ng as f64).max(0.0)).sum())
+}
+
+/// A colour-only baseline for the cluster maps: per `patch x patch` cell of the image resized to
+/// `side x side`, the mean and standard deviation of R, G and B (in [0, 1]), each of the six
+/// standardised over the image. Clustered like the backbone features, it shows how much of a
+/// separation plain colour already gives. Returns `(features, 6)`, row-major over the grid.
+pub fn patch_colour_features(img: &RgbImage, side: u32, patch: u32) -> (Vec<f32>, usize) {
+    let resized = imageops::resize(img, side, side, imageops::FilterType::CatmullRom);
+    let g = (side / patch.max(1)) as usize;
+    let mut f = Vec::with_capacity(g * g * 6);
+    for gy in 0..g {
+        for gx in 0..g {
+            let (mut sum, mut sq) = ([0f64; 3], [0f64; 3]);
+            for y in 0..patch {
+                for x in 0..patch {
+                    let p = resized.get_pixel(gx as u32 * patch + x, gy as u32 * patch + y);
+                    for c in 0..3 {
+                        let v = f64::from(p[c]) / 255.0;
+                        sum[c] += v;
+                        sq[c] += v * v;
+                    }
+                }
+            }
+            let n = f64::from(patch * patch);
+            let mean = sum.map(|s| s / n);
+            f.extend(mean.iter().map(|&m| m as f32));
+            f.extend((0..3).map(|c| (sq[c] / n - mean[c] * mean[c]).max(0.0).sqrt() as f32));
         }
     }
-    if union == 0 { 0.0 } else { inter as f64 / union as f64 }
+    let rows = g * g;
+    for c in 0..6 {
+        let m = (0..rows).map(|r| f[r * 6 + c]).sum::<f32>() / rows.max(1) as f32;
+        let sd = ((0..rows).map(|r| (f[r * 6 + c] - m).powi(2)).sum::<f32>() / rows.max(1) as f32).sqrt().max(1e-6);
+        for r in 0..rows {
+            f[r * 6 + c] = (f[r * 6 + c] - m) / sd;
+        }
+    }
+    (f, 6)
 }
 
 /// Reads Pascal VOC boxes (`xmin ymin xmax ymax`) from an XML file.
@@ -211,12 +253,37 @@ mod tests {
     }
 
     #[test]
-    fn separation_is_one_for_a_perfect_map_and_lower_otherwise() {
-        // 4x4 grid on a 40x40 image; a box covers the left half.
-        let boxes = [[0.0, 0.0, 19.9, 40.0]];
-        let perfect = ClusterMap { gh: 4, gw: 4, labels: (0..16).map(|i| u32::from(i % 4 < 2)).collect() };
-        assert!((box_separation_iou(&perfect, &boxes, 40.0, 40.0) - 1.0).abs() < 1e-12);
-        let rows = ClusterMap { gh: 4, gw: 4, labels: (0..16).map(|i| u32::from(i / 4 < 2)).collect() };
-        assert!(box_separation_iou(&rows, &boxes, 40.0, 40.0) < 0.6);
+    fn crown_separation_is_one_for_a_perfect_map_zero_for_an_unrelated_one() {
+        // 8x8 grid on an 80x80 image; one box covers the left half (its core: columns 1 and 2).
+        let boxes = [[0.0, 0.0, 40.0, 80.0]];
+        let by = |f: fn(usize) -> u32| ClusterMap { gh: 8, gw: 8, labels: (0..64).map(f).collect() };
+        let perfect = by(|i| u32::from(i % 8 < 4));
+        assert_eq!(crown_separation(&perfect, &boxes, 80.0, 80.0), Some(1.0));
+        // Top half vs bottom half: each cluster holds half the crown and half the ground patches.
+        let rows = by(|i| u32::from(i / 8 < 4));
+        assert_eq!(crown_separation(&rows, &boxes, 80.0, 80.0), Some(0.0));
+        // One cluster = columns 1-2 and 4 (all crown, a quarter of the ground): J = 1 - 1/4.
+        let partial = by(|i| u32::from(matches!(i % 8, 1 | 2 | 4)));
+        assert_eq!(crown_separation(&partial, &boxes, 80.0, 80.0), Some(0.75));
+        // Box rim patches (columns 0 and 3) are not scored: labelling them anything changes nothing.
+        let rim = by(|i| u32::from(matches!(i % 8, 0..=3)) + u32::from(matches!(i % 8, 0 | 3)));
+        assert_eq!(crown_separation(&rim, &boxes, 80.0, 80.0), Some(1.0));
+        assert_eq!(crown_separation(&perfect, &[], 80.0, 80.0), None);
+    }
+
+    #[test]
+    fn colour_features_are_standardised_and_tell_green_from_sand() {
+        // Left half green, right half sand; 4x4 cells of 8 px.
+        let img = RgbImage::from_fn(32, 32, |x, _| if x < 16 { Rgb([40, 120, 40]) } else { Rgb([220, 200, 160]) });
+        let (f, d) = patch_colour_features(&img, 32, 8);
+        assert_eq!((f.len(), d), (16 * 6, 6));
+        for c in 0..3 {
+            let col: Vec<f32> = (0..16).map(|r| f[r * 6 + c]).collect();
+            let mean = col.iter().sum::<f32>() / 16.0;
+            let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0;
+            assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4, "channel {c}: mean {mean} var {var}");
+        }
+        let labels = kmeans(&f, d, 2, 10);
+        assert!((0..16).all(|i| (labels[i] == labels[0]) == (i % 4 < 2)), "{labels:?}");
     }
 }
