@@ -180,8 +180,9 @@ pub fn crown_separation(map: &ClusterMap, boxes: &[[f32; 4]], img_w: f32, img_h:
 /// standardised over the image. Clustered like the backbone features, it shows how much of a
 /// separation plain colour already gives. Returns `(features, 6)`, row-major over the grid.
 pub fn patch_colour_features(img: &RgbImage, side: u32, patch: u32) -> (Vec<f32>, usize) {
+    let patch = patch.max(1);
     let resized = imageops::resize(img, side, side, imageops::FilterType::CatmullRom);
-    let g = (side / patch.max(1)) as usize;
+    let g = (side / patch) as usize;
     let mut f = Vec::with_capacity(g * g * 6);
     for gy in 0..g {
         for gx in 0..g {
