@@ -223,6 +223,6 @@ pub fn render_markdown(r: &DemoReport) -> String {
         s.push_str(&format!("| {} | {} | {trained} | {random} | {colour} |\n", h.image, h.prototypes_on_image));
     }
     s.push_str(&format!("\nPanels in `cluster_*.png`: image | prototype assignment (trained teacher) | k-means k={MAP_CLUSTERS} of the trained features | of a randomly initialised backbone's | of plain patch colour (mean and spread of R, G, B per patch).\n"));
-    s.push_str("Crown separation J: crown patches = centre in the central 60 % of a tree-crown box, ground patches = outside every box; J = recall on crown minus false-positive rate on ground for the best set of clusters called crown (0 = none, 1 = perfect).\n");
+    s.push_str(&format!("Crown separation J: crown patches = centre in the central {:.0} % of a tree-crown box, ground patches = outside every box; J = recall on crown minus false-positive rate on ground for the best set of clusters called crown (0 = none, 1 = perfect).\n", cluster::CROWN_CORE * 100.0));
     s
 }
