@@ -153,19 +153,12 @@ pub const CROWN_CORE: f32 = 0.6;
 pub fn crown_separation(map: &ClusterMap, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> Option<f64> {
     let n_labels = map.labels.iter().copied().max().map_or(0, |m| m as usize + 1);
     let (mut crown, mut ground) = (vec![0usize; n_labels], vec![0usize; n_labels]);
-    for (i, &l) in map.labels.iter().enumerate() {
-        let (gy, gx) = (i / map.gw.max(1), i % map.gw.max(1));
-        let cx = (gx as f32 + 0.5) / map.gw as f32 * img_w;
-        let cy = (gy as f32 + 0.5) / map.gh as f32 * img_h;
-        let inside = |b: &[f32; 4], f: f32| {
-            let (hw, hh) = (0.5 * f * (b[2] - b[0]), 0.5 * f * (b[3] - b[1]));
-            let (mx, my) = (0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3]));
-            (cx - mx).abs() <= hw && (cy - my).abs() <= hh
-        };
-        if boxes.iter().any(|b| inside(b, CROWN_CORE)) {
-            crown[l as usize] += 1;
-        } else if !boxes.iter().any(|b| inside(b, 1.0)) {
-            ground[l as usize] += 1;
+    let kinds = patch_kinds(map.gh, map.gw, boxes, img_w, img_h);
+    for (&l, kind) in map.labels.iter().zip(&kinds) {
+        match kind {
+            Some(true) => crown[l as usize] += 1,
+            Some(false) => ground[l as usize] += 1,
+            None => {}
         }
     }
     let (nc, ng) = (crown.iter().sum::<usize>(), ground.iter().sum::<usize>());
@@ -173,6 +166,121 @@ pub fn crown_separation(map: &ClusterMap, boxes: &[[f32; 4]], img_w: f32, img_h:
         return None;
     }
     Some(crown.iter().zip(&ground).map(|(&c, &g)| (c as f64 / nc as f64 - g as f64 / ng as f64).max(0.0)).sum())
+}
+
+/// Per patch of a `gh x gw` grid over an `img_w x img_h` image: `Some(true)` crown (centre in
+/// the central [`CROWN_CORE`] of a box), `Some(false)` ground (outside every box), `None` not
+/// scored (the rest of a box). Row-major.
+fn patch_kinds(gh: usize, gw: usize, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> Vec<Option<bool>> {
+    (0..gh * gw)
+        .map(|i| {
+            let (gy, gx) = (i / gw.max(1), i % gw.max(1));
+            let cx = (gx as f32 + 0.5) / gw as f32 * img_w;
+            let cy = (gy as f32 + 0.5) / gh as f32 * img_h;
+            let inside = |b: &[f32; 4], f: f32| {
+                let (hw, hh) = (0.5 * f * (b[2] - b[0]), 0.5 * f * (b[3] - b[1]));
+                let (mx, my) = (0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3]));
+                (cx - mx).abs() <= hw && (cy - my).abs() <= hh
+            };
+            if boxes.iter().any(|b| inside(b, CROWN_CORE)) {
+                Some(true)
+            } else if boxes.iter().any(|b| inside(b, 1.0)) {
+                None
+            } else {
+                Some(false)
+            }
+        })
+        .collect()
+}
+
+/// Ridge penalty of [`crown_probe_auc`] (on standardised features, bias included).
+pub const PROBE_RIDGE: f64 = 10.0;
+
+/// How linearly decodable "crown" is from per-patch features, whatever the clustering.
+///
+/// Patches are labelled as in [`crown_separation`] (crown core, ground, rest not scored). Each
+/// feature is standardised over the grid; a ridge classifier (targets +1 crown / -1 ground,
+/// penalty [`PROBE_RIDGE`] on every weight and the bias) is fitted on the left half of the grid
+/// and scored on the right half, then the other way round. Returns the mean ROC AUC of the two
+/// (0.5: no linear information; 1: a linear function of the features separates them; ties count
+/// half). `scripts/crown_probe.py` is the same probe in numpy (on its own resize of the image,
+/// so its figures differ in the third decimal). `None` when a half lacks crown or ground
+/// patches, or the features are not finite.
+pub fn crown_probe_auc(feats: &[f32], d: usize, gh: usize, gw: usize, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> Option<f64> {
+    let n = gh * gw;
+    if d == 0 || feats.len() != n * d || feats.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let kinds = patch_kinds(gh, gw, boxes, img_w, img_h);
+    // Standardised features plus a constant column, f64.
+    let cols = d + 1;
+    let mut x = vec![1.0f64; n * cols];
+    for j in 0..d {
+        let mean = (0..n).map(|i| f64::from(feats[i * d + j])).sum::<f64>() / n as f64;
+        let var = (0..n).map(|i| (f64::from(feats[i * d + j]) - mean).powi(2)).sum::<f64>() / n as f64;
+        let scale = 1.0 / (var.sqrt() + 1e-6);
+        for i in 0..n {
+            x[i * cols + j] = (f64::from(feats[i * d + j]) - mean) * scale;
+        }
+    }
+    let left = |i: usize| i % gw.max(1) < gw / 2;
+    let mut aucs = [0.0; 2];
+    for (split, auc) in aucs.iter_mut().enumerate() {
+        let in_train = |i: usize| left(i) == (split == 0);
+        // Normal equations (X^T X + ridge I) w = X^T t over the training half.
+        let (mut a, mut b) = (vec![0.0f64; cols * cols], vec![0.0f64; cols]);
+        for i in (0..n).filter(|&i| in_train(i)) {
+            let Some(crown) = kinds[i] else { continue };
+            let row = &x[i * cols..(i + 1) * cols];
+            let t = if crown { 1.0 } else { -1.0 };
+            for (r, &xr) in row.iter().enumerate() {
+                b[r] += xr * t;
+                for (c, &xc) in row.iter().enumerate().skip(r) {
+                    a[r * cols + c] += xr * xc;
+                }
+            }
+        }
+        for r in 0..cols {
+            a[r * cols + r] += PROBE_RIDGE;
+            for c in 0..r {
+                a[r * cols + c] = a[c * cols + r];
+            }
+        }
+        let w = solve_spd(a, b, cols)?;
+        let score = |i: usize| x[i * cols..(i + 1) * cols].iter().zip(&w).map(|(v, w)| v * w).sum::<f64>();
+        let test = |want: bool| (0..n).filter(|&i| !in_train(i) && kinds[i] == Some(want)).map(score).collect::<Vec<_>>();
+        let (pos, neg) = (test(true), test(false));
+        let train_has = |want: bool| (0..n).any(|i| in_train(i) && kinds[i] == Some(want));
+        if pos.is_empty() || neg.is_empty() || !train_has(true) || !train_has(false) {
+            return None;
+        }
+        let wins: f64 = pos.iter().map(|p| neg.iter().map(|q| if p > q { 1.0 } else if p == q { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+        *auc = wins / (pos.len() * neg.len()) as f64;
+    }
+    Some(0.5 * (aucs[0] + aucs[1]))
+}
+
+/// Solves `a w = b` for a symmetric positive definite `n x n` matrix (row-major) by Cholesky;
+/// `None` if `a` is not positive definite (or not finite).
+fn solve_spd(mut a: Vec<f64>, mut b: Vec<f64>, n: usize) -> Option<Vec<f64>> {
+    for j in 0..n {
+        let diag = a[j * n + j] - (0..j).map(|k| a[j * n + k] * a[j * n + k]).sum::<f64>();
+        if !diag.is_finite() || diag <= 0.0 {
+            return None;
+        }
+        let l = diag.sqrt();
+        a[j * n + j] = l;
+        for i in j + 1..n {
+            a[i * n + j] = (a[i * n + j] - (0..j).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>()) / l;
+        }
+    }
+    for i in 0..n {
+        b[i] = (b[i] - (0..i).map(|k| a[i * n + k] * b[k]).sum::<f64>()) / a[i * n + i];
+    }
+    for i in (0..n).rev() {
+        b[i] = (b[i] - (i + 1..n).map(|k| a[k * n + i] * b[k]).sum::<f64>()) / a[i * n + i];
+    }
+    Some(b)
 }
 
 /// A colour-only baseline for the cluster maps: per `patch x patch` cell of the image resized to
@@ -270,6 +378,40 @@ mod tests {
         let rim = by(|i| u32::from(matches!(i % 8, 0..=3)) + u32::from(matches!(i % 8, 0 | 3)));
         assert_eq!(crown_separation(&rim, &boxes, 80.0, 80.0), Some(1.0));
         assert_eq!(crown_separation(&perfect, &[], 80.0, 80.0), None);
+    }
+
+    #[test]
+    fn crown_probe_reads_a_linear_crown_signal_in_either_sign_and_nothing_from_an_unrelated_one() {
+        // 8x8 grid on an 80x80 image; one box covers the top half and overhangs the sides so
+        // that its core spans every column: crown core = rows 1-2, ground = rows 4-7, the same
+        // mix in every column.
+        let boxes = [[-40.0, 0.0, 120.0, 40.0]];
+        let feats = |f: fn(usize, usize) -> [f32; 2]| (0..64).flat_map(|i| f(i / 8, i % 8)).collect::<Vec<f32>>();
+        // Feature 0 = "in the box", feature 1 = constant: perfectly decodable.
+        let boxed = feats(|y, _| [f32::from(u8::from(y < 4)), 1.0]);
+        assert_eq!(crown_probe_auc(&boxed, 2, 8, 8, &boxes, 80.0, 80.0), Some(1.0));
+        // The row index runs the other way (crown rows are the small ones): the probe learns the sign.
+        let rows = feats(|y, _| [y as f32, 0.5]);
+        assert_eq!(crown_probe_auc(&rows, 2, 8, 8, &boxes, 80.0, 80.0), Some(1.0));
+        // The column index carries nothing: every column holds the same crown/ground mix.
+        let cols = feats(|_, x| [x as f32, (x * x) as f32]);
+        let auc = crown_probe_auc(&cols, 2, 8, 8, &boxes, 80.0, 80.0).expect("both halves have crown and ground");
+        assert!((auc - 0.5).abs() < 1e-9, "column features: AUC {auc}");
+        // No boxes, a box over the left half only (the right half has no crown), bad shapes, NaN.
+        assert_eq!(crown_probe_auc(&boxed, 2, 8, 8, &[], 80.0, 80.0), None);
+        assert_eq!(crown_probe_auc(&boxed, 2, 8, 8, &[[0.0, 0.0, 40.0, 80.0]], 80.0, 80.0), None);
+        assert_eq!(crown_probe_auc(&boxed[..10], 2, 8, 8, &boxes, 80.0, 80.0), None);
+        let mut nan = boxed.clone();
+        nan[3] = f32::NAN;
+        assert_eq!(crown_probe_auc(&nan, 2, 8, 8, &boxes, 80.0, 80.0), None);
+    }
+
+    #[test]
+    fn solve_spd_solves_and_refuses_an_indefinite_matrix() {
+        // [[4, 2], [2, 3]] w = [2, 1] -> w = [0.5, 0].
+        let w = solve_spd(vec![4.0, 2.0, 2.0, 3.0], vec![2.0, 1.0], 2).expect("positive definite");
+        assert!((w[0] - 0.5).abs() < 1e-12 && w[1].abs() < 1e-12, "{w:?}");
+        assert_eq!(solve_spd(vec![1.0, 2.0, 2.0, 1.0], vec![1.0, 1.0], 2), None);
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub struct HeldOut {
     pub crown_separation_random: Option<f64>,
     /// Same for k-means of plain patch colour ([`cluster::patch_colour_features`]).
     pub crown_separation_colour: Option<f64>,
+    /// Linear decodability of crown vs ground from the trained backbone's features, whatever
+    /// the clustering ([`cluster::crown_probe_auc`], ROC AUC; 0.5 = none).
+    pub crown_probe_trained: Option<f64>,
+    /// Same for the randomly initialised backbone.
+    pub crown_probe_random: Option<f64>,
+    /// Same for plain patch colour.
+    pub crown_probe_colour: Option<f64>,
 }
 
 /// The demo's summary.
@@ -101,10 +108,11 @@ const MAP_SIDE: u32 = 256;
 /// Clusters in the k-means maps: enough for crown, sunlit ground and shadow to each get one.
 pub const MAP_CLUSTERS: usize = 4;
 
-fn maps<B: Backend>(model: &FlslModel<B>, img: &image::RgbImage, device: &B::Device) -> (ClusterMap, ClusterMap) {
+/// The prototype map, the k-means map and the features (with their width) of one image.
+fn maps<B: Backend>(model: &FlslModel<B>, img: &image::RgbImage, device: &B::Device) -> (ClusterMap, ClusterMap, Vec<f32>, usize) {
     let (feats, d, proto) = cluster::image_features(model, img, MAP_SIDE, device);
     let km = ClusterMap { gh: proto.gh, gw: proto.gw, labels: cluster::kmeans(&feats, d, MAP_CLUSTERS, 20) };
-    (proto, km)
+    (proto, km, feats, d)
 }
 
 /// Runs the demo.
@@ -147,7 +155,11 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
     if log.exists() {
         std::fs::remove_file(&log).map_err(|e| Error::io("cannot clear", &log, e))?;
     }
-    let random_model = FlslModel::<B::InnerBackend>::init(&cfg.vit_config()?, &cfg.head_config(), &device);
+    // The trained model's own starting point (the trainer initialises the student under the
+    // same seed), so that the "random init" panel and scores are reproducible and compare the
+    // training with where it began.
+    let (vit, head) = (cfg.vit_config()?, cfg.head_config());
+    let random_model = crate::model::layers::with_seed(cfg.seed, || FlslModel::<B::InnerBackend>::init(&vit, &head, &device));
     let t0 = Instant::now();
     let run = train(Run::<B>::new(cfg.clone(), device.clone())?, &TrainOptions { max_steps: Some(opts.steps), progress: opts.progress })?;
     let train_seconds = t0.elapsed().as_secs_f64();
@@ -163,11 +175,12 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
     for name in &opts.held_out {
         let path = opts.data.join(name);
         let img = image::open(&path).map_err(|e| Error::malformed("image", &path, e.to_string()))?.to_rgb8();
-        let (proto, km) = maps(&teacher, &img, &device);
-        let (_, km_rand) = maps(&random_model, &img, &device);
+        let (proto, km, feats, d_feat) = maps(&teacher, &img, &device);
+        let (_, km_rand, feats_rand, _) = maps(&random_model, &img, &device);
         let boxes = voc_for(&opts.data, name).map(|p| cluster::read_voc_boxes(&p)).transpose()?;
         let (w, h) = (img.width() as f32, img.height() as f32);
         let sep = |m: &ClusterMap| boxes.as_ref().and_then(|b| cluster::crown_separation(m, b, w, h));
+        let probe = |f: &[f32], d: usize| boxes.as_ref().and_then(|b| cluster::crown_probe_auc(f, d, km.gh, km.gw, b, w, h));
         let (colour, d) = cluster::patch_colour_features(&img, MAP_SIDE, cfg.patch_size as u32);
         let km_colour = ClusterMap { gh: km.gh, gw: km.gw, labels: cluster::kmeans(&colour, d, MAP_CLUSTERS, 20) };
         let show = image::imageops::resize(&img, 384, 384 * img.height() / img.width().max(1), image::imageops::FilterType::Triangle);
@@ -183,6 +196,9 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
             crown_separation_trained: sep(&km),
             crown_separation_random: sep(&km_rand),
             crown_separation_colour: sep(&km_colour),
+            crown_probe_trained: probe(&feats, d_feat),
+            crown_probe_random: probe(&feats_rand, d_feat),
+            crown_probe_colour: probe(&colour, d),
         });
     }
     let report = DemoReport {
@@ -216,13 +232,17 @@ pub fn render_markdown(r: &DemoReport) -> String {
         "Collapse monitor: the teacher used {} of {} prototypes in the last epoch (normalised assignment entropy {:.3}; 0 would be collapse).\n\n",
         r.prototypes_used, c.out_dim, r.assignment_entropy
     ));
-    s.push_str(&format!("| held-out image | prototypes on it | crown separation J, k-means k={MAP_CLUSTERS}: trained | random init | colour only |\n|---|---|---|---|---|\n"));
+    s.push_str(&format!(
+        "| held-out image | prototypes on it | crown separation J, k-means k={MAP_CLUSTERS}: trained | random init | colour only | crown probe AUC: trained | random init | colour only |\n|---|---|---|---|---|---|---|---|\n"
+    ));
     for h in &r.held_out {
         let f = |v: Option<f64>| v.map_or("n/a (no boxes)".to_string(), |v| format!("{v:.3}"));
         let (trained, random, colour) = (f(h.crown_separation_trained), f(h.crown_separation_random), f(h.crown_separation_colour));
-        s.push_str(&format!("| {} | {} | {trained} | {random} | {colour} |\n", h.image, h.prototypes_on_image));
+        let (p_trained, p_random, p_colour) = (f(h.crown_probe_trained), f(h.crown_probe_random), f(h.crown_probe_colour));
+        s.push_str(&format!("| {} | {} | {trained} | {random} | {colour} | {p_trained} | {p_random} | {p_colour} |\n", h.image, h.prototypes_on_image));
     }
     s.push_str(&format!("\nPanels in `cluster_*.png`: image | prototype assignment (trained teacher) | k-means k={MAP_CLUSTERS} of the trained features | of a randomly initialised backbone's | of plain patch colour (mean and spread of R, G, B per patch).\n"));
     s.push_str(&format!("Crown separation J: crown patches = centre in the central {:.0} % of a tree-crown box, ground patches = outside every box; J = recall on crown minus false-positive rate on ground for the best set of clusters called crown (0 = none, 1 = perfect).\n", cluster::CROWN_CORE * 100.0));
+    s.push_str("Crown probe AUC: a ridge classifier of crown vs ground patches fitted on one half of the image and tested on the other (both ways), how much crown information the features hold whatever the clustering (0.5 = none, 1 = linearly separable).\n");
     s
 }
