@@ -63,14 +63,14 @@ pub struct HeldOut {
     /// Crown/ground separation ([`cluster::crown_separation`]) of the k-means map of the trained
     /// backbone's features (when the image has crown boxes).
     pub crown_separation_trained: Option<f64>,
-    /// Same for a randomly initialised backbone of the same size.
+    /// Same for the backbone at its initialisation, before training (same seed as the trainer).
     pub crown_separation_random: Option<f64>,
     /// Same for k-means of plain patch colour ([`cluster::patch_colour_features`]).
     pub crown_separation_colour: Option<f64>,
     /// Linear decodability of crown vs ground from the trained backbone's features, whatever
     /// the clustering ([`cluster::crown_probe_auc`], ROC AUC; 0.5 = none).
     pub crown_probe_trained: Option<f64>,
-    /// Same for the randomly initialised backbone.
+    /// Same for the backbone at its initialisation, before training.
     pub crown_probe_random: Option<f64>,
     /// Same for plain patch colour.
     pub crown_probe_colour: Option<f64>,
