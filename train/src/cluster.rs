@@ -229,8 +229,10 @@ pub fn crown_probe_auc(feats: &[f32], d: usize, gh: usize, gw: usize, boxes: &[[
         let in_train = |i: usize| left(i) == (split == 0);
         // Normal equations (X^T X + ridge I) w = X^T t over the training half.
         let (mut a, mut b) = (vec![0.0f64; cols * cols], vec![0.0f64; cols]);
+        let mut seen = [false; 2]; // [ground, crown] in the training half
         for i in (0..n).filter(|&i| in_train(i)) {
             let Some(crown) = kinds[i] else { continue };
+            seen[usize::from(crown)] = true;
             let row = &x[i * cols..(i + 1) * cols];
             let t = if crown { 1.0 } else { -1.0 };
             for (r, &xr) in row.iter().enumerate() {
@@ -246,12 +248,14 @@ pub fn crown_probe_auc(feats: &[f32], d: usize, gh: usize, gw: usize, boxes: &[[
                 a[r * cols + c] = a[c * cols + r];
             }
         }
+        if seen != [true; 2] {
+            return None;
+        }
         let w = solve_spd(a, b, cols)?;
         let score = |i: usize| x[i * cols..(i + 1) * cols].iter().zip(&w).map(|(v, w)| v * w).sum::<f64>();
         let test = |want: bool| (0..n).filter(|&i| !in_train(i) && kinds[i] == Some(want)).map(score).collect::<Vec<_>>();
         let (pos, neg) = (test(true), test(false));
-        let train_has = |want: bool| (0..n).any(|i| in_train(i) && kinds[i] == Some(want));
-        if pos.is_empty() || neg.is_empty() || !train_has(true) || !train_has(false) {
+        if pos.is_empty() || neg.is_empty() {
             return None;
         }
         let wins: f64 = pos.iter().map(|p| neg.iter().map(|q| if p > q { 1.0 } else if p == q { 0.5 } else { 0.0 }).sum::<f64>()).sum();

@@ -60,20 +60,23 @@ pub struct HeldOut {
     pub overlay: PathBuf,
     /// Distinct prototypes on the image (trained model).
     pub prototypes_on_image: usize,
-    /// Crown/ground separation ([`cluster::crown_separation`]) of the k-means map of the trained
-    /// backbone's features (when the image has crown boxes).
-    pub crown_separation_trained: Option<f64>,
-    /// Same for the backbone at its initialisation, before training (same seed as the trainer).
-    pub crown_separation_random: Option<f64>,
-    /// Same for k-means of plain patch colour ([`cluster::patch_colour_features`]).
-    pub crown_separation_colour: Option<f64>,
-    /// Linear decodability of crown vs ground from the trained backbone's features, whatever
-    /// the clustering ([`cluster::crown_probe_auc`], ROC AUC; 0.5 = none).
-    pub crown_probe_trained: Option<f64>,
-    /// Same for the backbone at its initialisation, before training.
-    pub crown_probe_random: Option<f64>,
-    /// Same for plain patch colour.
-    pub crown_probe_colour: Option<f64>,
+    /// Crown/ground separation ([`cluster::crown_separation`]) of the k-means maps (when the
+    /// image has crown boxes).
+    pub crown_separation: Scores,
+    /// Linear decodability of crown vs ground from the features, whatever the clustering
+    /// ([`cluster::crown_probe_auc`], ROC AUC; 0.5 = none).
+    pub crown_probe: Scores,
+}
+
+/// One score for each of the three feature sets the demo compares (`None` without crown boxes).
+#[derive(Debug, Clone, Serialize)]
+pub struct Scores {
+    /// The trained backbone's features.
+    pub trained: Option<f64>,
+    /// The same backbone at its initialisation, before training (same seed as the trainer).
+    pub random: Option<f64>,
+    /// Plain patch colour ([`cluster::patch_colour_features`]).
+    pub colour: Option<f64>,
 }
 
 /// The demo's summary.
@@ -193,12 +196,8 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
             image: name.clone(),
             overlay: out,
             prototypes_on_image: protos.len(),
-            crown_separation_trained: sep(&km),
-            crown_separation_random: sep(&km_rand),
-            crown_separation_colour: sep(&km_colour),
-            crown_probe_trained: probe(&feats, d_feat),
-            crown_probe_random: probe(&feats_rand, d_feat),
-            crown_probe_colour: probe(&colour, d),
+            crown_separation: Scores { trained: sep(&km), random: sep(&km_rand), colour: sep(&km_colour) },
+            crown_probe: Scores { trained: probe(&feats, d_feat), random: probe(&feats_rand, d_feat), colour: probe(&colour, d) },
         });
     }
     let report = DemoReport {
@@ -237,9 +236,8 @@ pub fn render_markdown(r: &DemoReport) -> String {
     ));
     for h in &r.held_out {
         let f = |v: Option<f64>| v.map_or("n/a (no boxes)".to_string(), |v| format!("{v:.3}"));
-        let (trained, random, colour) = (f(h.crown_separation_trained), f(h.crown_separation_random), f(h.crown_separation_colour));
-        let (p_trained, p_random, p_colour) = (f(h.crown_probe_trained), f(h.crown_probe_random), f(h.crown_probe_colour));
-        s.push_str(&format!("| {} | {} | {trained} | {random} | {colour} | {p_trained} | {p_random} | {p_colour} |\n", h.image, h.prototypes_on_image));
+        let cells = |c: &Scores| format!("{} | {} | {}", f(c.trained), f(c.random), f(c.colour));
+        s.push_str(&format!("| {} | {} | {} | {} |\n", h.image, h.prototypes_on_image, cells(&h.crown_separation), cells(&h.crown_probe)));
     }
     s.push_str(&format!("\nPanels in `cluster_*.png`: image | prototype assignment (trained teacher) | k-means k={MAP_CLUSTERS} of the trained features | of a randomly initialised backbone's | of plain patch colour (mean and spread of R, G, B per patch).\n"));
     s.push_str(&format!("Crown separation J: crown patches = centre in the central {:.0} % of a tree-crown box, ground patches = outside every box; J = recall on crown minus false-positive rate on ground for the best set of clusters called crown (0 = none, 1 = perfect).\n", cluster::CROWN_CORE * 100.0));
