@@ -5,23 +5,27 @@
 //!
 //! The model is whatever [`OnnxModel`] loads: `features` is required; `prototype_logits`
 //! gives the cluster labels (else k-means on the features), `det_heatmap` + `det_boxes`
-//! (see [`export_det`](crate::export_det)) give detections and tracks. The frame is resized
+//! (see [`contract`](crate::contract)) give detections and tracks. The frame is resized
 //! to the model input without cropping ([`preprocess`](crate::preprocess)), so boxes map back
 //! to frame pixels with [`BoxMap::stretch`].
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use image::{Rgb, RgbImage};
 
+use crate::contract::{BOXES_NAME, HEATMAP_NAME};
 use crate::error::ModelError;
-use crate::export_det::{BOXES_NAME, HEATMAP_NAME};
+use crate::onboard::OnboardError;
+use crate::onboard::output::frame_record;
+use crate::onboard::run::{FramePolicy, LoopOptions, run_loop};
+use crate::onboard::source;
 use crate::onnx::{ModelOptions, OnnxModel};
 use crate::perception::decode::HeadDims;
 use crate::perception::{BoxMap, LabelSource, Perception, PerceptionConfig, PerceptionDims, Segment};
-use crate::preprocess::{Rgb8Frame, preprocess_rgb8};
+use crate::preprocess::{Normalization, Rgb8Frame, preprocess_rgb8};
 
 /// Capacities of the post-process: segments, detections, tracks.
 const SEGMENTS: usize = 128;
@@ -48,12 +52,27 @@ pub struct DetectOptions {
     pub max_frames: Option<usize>,
     /// Input pixels per map cell of the detection head (default `patch / 2`).
     pub det_stride: Option<f32>,
+    /// Input size `(H, W)` for a model whose file leaves it symbolic.
+    pub input_size: Option<(usize, usize)>,
+    /// Input normalization.
+    pub normalization: Normalization,
 }
 
 impl DetectOptions {
     /// Defaults for `model`.
     pub fn new(model: PathBuf) -> Self {
-        Self { model, threads: 1, score_threshold: 0.3, meanshift: false, kmeans_k: 8, overlays: None, max_frames: None, det_stride: None }
+        Self {
+            model,
+            threads: 1,
+            score_threshold: 0.3,
+            meanshift: false,
+            kmeans_k: 8,
+            overlays: None,
+            max_frames: None,
+            det_stride: None,
+            input_size: None,
+            normalization: Normalization::IMAGENET,
+        }
     }
 }
 
@@ -68,8 +87,19 @@ pub struct StageTimes {
     pub model: Duration,
     /// Clustering, segments, decoding, NMS, tracking.
     pub postprocess: Duration,
-    /// JSON lines and overlays.
+    /// JSON lines, link frames and overlays.
     pub output: Duration,
+}
+
+impl StageTimes {
+    /// Adds `other` stage by stage.
+    pub fn add(&mut self, other: &Self) {
+        self.decode += other.decode;
+        self.preprocess += other.preprocess;
+        self.model += other.model;
+        self.postprocess += other.postprocess;
+        self.output += other.output;
+    }
 }
 
 /// What a run did.
@@ -87,6 +117,8 @@ pub struct DetectSummary {
     pub tracks: usize,
     /// Segments, summed over frames.
     pub segments: usize,
+    /// Frames the source could not read.
+    pub skipped: usize,
     /// Model input `[1, 3, H, W]`.
     pub input_shape: [usize; 4],
     /// Model outputs.
@@ -100,9 +132,10 @@ impl DetectSummary {
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
         let fps = self.frames as f64 / self.wall.as_secs_f64().max(1e-9);
         format!(
-            "{} frames in {:.2} s: {:.1} frames/s end to end\n  per frame: decode {:.2} ms, preprocess {:.2} ms, model {:.2} ms, post-process {:.3} ms, output {:.2} ms\n  {} detections, {} confirmed tracks, {} segments (mean {:.1}/frame); model input {:?}, outputs {:?}",
+            "{} frames in {:.2} s ({} unreadable, skipped): {:.1} frames/s end to end\n  per frame: decode {:.2} ms, preprocess {:.2} ms, model {:.2} ms, post-process {:.3} ms, output {:.2} ms\n  {} detections, {} confirmed tracks, {} segments (mean {:.1}/frame); model input {:?}, outputs {:?}",
             self.frames,
             self.wall.as_secs_f64(),
+            self.skipped,
             fps,
             ms(self.times.decode),
             ms(self.times.preprocess),
@@ -116,111 +149,6 @@ impl DetectSummary {
             self.input_shape,
             self.outputs
         )
-    }
-}
-
-/// Where frames come from.
-pub enum Frames {
-    /// Image files, in name order.
-    Folder(std::vec::IntoIter<PathBuf>),
-    /// Raw RGB24 frames from an `ffmpeg` subprocess.
-    Video {
-        /// The ffmpeg process.
-        child: Child,
-        /// Frame width.
-        width: u32,
-        /// Frame height.
-        height: u32,
-        /// Frames read so far.
-        index: usize,
-        /// The video file (for names and errors).
-        path: PathBuf,
-    },
-}
-
-fn helper_err(action: String, e: std::io::Error) -> ModelError {
-    ModelError::Helper { action, source: e }
-}
-
-impl Frames {
-    /// A folder of `.png`/`.jpg` frames or a video file (decoded by `ffmpeg`, which must be on
-    /// the `PATH`: a clear error names the missing tool otherwise).
-    pub fn open(input: &Path) -> Result<Self, ModelError> {
-        if input.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(input)
-                .map_err(|e| helper_err(format!("listing frames in {}", input.display()), e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| matches!(e.to_string_lossy().to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                return Err(helper_err(format!("no .png/.jpg frames in {}", input.display()), std::io::Error::from(std::io::ErrorKind::NotFound)));
-            }
-            return Ok(Self::Folder(files.into_iter()));
-        }
-        if !input.is_file() {
-            return Err(helper_err(format!("opening {}", input.display()), std::io::Error::from(std::io::ErrorKind::NotFound)));
-        }
-        let missing = |tool: &str, e: std::io::Error| {
-            helper_err(format!("decoding the video {} needs `{tool}` on the PATH (install ffmpeg, or pass a folder of frames)", input.display()), e)
-        };
-        let probe = Command::new("ffprobe")
-            .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "stream=width,height", "-of", "csv=p=0"])
-            .arg(input)
-            .output()
-            .map_err(|e| missing("ffprobe", e))?;
-        let text = String::from_utf8_lossy(&probe.stdout);
-        let dims: Vec<u32> = text.trim().split(',').filter_map(|v| v.trim().parse().ok()).collect();
-        let [width, height] = dims[..] else {
-            return Err(helper_err(
-                format!("ffprobe found no video stream size in {}: {}", input.display(), String::from_utf8_lossy(&probe.stderr).trim()),
-                std::io::Error::from(std::io::ErrorKind::InvalidData),
-            ));
-        };
-        let child = Command::new("ffmpeg")
-            .args(["-v", "error", "-i"])
-            .arg(input)
-            .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| missing("ffmpeg", e))?;
-        Ok(Self::Video { child, width, height, index: 0, path: input.to_path_buf() })
-    }
-
-    /// The next frame and its name; `None` at the end. Unreadable image files are skipped
-    /// with a warning (never a crash).
-    pub fn next_frame(&mut self) -> Option<(String, RgbImage)> {
-        match self {
-            Self::Folder(files) => {
-                for f in files.by_ref() {
-                    match image::open(&f) {
-                        Ok(img) => return Some((f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), img.to_rgb8())),
-                        Err(e) => tracing::warn!("skipping unreadable frame {}: {e}", f.display()),
-                    }
-                }
-                None
-            }
-            Self::Video { child, width, height, index, path } => {
-                let mut buf = vec![0u8; *width as usize * *height as usize * 3];
-                let out = child.stdout.as_mut()?;
-                if out.read_exact(&mut buf).is_err() {
-                    return None;
-                }
-                let name = format!("{}#{:06}", path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), *index);
-                *index += 1;
-                RgbImage::from_raw(*width, *height, buf).map(|img| (name, img))
-            }
-        }
-    }
-}
-
-impl Drop for Frames {
-    fn drop(&mut self) {
-        if let Self::Video { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -341,7 +269,11 @@ impl<'s> Detector<'s> {
     /// Loads `opts.model`, probes its outputs (features, optional prototype logits and
     /// detection head) and sizes the post-process for them in `scratch`.
     pub fn new(opts: &DetectOptions, scratch: &'s mut DetectorScratch) -> Result<Self, ModelError> {
-        let mut model = OnnxModel::load(&opts.model, ModelOptions::new().with_threads(opts.threads))?;
+        let mut mopts = ModelOptions { normalization: opts.normalization, ..ModelOptions::new() }.with_threads(opts.threads);
+        if let Some((h, w)) = opts.input_size {
+            mopts = mopts.with_input_size(h, w);
+        }
+        let mut model = OnnxModel::load(&opts.model, mopts)?;
         let [_, _, ih, iw] = model.input_shape();
         let outputs = model.output_names().to_vec();
         // One dry run gives the output shapes.
@@ -382,9 +314,14 @@ impl<'s> Detector<'s> {
 
     /// Runs one frame: preprocess (resize without cropping), model, post-process.
     pub fn process(&mut self, img: &RgbImage) -> Result<FrameResult, ModelError> {
+        self.process_rgb8(img.as_raw(), img.width(), img.height())
+    }
+
+    /// [`Self::process`] on packed RGB8 pixels (`width * height * 3` bytes).
+    pub fn process_rgb8(&mut self, rgb: &[u8], width: u32, height: u32) -> Result<FrameResult, ModelError> {
         let [ih, iw] = self.input;
         let t1 = Instant::now();
-        let frame = Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize)?;
+        let frame = Rgb8Frame::new(rgb, width as usize, height as usize)?;
         let norm = self.model.options().normalization;
         preprocess_rgb8(&frame, &norm, self.model.input_mut()?, ih, iw)?;
         let t2 = Instant::now();
@@ -405,7 +342,7 @@ impl<'s> Detector<'s> {
             .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "model outputs of the probed shapes".into(), got: format!("{e:?}") })?;
         let t4 = Instant::now();
 
-        let map = BoxMap::stretch(iw as u32, ih as u32, img.width(), img.height());
+        let map = BoxMap::stretch(iw as u32, ih as u32, width, height);
         let tracks = self
             .post
             .tracker()
@@ -416,7 +353,7 @@ impl<'s> Detector<'s> {
         let detections = self.post.detections().iter().map(|d| FrameBox { bbox: map.apply(d.bbox), class: d.class, score: d.score, track_id: 0 }).collect();
         let segments = self.post.segments().iter().map(|s| Segment { bbox: map.apply(s.bbox), ..*s }).collect();
         Ok(FrameResult {
-            size: [img.width(), img.height()],
+            size: [width, height],
             detections,
             tracks,
             segments,
@@ -454,83 +391,67 @@ impl<'s> Detector<'s> {
     }
 }
 
-/// Runs detection on every frame of `input`, writing one JSON object per frame to `out`.
-pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut on_frame: impl FnMut(usize)) -> Result<DetectSummary, ModelError> {
+/// Runs detection on every frame of `input` (a folder of images or a video file), writing one
+/// JSON object per frame to `out` ([`frame_record`]) and optional overlays: the onboard frame
+/// loop ([`run_loop`]) with every frame processed. Unreadable frames are skipped, counted and
+/// logged.
+pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut on_frame: impl FnMut(usize)) -> Result<DetectSummary, OnboardError> {
     let mut scratch = DetectorScratch::default();
     let mut detector = Detector::new(opts, &mut scratch)?;
     if let Some(dir) = &opts.overlays {
-        std::fs::create_dir_all(dir).map_err(|e| helper_err(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir).map_err(|e| OnboardError::Io { action: "creating", path: dir.clone(), source: e })?;
     }
-    let mut frames = Frames::open(input)?;
+    let input_name = input.display().to_string();
+    let src = source::open(&input_name, None)?;
     let mut summary = DetectSummary { input_shape: detector.input_shape(), outputs: detector.output_names().to_vec(), ..Default::default() };
     let mut ids = std::collections::BTreeSet::new();
-    let wall = Instant::now();
-    loop {
-        if opts.max_frames.is_some_and(|m| summary.frames >= m) {
-            break;
-        }
-        let t0 = Instant::now();
-        let Some((name, img)) = frames.next_frame() else { break };
-        let decode = t0.elapsed();
-        let r = detector.process(&img)?;
-        let t4 = Instant::now();
-        ids.extend(r.tracks.iter().filter(|t| t.track_id != 0).map(|t| t.track_id));
-        let boxes = |v: &[FrameBox], with_id: bool| -> Vec<serde_json::Value> {
-            v.iter()
-                .map(|b| {
-                    if with_id {
-                        serde_json::json!({"id": b.track_id, "bbox": b.bbox, "class": b.class, "score": b.score})
-                    } else {
-                        serde_json::json!({"bbox": b.bbox, "class": b.class, "score": b.score})
-                    }
-                })
-                .collect()
-        };
-        let segs: Vec<serde_json::Value> =
-            r.segments.iter().map(|s| serde_json::json!({"label": s.label, "area_patches": s.area, "cells": s.cells, "bbox": s.bbox})).collect();
-        let line = serde_json::json!({
-            "frame": summary.frames,
-            "source": name,
-            "size": r.size,
-            "detections": boxes(&r.detections, false),
-            "tracks": boxes(&r.tracks, true),
-            "segments": segs,
-            "clusters": r.clusters,
-            "segments_overflowed": r.segments_overflowed,
-            "ms": {"decode": ms(decode), "preprocess": ms(r.preprocess), "model": ms(r.model), "postprocess": ms(r.postprocess)},
-        });
-        writeln!(out, "{line}").map_err(|e| helper_err("writing JSON lines".into(), e))?;
-        if let Some(dir) = &opts.overlays {
-            let boxes: Vec<([f32; 4], u32)> = if detector.has_head() {
-                if r.tracks.is_empty() { r.detections.iter().map(|d| (d.bbox, 0)).collect() } else { r.tracks.iter().map(|t| (t.bbox, t.track_id)).collect() }
-            } else {
-                Vec::new()
-            };
-            let [gh, gw] = detector.grid();
-            let png = overlay(&img, detector.labels(), gh, gw, &boxes);
-            let file = dir.join(format!("{:06}.png", summary.frames));
-            png.save(&file).map_err(|e| helper_err(format!("writing {}", file.display()), std::io::Error::other(e)))?;
-        }
-        summary.times.decode += decode;
-        summary.times.preprocess += r.preprocess;
-        summary.times.model += r.model;
-        summary.times.postprocess += r.postprocess;
-        summary.times.output += t4.elapsed();
-        summary.detections += r.detections.len();
-        summary.segments += r.segments.len();
-        summary.frames += 1;
-        on_frame(summary.frames);
+    let lopts = LoopOptions { policy: FramePolicy::All, max_frames: opts.max_frames.map(|m| m as u64), stats_every: 0 };
+    let looped = run_loop(
+        src,
+        &lopts,
+        &AtomicBool::new(false),
+        |frame| {
+            let r = detector.process_rgb8(&frame.data, frame.width, frame.height)?;
+            let t4 = Instant::now();
+            ids.extend(r.tracks.iter().filter(|t| t.track_id != 0).map(|t| t.track_id));
+            let line = frame_record(summary.frames as u64, &frame.name, &r, frame.decode);
+            writeln!(out, "{line}").map_err(|e| OnboardError::Output { what: "JSON lines".into(), source: e })?;
+            if let Some(dir) = &opts.overlays {
+                let boxes: Vec<([f32; 4], u32)> = if detector.has_head() {
+                    if r.tracks.is_empty() { r.detections.iter().map(|d| (d.bbox, 0)).collect() } else { r.tracks.iter().map(|t| (t.bbox, t.track_id)).collect() }
+                } else {
+                    Vec::new()
+                };
+                let [gh, gw] = detector.grid();
+                let file = dir.join(format!("{:06}.png", summary.frames));
+                let img = frame.to_image().ok_or_else(|| OnboardError::Source { input: frame.name.clone(), reason: "frame buffer size does not match its dimensions".into() })?;
+                overlay(&img, detector.labels(), gh, gw, &boxes)
+                    .save(&file)
+                    .map_err(|e| OnboardError::Output { what: format!("overlay {}", file.display()), source: std::io::Error::other(e) })?;
+            }
+            summary.detections += r.detections.len();
+            summary.segments += r.segments.len();
+            summary.frames += 1;
+            on_frame(summary.frames);
+            Ok(StageTimes { decode: Duration::ZERO, preprocess: r.preprocess, model: r.model, postprocess: r.postprocess, output: t4.elapsed() })
+        },
+        |_| {},
+    )?;
+    for reason in &looped.skip_reasons {
+        tracing::warn!("skipped: {reason}");
     }
-    summary.wall = wall.elapsed();
+    summary.times = looped.times;
+    summary.wall = looped.wall;
+    summary.skipped = looped.skipped as usize;
     summary.tracks = ids.len();
     if summary.frames == 0 {
-        return Err(helper_err(format!("no frame could be read from {}", input.display()), std::io::Error::from(std::io::ErrorKind::InvalidData)));
+        return Err(OnboardError::Source { input: input_name, reason: format!("no frame could be read ({} skipped)", looped.skipped) });
     }
     Ok(summary)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+fn helper_err(action: String, e: std::io::Error) -> ModelError {
+    ModelError::Helper { action, source: e }
 }
 
 /// Reads JSON lines written by [`run_detect`] (for tests and tools).

@@ -1,4 +1,4 @@
-//! The error type of the model-execution side (feature `onnx`).
+//! The error type of the model-execution side (features `onboard` and `tools`).
 //!
 //! tract reports errors as `TractError` (an `anyhow::Error`); each variant keeps it as its
 //! `#[source]` and says what was being done, with which file and which shape.
@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use tract_onnx::prelude::TractError;
 
-/// Errors of [`OnnxModel`](crate::onnx::OnnxModel), [`npy`](crate::npy) and
-/// [`bench`](crate::bench).
+/// Errors of [`OnnxModel`](crate::onnx::OnnxModel), the onboard engine, and (feature `tools`)
+/// `npy` and `bench`.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// tract could not read or parse the ONNX file.

@@ -49,12 +49,7 @@ pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 pub const OPSET: i64 = 17;
 /// The ONNX IR version matching [`OPSET`] (ONNX 1.12+).
 pub const IR_VERSION: i64 = 8;
-/// Name of the graph input.
-pub const INPUT_NAME: &str = "image";
-/// Name of the backbone output, `[1, N, D]`.
-pub const FEATURES_NAME: &str = "features";
-/// Name of the head output, `[1, N, K]`.
-pub const LOGITS_NAME: &str = "prototype_logits";
+pub use crate::contract::{FEATURES_NAME, INPUT_NAME, LOGITS_NAME};
 
 /// Architecture of a no-class ViT and the fixed input size of the exported graph.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -21,10 +21,7 @@ use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto, TensorProto, tensor_
 
 use crate::export::{ExportError, FEATURES_NAME, HostTensors, VitSpec, attr_int, attr_ints, value_info};
 
-/// Name of the heatmap output `[1, C, 2gh, 2gw]` (sigmoid applied).
-pub const HEATMAP_NAME: &str = "det_heatmap";
-/// Name of the box output `[1, 4, 2gh, 2gw]`: `(dx, dy, w, h)` in cells.
-pub const BOXES_NAME: &str = "det_boxes";
+pub use crate::contract::{BOXES_NAME, HEATMAP_NAME};
 
 /// Shapes of the detection head, read from its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

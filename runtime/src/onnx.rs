@@ -54,7 +54,7 @@ use tract_onnx::tract_core::plan::{self, SimplePlan};
 use tract_onnx::tract_hir::internal::InferenceModelExt;
 
 use crate::error::ModelError;
-use crate::export::{FEATURES_NAME, LOGITS_NAME};
+use crate::contract::{FEATURES_NAME, LOGITS_NAME};
 use crate::preprocess::{Normalization, Rgb8Frame, preprocess_rgb8};
 
 pub use tract_onnx::prelude::tract_linalg::multithread::Executor;
@@ -261,7 +261,7 @@ impl OnnxModel {
     }
 
     /// Loads a model from ONNX bytes (for example straight from
-    /// [`export_vit`](crate::export::export_vit)).
+    /// `export::export_vit`, feature `tools`).
     pub fn from_bytes(bytes: &[u8], options: ModelOptions) -> Result<Self, ModelError> {
         let name = String::from("<memory>");
         let load = |source| ModelError::Load { model: name.clone(), source };

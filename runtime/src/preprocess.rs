@@ -28,7 +28,7 @@ pub struct Normalization {
 
 impl Normalization {
     /// The ImageNet statistics every FLSL backbone is trained with.
-    pub const IMAGENET: Self = Self::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+    pub const IMAGENET: Self = Self::new(crate::contract::IMAGENET_MEAN, crate::contract::IMAGENET_STD);
 
     /// A normalization from its parts.
     pub const fn new(mean: [f32; 3], std: [f32; 3]) -> Self {

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod models;
+
 use flsl_runtime::export::HostTensors;
 use safetensors::{Dtype, SafeTensors};
 
