@@ -7,6 +7,7 @@
 compile_error!("flsl-train needs a backend: enable the `ndarray` (CPU) or `cuda` (GPU) feature");
 
 use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
 
 /// The CPU backend (burn-ndarray).
 #[cfg(feature = "ndarray")]
@@ -100,6 +101,49 @@ impl DeviceChoice {
                 Err("the CUDA backend is not compiled in: rebuild with `--features cuda`".into())
             }
             other => Ok(other),
+        }
+    }
+}
+
+/// Work generic over the training backend, run by [`run_on`] on the backend of a device list.
+/// This is how commands reach a concrete backend without naming one (or a `cfg`) themselves.
+pub trait BackendTask {
+    /// What the work returns.
+    type Output;
+    /// Runs on backend `B` with these devices (the first is rank 0).
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output;
+}
+
+/// Runs `task` on the backend of `devices` (all of one kind, see [`parse_devices`]); an error
+/// names the device when its backend is not compiled into this build, so nothing reports
+/// success having done nothing.
+pub fn run_on<T: BackendTask>(devices: &[DeviceChoice], task: T) -> crate::Result<T::Output> {
+    let Some(&first) = devices.first() else {
+        return Err(crate::Error::Device { device: String::new(), reason: "no device given".into() });
+    };
+    match first {
+        DeviceChoice::Cpu => {
+            #[cfg(feature = "ndarray")]
+            {
+                Ok(task.run::<CpuTrain>(devices.iter().map(|_| cpu_device()).collect()))
+            }
+            #[cfg(not(feature = "ndarray"))]
+            {
+                let _ = task;
+                Err(crate::Error::Device { device: "cpu".into(), reason: "the CPU backend is not compiled in: rebuild with `--features ndarray`".into() })
+            }
+        }
+        DeviceChoice::Cuda(n) => {
+            #[cfg(feature = "cuda")]
+            {
+                let _ = n;
+                Ok(task.run::<GpuTrain>(devices.iter().map(|d| cuda_device(if let DeviceChoice::Cuda(i) = d { *i } else { 0 })).collect()))
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = task;
+                Err(crate::Error::Device { device: format!("cuda:{n}"), reason: "the CUDA backend is not compiled in: rebuild with `--features cuda`".into() })
+            }
         }
     }
 }

@@ -62,6 +62,14 @@ pub enum Error {
         /// What does not fit.
         reason: String,
     },
+    /// The device names a backend this build does not have, or no device was given.
+    #[error("device `{device}`: {reason}")]
+    Device {
+        /// The device as given (`cpu`, `cuda:1`).
+        device: String,
+        /// What is wrong, with the rebuild hint.
+        reason: String,
+    },
     /// Training produced a non-finite loss.
     #[error("non-finite loss at step {step}: {terms}")]
     NonFinite {
