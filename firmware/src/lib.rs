@@ -26,7 +26,8 @@
 //!
 //! - `defmt`: log through defmt (MCU builds only).
 //!
-//! There is no board binary yet; `README.md` shows how to wire this crate into one.
+//! `firmware/board/` runs this crate as a Cortex-M4F image in qemu (`mps2-an386`);
+//! `README.md` shows how to wire it into a real board.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code, missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
