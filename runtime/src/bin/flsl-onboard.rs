@@ -1,9 +1,11 @@
 //! `flsl-onboard`: the companion computer's runtime. A verified model bundle and a frame
-//! source in; JSON lines and link wire frames (serial, UDP, or a recording file) out.
+//! source in; JSON lines, link wire frames (serial, UDP, or a recording file) and MAVLink v2
+//! (camera tracking status, gimbal set-points) out.
 //!
 //! ```text
 //! flsl-onboard --bundle DIR --input FRAMES_DIR|VIDEO|-|/dev/videoN [--size WxH]
 //!              [--json FILE|-] [--serial DEV [--baud N]] [--udp HOST:PORT] [--link-file F]
+//!              [--mavlink udpout:HOST:PORT|serial:DEV[:BAUD]]
 //!              [--frames latest|all] [--max-frames N] [--stats-every N] [--threads N]
 //! ```
 //!
@@ -19,6 +21,7 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use flsl_runtime::detect::{DetectOptions, Detector, DetectorScratch, StageTimes};
 use flsl_runtime::onboard::bundle::Bundle;
+use flsl_runtime::onboard::mavlink::MavlinkOutput;
 use flsl_runtime::onboard::output::{LinkOutput, LinkTarget, frame_record, wire_frame};
 use flsl_runtime::onboard::run::{FramePolicy, LoopOptions, run_loop};
 use flsl_runtime::onboard::{OnboardError, source};
@@ -54,6 +57,11 @@ struct Args {
     /// Record the link byte stream into this file (to replay it into the firmware).
     #[arg(long)]
     link_file: Option<PathBuf>,
+    /// MAVLink v2 to `udpout:HOST:PORT` or `serial:DEVICE[:BAUD]` (default: the bundle's
+    /// `mavlink.target`): HEARTBEAT, CAMERA_TRACKING_IMAGE_STATUS of the locked track, and
+    /// GIMBAL_MANAGER_SET_PITCHYAW with `[mavlink.gimbal]`.
+    #[arg(long)]
+    mavlink: Option<String>,
     /// Frames arriving while the model is busy: `latest` drops the stale ones (default for
     /// standard input and cameras), `all` processes every frame (default for files and folders).
     #[arg(long, value_enum)]
@@ -142,7 +150,11 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
     if let Some(path) = &args.link_file {
         links.push(LinkOutput::open(LinkTarget::File(path.clone()))?);
     }
-    let json_target = args.json.clone().or_else(|| links.is_empty().then(|| "-".to_string()));
+    let mut mavlink = match args.mavlink.clone().or_else(|| c.mavlink.target.clone()) {
+        Some(t) => Some(MavlinkOutput::open(&t, c.mavlink.clone())?),
+        None => None,
+    };
+    let json_target = args.json.clone().or_else(|| (links.is_empty() && mavlink.is_none()).then(|| "-".to_string()));
     let mut json: Option<Box<dyn Write>> = match json_target.as_deref() {
         None => None,
         Some("-") => Some(Box::new(std::io::BufWriter::new(std::io::stdout()))),
@@ -170,7 +182,7 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
             FramePolicy::All => "all",
         },
         json_target.as_deref().map_or_else(String::new, |t| format!("JSON lines to {} ", if t == "-" { "stdout" } else { t })),
-        links.iter().map(|l| l.target().to_string()).collect::<Vec<_>>().join(", ")
+        links.iter().map(|l| l.target().to_string()).chain(mavlink.as_ref().map(|m| format!("MAVLink to {}", m.target()))).collect::<Vec<_>>().join(", ")
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -186,8 +198,15 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
         |frame| {
             let r = detector.process_rgb8(&frame.data, frame.width, frame.height)?;
             let t0 = Instant::now();
+            let report = match mavlink.as_mut() {
+                Some(m) => m.on_frame(&r, t0)?,
+                None => None,
+            };
             if let Some(out) = json.as_mut() {
-                let line = frame_record(processed, &frame.name, &r, frame.decode);
+                let mut line = frame_record(processed, &frame.name, &r, frame.decode);
+                if let Some(rep) = &report {
+                    line["mavlink"] = serde_json::json!(rep);
+                }
                 writeln!(out, "{line}").map_err(|e| OnboardError::Output { what: "JSON lines".into(), source: e })?;
             }
             for link in &mut links {
@@ -204,10 +223,27 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
     for link in &mut links {
         link.flush()?;
     }
+    if let Some(m) = mavlink.as_mut() {
+        m.flush()?;
+    }
     for reason in &summary.skip_reasons {
         eprintln!("skipped: {reason}");
     }
-    let link_text: Vec<String> = links.iter().map(|l| format!("{}: {} frames, {} bytes, {} lost", l.target(), l.sent, l.bytes, l.lost)).collect();
+    let mut link_text: Vec<String> = links.iter().map(|l| format!("{}: {} frames, {} bytes, {} lost", l.target(), l.transport.sent, l.transport.bytes, l.transport.lost)).collect();
+    if let Some(m) = &mavlink {
+        let n = m.counts;
+        link_text.push(format!(
+            "MAVLink to {}: {} heartbeats, {} tracking status ({} active, {} idle), {} gimbal set-points, {} bytes, {} lost",
+            m.target(),
+            n.heartbeats,
+            n.active + n.idle,
+            n.active,
+            n.idle,
+            n.gimbal,
+            m.transport.bytes,
+            m.transport.lost
+        ));
+    }
     eprintln!(
         "summary{}: {}{}",
         if summary.interrupted { " (interrupted)" } else { "" },

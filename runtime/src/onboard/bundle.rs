@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::OnboardError;
+use super::mavlink::MavlinkConfig;
 use crate::contract::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// The model file of a bundle.
@@ -52,6 +53,9 @@ pub struct BundleConfig {
     /// Link defaults (the command line overrides them).
     #[serde(default)]
     pub link: LinkConfig,
+    /// MAVLink settings (ids, rate, gimbal); used with `--mavlink` or `mavlink.target`.
+    #[serde(default)]
+    pub mavlink: MavlinkConfig,
 }
 
 fn one() -> usize {
@@ -200,7 +204,7 @@ impl BundleConfig {
         if self.link.baud == Some(0) {
             return Err("link.baud = 0".into());
         }
-        Ok(())
+        self.mavlink.validate()
     }
 }
 
@@ -244,12 +248,14 @@ pub struct BundleOptions {
     pub link: LinkConfig,
     /// Input size `(H, W)` for a model with a symbolic input size.
     pub input_size: Option<(usize, usize)>,
+    /// MAVLink settings.
+    pub mavlink: MavlinkConfig,
 }
 
 #[cfg(feature = "tools")]
 impl Default for BundleOptions {
     fn default() -> Self {
-        Self { classes: Vec::new(), detection: DetectionConfig::default(), threads: 1, link: LinkConfig::default(), input_size: None }
+        Self { classes: Vec::new(), detection: DetectionConfig::default(), threads: 1, link: LinkConfig::default(), input_size: None, mavlink: MavlinkConfig::default() }
     }
 }
 
@@ -293,6 +299,7 @@ pub fn write_bundle(model: &Path, out: &Path, opts: &BundleOptions) -> Result<Bu
         detection: opts.detection.clone(),
         threads: opts.threads,
         link: opts.link.clone(),
+        mavlink: opts.mavlink.clone(),
     };
     config.validate().map_err(|e| OnboardError::Bundle { dir: out.to_path_buf(), reason: e })?;
     let io = |action: &'static str, path: &Path| {
@@ -373,6 +380,12 @@ mod tests {
         assert_eq!(b.config.input.mean, IMAGENET_MEAN);
         assert_eq!(b.config.link.baud, Some(921_600));
         assert_eq!(b.model_path(), d.join(MODEL_FILE));
+        assert_eq!(b.config.mavlink, MavlinkConfig::default());
+        let with_mavlink = format!("{GOOD}[mavlink]\ntarget = \"udpout:10.0.0.2:14550\"\ncomponent_id = 154\nrate_hz = 5.0\n[mavlink.gimbal]\n");
+        write(&d, &with_mavlink, b"onnx bytes");
+        let m = Bundle::load(&d).unwrap().config.mavlink;
+        assert_eq!((m.target.as_deref(), m.system_id, m.component_id, m.rate_hz), (Some("udpout:10.0.0.2:14550"), 1, 154, 5.0));
+        assert_eq!(m.gimbal.unwrap().pan, crate::onboard::mavlink::GimbalAxis::pan());
     }
 
     #[test]
@@ -389,6 +402,10 @@ mod tests {
         assert!(Bundle::load(&d).unwrap_err().to_string().contains("colour"));
         write(&d, &GOOD.replace("height = 64\n", ""), b"m");
         assert!(Bundle::load(&d).unwrap_err().to_string().contains("height"));
+        write(&d, &format!("{GOOD}[mavlink]\ntarget = \"udpout:nowhere\"\n"), b"m");
+        assert!(Bundle::load(&d).unwrap_err().to_string().contains("mavlink.target"));
+        write(&d, &format!("{GOOD}[mavlink]\nrate_hz = -1.0\n"), b"m");
+        assert!(Bundle::load(&d).unwrap_err().to_string().contains("mavlink.rate_hz"));
         write(&d, &GOOD.replace("format = 1", "format = 9"), b"m");
         assert!(Bundle::load(&d).unwrap_err().to_string().contains("format = 9"));
 

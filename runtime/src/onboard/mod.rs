@@ -5,7 +5,7 @@
 //! FrameSource (folder | video via ffmpeg | raw RGB on stdin | V4L2 camera)
 //!   --capture thread--> Handoff (one slot: the latest frame, or back-pressure)
 //!   --frame loop--> Detector (preprocess -> model -> perception core)
-//!   --> outputs: JSON lines, link wire frames (serial | UDP | file)
+//!   --> outputs: JSON lines, link wire frames (serial | UDP | file), MAVLink v2 (UDP | serial)
 //! ```
 //!
 //! - [`bundle`]: a model bundle (`model.onnx` + `onboard.toml` + `SHA256SUMS`), verified before
@@ -15,12 +15,15 @@
 //!   faster than the model loses stale frames (counted) instead of queueing them; clean stop
 //!   on a flag (SIGINT/SIGTERM in the binary); a stats line every N frames.
 //! - [`output`]: the JSON-lines record of a frame and the link output (wire frames).
+//! - [`mavlink`]: HEARTBEAT, CAMERA_TRACKING_IMAGE_STATUS and GIMBAL_MANAGER_SET_PITCHYAW for
+//!   PX4 / ArduPilot / ground stations.
 
 use std::path::PathBuf;
 
 use crate::error::ModelError;
 
 pub mod bundle;
+pub mod mavlink;
 pub mod output;
 pub mod run;
 pub mod source;

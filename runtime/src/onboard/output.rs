@@ -63,7 +63,8 @@ pub fn wire_frame(r: &FrameResult) -> Frame {
     frame
 }
 
-/// Where link wire frames go.
+/// Where link wire frames (or MAVLink messages) go.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkTarget {
     /// A serial device at a baud rate (`/dev/ttyTHS1`, `/dev/ttyUSB0`).
     Serial {
@@ -72,7 +73,7 @@ pub enum LinkTarget {
         /// Baud rate.
         baud: u32,
     },
-    /// UDP datagrams, one wire frame each, to this address.
+    /// UDP datagrams, one wire frame (or MAVLink message) each, to this address.
     Udp(String),
     /// The raw byte stream into a file (a recording to replay into the firmware).
     File(PathBuf),
@@ -94,30 +95,30 @@ enum Port {
     File(std::io::BufWriter<std::fs::File>),
 }
 
-/// Sends one wire frame per processed frame to a [`LinkTarget`].
+/// A byte transport to a [`LinkTarget`], shared by the wire-frame link and MAVLink.
 ///
-/// A serial device that vanishes (unplugged adapter) is reported once and reopened at most
-/// once a second; frames in between are counted as lost, the loop goes on.
-pub struct LinkOutput {
+/// Each [`Transport::send`] is one unit (one UDP datagram; a contiguous write on serial and
+/// files). A serial device that vanishes (unplugged adapter) is reported once and reopened at
+/// most once a second; units in between are counted as lost and the loop goes on. UDP and file
+/// errors are errors.
+pub struct Transport {
     target: LinkTarget,
+    what: &'static str,
     port: Option<Port>,
-    seq: u32,
-    epoch: Instant,
-    buf: [u8; MAX_ENCODED_LEN],
     last_attempt: Option<Instant>,
-    /// Wire frames written.
+    /// Units written.
     pub sent: u64,
-    /// Wire frames not written because the device was gone.
+    /// Units not written because the device was gone.
     pub lost: u64,
     /// Bytes written.
     pub bytes: u64,
 }
 
-impl LinkOutput {
-    /// Opens the target; an error names it.
-    pub fn open(target: LinkTarget) -> Result<Self, OnboardError> {
-        let port = open_port(&target)?;
-        Ok(Self { target, port: Some(port), seq: 0, epoch: Instant::now(), buf: [0; MAX_ENCODED_LEN], last_attempt: None, sent: 0, lost: 0, bytes: 0 })
+impl Transport {
+    /// Opens `target` for `what` (`"wire frames"`, `"MAVLink"`: named in errors).
+    pub fn open(target: LinkTarget, what: &'static str) -> Result<Self, OnboardError> {
+        let port = open_port(&target, what)?;
+        Ok(Self { target, what, port: Some(port), last_attempt: None, sent: 0, lost: 0, bytes: 0 })
     }
 
     /// The target.
@@ -125,32 +126,28 @@ impl LinkOutput {
         &self.target
     }
 
-    /// Encodes `frame` as the next message and writes it.
-    pub fn send(&mut self, frame: Frame) -> Result<(), OnboardError> {
-        let t_us = self.epoch.elapsed().as_micros() as u64;
-        let msg = Message::frame(self.seq, t_us, frame);
-        self.seq = self.seq.wrapping_add(1);
-        let n = wire::encode(&msg, &mut self.buf).map_err(|e| OnboardError::Output { what: format!("wire frame for {}", self.target), source: std::io::Error::other(format!("{e:?}")) })?;
+    /// Writes `bytes` as one unit: `Ok(true)` when written, `Ok(false)` when lost to a serial
+    /// device that is gone (reopened at most once a second).
+    pub fn send(&mut self, bytes: &[u8]) -> Result<bool, OnboardError> {
         if self.port.is_none() {
             let due = self.last_attempt.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
             if !due {
                 self.lost += 1;
-                return Ok(());
+                return Ok(false);
             }
             self.last_attempt = Some(Instant::now());
-            match open_port(&self.target) {
+            match open_port(&self.target, self.what) {
                 Ok(p) => {
-                    tracing::info!("link: {} is back", self.target);
+                    tracing::info!("{}: {} is back", self.what, self.target);
                     self.port = Some(p);
                 }
                 Err(e) => {
                     self.lost += 1;
-                    tracing::debug!("link: reopening {} failed: {e}", self.target);
-                    return Ok(());
+                    tracing::debug!("{}: reopening {} failed: {e}", self.what, self.target);
+                    return Ok(false);
                 }
             }
         }
-        let bytes = &self.buf[..n];
         let result = match self.port.as_mut() {
             Some(Port::Serial(p)) => p.write_all(bytes).and_then(|()| p.flush()),
             Some(Port::Udp(s, addr)) => s.send_to(bytes, *addr).map(|_| ()),
@@ -160,38 +157,73 @@ impl LinkOutput {
         match result {
             Ok(()) => {
                 self.sent += 1;
-                self.bytes += n as u64;
-                Ok(())
+                self.bytes += bytes.len() as u64;
+                Ok(true)
             }
             Err(e) if matches!(self.target, LinkTarget::Serial { .. }) => {
-                tracing::warn!("link: writing to {} failed ({e}); reopening it once a second", self.target);
+                tracing::warn!("{}: writing to {} failed ({e}); reopening it once a second", self.what, self.target);
                 self.port = None;
                 self.last_attempt = Some(Instant::now());
                 self.lost += 1;
-                Ok(())
+                Ok(false)
             }
-            Err(e) => Err(OnboardError::Output { what: format!("wire frames to {}", self.target), source: e }),
+            Err(e) => Err(OnboardError::Output { what: format!("{} to {}", self.what, self.target), source: e }),
         }
     }
 
     /// Flushes buffered bytes (file targets).
     pub fn flush(&mut self) -> Result<(), OnboardError> {
         if let Some(Port::File(f)) = &mut self.port {
-            f.flush().map_err(|e| OnboardError::Output { what: format!("wire frames to {}", self.target), source: e })?;
+            f.flush().map_err(|e| OnboardError::Output { what: format!("{} to {}", self.what, self.target), source: e })?;
         }
         Ok(())
     }
 }
 
-fn open_port(target: &LinkTarget) -> Result<Port, OnboardError> {
+/// Sends one wire frame of [`crate::wire`] per processed frame over a [`Transport`].
+pub struct LinkOutput {
+    /// The transport and its counters (wire frames sent / lost, bytes).
+    pub transport: Transport,
+    seq: u32,
+    epoch: Instant,
+    buf: [u8; MAX_ENCODED_LEN],
+}
+
+impl LinkOutput {
+    /// Opens the target; an error names it.
+    pub fn open(target: LinkTarget) -> Result<Self, OnboardError> {
+        Ok(Self { transport: Transport::open(target, "wire frames")?, seq: 0, epoch: Instant::now(), buf: [0; MAX_ENCODED_LEN] })
+    }
+
+    /// The target.
+    pub fn target(&self) -> &LinkTarget {
+        self.transport.target()
+    }
+
+    /// Encodes `frame` as the next message and writes it.
+    pub fn send(&mut self, frame: Frame) -> Result<(), OnboardError> {
+        let t_us = self.epoch.elapsed().as_micros() as u64;
+        let msg = Message::frame(self.seq, t_us, frame);
+        self.seq = self.seq.wrapping_add(1);
+        let n = wire::encode(&msg, &mut self.buf).map_err(|e| OnboardError::Output { what: format!("wire frame for {}", self.target()), source: std::io::Error::other(format!("{e:?}")) })?;
+        self.transport.send(&self.buf[..n]).map(|_| ())
+    }
+
+    /// Flushes buffered bytes (file targets).
+    pub fn flush(&mut self) -> Result<(), OnboardError> {
+        self.transport.flush()
+    }
+}
+
+fn open_port(target: &LinkTarget, what: &str) -> Result<Port, OnboardError> {
     match target {
         LinkTarget::Serial { path, baud } => serialport::new(path.as_str(), *baud)
             .timeout(Duration::from_millis(200))
             .open()
             .map(Port::Serial)
-            .map_err(|e| OnboardError::Output { what: format!("wire frames to {target}"), source: std::io::Error::other(e.to_string()) }),
+            .map_err(|e| OnboardError::Output { what: format!("{what} to {target}"), source: std::io::Error::other(e.to_string()) }),
         LinkTarget::Udp(addr) => {
-            let err = |e: std::io::Error| OnboardError::Output { what: format!("wire frames to {target}"), source: e };
+            let err = |e: std::io::Error| OnboardError::Output { what: format!("{what} to {target}"), source: e };
             let to = addr.to_socket_addrs().map_err(err)?.next().ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))?;
             let bind: SocketAddr = if to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
             Ok(Port::Udp(UdpSocket::bind(bind).map_err(err)?, to))
@@ -248,7 +280,7 @@ mod tests {
             let msg = wire::decode_chunk(&mut b[1..n - 1]).unwrap();
             assert_eq!(msg.seq, seq);
         }
-        assert_eq!((link.sent, link.lost), (3, 0));
+        assert_eq!((link.transport.sent, link.transport.lost), (3, 0));
     }
 
     #[test]

@@ -196,7 +196,7 @@ pub struct DetectArgs {
     /// tract threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Least detection score.
+    /// Least detection score (also the least score of a track MAVLink locks on).
     #[arg(long, default_value_t = 0.3)]
     pub score: f32,
     /// Refine the features by mean shift before clustering (3 iterations; ~8 ms per frame
@@ -354,7 +354,7 @@ pub struct BundleArgs {
     /// Class names of the detection head, comma-separated (default `class0,class1,...`).
     #[arg(long, value_delimiter = ',')]
     pub classes: Vec<String>,
-    /// Least detection score.
+    /// Least detection score (also the least score of a track MAVLink locks on).
     #[arg(long, default_value_t = 0.3)]
     pub score: f32,
     /// k-means clusters when the model has no prototype logits.
@@ -378,4 +378,20 @@ pub struct BundleArgs {
     /// Input size `H` or `HxW` for a model whose file leaves it symbolic.
     #[arg(long)]
     pub size: Option<String>,
+    /// Default MAVLink target (`udpout:HOST:PORT` or `serial:DEVICE[:BAUD]`).
+    #[arg(long)]
+    pub mavlink: Option<String>,
+    /// MAVLink system id (the vehicle's).
+    #[arg(long, default_value_t = 1)]
+    pub mavlink_system: u8,
+    /// MAVLink component id (100: MAV_COMP_ID_CAMERA).
+    #[arg(long, default_value_t = 100)]
+    pub mavlink_component: u8,
+    /// CAMERA_TRACKING_IMAGE_STATUS messages per second.
+    #[arg(long, default_value_t = 10.0)]
+    pub mavlink_rate: f32,
+    /// Point a gimbal at the locked track (GIMBAL_MANAGER_SET_PITCHYAW, the firmware
+    /// controller's default gains and limits; edit `[mavlink.gimbal]` to change them).
+    #[arg(long)]
+    pub gimbal: bool,
 }

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use flsl_runtime::onboard::bundle::{BundleOptions, DetectionConfig, LinkConfig, MODEL_FILE, write_bundle};
+use flsl_runtime::onboard::mavlink::{GimbalConfig, MavlinkConfig};
 
 use crate::args::BundleArgs;
 
@@ -12,6 +13,16 @@ pub fn run(a: BundleArgs) -> anyhow::Result<ExitCode> {
         threads: a.threads,
         link: LinkConfig { serial: a.serial, baud: a.baud, udp: a.udp },
         input_size: a.size.as_deref().map(super::parse_size).transpose()?,
+        mavlink: MavlinkConfig {
+            target: a.mavlink,
+            system_id: a.mavlink_system,
+            component_id: a.mavlink_component,
+            rate_hz: a.mavlink_rate,
+            // Lock on what the detector reports: the same floor.
+            min_score: a.score,
+            gimbal: a.gimbal.then(GimbalConfig::default),
+            ..MavlinkConfig::default()
+        },
     };
     let b = write_bundle(&a.model, &a.out, &opts).with_context(|| format!("bundling {}", a.model.display()))?;
     let c = &b.config;
