@@ -55,7 +55,7 @@ aarch64() {
   # The runtime's tests with the host-tooling feature (they export their models), one profile.
   # onboard_e2e spawns the flsl-onboard binary, which qemu-user cannot exec without binfmt_misc;
   # the binary itself is run under qemu below instead.
-  local tests=(--lib --test onnx_parity --test quantize --test alloc_audit --test detect_e2e --test coco_eval --test cluster_miou --test perception_props --test perception_alloc --test wire_props)
+  local tests=(--lib --test onnx_parity --test quantize --test alloc_audit --test detect_e2e --test coco_eval --test cluster_miou --test perception_props --test perception_alloc --test wire_props --test serial_pty)
   a64 test --release --target $target -p flsl-runtime --features tools "${tests[@]}" --no-run
   for cpu in cortex-a76 cortex-a57; do
     echo "== runtime tests under qemu-aarch64 -cpu $cpu"
