@@ -28,7 +28,8 @@ struct Args {
 
 fn parse() -> anyhow::Result<Args> {
     let mut a = Args {
-        world: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/neon-aerial-trees/images/2019_YELL_2_541000_4977000_image_crop.png"),
+        world: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/neon-aerial-trees/images/2019_YELL_2_541000_4977000_image_crop.png"),
         frames: 60,
         step: 4.0,
         size: (400, 300),
@@ -43,12 +44,16 @@ fn parse() -> anyhow::Result<Args> {
             "--step" => a.step = value()?.parse().context("--step: pixels per frame")?,
             "--size" => {
                 let v = value()?;
-                let (w, h) = v.split_once('x').with_context(|| format!("--size {v}: expected WxH"))?;
-                a.size = (w.parse().context("--size: width")?, h.parse().context("--size: height")?);
+                let (w, h) =
+                    v.split_once('x').with_context(|| format!("--size {v}: expected WxH"))?;
+                a.size =
+                    (w.parse().context("--size: width")?, h.parse().context("--size: height")?);
             }
             "--out" => a.out = Some(value()?.into()),
             "-h" | "--help" => {
-                println!("flyover [--world IMAGE] [--frames N] [--step PX] [--size WxH] [--out DIR]\nRaw RGB24 frames on stdout, or PNGs in DIR.");
+                println!(
+                    "flyover [--world IMAGE] [--frames N] [--step PX] [--size WxH] [--out DIR]\nRaw RGB24 frames on stdout, or PNGs in DIR."
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other} (see --help)"),
@@ -62,14 +67,20 @@ fn parse() -> anyhow::Result<Args> {
 
 fn main() -> anyhow::Result<()> {
     let a = parse()?;
-    let world = image::open(&a.world).with_context(|| format!("reading the world image {}", a.world.display()))?.to_rgb8();
+    let world = image::open(&a.world)
+        .with_context(|| format!("reading the world image {}", a.world.display()))?
+        .to_rgb8();
     let (ww, wh) = (world.width() as f32, world.height() as f32);
     let (vw, vh) = a.size;
     if ww < vw as f32 || wh < vh as f32 {
-        bail!("the world image {} is {ww}x{wh}, smaller than the {vw}x{vh} view", a.world.display());
+        bail!(
+            "the world image {} is {ww}x{wh}, smaller than the {vw}x{vh} view",
+            a.world.display()
+        );
     }
     // From the upper left towards the lower right, through the middle of the image.
-    let start = (vw as f32 / 2.0 + 0.1 * (ww - vw as f32), vh as f32 / 2.0 + 0.1 * (wh - vh as f32));
+    let start =
+        (vw as f32 / 2.0 + 0.1 * (ww - vw as f32), vh as f32 / 2.0 + 0.1 * (wh - vh as f32));
     let end = (ww - vw as f32 / 2.0, wh - vh as f32 / 2.0);
     let (dx, dy) = (end.0 - start.0, end.1 - start.1);
     let len = (dx * dx + dy * dy).sqrt().max(1.0);
@@ -82,7 +93,8 @@ fn main() -> anyhow::Result<()> {
         let d = (i as f32 * a.step) % (2.0 * len);
         let s = if d <= len { d } else { 2.0 * len - d } / len;
         let (cx, cy) = (start.0 + s * dx, start.1 + s * dy);
-        let (x0, y0) = ((cx - vw as f32 / 2.0).round() as u32, (cy - vh as f32 / 2.0).round() as u32);
+        let (x0, y0) =
+            ((cx - vw as f32 / 2.0).round() as u32, (cy - vh as f32 / 2.0).round() as u32);
         let view: RgbImage = image::imageops::crop_imm(&world, x0, y0, vw, vh).to_image();
         match &a.out {
             Some(dir) => {
@@ -97,6 +109,8 @@ fn main() -> anyhow::Result<()> {
             },
         }
     }
-    stdout.flush().or_else(|e| if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })?;
+    stdout
+        .flush()
+        .or_else(|e| if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })?;
     Ok(())
 }

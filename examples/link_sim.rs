@@ -91,10 +91,7 @@ struct Scene;
 impl Scene {
     /// Target azimuth/elevation at `t` seconds: a slow figure sweeping +-25 degrees.
     fn target(t: f32) -> (f32, f32) {
-        (
-            25.0 * (TAU * t / 8.0).sin(),
-            -10.0 + 6.0 * (TAU * t / 5.0).sin(),
-        )
+        (25.0 * (TAU * t / 8.0).sin(), -10.0 + 6.0 * (TAU * t / 5.0).sin())
     }
 
     /// A distractor drifting the other way.
@@ -408,8 +405,8 @@ mod real {
     use std::time::{Duration, Instant};
 
     use flsl_runtime::detect::{DetectOptions, Detector, DetectorScratch, FrameBox};
-    use image::RgbImage;
     use flsl_runtime::wire::{Object, Selection};
+    use image::RgbImage;
 
     use super::{Camera, ControllerConfig, HFOV_DEG, Shot, Status, VFOV_DEG};
 
@@ -448,24 +445,39 @@ mod real {
     }
 
     impl<'s> RealCamera<'s> {
-        pub fn new(args: &super::RealArgs, scratch: &'s mut DetectorScratch, duration_s: f32) -> Result<Self, String> {
+        pub fn new(
+            args: &super::RealArgs,
+            scratch: &'s mut DetectorScratch,
+            duration_s: f32,
+        ) -> Result<Self, String> {
             let mut opts = DetectOptions::new(args.model.clone());
             opts.score_threshold = args.score;
-            let detector = Detector::new(&opts, scratch).map_err(|e| format!("loading the detector {}: {e:#}", args.model.display()))?;
+            let detector = Detector::new(&opts, scratch)
+                .map_err(|e| format!("loading the detector {}: {e:#}", args.model.display()))?;
             if !detector.has_head() {
                 return Err(format!(
                     "{} has no detection head (det_heatmap + det_boxes): export one with `flsl train-detector` or `flsl export --detector DIR`",
                     args.model.display()
                 ));
             }
-            let world = image::open(&args.world).map_err(|e| format!("reading the world image {}: {e}", args.world.display()))?.to_rgb8();
+            let world = image::open(&args.world)
+                .map_err(|e| format!("reading the world image {}: {e}", args.world.display()))?
+                .to_rgb8();
             let (w, h) = (world.width() as f32, world.height() as f32);
             if w < 2.0 * VIEW.0 as f32 || h < 2.0 * VIEW.1 as f32 {
-                return Err(format!("the world image {} is {w}x{h}: use one of at least {}x{} pixels", args.world.display(), 2 * VIEW.0, 2 * VIEW.1));
+                return Err(format!(
+                    "the world image {} is {w}x{h}: use one of at least {}x{} pixels",
+                    args.world.display(),
+                    2 * VIEW.0,
+                    2 * VIEW.1
+                ));
             }
             // Fly diagonally across the middle of the image (~6 deg/s of drift in the view).
             let path = ((0.35 * w, 0.4 * h), (0.65 * w, 0.6 * h));
-            let model_name = Path::new(&args.model).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let model_name = Path::new(&args.model)
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             Ok(Self {
                 detector,
                 world,
@@ -497,7 +509,10 @@ mod real {
 
         /// The camera image: the view at `(cx, cy)` (world pixels), black outside the world.
         fn view(&self, cx: f32, cy: f32) -> RgbImage {
-            let (x0, y0) = ((cx - VIEW.0 as f32 / 2.0).round() as i64, (cy - VIEW.1 as f32 / 2.0).round() as i64);
+            let (x0, y0) = (
+                (cx - VIEW.0 as f32 / 2.0).round() as i64,
+                (cy - VIEW.1 as f32 / 2.0).round() as i64,
+            );
             let (ww, wh) = (self.world.width() as i64, self.world.height() as i64);
             RgbImage::from_fn(VIEW.0, VIEW.1, |x, y| {
                 let (wx, wy) = (x0 + i64::from(x), y0 + i64::from(y));
@@ -524,7 +539,8 @@ mod real {
             // Pan right moves the view right; tilt up moves it up (image y grows downwards).
             let img = self.view(dx + pan * PX_PER_DEG, dy - tilt * PX_PER_DEG);
             let start = Instant::now();
-            let r = self.detector.process(&img).map_err(|e| format!("detection at {t:.2} s: {e:#}"))?;
+            let r =
+                self.detector.process(&img).map_err(|e| format!("detection at {t:.2} s: {e:#}"))?;
             self.wall += start.elapsed();
             self.model_time += r.model;
             self.post_time += r.postprocess;
@@ -534,7 +550,8 @@ mod real {
             // SEND_OBJECTS of them: a 115200-baud link with a 0.2 % byte error rate loses most
             // frames of the wire format's full 32 objects (~800 bytes), so the companion sends
             // the few that matter.
-            let mut tracks: Vec<FrameBox> = r.tracks.iter().copied().filter(|b| b.track_id != 0).collect();
+            let mut tracks: Vec<FrameBox> =
+                r.tracks.iter().copied().filter(|b| b.track_id != 0).collect();
             tracks.sort_by(|a, b| {
                 let locked = |x: &FrameBox| Some(x.track_id) == self.lock;
                 locked(b).cmp(&locked(a)).then(b.score.total_cmp(&a.score))
@@ -548,7 +565,13 @@ mod real {
                 lock_offset_deg = Some((ex * ex + ey * ey).sqrt());
             }
             // Normalized boxes of every confirmed track, for the operator.
-            self.last = tracks.iter().map(|b| FrameBox { bbox: [b.bbox[0] / w, b.bbox[1] / h, b.bbox[2] / w, b.bbox[3] / h], ..*b }).collect();
+            self.last = tracks
+                .iter()
+                .map(|b| FrameBox {
+                    bbox: [b.bbox[0] / w, b.bbox[1] / h, b.bbox[2] / w, b.bbox[3] / h],
+                    ..*b
+                })
+                .collect();
             self.overflows += u32::from(tracks.len() > SEND_OBJECTS);
             tracks.truncate(SEND_OBJECTS);
             let objects: Vec<Object> = tracks
@@ -619,7 +642,8 @@ mod real {
             let n = f64::from(self.frames.max(1));
             let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
             let ((x0, y0), (x1, y1)) = self.path;
-            let speed = ((x1 - x0).powi(2) + (y1 - y0).powi(2)).sqrt() / self.duration_s / PX_PER_DEG;
+            let speed =
+                ((x1 - x0).powi(2) + (y1 - y0).powi(2)).sqrt() / self.duration_s / PX_PER_DEG;
             vec![
                 format!(
                     "camera:    {} frames of {}x{} through {} (tract + onboard post-process): {:.1} ms/frame (model {:.1}, post-process {:.2})",
@@ -691,10 +715,7 @@ fn run(seed: u64, camera: &mut dyn Camera) -> ExitCode {
         config,
         Servo { duty: 0, writes: 0 },
         Servo { duty: 0, writes: 0 },
-        AlertPin {
-            high: false,
-            rises: 0,
-        },
+        AlertPin { high: false, rises: 0 },
     ) {
         Ok(c) => c,
         Err(e) => {
@@ -712,14 +733,7 @@ fn run(seed: u64, camera: &mut dyn Camera) -> ExitCode {
     );
     println!(
         "{:>6} {:>7} {:>15} {:>14} {:>11} {:>8} {:>6} {:>5}",
-        "t [s]",
-        "link",
-        "target",
-        "gimbal pan/tilt",
-        "duty [us]",
-        "err[deg]",
-        "track",
-        "alert"
+        "t [s]", "link", "target", "gimbal pan/tilt", "duty [us]", "err[deg]", "track", "alert"
     );
 
     let mut buf = [0u8; MAX_ENCODED_LEN];
@@ -746,7 +760,11 @@ fn run(seed: u64, camera: &mut dyn Camera) -> ExitCode {
         if now_us >= next_frame_us {
             match camera.shoot(t, status.pan_deg, status.tilt_deg) {
                 Ok(s) => {
-                    outgoing.push(Message::frame(seq, now_us, Frame::from_objects(s.objects.iter().copied())));
+                    outgoing.push(Message::frame(
+                        seq,
+                        now_us,
+                        Frame::from_objects(s.objects.iter().copied()),
+                    ));
                     shot = Some(s);
                     new_shot = true;
                 }
@@ -845,11 +863,7 @@ fn run(seed: u64, camera: &mut dyn Camera) -> ExitCode {
         "outputs:   pan {} duty writes (last {} us), tilt {} (last {} us), alert raised {} times",
         pan.writes, pan.duty, tilt.writes, tilt.duty, alert.rises
     );
-    let mean_err = if err_n > 0 {
-        err_sum / f64::from(err_n)
-    } else {
-        f64::NAN
-    };
+    let mean_err = if err_n > 0 { err_sum / f64::from(err_n) } else { f64::NAN };
     println!(
         "tracking:  mean pointing error {mean_err:.2} deg while the link was up ({err_n} samples)"
     );

@@ -126,21 +126,17 @@ fn main() -> Result<()> {
     // both see the same machine load; the table gives the median and the best of the
     // per-block medians.
     let mut cells: Vec<(String, String, usize, Vec<f64>)> = Vec::new();
-    let mut record = |model: &str, runtime: String, threads: usize, ms: f64| {
-        match cells
-            .iter_mut()
-            .find(|c| c.0 == model && c.1 == runtime && c.2 == threads)
-        {
-            Some(c) => c.3.push(ms),
-            None => cells.push((model.to_string(), runtime, threads, vec![ms])),
-        }
+    let mut record = |model: &str, runtime: String, threads: usize, ms: f64| match cells
+        .iter_mut()
+        .find(|c| c.0 == model && c.1 == runtime && c.2 == threads)
+    {
+        Some(c) => c.3.push(ms),
+        None => cells.push((model.to_string(), runtime, threads, vec![ms])),
     };
     for block in 0..args.blocks {
         for path in &files {
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name =
+                path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             for &engine in &args.engines {
                 let options = ModelOptions::new().with_matmul(engine);
                 let t = bench_with(path, options, &args.threads, args.iters, args.warmup)?;
@@ -197,7 +193,11 @@ fn main() -> Result<()> {
     if args.plan {
         for path in &files {
             let m = OnnxModel::load(path, ModelOptions::new().with_matmul(args.engines[0]))?;
-            println!("\n### optimized plan of {} ({:?} matmuls)\n", path.display(), args.engines[0]);
+            println!(
+                "\n### optimized plan of {} ({:?} matmuls)\n",
+                path.display(),
+                args.engines[0]
+            );
             for (node, op, info) in m.plan_info() {
                 println!("- {node} ({op})");
                 for line in info {
@@ -208,10 +208,7 @@ fn main() -> Result<()> {
     }
 
     if args.profile {
-        for (path, &engine) in files
-            .iter()
-            .flat_map(|p| args.engines.iter().map(move |e| (p, e)))
-        {
+        for (path, &engine) in files.iter().flat_map(|p| args.engines.iter().map(move |e| (p, e))) {
             let mut m = OnnxModel::load(path, ModelOptions::new().with_matmul(engine))?;
             m.input_mut()?
                 .iter_mut()
@@ -229,13 +226,7 @@ fn main() -> Result<()> {
             let total: f64 = p.by_op.iter().map(|o| ms(o.per_frame)).sum();
             for o in &p.by_op {
                 let t = ms(o.per_frame);
-                println!(
-                    "| {} | {} | {:.2} | {:.1} % |",
-                    o.op,
-                    o.nodes,
-                    t,
-                    100.0 * t / total
-                );
+                println!("| {} | {} | {:.2} | {:.1} % |", o.op, o.nodes, t, 100.0 * t / total);
             }
             println!("\nby node role, summed over blocks:\n");
             println!("| node role (op) | ms/frame |");

@@ -23,7 +23,10 @@ use flsl_runtime::export::{HeadSpec, HostTensors, VitSpec, export_vit};
 use flsl_runtime::npy::{read_npy, write_npy};
 
 fn micro_dir() -> PathBuf {
-    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../tests/fixtures/reference/micro")
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../tests/fixtures/reference/micro")
 }
 
 /// Every F32 tensor of a safetensors file, keys prefixed with `prefix`.
@@ -53,29 +56,17 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let fixtures = micro_dir();
     let mut weights = load(&fixtures.join("vit_micro16_noclass_seed11.safetensors"), "")?;
-    weights.extend(load(
-        &fixtures.join("flsl_head_64_128_seed12.safetensors"),
-        "head.",
-    )?);
+    weights.extend(load(&fixtures.join("flsl_head_64_128_seed12.safetensors"), "head.")?);
     let case = load(&fixtures.join("vit_forward.safetensors"), "")?;
 
     let pos = weights["pos_embed"].1.clone();
-    let bytes = export_vit(
-        &weights,
-        &VitSpec::micro(),
-        &pos,
-        Some(&HeadSpec::default()),
-    )?;
+    let bytes = export_vit(&weights, &VitSpec::micro(), &pos, Some(&HeadSpec::default()))?;
     let model = dir.join("vit_micro_head.onnx");
     std::fs::write(&model, bytes).with_context(|| format!("writing {}", model.display()))?;
 
     let input = dir.join("input.npy");
     write_npy(&input, &[1, 3, 64, 64], &case["x"].1[..3 * 64 * 64])?;
-    write_npy(
-        &dir.join("golden.npy"),
-        &[1, 16, 64],
-        &case["features"].1[..16 * 64],
-    )?;
+    write_npy(&dir.join("golden.npy"), &[1, 16, 64], &case["features"].1[..16 * 64])?;
     let written = infer_npy(&model, &input, &dir.join("tract.npy"), 1)?;
 
     let tract = read_npy(&written[0])?;
@@ -85,12 +76,7 @@ fn main() -> Result<()> {
         .zip(&case["features"].1)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
-    println!(
-        "wrote {} and {} .npy files to {}",
-        model.display(),
-        written.len() + 2,
-        dir.display()
-    );
+    println!("wrote {} and {} .npy files to {}", model.display(), written.len() + 2, dir.display());
     println!("tract vs PyTorch reference features: max abs diff {diff:.3e}");
     if diff > 1e-4 {
         bail!("tract's features differ from the reference by {diff} (> 1e-4)");

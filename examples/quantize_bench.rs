@@ -129,9 +129,7 @@ fn parse_args() -> Result<Args> {
 fn shared_data() -> PathBuf {
     std::env::var_os("FLSL_SHARED_DATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
 }
 
 fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -222,10 +220,7 @@ fn main() -> Result<()> {
     models.extend(args.onnx.iter().cloned());
 
     for fp32 in &models {
-        let stem = fp32
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let stem = fp32.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         for &format in &args.formats {
             let out = args.out.join(format!(
                 "{stem}.int8-{}.onnx",
@@ -322,10 +317,7 @@ fn ort_dynamic(fp32: &Path, args: &Args) -> Result<()> {
 
 fn profile(path: &Path, iters: usize) -> Result<()> {
     let mut m = OnnxModel::load(path, ModelOptions::new())?;
-    m.input_mut()?
-        .iter_mut()
-        .enumerate()
-        .for_each(|(i, v)| *v = (i % 17) as f32 * 0.1 - 0.8);
+    m.input_mut()?.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 17) as f32 * 0.1 - 0.8);
     m.profile(2)?;
     let p = m.profile(iters)?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;

@@ -40,7 +40,9 @@ fn micro_run(out: &Path) -> Run<CpuTrain> {
 
 /// A deterministic ImageNet-normalised-looking input.
 fn input(h: usize, w: usize) -> Vec<f32> {
-    (0..3 * h * w).map(|i| ((i as f32 * 0.7193).sin() * 1.7) + ((i % 7) as f32 - 3.0) * 0.1).collect()
+    (0..3 * h * w)
+        .map(|i| ((i as f32 * 0.7193).sin() * 1.7) + ((i % 7) as f32 - 3.0) * 0.1)
+        .collect()
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
@@ -52,7 +54,10 @@ fn check(run: &Run<CpuTrain>, ckpt: &Path, h: usize, w: usize, dir: &Path) {
     let onnx = dir.join(format!("micro_{h}x{w}.onnx"));
     let opts = ExportOptions { size: (h, w), with_head: true, ..ExportOptions::default() };
     let src = export_checkpoint(ckpt, &onnx, &opts).unwrap();
-    assert_eq!((src.spec.embed_dim, src.spec.depth, src.spec.num_heads, src.spec.patch_size), (64, 2, 2, 8));
+    assert_eq!(
+        (src.spec.embed_dim, src.spec.depth, src.spec.num_heads, src.spec.patch_size),
+        (64, 2, 2, 8)
+    );
 
     let x = input(h, w);
     let dev = cpu_device();
@@ -89,22 +94,30 @@ fn tract_runs_our_export_as_burn_does_at_training_and_resized_sizes() {
 fn export_errors_name_the_problem() {
     let dir = tmp("errors");
     let missing = dir.join("nothing-here");
-    let e = export_checkpoint(&missing, &dir.join("a.onnx"), &ExportOptions::default()).unwrap_err().to_string();
+    let e = export_checkpoint(&missing, &dir.join("a.onnx"), &ExportOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("nothing-here"), "{e}");
     assert!(!dir.join("a.onnx").exists());
 
     let run = micro_run(&dir.join("run"));
     let ckpt = run.save(false).unwrap();
-    let e = export_checkpoint(&ckpt, &dir.join("b.onnx"), &ExportOptions { size: (30, 32), ..ExportOptions::default() })
-        .unwrap_err()
-        .to_string();
+    let e = export_checkpoint(
+        &ckpt,
+        &dir.join("b.onnx"),
+        &ExportOptions { size: (30, 32), ..ExportOptions::default() },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("30x32") && e.contains("patch size 8"), "{e}");
     assert!(!dir.join("b.onnx").exists());
 
     // A garbage weights file: a clear error, nothing written.
     let bad = dir.join("bad.safetensors");
     std::fs::write(&bad, b"not a safetensors file at all").unwrap();
-    let e = export_checkpoint(&bad, &dir.join("c.onnx"), &ExportOptions::default()).unwrap_err().to_string();
+    let e = export_checkpoint(&bad, &dir.join("c.onnx"), &ExportOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("bad.safetensors"), "{e}");
     assert!(!dir.join("c.onnx").exists());
 }
@@ -120,16 +133,30 @@ fn the_detection_head_exports_into_the_same_onnx_and_matches_burn() {
     let head = DetHeadConfig { in_dim: 64, hidden: 16, classes: 2 }.init::<Cpu>(&dev, 3);
     let det_dir = dir.join("detector");
     std::fs::create_dir_all(&det_dir).unwrap();
-    flsl_train::tensors::write_safetensors(&det_dir.join("det_head.safetensors"), &head.state_dict(), None).unwrap();
+    flsl_train::tensors::write_safetensors(
+        &det_dir.join("det_head.safetensors"),
+        &head.state_dict(),
+        None,
+    )
+    .unwrap();
     // Round trip through the file the exporter reads.
     let loaded = DetHeadConfig { in_dim: 64, hidden: 16, classes: 2 }
         .init::<Cpu>(&dev, 99)
-        .load(&flsl_train::tensors::read_safetensors(&det_dir.join("det_head.safetensors")).unwrap(), &det_dir, &dev)
+        .load(
+            &flsl_train::tensors::read_safetensors(&det_dir.join("det_head.safetensors")).unwrap(),
+            &det_dir,
+            &dev,
+        )
         .unwrap();
 
     let (h, w) = (40, 48);
     let onnx = dir.join("det.onnx");
-    let opts = ExportOptions { size: (h, w), with_head: true, detector: Some(det_dir.clone()), ..ExportOptions::default() };
+    let opts = ExportOptions {
+        size: (h, w),
+        with_head: true,
+        detector: Some(det_dir.clone()),
+        ..ExportOptions::default()
+    };
     export_checkpoint(&ckpt, &onnx, &opts).unwrap();
 
     let x = input(h, w);
@@ -137,7 +164,11 @@ fn the_detection_head_exports_into_the_same_onnx_and_matches_burn() {
     let feats = run.teacher.features(xt);
     let maps = loaded.forward(feats, h / 8, w / 8);
     let heat: Vec<f32> = sigmoid(maps.heat).into_data().convert::<f32>().to_vec().unwrap();
-    let boxes: Vec<f32> = Tensor::cat(vec![sigmoid(maps.offset), maps.log_size.exp()], 1).into_data().convert::<f32>().to_vec().unwrap();
+    let boxes: Vec<f32> = Tensor::cat(vec![sigmoid(maps.offset), maps.log_size.exp()], 1)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
 
     let mut m = OnnxModel::load(&onnx, ModelOptions::new().with_threads(1)).unwrap();
     assert_eq!(m.output_names(), ["features", "prototype_logits", "det_heatmap", "det_boxes"]);
@@ -151,7 +182,12 @@ fn the_detection_head_exports_into_the_same_onnx_and_matches_burn() {
     assert!(eh < 1e-4 && eb < 1e-4, "heatmap {eh}, boxes {eb}");
     // A different head's maps differ (the comparison can fail).
     let other = DetHeadConfig { in_dim: 64, hidden: 16, classes: 2 }.init::<Cpu>(&dev, 5);
-    let feats = run.teacher.features(Tensor::<Cpu, 4>::from_data(TensorData::new(x, [1, 3, h, w]), &dev));
-    let o: Vec<f32> = sigmoid(other.forward(feats, h / 8, w / 8).heat).into_data().convert::<f32>().to_vec().unwrap();
+    let feats =
+        run.teacher.features(Tensor::<Cpu, 4>::from_data(TensorData::new(x, [1, 3, h, w]), &dev));
+    let o: Vec<f32> = sigmoid(other.forward(feats, h / 8, w / 8).heat)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap();
     assert!(max_abs(&o, th) > 1e-3);
 }

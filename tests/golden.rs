@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use flsl_train::reference;
 
 fn micro() -> PathBuf {
-    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("fixtures/reference/micro")
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("fixtures/reference/micro")
 }
 
 fn run(case: &str) {
@@ -46,8 +49,10 @@ golden!(
 #[test]
 fn every_indexed_case_has_a_test_and_passes() {
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(micro().join("index.json")).unwrap()).unwrap();
-    let listed: Vec<&str> = index["cases"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        serde_json::from_str(&std::fs::read_to_string(micro().join("index.json")).unwrap())
+            .unwrap();
+    let listed: Vec<&str> =
+        index["cases"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     for c in &listed {
         assert!(CASES.contains(c), "case `{c}` of index.json has no test");
     }
@@ -64,11 +69,23 @@ fn a_perturbed_golden_tensor_fails() {
     for f in ["meanshift_intra_g6w2_fixed.json", "index.json"] {
         std::fs::copy(micro().join(f), dir.join(f)).unwrap();
     }
-    let mut t = flsl_train::tensors::read_safetensors(&micro().join("meanshift_intra_g6w2_fixed.safetensors")).unwrap();
-    if let Some(flsl_train::tensors::HostTensor { data: flsl_train::tensors::HostData::F32(v), .. }) = t.get_mut("mode") {
+    let mut t = flsl_train::tensors::read_safetensors(
+        &micro().join("meanshift_intra_g6w2_fixed.safetensors"),
+    )
+    .unwrap();
+    if let Some(flsl_train::tensors::HostTensor {
+        data: flsl_train::tensors::HostData::F32(v),
+        ..
+    }) = t.get_mut("mode")
+    {
         v[3] += 1e-3;
     }
-    flsl_train::tensors::write_safetensors(&dir.join("meanshift_intra_g6w2_fixed.safetensors"), &t, None).unwrap();
+    flsl_train::tensors::write_safetensors(
+        &dir.join("meanshift_intra_g6w2_fixed.safetensors"),
+        &t,
+        None,
+    )
+    .unwrap();
     let r = reference::run_case(&dir, "meanshift_intra_g6w2_fixed");
     std::fs::remove_dir_all(&dir).unwrap();
     let why = r.outcome.expect_err("a perturbed mode must fail");

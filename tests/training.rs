@@ -12,7 +12,8 @@ use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir, train, train_on_de
 fn synthetic_images(dir: &Path, n: usize) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..n {
-        let (cx, cy, r) = (12.0 + (i * 7 % 24) as f32, 14.0 + (i * 5 % 20) as f32, 9.0 + (i % 4) as f32);
+        let (cx, cy, r) =
+            (12.0 + (i * 7 % 24) as f32, 14.0 + (i * 5 % 20) as f32, 9.0 + (i % 4) as f32);
         let fg = [(40 + i * 37 % 200) as u8, (200 - i * 23 % 150) as u8, 60];
         let bg = [120, (90 + i * 11 % 100) as u8, (200 - i * 17 % 120) as u8];
         let img = image::RgbImage::from_fn(48, 48, |x, y| {
@@ -59,7 +60,8 @@ fn a_short_run_lowers_the_loss_and_keeps_prototypes_in_use() {
     synthetic_images(&root.join("img"), 12);
     let mut cfg = micro_config(&root.join("img"), &root.join("run"));
     cfg.epochs = 10;
-    let run = train(Run::<CpuTrain>::new(cfg, cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
+    let run =
+        train(Run::<CpuTrain>::new(cfg, cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
     let h: Vec<f64> = run.state.history.iter().map(|(_, l)| l.total).collect();
     assert_eq!(h.len(), 20);
     let first = h[..4].iter().sum::<f64>() / 4.0;
@@ -83,17 +85,27 @@ fn resuming_gives_the_same_weights_as_an_uninterrupted_run() {
     // K = 3 steps, then save (mid-epoch: epochs have 2 steps), resume, 3 more.
     let mut a = micro_config(&root.join("img"), &root.join("a"));
     a.epochs = 3;
-    let full = train(Run::<CpuTrain>::new(a, cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
+    let full =
+        train(Run::<CpuTrain>::new(a, cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
     assert_eq!(full.state.step, 6);
 
     let mut b = micro_config(&root.join("img"), &root.join("b"));
     b.epochs = 3;
-    let half = train(Run::<CpuTrain>::new(b, cpu_device()).unwrap(), &TrainOptions { max_steps: Some(3), progress: false }).unwrap();
+    let half = train(
+        Run::<CpuTrain>::new(b, cpu_device()).unwrap(),
+        &TrainOptions { max_steps: Some(3), progress: false },
+    )
+    .unwrap();
     assert_eq!(half.state.step, 3);
-    let resumed = Run::<CpuTrain>::load(&checkpoints_dir(&root.join("b")).join("latest"), cpu_device()).unwrap();
+    let resumed =
+        Run::<CpuTrain>::load(&checkpoints_dir(&root.join("b")).join("latest"), cpu_device())
+            .unwrap();
     assert_eq!(resumed.state.step, 3);
     // The saved state is restored bit for bit: weights, EMA teacher, Adam moments and steps.
-    assert_eq!(named::state_dict::<CpuTrain, _>(&resumed.student), named::state_dict::<CpuTrain, _>(&half.student));
+    assert_eq!(
+        named::state_dict::<CpuTrain, _>(&resumed.student),
+        named::state_dict::<CpuTrain, _>(&half.student)
+    );
     assert_eq!(named::state_dict(&resumed.teacher), named::state_dict(&half.teacher));
     assert_eq!(resumed.adam.to_host(), half.adam.to_host());
     assert_eq!(resumed.state, half.state);
@@ -104,7 +116,10 @@ fn resuming_gives_the_same_weights_as_an_uninterrupted_run() {
     // Same data, same masks, same drop-path draws, same schedules, and a backend whose
     // products and reductions run in a fixed order: the continuation equals the uninterrupted
     // run bit for bit (weights, EMA teacher, Adam moments, every logged loss).
-    assert_eq!(named::state_dict::<CpuTrain, _>(&full.student), named::state_dict::<CpuTrain, _>(&done.student));
+    assert_eq!(
+        named::state_dict::<CpuTrain, _>(&full.student),
+        named::state_dict::<CpuTrain, _>(&done.student)
+    );
     assert_eq!(named::state_dict(&full.teacher), named::state_dict(&done.teacher));
     assert_eq!(full.adam.to_host(), done.adam.to_host());
     assert_eq!(full.state.history, done.state.history);
@@ -131,9 +146,17 @@ fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
         c
     };
     let init = Run::<CpuTrain>::new(cfg("init", "cpu", 4), cpu_device()).unwrap();
-    let one = train(Run::<CpuTrain>::new(cfg("one", "cpu", 4), cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
-    let two = train_on_devices(Run::<CpuTrain>::new(cfg("two", "cpu,cpu", 2), cpu_device()).unwrap(), vec![cpu_device()], &TrainOptions::default())
-        .unwrap();
+    let one = train(
+        Run::<CpuTrain>::new(cfg("one", "cpu", 4), cpu_device()).unwrap(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let two = train_on_devices(
+        Run::<CpuTrain>::new(cfg("two", "cpu,cpu", 2), cpu_device()).unwrap(),
+        vec![cpu_device()],
+        &TrainOptions::default(),
+    )
+    .unwrap();
     assert_eq!((one.state.step, two.state.step), (4, 4));
     let (w0, w1, w2) = (
         named::state_dict::<CpuTrain, _>(&init.student),
@@ -147,8 +170,15 @@ fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
         moved = moved.max(a.iter().zip(&z).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max));
         // The key bias (`qkv.bias[C..2C]`) has a zero true gradient (softmax is invariant to
         // it): AdamW turns its float32 rounding noise into lr-sized steps in any two runs.
-        let key_bias = |i: usize| name.ends_with("attn.qkv.bias") && (width..2 * width).contains(&i);
-        let d = a.iter().zip(&b).enumerate().filter(|(i, _)| !key_bias(*i)).map(|(_, (p, q))| (p - q).abs()).fold(0f32, f32::max);
+        let key_bias =
+            |i: usize| name.ends_with("attn.qkv.bias") && (width..2 * width).contains(&i);
+        let d = a
+            .iter()
+            .zip(&b)
+            .enumerate()
+            .filter(|(i, _)| !key_bias(*i))
+            .map(|(_, (p, q))| (p - q).abs())
+            .fold(0f32, f32::max);
         if d > worst.0 {
             worst = (d, name.clone());
         }
@@ -156,14 +186,25 @@ fn two_data_parallel_replicas_equal_one_device_on_the_whole_batch() {
     // Training moved the weights by ~1e-2; the two runs agree to float32 summation order.
     eprintln!("weights moved up to {moved:e}; 2 replicas vs 1 device: {:e} ({})", worst.0, worst.1);
     assert!(moved > 1e-3, "training did not move the weights ({moved:e})");
-    assert!(worst.0 <= 1e-5, "parameter {} differs by {:e} between 2 replicas and 1 device", worst.1, worst.0);
+    assert!(
+        worst.0 <= 1e-5,
+        "parameter {} differs by {:e} between 2 replicas and 1 device",
+        worst.1,
+        worst.0
+    );
     // The logged loss is the replicas' mean, i.e. the whole batch's loss.
     for ((sa, la), (sb, lb)) in one.state.history.iter().zip(&two.state.history) {
         assert_eq!(sa, sb);
         assert!((la.total - lb.total).abs() < 1e-4, "step {sa}: {la} vs {lb}");
     }
     // The device list and the replicas given must agree.
-    let err = train(Run::<CpuTrain>::new(cfg("bad", "cpu,cpu", 2), cpu_device()).unwrap(), &TrainOptions::default()).err().unwrap().to_string();
+    let err = train(
+        Run::<CpuTrain>::new(cfg("bad", "cpu,cpu", 2), cpu_device()).unwrap(),
+        &TrainOptions::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("`device`") && err.contains("2 devices"), "{err}");
     std::fs::remove_dir_all(root).unwrap();
 }
@@ -186,16 +227,28 @@ fn multi_stage_training_is_guided_by_the_previous_stage() {
         c.validate().unwrap();
         c
     };
-    let plain = train(Run::<CpuTrain>::new(stage2("plain", None, 1), cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
-    let staged = train(Run::<CpuTrain>::new(stage2("staged", Some(root.join("stage1")), 1), cpu_device()).unwrap(), &TrainOptions::default())
-        .unwrap();
+    let plain = train(
+        Run::<CpuTrain>::new(stage2("plain", None, 1), cpu_device()).unwrap(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let staged = train(
+        Run::<CpuTrain>::new(stage2("staged", Some(root.join("stage1")), 1), cpu_device()).unwrap(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
     let (p, s) = (&plain.state.history[0].1, &staged.state.history[0].1);
     assert!(s.total.is_finite(), "{s}");
     // The intra-view term does not involve the previous stage; the k-means term's targets do.
     assert!((p.mean_shift - s.mean_shift).abs() < 1e-6, "{p} vs {s}");
     assert!((p.kmeans - s.kmeans).abs() > 1e-4, "the previous stage changed nothing: {p} vs {s}");
     // Clear errors naming the key.
-    let run = |c| train(Run::<CpuTrain>::new(c, cpu_device()).unwrap(), &TrainOptions::default()).err().unwrap().to_string();
+    let run = |c| {
+        train(Run::<CpuTrain>::new(c, cpu_device()).unwrap(), &TrainOptions::default())
+            .err()
+            .unwrap()
+            .to_string()
+    };
     let e = run(stage2("deep", Some(root.join("stage1")), 5));
     assert!(e.contains("attention_level") && e.contains("1..=1"), "{e}");
     let e = run(stage2("missing", Some(root.join("nowhere")), 1));
@@ -213,7 +266,8 @@ fn a_corrupt_image_is_skipped_and_counted() {
     let mut cfg = micro_config(&root.join("img"), &root.join("run"));
     cfg.epochs = 1;
     cfg.epoch_len = None;
-    let run = train(Run::<CpuTrain>::new(cfg, cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
+    let run =
+        train(Run::<CpuTrain>::new(cfg, cpu_device()).unwrap(), &TrainOptions::default()).unwrap();
     let summary = run.state.epochs.last().unwrap();
     assert_eq!(summary.skipped_images, 2, "{summary:?}");
     assert_eq!(run.state.step, 1, "7 readable items make one full batch of 4");
@@ -225,11 +279,13 @@ fn an_empty_folder_is_a_clear_error() {
     let root = tmp("empty");
     std::fs::create_dir_all(root.join("img")).unwrap();
     let cfg = micro_config(&root.join("img"), &root.join("run"));
-    let err = train(Run::<CpuTrain>::new(cfg, cpu_device()).unwrap(), &TrainOptions::default()).err().unwrap().to_string();
+    let err = train(Run::<CpuTrain>::new(cfg, cpu_device()).unwrap(), &TrainOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("data_path") && err.contains("no readable"), "{err}");
     std::fs::remove_dir_all(root).unwrap();
 }
-
 
 #[test]
 fn a_learnable_position_table_is_resized_like_the_fixed_one_and_gets_gradients() {
@@ -237,7 +293,11 @@ fn a_learnable_position_table_is_resized_like_the_fixed_one_and_gets_gradients()
     use flsl_train::model::vit::{VitConfig, interpolate_pos_embed};
     let device = cpu_device();
     // Table for a 4x4 grid (32 px, patch 8); a 16-px crop needs it resized to 2x2.
-    let vit = VitConfig::new(32, 1, 2).with_patch_size(8).with_img_size(32).with_sincos_pos(false).init::<CpuTrain>(&device);
+    let vit = VitConfig::new(32, 1, 2)
+        .with_patch_size(8)
+        .with_img_size(32)
+        .with_sincos_pos(false)
+        .init::<CpuTrain>(&device);
     let table: Vec<f32> = vit.pos_embed.val().into_data().convert::<f32>().to_vec().unwrap();
     let host = interpolate_pos_embed(&table, 4, 32, 2, 2);
     let resized: Vec<f32> = vit.pos_embed_for(2, 2).into_data().convert::<f32>().to_vec().unwrap();
@@ -245,8 +305,11 @@ fn a_learnable_position_table_is_resized_like_the_fixed_one_and_gets_gradients()
     assert!(worst < 1e-6, "product form differs from the bicubic resize by {worst}");
     let x = Tensor::<CpuTrain, 4>::random([1, 3, 16, 16], Distribution::Normal(0.0, 1.0), &device);
     let grads = vit.forward(x).powi_scalar(2).sum().backward();
-    let g = vit.pos_embed.val().grad(&grads).expect("the learnable table gets a gradient from a resized crop");
+    let g = vit
+        .pos_embed
+        .val()
+        .grad(&grads)
+        .expect("the learnable table gets a gradient from a resized crop");
     let norm: f32 = g.abs().sum().into_scalar();
     assert!(norm > 0.0);
 }
-

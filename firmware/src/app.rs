@@ -28,10 +28,7 @@ where
 {
     /// Wires `receiver` to `controller`.
     pub const fn new(receiver: LinkReceiver<R>, controller: Controller<P, T, A>) -> Self {
-        Self {
-            receiver,
-            controller,
-        }
+        Self { receiver, controller }
     }
 
     /// Handles the messages that are ready (at most [`MAX_MESSAGES_PER_STEP`]) without

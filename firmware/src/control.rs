@@ -225,11 +225,7 @@ pub fn select_target(frame: &Frame, selection: Selection, min_score: f32) -> Opt
             .filter(usable)
             .filter(|o| o.score >= min_score)
             .max_by(|a, b| a.score.total_cmp(&b.score)),
-        Selection::Track(id) => frame
-            .objects
-            .iter()
-            .filter(usable)
-            .find(|o| o.track_id == id),
+        Selection::Track(id) => frame.objects.iter().filter(usable).find(|o| o.track_id == id),
     }
 }
 
@@ -250,13 +246,7 @@ impl<P: SetDutyCycle> Axis<P> {
     fn new(pwm: P, cfg: &AxisConfig) -> Result<Self, pwm::ErrorKind> {
         let max_duty = pwm.max_duty_cycle();
         let center = Self::center(cfg);
-        let mut axis = Self {
-            pwm,
-            max_duty,
-            angle: center,
-            target: center,
-            duty: 0,
-        };
+        let mut axis = Self { pwm, max_duty, angle: center, target: center, duty: 0 };
         axis.write(cfg, true)?;
         Ok(axis)
     }
@@ -291,9 +281,7 @@ impl<P: SetDutyCycle> Axis<P> {
     fn write(&mut self, cfg: &AxisConfig, force: bool) -> Result<(), pwm::ErrorKind> {
         let duty = cfg.servo.duty(self.angle, self.max_duty);
         if force || duty != self.duty {
-            self.pwm
-                .set_duty_cycle(duty)
-                .map_err(|e| pwm::Error::kind(&e))?;
+            self.pwm.set_duty_cycle(duty).map_err(|e| pwm::Error::kind(&e))?;
             self.duty = duty;
         }
         Ok(())
@@ -344,9 +332,7 @@ where
     ) -> Result<Self, OutputError> {
         let pan = Axis::new(pan, &config.pan).map_err(OutputError::Pan)?;
         let tilt = Axis::new(tilt, &config.tilt).map_err(OutputError::Tilt)?;
-        alert
-            .set_low()
-            .map_err(|e| OutputError::Alert(digital::Error::kind(&e)))?;
+        alert.set_low().map_err(|e| OutputError::Alert(digital::Error::kind(&e)))?;
         Ok(Self {
             config,
             pan,
@@ -441,18 +427,12 @@ where
             self.tilt.target = Axis::<T>::center(&self.config.tilt);
             self.set_alert(false)?;
         }
-        let dt_s = self
-            .last_tick_ms
-            .map_or(0.0, |last| now_ms.wrapping_sub(last) as f32 * 1e-3);
+        let dt_s = self.last_tick_ms.map_or(0.0, |last| now_ms.wrapping_sub(last) as f32 * 1e-3);
         self.last_tick_ms = Some(now_ms);
         self.pan.slew(&self.config.pan, dt_s);
         self.tilt.slew(&self.config.tilt, dt_s);
-        self.pan
-            .write(&self.config.pan, false)
-            .map_err(OutputError::Pan)?;
-        self.tilt
-            .write(&self.config.tilt, false)
-            .map_err(OutputError::Tilt)?;
+        self.pan.write(&self.config.pan, false).map_err(OutputError::Pan)?;
+        self.tilt.write(&self.config.tilt, false).map_err(OutputError::Tilt)?;
         Ok(self.status())
     }
 
@@ -480,11 +460,7 @@ where
         if self.tracked.map(|t| t.track_id) != Some(object.track_id) {
             debug!("control: following track {}", object.track_id);
         }
-        self.tracked = Some(Tracked {
-            track_id: object.track_id,
-            e,
-            timestamp_us,
-        });
+        self.tracked = Some(Tracked { track_id: object.track_id, e, timestamp_us });
         self.pan.correct(&self.config.pan, e.0, de_dt.0);
         self.tilt.correct(&self.config.tilt, e.1, de_dt.1);
     }
@@ -506,12 +482,7 @@ mod tests {
     use super::*;
 
     fn obj(cx: f32, cy: f32, score: f32, track_id: u32) -> Object {
-        Object {
-            bbox: [cx - 0.05, cy - 0.05, cx + 0.05, cy + 0.05],
-            class: 0,
-            score,
-            track_id,
-        }
+        Object { bbox: [cx - 0.05, cy - 0.05, cx + 0.05, cy + 0.05], class: 0, score, track_id }
     }
 
     #[test]
@@ -536,26 +507,11 @@ mod tests {
             obj(0.6, 0.6, 0.9, 4),
             obj(0.7, 0.7, 0.1, 5),
         ]);
-        assert_eq!(
-            select_target(&frame, Selection::Auto, 0.3).map(|o| o.track_id),
-            Some(4)
-        );
-        assert_eq!(
-            select_target(&frame, Selection::Auto, 0.95).map(|o| o.track_id),
-            None
-        );
-        assert_eq!(
-            select_target(&frame, Selection::Track(5), 0.3).map(|o| o.track_id),
-            Some(5)
-        );
-        assert_eq!(
-            select_target(&frame, Selection::Track(3), 0.3).map(|o| o.track_id),
-            None
-        );
-        assert_eq!(
-            select_target(&frame, Selection::Track(9), 0.3).map(|o| o.track_id),
-            None
-        );
+        assert_eq!(select_target(&frame, Selection::Auto, 0.3).map(|o| o.track_id), Some(4));
+        assert_eq!(select_target(&frame, Selection::Auto, 0.95).map(|o| o.track_id), None);
+        assert_eq!(select_target(&frame, Selection::Track(5), 0.3).map(|o| o.track_id), Some(5));
+        assert_eq!(select_target(&frame, Selection::Track(3), 0.3).map(|o| o.track_id), None);
+        assert_eq!(select_target(&frame, Selection::Track(9), 0.3).map(|o| o.track_id), None);
     }
 
     #[test]

@@ -136,10 +136,7 @@ impl LinkDecoder {
                 s.frames = s.frames.wrapping_add(1);
                 if frame.overflow {
                     s.object_overflows = s.object_overflows.wrapping_add(1);
-                    warn!(
-                        "link: sender dropped objects beyond capacity (seq {})",
-                        message.seq
-                    );
+                    warn!("link: sender dropped objects beyond capacity (seq {})", message.seq);
                 }
             }
             Body::Heartbeat => s.heartbeats = s.heartbeats.wrapping_add(1),
@@ -169,13 +166,7 @@ pub struct LinkReceiver<R> {
 impl<R: Read> LinkReceiver<R> {
     /// A receiver on `reader`.
     pub const fn new(reader: R) -> Self {
-        Self {
-            reader,
-            decoder: LinkDecoder::new(),
-            rx: [0; RX_CHUNK],
-            start: 0,
-            end: 0,
-        }
+        Self { reader, decoder: LinkDecoder::new(), rx: [0; RX_CHUNK], start: 0, end: 0 }
     }
 
     /// The statistics so far.

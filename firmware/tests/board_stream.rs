@@ -36,11 +36,7 @@ struct Link {
 
 impl Link {
     fn new() -> Self {
-        Self {
-            bytes: Vec::new(),
-            seq: 0,
-            undelivered: 0,
-        }
+        Self { bytes: Vec::new(), seq: 0, undelivered: 0 }
     }
 
     /// Idle line (`0x00`) up to the byte time of `t_ms`; nothing if the link is already past it.
@@ -52,11 +48,7 @@ impl Link {
     }
 
     fn encoded(&mut self, t_ms: u32, body: Body) -> Vec<u8> {
-        let message = Message {
-            seq: self.seq,
-            timestamp_us: u64::from(t_ms) * 1_000,
-            body,
-        };
+        let message = Message { seq: self.seq, timestamp_us: u64::from(t_ms) * 1_000, body };
         self.seq += 1;
         let mut buf = [0u8; MAX_ENCODED_LEN];
         let n = encode(&message, &mut buf).unwrap();
@@ -127,9 +119,7 @@ fn cobs_code_positions(encoded: &[u8]) -> Vec<usize> {
 /// chunk still decodes as COBS and fails its CRC.
 fn flip_payload_bit(bytes: &mut [u8]) {
     let codes = cobs_code_positions(bytes);
-    let at = (bytes.len() / 2..bytes.len() - 1)
-        .find(|i| !codes.contains(i))
-        .unwrap();
+    let at = (bytes.len() / 2..bytes.len() - 1).find(|i| !codes.contains(i)).unwrap();
     bytes[at] ^= if bytes[at] == 0x01 { 0x02 } else { 0x01 };
 }
 
@@ -212,9 +202,8 @@ fn scenario() -> (Vec<u8>, u32) {
         match k {
             8 => link.send_corrupted(t, body, |bytes| flip_payload_bit(bytes)),
             11 => {
-                let garbage: Vec<u8> = (0..37)
-                    .map(|i| if i == 18 { 0 } else { noise.byte() | 1 })
-                    .collect();
+                let garbage: Vec<u8> =
+                    (0..37).map(|i| if i == 18 { 0 } else { noise.byte() | 1 }).collect();
                 link.raw(t - 10, &garbage);
                 link.send(t, body);
             }
@@ -302,13 +291,7 @@ fn parse(report: &str) -> Vec<Line> {
         .lines()
         .map(|line| {
             let mut words = line.split(' ');
-            let t = words
-                .next()
-                .unwrap()
-                .strip_prefix("t=")
-                .unwrap()
-                .parse()
-                .unwrap();
+            let t = words.next().unwrap().strip_prefix("t=").unwrap().parse().unwrap();
             let why = words.next().unwrap().to_string();
             let fields = words
                 .map(|w| {
@@ -347,10 +330,7 @@ fn replay_follows_fails_safe_and_recovers() {
     // Waiting until the first heartbeat, then up.
     assert_eq!(at(FIRST_HEARTBEAT_MS - 1).get("link"), "waiting");
     let up = first(&|l| l.get("link") == "up").unwrap();
-    assert!(
-        (FIRST_HEARTBEAT_MS..FIRST_HEARTBEAT_MS + 10).contains(&up),
-        "{up}"
-    );
+    assert!((FIRST_HEARTBEAT_MS..FIRST_HEARTBEAT_MS + 10).contains(&up), "{up}");
 
     // Follows track 7 and raises the alert (class 1): the gimbal first turns left and down
     // to it (it starts at -25, -8 degrees), then pans right and tilts up with it, and ends
@@ -358,19 +338,10 @@ fn replay_follows_fails_safe_and_recovers() {
     let t7 = first(&|l| l.get("target") == "7").unwrap();
     assert_eq!(at(t7).get("alert"), "1");
     let (early, late) = (at(600), at(OUTAGE_FROM_MS));
-    assert!(
-        early.num("pan_deg") < -10.0 && early.num("tilt_deg") < -3.0,
-        "{report}"
-    );
-    assert!(
-        early.num("pan") < 1_450.0 && early.num("tilt") < 1_500.0,
-        "{report}"
-    );
+    assert!(early.num("pan_deg") < -10.0 && early.num("tilt_deg") < -3.0, "{report}");
+    assert!(early.num("pan") < 1_450.0 && early.num("tilt") < 1_500.0, "{report}");
     assert!((late.num("pan_deg") - 25.0).abs() < 5.0, "{report}");
-    assert!(
-        late.num("tilt_deg") > 3.0 && late.num("pan") > 1_600.0,
-        "{report}"
-    );
+    assert!(late.num("tilt_deg") > 3.0 && late.num("pan") > 1_600.0, "{report}");
     // The score dip drops the alert, then it comes back.
     let dip = FIRST_FRAME_MS + 15 * FRAME_PERIOD_MS;
     assert_eq!(at(dip).get("alert"), "0", "{report}");
@@ -385,10 +356,7 @@ fn replay_follows_fails_safe_and_recovers() {
 
     // Outage: the fail-safe engages 500 ms after the last message, centres and drops the alert.
     let lost = first(&|l| l.get("link") == "lost").unwrap();
-    assert!(
-        (OUTAGE_FROM_MS + 500..OUTAGE_FROM_MS + 520).contains(&lost),
-        "{lost}"
-    );
+    assert!((OUTAGE_FROM_MS + 500..OUTAGE_FROM_MS + 520).contains(&lost), "{lost}");
     let l = at(lost);
     assert_eq!((l.get("alert"), l.get("target")), ("0", "-"));
     let centred = at(RESUME_MS - 1);
@@ -397,10 +365,7 @@ fn replay_follows_fails_safe_and_recovers() {
 
     // Recovery: up again, following track 7 (the selection survived), alert back on.
     let back = at(RESUME_MS + 100);
-    assert_eq!(
-        (back.get("link"), back.get("target"), back.get("alert")),
-        ("up", "7", "1")
-    );
+    assert_eq!((back.get("link"), back.get("target"), back.get("alert")), ("up", "7", "1"));
     assert!(at(END_MS).num("pan_deg") > 5.0, "{report}");
 }
 
@@ -411,14 +376,7 @@ fn replay_is_independent_of_read_chunking() {
     let (whole, _) = model(&stream);
     for sizes in [vec![1], vec![3, 64, 1, 17, 200], vec![usize::MAX]] {
         let mut report = String::new();
-        harness::run(
-            Chunked {
-                bytes: &stream,
-                sizes: sizes.clone(),
-                next: 0,
-            },
-            &mut report,
-        );
+        harness::run(Chunked { bytes: &stream, sizes: sizes.clone(), next: 0 }, &mut report);
         assert_eq!(report, whole, "chunk sizes {sizes:?}");
     }
 }
@@ -430,10 +388,7 @@ fn replay_survives_random_bytes() {
     let (report, outcome) = model(&stream);
     assert_eq!(outcome.end, End::Eof);
     assert_eq!(outcome.bytes, 20_000);
-    assert!(
-        report.lines().last().unwrap().starts_with("t=1737 end:eof"),
-        "{report}"
-    );
+    assert!(report.lines().last().unwrap().starts_with("t=1737 end:eof"), "{report}");
 }
 
 /// Writes the stream and the model's report for `scripts/firmware-qemu.sh`.

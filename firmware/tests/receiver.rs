@@ -25,11 +25,7 @@ fn object(i: u32) -> Object {
 }
 
 fn frame(seq: u32, n: u32) -> Message {
-    Message::frame(
-        seq,
-        u64::from(seq) * 33_333,
-        Frame::from_objects((0..n).map(object)),
-    )
+    Message::frame(seq, u64::from(seq) * 33_333, Frame::from_objects((0..n).map(object)))
 }
 
 /// Receives until end of stream.
@@ -100,10 +96,7 @@ fn garbage_crc_errors_and_overflows_are_counted_and_survived() {
     let got: Vec<u32> = receive_all(&mut rx).iter().map(|m| m.seq).collect();
     assert_eq!(got, [0, 2, 5]);
     let s = rx.stats();
-    assert_eq!(
-        (s.frames, s.overflows, s.crc_errors, s.malformed, s.resyncs),
-        (3, 1, 1, 1, 3)
-    );
+    assert_eq!((s.frames, s.overflows, s.crc_errors, s.malformed, s.resyncs), (3, 1, 1, 1, 3));
     assert_eq!(s.lost, 3, "seq 1 (corrupted), 3 and 4");
     assert_eq!(s.bytes, bytes.len() as u32);
 }
@@ -183,32 +176,18 @@ fn read_errors_propagate_and_poll_ready_never_blocks() {
     let mut rx = LinkReceiver::new(FlakyPort { ready: false });
     assert_eq!(rx.poll_ready().map(|m| m.is_some()), Ok(false));
     let mut rx = LinkReceiver::new(FlakyPort { ready: true });
-    assert_eq!(
-        rx.poll_ready().map(|m| m.is_some()),
-        Err(Error::Read(PortError))
-    );
+    assert_eq!(rx.poll_ready().map(|m| m.is_some()), Err(Error::Read(PortError)));
     assert_eq!(rx.poll().map(|m| m.is_some()), Err(Error::Read(PortError)));
-    assert_eq!(
-        Error::<PortError>::Read(PortError).to_string(),
-        "serial read failed: UART overrun"
-    );
+    assert_eq!(Error::<PortError>::Read(PortError).to_string(), "serial read failed: UART overrun");
 
     let mut empty = LinkReceiver::new(&[0u8; 0][..]);
-    assert_eq!(
-        empty.receive().map(|m| m.seq),
-        Err(Error::<Infallible>::EndOfStream)
-    );
+    assert_eq!(empty.receive().map(|m| m.seq), Err(Error::<Infallible>::EndOfStream));
 }
 
 #[test]
 fn follower_turns_bytes_into_servo_commands() {
     // One frame with track 9 at x = 0.75 (+9 deg pan, 1550 us), then silence.
-    let target = Object {
-        bbox: [0.7, 0.45, 0.8, 0.55],
-        class: 1,
-        score: 0.9,
-        track_id: 9,
-    };
+    let target = Object { bbox: [0.7, 0.45, 0.8, 0.55], class: 1, score: 0.9, track_id: 9 };
     let bytes = encoded(&Message::frame(0, 0, Frame::from_objects([target])));
     let chunks = vec![bytes];
     let mut cfg = ControllerConfig::new();
@@ -224,11 +203,7 @@ fn follower_turns_bytes_into_servo_commands() {
         Pwm::set_duty_cycle(1500),
     ]);
     let tilt = PwmMock::new(&[Pwm::max_duty_cycle(20_000), Pwm::set_duty_cycle(1500)]);
-    let alert = PinMock::new(&[
-        Pin::set(State::Low),
-        Pin::set(State::High),
-        Pin::set(State::Low),
-    ]);
+    let alert = PinMock::new(&[Pin::set(State::Low), Pin::set(State::High), Pin::set(State::Low)]);
     let controller = Controller::new(cfg, pan, tilt, alert).unwrap();
 
     let mut follower = Follower::new(LinkReceiver::new(ChunkReader::new(&chunks)), controller);
@@ -242,10 +217,7 @@ fn follower_turns_bytes_into_servo_commands() {
     assert_eq!((s.link, s.alert), (LinkState::Lost, false));
     let s = follower.step(400).unwrap();
     assert_eq!(s.pan_duty, 1500);
-    assert!(matches!(
-        follower.controller().status().link,
-        LinkState::Lost
-    ));
+    assert!(matches!(follower.controller().status().link, LinkState::Lost));
 
     let (_, controller) = follower.release();
     let (mut pan, mut tilt, mut alert) = controller.release();
@@ -257,9 +229,7 @@ fn follower_turns_bytes_into_servo_commands() {
 #[test]
 fn frames_flagged_overflow_are_counted() {
     let msg = Message::frame(0, 0, Frame::from_objects((0..50).map(object)));
-    let Body::Frame(f) = &msg.body else {
-        unreachable!()
-    };
+    let Body::Frame(f) = &msg.body else { unreachable!() };
     assert!(f.overflow);
     let bytes = encoded(&msg);
     let mut rx = LinkReceiver::new(bytes.as_slice());

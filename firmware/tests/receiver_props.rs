@@ -26,11 +26,7 @@ const CHUNKS_PER_CASE: usize = 64;
 const MIN_RANDOM_INPUTS: usize = 100_000;
 
 fn runner(cases: u32) -> TestRunner {
-    TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    })
+    TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() })
 }
 
 /// Bytes biased towards the delimiter and COBS code bytes, so chunks are short enough to
@@ -68,14 +64,8 @@ fn random_chunks_never_panic() {
             let mut rx = LinkReceiver::new(ChunkReader::new(&chunks));
             receive_all(&mut rx);
             let stats = *rx.stats();
-            prop_assert_eq!(
-                stats.bytes as usize,
-                chunks.iter().map(Vec::len).sum::<usize>()
-            );
-            prop_assert_eq!(
-                stats.resyncs,
-                stats.crc_errors + stats.overflows + stats.malformed
-            );
+            prop_assert_eq!(stats.bytes as usize, chunks.iter().map(Vec::len).sum::<usize>());
+            prop_assert_eq!(stats.resyncs, stats.crc_errors + stats.overflows + stats.malformed);
             resyncs.set(resyncs.get() + u64::from(stats.resyncs));
             bytes.set(bytes.get() + stats.bytes as usize);
             // Each non-empty chunk is one `read` result handed to the receiver.
@@ -91,18 +81,8 @@ fn random_chunks_never_panic() {
 }
 
 fn finite_object() -> impl Strategy<Value = Object> {
-    (
-        prop::array::uniform4(-0.5f32..1.5),
-        any::<u16>(),
-        0f32..1.0,
-        any::<u32>(),
-    )
-        .prop_map(|(bbox, class, score, track_id)| Object {
-            bbox,
-            class,
-            score,
-            track_id,
-        })
+    (prop::array::uniform4(-0.5f32..1.5), any::<u16>(), 0f32..1.0, any::<u32>())
+        .prop_map(|(bbox, class, score, track_id)| Object { bbox, class, score, track_id })
 }
 
 /// A message body; `seq` and `timestamp_us` are set by the caller.
@@ -135,10 +115,7 @@ fn chop(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
 #[test]
 fn messages_between_garbage_are_all_recovered() {
     let strategy = (
-        prop::collection::vec(
-            (prop::collection::vec(wire_byte(), 0..300), any_message()),
-            1..10,
-        ),
+        prop::collection::vec((prop::collection::vec(wire_byte(), 0..300), any_message()), 1..10),
         prop::collection::vec(wire_byte(), 0..300),
         prop::collection::vec(1usize..200, 1..16),
     );
@@ -164,10 +141,7 @@ fn messages_between_garbage_are_all_recovered() {
             Ok(())
         })
         .unwrap();
-    println!(
-        "messages_between_garbage_are_all_recovered: {} messages recovered",
-        recovered.get()
-    );
+    println!("messages_between_garbage_are_all_recovered: {} messages recovered", recovered.get());
 }
 
 #[test]

@@ -49,18 +49,11 @@ fn bench_full(c: &mut Criterion) {
     let mut group = c.benchmark_group("postprocess_14x14");
     for d in [192usize, 384] {
         let s = synthetic(d);
-        for (name, ms) in [
-            ("meanshift3", Some(MeanShiftConfig::DEFAULT)),
-            ("plain", None),
-        ] {
-            for (lname, labels) in [
-                ("logits", LabelSource::Logits(&s.logits)),
-                ("kmeans8", LabelSource::KMeans),
-            ] {
-                let config = PerceptionConfig {
-                    meanshift: ms,
-                    ..PerceptionConfig::DEFAULT
-                };
+        for (name, ms) in [("meanshift3", Some(MeanShiftConfig::DEFAULT)), ("plain", None)] {
+            for (lname, labels) in
+                [("logits", LabelSource::Logits(&s.logits)), ("kmeans8", LabelSource::KMeans)]
+            {
+                let config = PerceptionConfig { meanshift: ms, ..PerceptionConfig::DEFAULT };
                 let sizes = P::scratch_sizes(&dims(d), &config).expect("valid dims");
                 let mut f32s = vec![0.0f32; sizes.f32s];
                 let mut u32s = vec![0u32; sizes.u32s];
@@ -94,10 +87,7 @@ fn bench_stages(c: &mut Criterion) {
                         N,
                         d,
                         &MeanShiftConfig::new(10.0, iters),
-                        MeanShiftScratch {
-                            logits: &mut lg,
-                            inv_norms: &mut inv,
-                        },
+                        MeanShiftScratch { logits: &mut lg, inv_norms: &mut inv },
                         &mut refined,
                     )
                     .expect("shapes")
@@ -134,11 +124,7 @@ fn bench_stages(c: &mut Criterion) {
                     N,
                     d,
                     &KMeansConfig::DEFAULT,
-                    KMeansScratch {
-                        centroids: &mut cen,
-                        counts: &mut cnt,
-                        rows: &mut rows,
-                    },
+                    KMeansScratch { centroids: &mut cen, counts: &mut cnt, rows: &mut rows },
                     &mut labels,
                 )
                 .expect("shapes")
@@ -155,22 +141,12 @@ fn bench_stages(c: &mut Criterion) {
                     GH,
                     GW,
                     16.0,
-                    SegmentScratch {
-                        seg_of: &mut seg_of,
-                        stack: &mut stack,
-                    },
+                    SegmentScratch { seg_of: &mut seg_of, stack: &mut stack },
                     &mut segs,
                 )
                 .expect("shapes");
-                mean_features(
-                    &s.features,
-                    d,
-                    &seg_of,
-                    count.written,
-                    &mut cnt,
-                    &mut seg_feats,
-                )
-                .expect("shapes")
+                mean_features(&s.features, d, &seg_of, count.written, &mut cnt, &mut seg_feats)
+                    .expect("shapes")
             })
         });
         let head = HeadDims::new(1, HS, WS, 8.0);
@@ -185,11 +161,7 @@ fn bench_stages(c: &mut Criterion) {
         let cands: Vec<Detection> = (0..64)
             .map(|_| {
                 let (x, y) = (100.0 + 40.0 * rng.next(), 100.0 + 40.0 * rng.next());
-                Detection {
-                    bbox: [x, y, x + 30.0, y + 30.0],
-                    score: rng.next().abs(),
-                    class: 0,
-                }
+                Detection { bbox: [x, y, x + 30.0, y + 30.0], score: rng.next().abs(), class: 0 }
             })
             .collect();
         group.bench_function("nms_64", |b| {
@@ -205,11 +177,7 @@ fn bench_stages(c: &mut Criterion) {
         let mut tracker =
             Tracker::<32>::with_features(TrackerConfig::DEFAULT, d, &mut store).expect("store");
         group.bench_function(format!("tracker_8dets_d{d}"), |b| {
-            b.iter(|| {
-                tracker
-                    .update(black_box(frame_dets), Some(&det_feats))
-                    .expect("shapes")
-            })
+            b.iter(|| tracker.update(black_box(frame_dets), Some(&det_feats)).expect("shapes"))
         });
     }
     group.finish();

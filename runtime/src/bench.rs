@@ -111,9 +111,7 @@ pub fn bench_with(
         input_shape = m.input_shape();
         let [_, _, h, w] = input_shape;
         // A fixed, non-constant frame of the model's size.
-        let frame: Vec<u8> = (0..h * w * 3)
-            .map(|i| ((i * 2_654_435_761) >> 13) as u8)
-            .collect();
+        let frame: Vec<u8> = (0..h * w * 3).map(|i| ((i * 2_654_435_761) >> 13) as u8).collect();
         let frame = Rgb8Frame::new(&frame, w, h)?;
         let norm = m.options().normalization;
         let mut pre = Vec::with_capacity(iters);
@@ -142,12 +140,7 @@ pub fn bench_with(
         });
         tracing::info!(threads = t, median_ms, "tract timing");
     }
-    Ok(BenchReport {
-        model: model.into(),
-        input_shape,
-        timings,
-        peak_rss_bytes: peak_rss_bytes(),
-    })
+    Ok(BenchReport { model: model.into(), input_shape, timings, peak_rss_bytes: peak_rss_bytes() })
 }
 
 /// Times `model` in onnxruntime at each of `threads` by running the embedded
@@ -170,11 +163,7 @@ pub fn ort_bench(
         Ok(s) if s.success() => {}
         _ => return Ok(None),
     }
-    let threads_arg = threads
-        .iter()
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let threads_arg = threads.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
     let helper = |action: String| move |source| ModelError::Helper { action, source };
     let mut child = Command::new("python3")
         .arg("-")
@@ -191,18 +180,15 @@ pub fn ort_bench(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(helper(
-            "starting python3 for the onnxruntime benchmark".into(),
-        ))?;
+        .map_err(helper("starting python3 for the onnxruntime benchmark".into()))?;
     child
         .stdin
         .take()
         .expect("stdin was piped")
         .write_all(ORT_BENCH_PY.as_bytes())
         .map_err(helper("sending ort_bench.py to python3".into()))?;
-    let out = child
-        .wait_with_output()
-        .map_err(helper("waiting for the onnxruntime benchmark".into()))?;
+    let out =
+        child.wait_with_output().map_err(helper("waiting for the onnxruntime benchmark".into()))?;
     if !out.status.success() {
         return Err(ModelError::Helper {
             action: format!("onnxruntime benchmark of {}", model.display()),
@@ -214,10 +200,7 @@ pub fn ort_bench(
         });
     }
     let report = serde_json::from_slice(&out.stdout).map_err(|e| ModelError::Helper {
-        action: format!(
-            "parsing the onnxruntime benchmark output of {}",
-            model.display()
-        ),
+        action: format!("parsing the onnxruntime benchmark output of {}", model.display()),
         source: std::io::Error::other(e),
     })?;
     Ok(Some(report))
@@ -245,12 +228,8 @@ pub fn infer_npy(
             });
         }
     };
-    let mut m = OnnxModel::load(
-        model,
-        ModelOptions::new()
-            .with_threads(threads)
-            .with_input_size(h, w),
-    )?;
+    let mut m =
+        OnnxModel::load(model, ModelOptions::new().with_threads(threads).with_input_size(h, w))?;
     let out = m.run_tensor(&input.data)?;
     let mut written = Vec::new();
     write_npy(
@@ -261,11 +240,7 @@ pub fn infer_npy(
     written.push(out_npy.to_path_buf());
     if let Some(logits) = out.logits {
         let path = out_npy.with_extension(format!("{LOGITS_NAME}.npy"));
-        write_npy(
-            &path,
-            &[1, logits.tokens(), logits.channels()],
-            logits.as_slice(),
-        )?;
+        write_npy(&path, &[1, logits.tokens(), logits.channels()], logits.as_slice())?;
         written.push(path);
     }
     Ok(written)
@@ -296,10 +271,8 @@ mod tests {
 
     #[test]
     fn percentiles() {
-        let mut s: Vec<Duration> = [5, 1, 4, 2, 3]
-            .iter()
-            .map(|&v| Duration::from_millis(v))
-            .collect();
+        let mut s: Vec<Duration> =
+            [5, 1, 4, 2, 3].iter().map(|&v| Duration::from_millis(v)).collect();
         assert_eq!(percentile(&mut s, 0.5), Duration::from_millis(3));
         assert_eq!(percentile(&mut s, 0.0), Duration::from_millis(1));
         assert_eq!(percentile(&mut s, 0.9), Duration::from_millis(5));

@@ -24,7 +24,9 @@ use crate::onboard::run::{FramePolicy, LoopOptions, run_loop};
 use crate::onboard::source;
 use crate::onnx::{ModelOptions, OnnxModel};
 use crate::perception::decode::HeadDims;
-use crate::perception::{BoxMap, LabelSource, Perception, PerceptionConfig, PerceptionDims, Segment};
+use crate::perception::{
+    BoxMap, LabelSource, Perception, PerceptionConfig, PerceptionDims, Segment,
+};
 use crate::preprocess::{Normalization, Rgb8Frame, preprocess_rgb8};
 
 /// Capacities of the post-process: segments, detections, tracks.
@@ -177,11 +179,18 @@ fn draw_rect(img: &mut RgbImage, b: [f32; 4], color: [u8; 3]) {
 }
 
 /// Frame with the cluster map blended in (45 %) and the tracked boxes drawn.
-fn overlay(frame: &RgbImage, labels: &[u32], gh: usize, gw: usize, boxes: &[([f32; 4], u32)]) -> RgbImage {
+fn overlay(
+    frame: &RgbImage,
+    labels: &[u32],
+    gh: usize,
+    gw: usize,
+    boxes: &[([f32; 4], u32)],
+) -> RgbImage {
     let mut img = frame.clone();
     let (w, h) = (img.width() as usize, img.height() as usize);
     for (x, y, p) in img.enumerate_pixels_mut() {
-        let (gx, gy) = ((x as usize * gw / w.max(1)).min(gw - 1), (y as usize * gh / h.max(1)).min(gh - 1));
+        let (gx, gy) =
+            ((x as usize * gw / w.max(1)).min(gw - 1), (y as usize * gh / h.max(1)).min(gh - 1));
         let c = palette(labels.get(gy * gw + gx).copied().unwrap_or(0));
         for k in 0..3 {
             p[k] = ((f32::from(p[k]) * 0.55) + f32::from(c[k]) * 0.45) as u8;
@@ -269,7 +278,8 @@ impl<'s> Detector<'s> {
     /// Loads `opts.model`, probes its outputs (features, optional prototype logits and
     /// detection head) and sizes the post-process for them in `scratch`.
     pub fn new(opts: &DetectOptions, scratch: &'s mut DetectorScratch) -> Result<Self, ModelError> {
-        let mut mopts = ModelOptions { normalization: opts.normalization, ..ModelOptions::new() }.with_threads(opts.threads);
+        let mut mopts = ModelOptions { normalization: opts.normalization, ..ModelOptions::new() }
+            .with_threads(opts.threads);
         if let Some((h, w)) = opts.input_size {
             mopts = mopts.with_input_size(h, w);
         }
@@ -286,7 +296,11 @@ impl<'s> Detector<'s> {
         let patch = ((ih * iw) as f64 / n.max(1) as f64).sqrt().round().max(1.0) as usize;
         let (gh, gw) = (ih / patch, iw / patch);
         if gh * gw != n {
-            return Err(ModelError::Mismatch { what: "token grid", expected: format!("{n} tokens for a {ih}x{iw} input"), got: format!("{gh}x{gw} patches of {patch} px") });
+            return Err(ModelError::Mismatch {
+                what: "token grid",
+                expected: format!("{n} tokens for a {ih}x{iw} input"),
+                got: format!("{gh}x{gw} patches of {patch} px"),
+            });
         }
         let head = match (model.output_f32(HEATMAP_NAME), model.output_f32(BOXES_NAME)) {
             (Some((hs, _)), Some(_)) if hs.len() == 4 => {
@@ -296,19 +310,29 @@ impl<'s> Detector<'s> {
             _ => None,
         };
         let dims = PerceptionDims { gh, gw, d, k, patch_px: patch as f32, head };
-        let mut config = PerceptionConfig { score_threshold: opts.score_threshold, ..PerceptionConfig::DEFAULT };
+        let mut config =
+            PerceptionConfig { score_threshold: opts.score_threshold, ..PerceptionConfig::DEFAULT };
         if !opts.meanshift {
             config.meanshift = None;
         }
         config.kmeans.k = opts.kmeans_k.max(1);
-        let sizes = Perception::<SEGMENTS, DETECTIONS, TRACKS>::scratch_sizes(&dims, &config).map_err(|e| ModelError::Mismatch { what: "post-process dims", expected: "valid".into(), got: format!("{e:?}") })?;
+        let sizes = Perception::<SEGMENTS, DETECTIONS, TRACKS>::scratch_sizes(&dims, &config)
+            .map_err(|e| ModelError::Mismatch {
+                what: "post-process dims",
+                expected: "valid".into(),
+                got: format!("{e:?}"),
+            })?;
         let DetectorScratch { f32s, u32s } = scratch;
         f32s.clear();
         f32s.resize(sizes.f32s, 0.0);
         u32s.clear();
         u32s.resize(sizes.u32s, 0);
         let post = Perception::<SEGMENTS, DETECTIONS, TRACKS>::new(dims, config, f32s, u32s)
-            .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "valid settings".into(), got: format!("{e:?}") })?;
+            .map_err(|e| ModelError::Mismatch {
+                what: "post-process",
+                expected: "valid settings".into(),
+                got: format!("{e:?}"),
+            })?;
         Ok(Self { model, post, head, input: [ih, iw], grid: [gh, gw], outputs })
     }
 
@@ -318,7 +342,12 @@ impl<'s> Detector<'s> {
     }
 
     /// [`Self::process`] on packed RGB8 pixels (`width * height * 3` bytes).
-    pub fn process_rgb8(&mut self, rgb: &[u8], width: u32, height: u32) -> Result<FrameResult, ModelError> {
+    pub fn process_rgb8(
+        &mut self,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<FrameResult, ModelError> {
         let [ih, iw] = self.input;
         let t1 = Instant::now();
         let frame = Rgb8Frame::new(rgb, width as usize, height as usize)?;
@@ -332,14 +361,26 @@ impl<'s> Detector<'s> {
             Some(l) => LabelSource::Logits(l.as_slice()),
             None => LabelSource::KMeans,
         };
-        let det = match (self.head, self.model.output_f32(HEATMAP_NAME), self.model.output_f32(BOXES_NAME)) {
+        let det = match (
+            self.head,
+            self.model.output_f32(HEATMAP_NAME),
+            self.model.output_f32(BOXES_NAME),
+        ) {
             (Some(_), Some((_, h)), Some((_, b))) => Some((h, b)),
             _ => None,
         };
         let report = self
             .post
-            .process_frame(&crate::perception::FrameInput { features: o.features.as_slice(), labels, detections: det })
-            .map_err(|e| ModelError::Mismatch { what: "post-process", expected: "model outputs of the probed shapes".into(), got: format!("{e:?}") })?;
+            .process_frame(&crate::perception::FrameInput {
+                features: o.features.as_slice(),
+                labels,
+                detections: det,
+            })
+            .map_err(|e| ModelError::Mismatch {
+                what: "post-process",
+                expected: "model outputs of the probed shapes".into(),
+                got: format!("{e:?}"),
+            })?;
         let t4 = Instant::now();
 
         let map = BoxMap::stretch(iw as u32, ih as u32, width, height);
@@ -348,10 +389,30 @@ impl<'s> Detector<'s> {
             .tracker()
             .tracks()
             .filter(|t| t.misses == 0)
-            .map(|t| FrameBox { bbox: map.apply(t.bbox), class: t.class, score: t.score, track_id: t.id })
+            .map(|t| FrameBox {
+                bbox: map.apply(t.bbox),
+                class: t.class,
+                score: t.score,
+                track_id: t.id,
+            })
             .collect();
-        let detections = self.post.detections().iter().map(|d| FrameBox { bbox: map.apply(d.bbox), class: d.class, score: d.score, track_id: 0 }).collect();
-        let segments = self.post.segments().iter().map(|s| Segment { bbox: map.apply(s.bbox), ..*s }).collect();
+        let detections = self
+            .post
+            .detections()
+            .iter()
+            .map(|d| FrameBox {
+                bbox: map.apply(d.bbox),
+                class: d.class,
+                score: d.score,
+                track_id: 0,
+            })
+            .collect();
+        let segments = self
+            .post
+            .segments()
+            .iter()
+            .map(|s| Segment { bbox: map.apply(s.bbox), ..*s })
+            .collect();
         Ok(FrameResult {
             size: [width, height],
             detections,
@@ -395,17 +456,34 @@ impl<'s> Detector<'s> {
 /// JSON object per frame to `out` ([`frame_record`]) and optional overlays: the onboard frame
 /// loop ([`run_loop`]) with every frame processed. Unreadable frames are skipped, counted and
 /// logged.
-pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut on_frame: impl FnMut(usize)) -> Result<DetectSummary, OnboardError> {
+pub fn run_detect(
+    opts: &DetectOptions,
+    input: &Path,
+    out: &mut dyn Write,
+    mut on_frame: impl FnMut(usize),
+) -> Result<DetectSummary, OnboardError> {
     let mut scratch = DetectorScratch::default();
     let mut detector = Detector::new(opts, &mut scratch)?;
     if let Some(dir) = &opts.overlays {
-        std::fs::create_dir_all(dir).map_err(|e| OnboardError::Io { action: "creating", path: dir.clone(), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| OnboardError::Io {
+            action: "creating",
+            path: dir.clone(),
+            source: e,
+        })?;
     }
     let input_name = input.display().to_string();
     let src = source::open(&input_name, None)?;
-    let mut summary = DetectSummary { input_shape: detector.input_shape(), outputs: detector.output_names().to_vec(), ..Default::default() };
+    let mut summary = DetectSummary {
+        input_shape: detector.input_shape(),
+        outputs: detector.output_names().to_vec(),
+        ..Default::default()
+    };
     let mut ids = std::collections::BTreeSet::new();
-    let lopts = LoopOptions { policy: FramePolicy::All, max_frames: opts.max_frames.map(|m| m as u64), stats_every: 0 };
+    let lopts = LoopOptions {
+        policy: FramePolicy::All,
+        max_frames: opts.max_frames.map(|m| m as u64),
+        stats_every: 0,
+    };
     let looped = run_loop(
         src,
         &lopts,
@@ -415,25 +493,42 @@ pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut o
             let t4 = Instant::now();
             ids.extend(r.tracks.iter().filter(|t| t.track_id != 0).map(|t| t.track_id));
             let line = frame_record(summary.frames as u64, &frame.name, &r, frame.decode);
-            writeln!(out, "{line}").map_err(|e| OnboardError::Output { what: "JSON lines".into(), source: e })?;
+            writeln!(out, "{line}")
+                .map_err(|e| OnboardError::Output { what: "JSON lines".into(), source: e })?;
             if let Some(dir) = &opts.overlays {
                 let boxes: Vec<([f32; 4], u32)> = if detector.has_head() {
-                    if r.tracks.is_empty() { r.detections.iter().map(|d| (d.bbox, 0)).collect() } else { r.tracks.iter().map(|t| (t.bbox, t.track_id)).collect() }
+                    if r.tracks.is_empty() {
+                        r.detections.iter().map(|d| (d.bbox, 0)).collect()
+                    } else {
+                        r.tracks.iter().map(|t| (t.bbox, t.track_id)).collect()
+                    }
                 } else {
                     Vec::new()
                 };
                 let [gh, gw] = detector.grid();
                 let file = dir.join(format!("{:06}.png", summary.frames));
-                let img = frame.to_image().ok_or_else(|| OnboardError::Source { input: frame.name.clone(), reason: "frame buffer size does not match its dimensions".into() })?;
-                overlay(&img, detector.labels(), gh, gw, &boxes)
-                    .save(&file)
-                    .map_err(|e| OnboardError::Output { what: format!("overlay {}", file.display()), source: std::io::Error::other(e) })?;
+                let img = frame.to_image().ok_or_else(|| OnboardError::Source {
+                    input: frame.name.clone(),
+                    reason: "frame buffer size does not match its dimensions".into(),
+                })?;
+                overlay(&img, detector.labels(), gh, gw, &boxes).save(&file).map_err(|e| {
+                    OnboardError::Output {
+                        what: format!("overlay {}", file.display()),
+                        source: std::io::Error::other(e),
+                    }
+                })?;
             }
             summary.detections += r.detections.len();
             summary.segments += r.segments.len();
             summary.frames += 1;
             on_frame(summary.frames);
-            Ok(StageTimes { decode: Duration::ZERO, preprocess: r.preprocess, model: r.model, postprocess: r.postprocess, output: t4.elapsed() })
+            Ok(StageTimes {
+                decode: Duration::ZERO,
+                preprocess: r.preprocess,
+                model: r.model,
+                postprocess: r.postprocess,
+                output: t4.elapsed(),
+            })
         },
         |_| {},
     )?;
@@ -445,7 +540,10 @@ pub fn run_detect(opts: &DetectOptions, input: &Path, out: &mut dyn Write, mut o
     summary.skipped = looped.skipped as usize;
     summary.tracks = ids.len();
     if summary.frames == 0 {
-        return Err(OnboardError::Source { input: input_name, reason: format!("no frame could be read ({} skipped)", looped.skipped) });
+        return Err(OnboardError::Source {
+            input: input_name,
+            reason: format!("no frame could be read ({} skipped)", looped.skipped),
+        });
     }
     Ok(summary)
 }
@@ -456,12 +554,15 @@ fn helper_err(action: String, e: std::io::Error) -> ModelError {
 
 /// Reads JSON lines written by [`run_detect`] (for tests and tools).
 pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>, ModelError> {
-    let f = std::fs::File::open(path).map_err(|e| helper_err(format!("opening {}", path.display()), e))?;
+    let f = std::fs::File::open(path)
+        .map_err(|e| helper_err(format!("opening {}", path.display()), e))?;
     std::io::BufReader::new(f)
         .lines()
         .map(|l| {
             let l = l.map_err(|e| helper_err(format!("reading {}", path.display()), e))?;
-            serde_json::from_str(&l).map_err(|e| helper_err(format!("parsing {}", path.display()), std::io::Error::other(e)))
+            serde_json::from_str(&l).map_err(|e| {
+                helper_err(format!("parsing {}", path.display()), std::io::Error::other(e))
+            })
         })
         .collect()
 }

@@ -85,16 +85,7 @@ impl VitSpec {
         img_h: usize,
         img_w: usize,
     ) -> Self {
-        Self {
-            embed_dim,
-            depth,
-            num_heads,
-            patch_size,
-            mlp_hidden,
-            layer_norm_eps,
-            img_h,
-            img_w,
-        }
+        Self { embed_dim, depth, num_heads, patch_size, mlp_hidden, layer_norm_eps, img_h, img_w }
     }
 
     /// ViT-Tiny/16 (`D = 192`, 12 blocks, 3 heads, MLP 768) at `img_h x img_w`.
@@ -147,9 +138,7 @@ pub struct HeadSpec {
 impl HeadSpec {
     /// A head whose keys start with `prefix`.
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
 }
 
@@ -241,12 +230,7 @@ pub fn vit_model_proto(
     ); // [1, D, gh, gw]
     let shape_dn = g.shape("patch_embed/shape", &[1, d as i64, n as i64]);
     let x = g.node("Reshape", "patch_embed/flatten", &[&x, &shape_dn], vec![]); // [1, D, N]
-    let x = g.node(
-        "Transpose",
-        "patch_embed/tokens",
-        &[&x],
-        vec![attr_ints("perm", &[0, 2, 1])],
-    ); // [1, N, D]
+    let x = g.node("Transpose", "patch_embed/tokens", &[&x], vec![attr_ints("perm", &[0, 2, 1])]); // [1, N, D]
     if pos_embed_for_grid.len() != n * d {
         return Err(ExportError::Shape {
             name: "pos_embed_for_grid".into(),
@@ -268,49 +252,28 @@ pub fn vit_model_proto(
         let qkv_b = w.get(&format!("{b}.attn.qkv.bias"), &[3 * d])?;
         let mut proj = |which: usize, tag: &str, factor: f32| -> String {
             let rows = &qkv_w[which * d * d..(which + 1) * d * d];
-            let wt = transpose(rows, d, d)
-                .into_iter()
-                .map(|v| v * factor)
-                .collect();
-            let bias = qkv_b[which * d..(which + 1) * d]
-                .iter()
-                .map(|v| v * factor)
-                .collect();
+            let wt = transpose(rows, d, d).into_iter().map(|v| v * factor).collect();
+            let bias = qkv_b[which * d..(which + 1) * d].iter().map(|v| v * factor).collect();
             g.linear_from(&format!("{b}.attn.{tag}"), d, d, wt, bias, &h)
         };
         let q = proj(0, "q", scale); // [1, N, D], pre-scaled
         let kk = proj(1, "k", 1.0);
         let v = proj(2, "v", 1.0);
-        let q = g.node(
-            "Reshape",
-            &format!("{b}.attn.q/heads"),
-            &[&q, &shape_nhd],
-            vec![],
-        );
+        let q = g.node("Reshape", &format!("{b}.attn.q/heads"), &[&q, &shape_nhd], vec![]);
         let q = g.node(
             "Transpose",
             &format!("{b}.attn.q/t"),
             &[&q],
             vec![attr_ints("perm", &[0, 2, 1, 3])],
         ); // [1, H, N, hd]
-        let kk = g.node(
-            "Reshape",
-            &format!("{b}.attn.k/heads"),
-            &[&kk, &shape_nhd],
-            vec![],
-        );
+        let kk = g.node("Reshape", &format!("{b}.attn.k/heads"), &[&kk, &shape_nhd], vec![]);
         let kk = g.node(
             "Transpose",
             &format!("{b}.attn.k/t"),
             &[&kk],
             vec![attr_ints("perm", &[0, 2, 3, 1])],
         ); // [1, H, hd, N]
-        let v = g.node(
-            "Reshape",
-            &format!("{b}.attn.v/heads"),
-            &[&v, &shape_nhd],
-            vec![],
-        );
+        let v = g.node("Reshape", &format!("{b}.attn.v/heads"), &[&v, &shape_nhd], vec![]);
         let v = g.node(
             "Transpose",
             &format!("{b}.attn.v/t"),
@@ -318,12 +281,7 @@ pub fn vit_model_proto(
             vec![attr_ints("perm", &[0, 2, 1, 3])],
         ); // [1, H, N, hd]
         let s = g.node("MatMul", &format!("{b}.attn/scores"), &[&q, &kk], vec![]); // [1, H, N, N]
-        let a = g.node(
-            "Softmax",
-            &format!("{b}.attn/softmax"),
-            &[&s],
-            vec![attr_int("axis", -1)],
-        );
+        let a = g.node("Softmax", &format!("{b}.attn/softmax"), &[&s], vec![attr_int("axis", -1)]);
         let o = g.node("MatMul", &format!("{b}.attn/context"), &[&a, &v], vec![]); // [1, H, N, hd]
         let o = g.node(
             "Transpose",
@@ -331,12 +289,7 @@ pub fn vit_model_proto(
             &[&o],
             vec![attr_ints("perm", &[0, 2, 1, 3])],
         ); // [1, N, H, hd]
-        let o = g.node(
-            "Reshape",
-            &format!("{b}.attn/merge"),
-            &[&o, &shape_nd],
-            vec![],
-        ); // [1, N, D]
+        let o = g.node("Reshape", &format!("{b}.attn/merge"), &[&o, &shape_nd], vec![]); // [1, N, D]
         let o = g.linear(&w, &format!("{b}.attn.proj"), d, d, &o)?;
         x = g.node("Add", &format!("{b}/residual1"), &[&x, &o], vec![]);
         // x += fc2(gelu(fc1(norm2(x))))
@@ -358,10 +311,7 @@ pub fn vit_model_proto(
         ("flsl.patch_size", p.to_string()),
         ("flsl.grid", format!("{gh}x{gw}")),
         ("flsl.embed_dim", d.to_string()),
-        (
-            "flsl.normalization",
-            "imagenet mean [0.485,0.456,0.406] std [0.229,0.224,0.225]".into(),
-        ),
+        ("flsl.normalization", "imagenet mean [0.485,0.456,0.406] std [0.229,0.224,0.225]".into()),
     ];
     if head.is_some() {
         meta.push(("flsl.head", "FLSLhead".into()));
@@ -376,19 +326,13 @@ pub fn vit_model_proto(
     };
     Ok(ModelProto {
         ir_version: IR_VERSION,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
         producer_name: "flsl".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph),
         metadata_props: meta
             .into_iter()
-            .map(|(key, value)| StringStringEntryProto {
-                key: key.into(),
-                value,
-            })
+            .map(|(key, value)| StringStringEntryProto { key: key.into(), value })
             .collect(),
         ..Default::default()
     })
@@ -422,9 +366,7 @@ fn head_graph(
         in_dim = shape[0];
     }
     if layers.is_empty() {
-        return Err(ExportError::MissingTensor {
-            name: format!("{pre}mlp.0.weight"),
-        });
+        return Err(ExportError::MissingTensor { name: format!("{pre}mlp.0.weight") });
     }
     let bottleneck = in_dim;
     let mut h = features.to_string();
@@ -483,11 +425,7 @@ fn last_layer_weight(
     let mut eff = Vec::with_capacity(k * bottleneck);
     for (row, g) in v.chunks_exact(bottleneck).zip(gain) {
         // f64 accumulation: the norm of a row is one number per prototype, cheap to get right.
-        let norm = row
-            .iter()
-            .map(|x| f64::from(*x) * f64::from(*x))
-            .sum::<f64>()
-            .sqrt();
+        let norm = row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
         let f = f64::from(*g) / norm;
         eff.extend(row.iter().map(|x| (f64::from(*x) * f) as f32));
     }
@@ -506,9 +444,7 @@ pub fn random_vit_weights(spec: &VitSpec, seed: u64) -> HostTensors {
     let mut rand = |w: &mut HostTensors, name: String, shape: Vec<usize>| {
         let len = shape.iter().product();
         // Uniform on [-a, a] with a = 0.02 * sqrt(3): standard deviation 0.02.
-        let data = (0..len)
-            .map(|_| (rng.next_f32() * 2.0 - 1.0) * 0.034_641)
-            .collect();
+        let data = (0..len).map(|_| (rng.next_f32() * 2.0 - 1.0) * 0.034_641).collect();
         w.insert(name, (shape, data));
     };
     let fill = |w: &mut HostTensors, name: String, len: usize, value: f32| {
@@ -527,17 +463,9 @@ pub fn random_vit_weights(spec: &VitSpec, seed: u64) -> HostTensors {
         fill(&mut w, format!("{b}.attn.qkv.bias"), 3 * d, 0.0);
         rand(&mut w, format!("{b}.attn.proj.weight"), vec![d, d]);
         fill(&mut w, format!("{b}.attn.proj.bias"), d, 0.0);
-        rand(
-            &mut w,
-            format!("{b}.mlp.fc1.weight"),
-            vec![spec.mlp_hidden, d],
-        );
+        rand(&mut w, format!("{b}.mlp.fc1.weight"), vec![spec.mlp_hidden, d]);
         fill(&mut w, format!("{b}.mlp.fc1.bias"), spec.mlp_hidden, 0.0);
-        rand(
-            &mut w,
-            format!("{b}.mlp.fc2.weight"),
-            vec![d, spec.mlp_hidden],
-        );
+        rand(&mut w, format!("{b}.mlp.fc2.weight"), vec![d, spec.mlp_hidden]);
         fill(&mut w, format!("{b}.mlp.fc2.bias"), d, 0.0);
     }
     fill(&mut w, "norm.weight".into(), d, 1.0);
@@ -569,10 +497,7 @@ fn check_spec(spec: &VitSpec) -> Result<(), ExportError> {
         return bad(format!("zero-sized dimension in {spec:?}"));
     }
     if !spec.embed_dim.is_multiple_of(spec.num_heads) {
-        return bad(format!(
-            "{} heads do not divide embed_dim {}",
-            spec.num_heads, spec.embed_dim
-        ));
+        return bad(format!("{} heads do not divide embed_dim {}", spec.num_heads, spec.embed_dim));
     }
     if spec.img_h == 0
         || spec.img_w == 0
@@ -602,10 +527,8 @@ struct Weights<'a>(&'a HostTensors);
 
 impl Weights<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<&[f32], ExportError> {
-        let (s, data) = self
-            .0
-            .get(name)
-            .ok_or_else(|| ExportError::MissingTensor { name: name.into() })?;
+        let (s, data) =
+            self.0.get(name).ok_or_else(|| ExportError::MissingTensor { name: name.into() })?;
         if s.as_slice() != shape {
             return Err(ExportError::Shape {
                 name: name.into(),
@@ -852,15 +775,9 @@ mod tests {
             put(format!("blocks.{i}.attn.qkv.bias"), vec![3 * d]);
             put(format!("blocks.{i}.attn.proj.weight"), vec![d, d]);
             put(format!("blocks.{i}.attn.proj.bias"), vec![d]);
-            put(
-                format!("blocks.{i}.mlp.fc1.weight"),
-                vec![spec.mlp_hidden, d],
-            );
+            put(format!("blocks.{i}.mlp.fc1.weight"), vec![spec.mlp_hidden, d]);
             put(format!("blocks.{i}.mlp.fc1.bias"), vec![spec.mlp_hidden]);
-            put(
-                format!("blocks.{i}.mlp.fc2.weight"),
-                vec![d, spec.mlp_hidden],
-            );
+            put(format!("blocks.{i}.mlp.fc2.weight"), vec![d, spec.mlp_hidden]);
             put(format!("blocks.{i}.mlp.fc2.bias"), vec![d]);
         }
         put("norm.weight".into(), vec![d]);
@@ -898,31 +815,17 @@ mod tests {
         let spec = VitSpec::new(8, 1, 2, 4, 16, 1e-6, 8, 8);
         let mut w = tiny_weights(&spec);
         let pos = vec![0.0; spec.num_tokens() * 8];
-        w.insert(
-            "blocks.0.attn.qkv.weight".into(),
-            (vec![8, 8], vec![0.0; 64]),
-        );
-        assert!(matches!(
-            export_vit(&w, &spec, &pos, None),
-            Err(ExportError::Shape { .. })
-        ));
+        w.insert("blocks.0.attn.qkv.weight".into(), (vec![8, 8], vec![0.0; 64]));
+        assert!(matches!(export_vit(&w, &spec, &pos, None), Err(ExportError::Shape { .. })));
         w.remove("blocks.0.attn.qkv.weight");
         assert_eq!(
             export_vit(&w, &spec, &pos, None),
-            Err(ExportError::MissingTensor {
-                name: "blocks.0.attn.qkv.weight".into()
-            })
+            Err(ExportError::MissingTensor { name: "blocks.0.attn.qkv.weight".into() })
         );
         let w = tiny_weights(&spec);
-        assert!(matches!(
-            export_vit(&w, &spec, &pos[1..], None),
-            Err(ExportError::Shape { .. })
-        ));
+        assert!(matches!(export_vit(&w, &spec, &pos[1..], None), Err(ExportError::Shape { .. })));
         let bad = VitSpec { img_h: 9, ..spec };
-        assert!(matches!(
-            export_vit(&w, &bad, &pos, None),
-            Err(ExportError::Spec { .. })
-        ));
+        assert!(matches!(export_vit(&w, &bad, &pos, None), Err(ExportError::Spec { .. })));
         assert!(matches!(
             export_vit(&w, &spec, &pos, Some(&HeadSpec::default())),
             Err(ExportError::MissingTensor { .. })

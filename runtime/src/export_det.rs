@@ -19,7 +19,9 @@
 
 use tract_onnx::pb::{AttributeProto, ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
 
-use crate::export::{ExportError, FEATURES_NAME, HostTensors, VitSpec, attr_int, attr_ints, value_info};
+use crate::export::{
+    ExportError, FEATURES_NAME, HostTensors, VitSpec, attr_int, attr_ints, value_info,
+};
 
 pub use crate::contract::{BOXES_NAME, HEATMAP_NAME};
 
@@ -41,19 +43,37 @@ pub fn det_head_shape(weights: &HostTensors) -> Result<DetHeadShape, ExportError
     let up = shape(weights, "det.up.weight")?;
     let heat = shape(weights, "det.heat.weight")?;
     match (up, heat) {
-        ([d, h, 2, 2], [c, h2, 1, 1]) if h == h2 => Ok(DetHeadShape { in_dim: *d, hidden: *h, classes: *c }),
-        _ => Err(ExportError::Shape { name: "det.up.weight / det.heat.weight".into(), expected: vec![0, 0, 2, 2], got: up.to_vec() }),
+        ([d, h, 2, 2], [c, h2, 1, 1]) if h == h2 => {
+            Ok(DetHeadShape { in_dim: *d, hidden: *h, classes: *c })
+        }
+        _ => Err(ExportError::Shape {
+            name: "det.up.weight / det.heat.weight".into(),
+            expected: vec![0, 0, 2, 2],
+            got: up.to_vec(),
+        }),
     }
 }
 
 fn shape<'a>(weights: &'a HostTensors, name: &str) -> Result<&'a [usize], ExportError> {
-    weights.get(name).map(|(s, _)| s.as_slice()).ok_or_else(|| ExportError::MissingTensor { name: name.into() })
+    weights
+        .get(name)
+        .map(|(s, _)| s.as_slice())
+        .ok_or_else(|| ExportError::MissingTensor { name: name.into() })
 }
 
-fn get<'a>(weights: &'a HostTensors, name: &str, expected: &[usize]) -> Result<&'a [f32], ExportError> {
-    let (s, data) = weights.get(name).ok_or_else(|| ExportError::MissingTensor { name: name.into() })?;
+fn get<'a>(
+    weights: &'a HostTensors,
+    name: &str,
+    expected: &[usize],
+) -> Result<&'a [f32], ExportError> {
+    let (s, data) =
+        weights.get(name).ok_or_else(|| ExportError::MissingTensor { name: name.into() })?;
     if s.as_slice() != expected || data.len() != expected.iter().product::<usize>() {
-        return Err(ExportError::Shape { name: name.into(), expected: expected.to_vec(), got: s.clone() });
+        return Err(ExportError::Shape {
+            name: name.into(),
+            expected: expected.to_vec(),
+            got: s.clone(),
+        });
     }
     Ok(data)
 }
@@ -69,7 +89,13 @@ fn init(model: &mut Vec<TensorProto>, name: &str, dims: &[usize], data: &[f32]) 
     name.into()
 }
 
-fn node(nodes: &mut Vec<NodeProto>, op: &str, name: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
+fn node(
+    nodes: &mut Vec<NodeProto>,
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> String {
     nodes.push(NodeProto {
         op_type: op.into(),
         name: name.into(),
@@ -84,43 +110,121 @@ fn node(nodes: &mut Vec<NodeProto>, op: &str, name: &str, inputs: &[&str], attri
 /// Appends the detection head (weights under `det.*`) to `model`, an exported backbone of
 /// `spec` whose graph has the `features` output. Adds the outputs `det_heatmap` and
 /// `det_boxes` and the metadata `flsl.det_stride` / `flsl.det_classes`.
-pub fn append_det_head(model: &mut ModelProto, spec: &VitSpec, weights: &HostTensors) -> Result<DetHeadShape, ExportError> {
+pub fn append_det_head(
+    model: &mut ModelProto,
+    spec: &VitSpec,
+    weights: &HostTensors,
+) -> Result<DetHeadShape, ExportError> {
     let hs = det_head_shape(weights)?;
     let (d, hid, c) = (hs.in_dim, hs.hidden, hs.classes);
     if d != spec.embed_dim {
-        return Err(ExportError::Shape { name: "det.up.weight".into(), expected: vec![spec.embed_dim, hid, 2, 2], got: vec![d, hid, 2, 2] });
+        return Err(ExportError::Shape {
+            name: "det.up.weight".into(),
+            expected: vec![spec.embed_dim, hid, 2, 2],
+            got: vec![d, hid, 2, 2],
+        });
     }
     let (gh, gw) = spec.grid();
-    let graph = model.graph.as_mut().ok_or_else(|| ExportError::Spec { reason: "the model has no graph".into() })?;
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| ExportError::Spec { reason: "the model has no graph".into() })?;
     if !graph.output.iter().any(|o| o.name == FEATURES_NAME) {
-        return Err(ExportError::Spec { reason: format!("the graph has no `{FEATURES_NAME}` output to attach the detection head to") });
+        return Err(ExportError::Spec {
+            reason: format!(
+                "the graph has no `{FEATURES_NAME}` output to attach the detection head to"
+            ),
+        });
     }
     let (mut nodes, mut inits) = (Vec::new(), Vec::new());
     let i = &mut inits;
-    let up_w = init(i, "det.up.weight", &[d, hid, 2, 2], get(weights, "det.up.weight", &[d, hid, 2, 2])?);
+    let up_w =
+        init(i, "det.up.weight", &[d, hid, 2, 2], get(weights, "det.up.weight", &[d, hid, 2, 2])?);
     let up_b = init(i, "det.up.bias", &[hid], get(weights, "det.up.bias", &[hid])?);
-    let conv_w = init(i, "det.conv.weight", &[hid, hid, 3, 3], get(weights, "det.conv.weight", &[hid, hid, 3, 3])?);
+    let conv_w = init(
+        i,
+        "det.conv.weight",
+        &[hid, hid, 3, 3],
+        get(weights, "det.conv.weight", &[hid, hid, 3, 3])?,
+    );
     let conv_b = init(i, "det.conv.bias", &[hid], get(weights, "det.conv.bias", &[hid])?);
-    let heat_w = init(i, "det.heat.weight", &[c, hid, 1, 1], get(weights, "det.heat.weight", &[c, hid, 1, 1])?);
+    let heat_w = init(
+        i,
+        "det.heat.weight",
+        &[c, hid, 1, 1],
+        get(weights, "det.heat.weight", &[c, hid, 1, 1])?,
+    );
     let heat_b = init(i, "det.heat.bias", &[c], get(weights, "det.heat.bias", &[c])?);
-    let off_w = init(i, "det.offset.weight", &[2, hid, 1, 1], get(weights, "det.offset.weight", &[2, hid, 1, 1])?);
+    let off_w = init(
+        i,
+        "det.offset.weight",
+        &[2, hid, 1, 1],
+        get(weights, "det.offset.weight", &[2, hid, 1, 1])?,
+    );
     let off_b = init(i, "det.offset.bias", &[2], get(weights, "det.offset.bias", &[2])?);
-    let size_w = init(i, "det.size.weight", &[2, hid, 1, 1], get(weights, "det.size.weight", &[2, hid, 1, 1])?);
+    let size_w = init(
+        i,
+        "det.size.weight",
+        &[2, hid, 1, 1],
+        get(weights, "det.size.weight", &[2, hid, 1, 1])?,
+    );
     let size_b = init(i, "det.size.bias", &[2], get(weights, "det.size.bias", &[2])?);
-    inits.push(TensorProto { name: "det/grid_shape".into(), dims: vec![4], data_type: DataType::Int64 as i32, int64_data: vec![1, d as i64, gh as i64, gw as i64], ..Default::default() });
+    inits.push(TensorProto {
+        name: "det/grid_shape".into(),
+        dims: vec![4],
+        data_type: DataType::Int64 as i32,
+        int64_data: vec![1, d as i64, gh as i64, gw as i64],
+        ..Default::default()
+    });
 
     let n = &mut nodes;
-    let x = node(n, "Transpose", "det/channels_first", &[FEATURES_NAME], vec![attr_ints("perm", &[0, 2, 1])]);
+    let x = node(
+        n,
+        "Transpose",
+        "det/channels_first",
+        &[FEATURES_NAME],
+        vec![attr_ints("perm", &[0, 2, 1])],
+    );
     let x = node(n, "Reshape", "det/grid", &[&x, "det/grid_shape"], vec![]);
-    let x = node(n, "ConvTranspose", "det/up", &[&x, &up_w, &up_b], vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])]);
+    let x = node(
+        n,
+        "ConvTranspose",
+        "det/up",
+        &[&x, &up_w, &up_b],
+        vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])],
+    );
     let x = node(n, "Relu", "det/up_relu", &[&x], vec![]);
-    let x = node(n, "Conv", "det/conv", &[&x, &conv_w, &conv_b], vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("pads", &[1, 1, 1, 1])]);
+    let x = node(
+        n,
+        "Conv",
+        "det/conv",
+        &[&x, &conv_w, &conv_b],
+        vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("pads", &[1, 1, 1, 1])],
+    );
     let x = node(n, "Relu", "det/conv_relu", &[&x], vec![]);
-    let heat = node(n, "Conv", "det/heat", &[&x, &heat_w, &heat_b], vec![attr_ints("kernel_shape", &[1, 1])]);
+    let heat = node(
+        n,
+        "Conv",
+        "det/heat",
+        &[&x, &heat_w, &heat_b],
+        vec![attr_ints("kernel_shape", &[1, 1])],
+    );
     nodes_push_named(n, "Sigmoid", "det/heat_sigmoid", &[&heat], HEATMAP_NAME);
-    let off = node(n, "Conv", "det/offset", &[&x, &off_w, &off_b], vec![attr_ints("kernel_shape", &[1, 1])]);
+    let off = node(
+        n,
+        "Conv",
+        "det/offset",
+        &[&x, &off_w, &off_b],
+        vec![attr_ints("kernel_shape", &[1, 1])],
+    );
     let off = node(n, "Sigmoid", "det/offset_sigmoid", &[&off], vec![]);
-    let size = node(n, "Conv", "det/size", &[&x, &size_w, &size_b], vec![attr_ints("kernel_shape", &[1, 1])]);
+    let size = node(
+        n,
+        "Conv",
+        "det/size",
+        &[&x, &size_w, &size_b],
+        vec![attr_ints("kernel_shape", &[1, 1])],
+    );
     let size = node(n, "Exp", "det/size_exp", &[&size], vec![]);
     n.push(NodeProto {
         op_type: "Concat".into(),
@@ -136,9 +240,13 @@ pub fn append_det_head(model: &mut ModelProto, spec: &VitSpec, weights: &HostTen
     graph.output.push(value_info(HEATMAP_NAME, &[1, c, 2 * gh, 2 * gw]));
     graph.output.push(value_info(BOXES_NAME, &[1, 4, 2 * gh, 2 * gw]));
     let stride = spec.patch_size as f32 / 2.0;
-    for (key, value) in [("flsl.det_stride", stride.to_string()), ("flsl.det_classes", c.to_string())] {
+    for (key, value) in
+        [("flsl.det_stride", stride.to_string()), ("flsl.det_classes", c.to_string())]
+    {
         model.metadata_props.retain(|p| p.key != key);
-        model.metadata_props.push(tract_onnx::pb::StringStringEntryProto { key: key.into(), value });
+        model
+            .metadata_props
+            .push(tract_onnx::pb::StringStringEntryProto { key: key.into(), value });
     }
     Ok(hs)
 }

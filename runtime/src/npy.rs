@@ -26,10 +26,7 @@ pub fn read_npy(path: &Path) -> Result<NpyArray, ModelError> {
         path: path.into(),
         source,
     })?;
-    parse_npy(&bytes).map_err(|reason| ModelError::Npy {
-        path: path.into(),
-        reason,
-    })
+    parse_npy(&bytes).map_err(|reason| ModelError::Npy { path: path.into(), reason })
 }
 
 /// Parses the bytes of a `.npy` file (see [`read_npy`]).
@@ -40,15 +37,12 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
     let major = bytes[6];
     let (header_len, start) = match major {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => {
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+        }
         _ => return Err(format!("unsupported .npy version {major}")),
     };
-    let header = bytes
-        .get(start..start + header_len)
-        .ok_or("truncated header")?;
+    let header = bytes.get(start..start + header_len).ok_or("truncated header")?;
     let header = std::str::from_utf8(header).map_err(|_| "header is not UTF-8")?;
     let descr = dict_value(header, "descr").ok_or("header has no 'descr'")?;
     let fortran = dict_value(header, "fortran_order").ok_or("header has no 'fortran_order'")?;
@@ -62,27 +56,18 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| format!("bad dimension `{s}`"))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad dimension `{s}`")))
         .collect::<Result<Vec<_>, _>>()?;
     let count: usize = shape.iter().product();
     let body = &bytes[start + header_len..];
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
     let data = match descr {
         "<f4" => {
-            let raw = body
-                .get(..count * 4)
-                .ok_or("data shorter than the shape says")?;
-            raw.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
+            let raw = body.get(..count * 4).ok_or("data shorter than the shape says")?;
+            raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
         }
         "<f8" => {
-            let raw = body
-                .get(..count * 8)
-                .ok_or("data shorter than the shape says")?;
+            let raw = body.get(..count * 8).ok_or("data shorter than the shape says")?;
             raw.chunks_exact(8)
                 .map(|b| {
                     f64::from_le_bytes(b.try_into().expect("chunks_exact(8) yields 8 bytes")) as f32
@@ -97,10 +82,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
 /// The text after `'key':` up to the next top-level comma of the header dict.
 fn dict_value<'h>(header: &'h str, key: &str) -> Option<&'h str> {
     let at = header.find(&format!("'{key}'"))?;
-    let rest = header[at + key.len() + 2..]
-        .trim_start()
-        .strip_prefix(':')?
-        .trim_start();
+    let rest = header[at + key.len() + 2..].trim_start().strip_prefix(':')?.trim_start();
     if rest.starts_with('(') {
         return Some(&rest[..=rest.find(')')?]);
     }
@@ -111,14 +93,7 @@ fn dict_value<'h>(header: &'h str, key: &str) -> Option<&'h str> {
 pub fn encode_npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.

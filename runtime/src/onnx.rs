@@ -53,8 +53,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::{self, SimplePlan};
 use tract_onnx::tract_hir::internal::InferenceModelExt;
 
-use crate::error::ModelError;
 use crate::contract::{FEATURES_NAME, LOGITS_NAME};
+use crate::error::ModelError;
 use crate::preprocess::{Normalization, Rgb8Frame, preprocess_rgb8};
 
 pub use tract_onnx::prelude::tract_linalg::multithread::Executor;
@@ -109,10 +109,7 @@ impl ModelOptions {
 
     /// With a fixed input size `(H, W)`.
     pub const fn with_input_size(self, h: usize, w: usize) -> Self {
-        Self {
-            input_size: Some((h, w)),
-            ..self
-        }
+        Self { input_size: Some((h, w)), ..self }
     }
 }
 
@@ -217,7 +214,9 @@ impl Profile {
         let mut roles: Vec<(String, Duration)> = Vec::new();
         for n in &self.by_node {
             let role = match n.node.strip_prefix("blocks.") {
-                Some(rest) => rest.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start_matches(['.', '/']),
+                Some(rest) => rest
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .trim_start_matches(['.', '/']),
                 None => n.node.as_str(),
             };
             let role = format!("{role} ({})", n.op);
@@ -288,7 +287,10 @@ impl OnnxModel {
         };
         let parsed = parser.parse(&proto, dir).map_err(load)?;
         if !parsed.unresolved_inputs.is_empty() {
-            return Err(load(TractError::msg(format!("unresolved inputs: {:?}", parsed.unresolved_inputs))));
+            return Err(load(TractError::msg(format!(
+                "unresolved inputs: {:?}",
+                parsed.unresolved_inputs
+            ))));
         }
         drop(proto);
         Self::from_inference_model(parsed.model, name, options, &int8)
@@ -300,34 +302,23 @@ impl OnnxModel {
         options: ModelOptions,
         int8: &std::collections::HashMap<String, crate::ops::QdqLayer>,
     ) -> Result<Self, ModelError> {
-        let unsupported = |reason: String| ModelError::Unsupported {
-            model: name.clone(),
-            reason,
-        };
+        let unsupported = |reason: String| ModelError::Unsupported { model: name.clone(), reason };
         let n_inputs = model.inputs.len();
         if n_inputs != 1 {
-            return Err(unsupported(format!(
-                "{n_inputs} inputs, expected one image input"
-            )));
+            return Err(unsupported(format!("{n_inputs} inputs, expected one image input")));
         }
         let (h, w) = match options.input_size {
             Some(hw) => hw,
             None => {
-                let fact = model.input_fact(0).map_err(|source| ModelError::Load {
-                    model: name.clone(),
-                    source,
+                let fact = model
+                    .input_fact(0)
+                    .map_err(|source| ModelError::Load { model: name.clone(), source })?;
+                let shape = fact.shape.as_concrete_finite().ok().flatten().ok_or_else(|| {
+                    unsupported(format!(
+                        "input shape {:?} is not fixed; pass an input size",
+                        fact.shape
+                    ))
                 })?;
-                let shape = fact
-                    .shape
-                    .as_concrete_finite()
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| {
-                        unsupported(format!(
-                            "input shape {:?} is not fixed; pass an input size",
-                            fact.shape
-                        ))
-                    })?;
                 match shape.as_slice() {
                     [1, 3, h, w] => (*h, *w),
                     other => {
@@ -339,14 +330,8 @@ impl OnnxModel {
             }
         };
         let shape = [1, 3, h, w];
-        let optimize = |source| ModelError::Optimize {
-            model: name.clone(),
-            shape,
-            source,
-        };
-        model
-            .set_input_fact(0, f32::fact(shape).into())
-            .map_err(optimize)?;
+        let optimize = |source| ModelError::Optimize { model: name.clone(), shape, source };
+        model.set_input_fact(0, f32::fact(shape).into()).map_err(optimize)?;
         let typed = match options.matmul {
             MatMulEngine::Tract => model.into_optimized(),
             MatMulEngine::Gemm => model
@@ -408,25 +393,14 @@ impl OnnxModel {
             None => Executor::SingleThread,
             Some(pool) => Executor::MultiThread(Arc::clone(pool)),
         };
-        let run_options = RunOptions {
-            executor: Some(executor),
-            ..Default::default()
-        };
-        let plan = SimplePlan::new_with_options(typed, &run_options).map_err(|source| {
-            ModelError::Plan {
-                model: name.clone(),
-                source,
-            }
-        })?;
-        let state = plan.spawn().map_err(|source| ModelError::Plan {
-            model: name.clone(),
-            source,
-        })?;
+        let run_options = RunOptions { executor: Some(executor), ..Default::default() };
+        let plan = SimplePlan::new_with_options(typed, &run_options)
+            .map_err(|source| ModelError::Plan { model: name.clone(), source })?;
+        let state =
+            plan.spawn().map_err(|source| ModelError::Plan { model: name.clone(), source })?;
         let input = Arc::new(
-            Tensor::zero::<f32>(&shape).map_err(|source| ModelError::Plan {
-                model: name.clone(),
-                source,
-            })?,
+            Tensor::zero::<f32>(&shape)
+                .map_err(|source| ModelError::Plan { model: name.clone(), source })?,
         );
         tracing::debug!(model = %name, ?shape, outputs = ?labels, threads = options.threads, "model ready");
         Ok(Self {
@@ -476,16 +450,12 @@ impl OnnxModel {
         let (name, shape) = (&self.name, self.input_shape);
         let t = Arc::get_mut(&mut self.input)
             .expect("input tensor should be exclusive after replacement");
-        let view = t
-            .to_plain_array_view_mut::<f32>()
-            .map_err(|source| ModelError::Run {
-                model: name.clone(),
-                shape,
-                source,
-            })?;
-        Ok(view
-            .into_slice()
-            .expect("a freshly created tensor is contiguous"))
+        let view = t.to_plain_array_view_mut::<f32>().map_err(|source| ModelError::Run {
+            model: name.clone(),
+            shape,
+            source,
+        })?;
+        Ok(view.into_slice().expect("a freshly created tensor is contiguous"))
     }
 
     /// Preprocesses `frame` into the input (see [`preprocess`](crate::preprocess)), runs the
@@ -495,9 +465,7 @@ impl OnnxModel {
         let norm = self.options.normalization;
         preprocess_rgb8(frame, &norm, self.input_mut()?, h, w)?;
         self.run()?;
-        Ok(self
-            .outputs()
-            .expect("outputs exist after a successful run"))
+        Ok(self.outputs().expect("outputs exist after a successful run"))
     }
 
     /// Copies an already-normalized `[1, 3, H, W]` tensor into the input and runs.
@@ -512,9 +480,7 @@ impl OnnxModel {
         }
         input.copy_from_slice(data);
         self.run()?;
-        Ok(self
-            .outputs()
-            .expect("outputs exist after a successful run"))
+        Ok(self.outputs().expect("outputs exist after a successful run"))
     }
 
     /// Runs the model on the current input (see [`input_mut`](Self::input_mut)).
@@ -549,9 +515,7 @@ impl OnnxModel {
     /// Views of the last run's outputs; `None` before the first successful run.
     pub fn outputs(&self) -> Option<Outputs<'_>> {
         let features = token_map(self.outputs.get(self.features_ix)?)?;
-        let logits = self
-            .logits_ix
-            .and_then(|ix| token_map(self.outputs.get(ix)?));
+        let logits = self.logits_ix.and_then(|ix| token_map(self.outputs.get(ix)?));
         Some(Outputs { features, logits })
     }
 
@@ -616,19 +580,11 @@ impl OnnxModel {
                     o.nodes += 1;
                     o.per_frame += n.per_frame;
                 }
-                None => by_op.push(OpTime {
-                    op: n.op.clone(),
-                    nodes: 1,
-                    per_frame: n.per_frame,
-                }),
+                None => by_op.push(OpTime { op: n.op.clone(), nodes: 1, per_frame: n.per_frame }),
             }
         }
         by_op.sort_by_key(|o| std::cmp::Reverse(o.per_frame));
-        Ok(Profile {
-            total_per_frame,
-            by_op,
-            by_node,
-        })
+        Ok(Profile { total_per_frame, by_op, by_node })
     }
 
     /// The optimized plan's nodes in evaluation order: `(node name, op name, op info)`,
@@ -652,11 +608,7 @@ impl OnnxModel {
     }
 
     fn run_error(&self, source: TractError) -> ModelError {
-        ModelError::Run {
-            model: self.name.clone(),
-            shape: self.input_shape,
-            source,
-        }
+        ModelError::Run { model: self.name.clone(), shape: self.input_shape, source }
     }
 }
 
@@ -665,9 +617,5 @@ fn token_map(t: &TValue) -> Option<TokenMap<'_>> {
     let data = t.as_plain_ram()?.as_slice::<f32>().ok()?;
     let channels = *t.shape().last()?;
     let tokens = data.len().checked_div(channels).unwrap_or(0);
-    Some(TokenMap {
-        data,
-        tokens,
-        channels,
-    })
+    Some(TokenMap { data, tokens, channels })
 }

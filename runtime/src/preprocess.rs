@@ -28,7 +28,8 @@ pub struct Normalization {
 
 impl Normalization {
     /// The ImageNet statistics every FLSL backbone is trained with.
-    pub const IMAGENET: Self = Self::new(crate::contract::IMAGENET_MEAN, crate::contract::IMAGENET_STD);
+    pub const IMAGENET: Self =
+        Self::new(crate::contract::IMAGENET_MEAN, crate::contract::IMAGENET_STD);
 
     /// A normalization from its parts.
     pub const fn new(mean: [f32; 3], std: [f32; 3]) -> Self {
@@ -88,12 +89,7 @@ impl<'a> Rgb8Frame<'a> {
                 got: data.len().to_string(),
             });
         }
-        Ok(Self {
-            data,
-            width,
-            height,
-            stride,
-        })
+        Ok(Self { data, width, height, stride })
     }
 
     /// Width in pixels.
@@ -210,18 +206,9 @@ mod tests {
         let data = [0u8, 0, 0, 100, 100, 100, 200, 200, 200, 250, 250, 250];
         let f = Rgb8Frame::new(&data, 4, 1).unwrap();
         let mut out = vec![0.0; 6];
-        preprocess_rgb8(
-            &f,
-            &Normalization::new([0.0; 3], [1.0 / 255.0; 3]),
-            &mut out,
-            1,
-            2,
-        )
-        .unwrap();
-        assert!(
-            (out[0] - 50.0).abs() < 1e-3 && (out[1] - 225.0).abs() < 1e-3,
-            "{out:?}"
-        );
+        preprocess_rgb8(&f, &Normalization::new([0.0; 3], [1.0 / 255.0; 3]), &mut out, 1, 2)
+            .unwrap();
+        assert!((out[0] - 50.0).abs() < 1e-3 && (out[1] - 225.0).abs() < 1e-3, "{out:?}");
     }
 
     #[test]

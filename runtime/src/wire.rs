@@ -143,12 +143,7 @@ impl Object {
 
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let bbox = [r.f32()?, r.f32()?, r.f32()?, r.f32()?];
-        Ok(Self {
-            bbox,
-            class: r.u16()?,
-            score: r.f32()?,
-            track_id: r.u32()?,
-        })
+        Ok(Self { bbox, class: r.u16()?, score: r.f32()?, track_id: r.u32()? })
     }
 }
 
@@ -165,18 +160,13 @@ pub struct Frame {
 impl Frame {
     /// An empty frame.
     pub const fn new() -> Self {
-        Self {
-            overflow: false,
-            objects: heapless::Vec::new(),
-        }
+        Self { overflow: false, objects: heapless::Vec::new() }
     }
 
     /// Appends `object`; when the frame is full, sets [`Frame::overflow`] and returns the
     /// object back.
     pub fn push(&mut self, object: Object) -> Result<(), Object> {
-        self.objects
-            .push(object)
-            .inspect_err(|_| self.overflow = true)
+        self.objects.push(object).inspect_err(|_| self.overflow = true)
     }
 
     /// A frame of the first [`MAX_OBJECTS`] objects of `objects`, with
@@ -205,10 +195,7 @@ pub enum Selection {
 
 /// The payload of a [`Message`].
 #[derive(Clone, Debug, PartialEq)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "no_std without alloc: a frame cannot be boxed"
-)]
+#[allow(clippy::large_enum_variant, reason = "no_std without alloc: a frame cannot be boxed")]
 pub enum Body {
     /// Detections and tracks of one camera frame.
     Frame(Frame),
@@ -232,40 +219,24 @@ pub struct Message {
 impl Message {
     /// A frame message.
     pub const fn frame(seq: u32, timestamp_us: u64, frame: Frame) -> Self {
-        Self {
-            seq,
-            timestamp_us,
-            body: Body::Frame(frame),
-        }
+        Self { seq, timestamp_us, body: Body::Frame(frame) }
     }
 
     /// A heartbeat message.
     pub const fn heartbeat(seq: u32, timestamp_us: u64) -> Self {
-        Self {
-            seq,
-            timestamp_us,
-            body: Body::Heartbeat,
-        }
+        Self { seq, timestamp_us, body: Body::Heartbeat }
     }
 
     /// A target-selection message.
     pub const fn select(seq: u32, timestamp_us: u64, selection: Selection) -> Self {
-        Self {
-            seq,
-            timestamp_us,
-            body: Body::Select(selection),
-        }
+        Self { seq, timestamp_us, body: Body::Select(selection) }
     }
 
     /// Bytes of the raw encoding (header + body + CRC, before COBS).
     pub fn raw_len(&self) -> usize {
         let body = match &self.body {
             // At most MAX_OBJECTS objects: no overflow is possible; saturate anyway.
-            Body::Frame(frame) => frame
-                .objects
-                .len()
-                .saturating_mul(OBJECT_LEN)
-                .saturating_add(2),
+            Body::Frame(frame) => frame.objects.len().saturating_mul(OBJECT_LEN).saturating_add(2),
             Body::Heartbeat => 0,
             Body::Select(_) => 5,
         };
@@ -294,10 +265,8 @@ impl Message {
             Body::Frame(frame) => {
                 let flags = if frame.overflow { FLAG_OVERFLOW } else { 0 };
                 // At most MAX_OBJECTS (32), so it always fits a u8.
-                let count =
-                    u8::try_from(frame.objects.len()).map_err(|_| EncodeError::BufferTooSmall {
-                        needed: MAX_ENCODED_LEN,
-                    })?;
+                let count = u8::try_from(frame.objects.len())
+                    .map_err(|_| EncodeError::BufferTooSmall { needed: MAX_ENCODED_LEN })?;
                 out.put(&[flags, count])?;
                 frame.objects.iter().try_for_each(|o| o.write(out))
             }
@@ -350,10 +319,8 @@ pub fn encode(message: &Message, out: &mut [u8]) -> Result<usize, EncodeError> {
     }
     let (first, rest) = out.split_first_mut().ok_or(too_small)?;
     *first = 0;
-    let mut sink = CobsSink {
-        enc: cobs::Encoder::new(rest).map_err(|_| too_small)?,
-        crc: crc::Crc32::new(),
-    };
+    let mut sink =
+        CobsSink { enc: cobs::Encoder::new(rest).map_err(|_| too_small)?, crc: crc::Crc32::new() };
     message.write_raw(&mut sink)?;
     let crc = sink.crc.finish();
     sink.enc.extend(&crc.to_le_bytes()).map_err(|_| too_small)?;
@@ -377,9 +344,7 @@ pub fn decode_raw(raw: &[u8]) -> Result<Message, DecodeError> {
     if raw.len() < HEADER_LEN + CRC_LEN {
         return Err(DecodeError::Truncated);
     }
-    let (data, crc_bytes) = raw
-        .split_last_chunk::<CRC_LEN>()
-        .ok_or(DecodeError::Truncated)?;
+    let (data, crc_bytes) = raw.split_last_chunk::<CRC_LEN>().ok_or(DecodeError::Truncated)?;
     let sent = u32::from_le_bytes(*crc_bytes);
     if crc32(data) != sent {
         return Err(DecodeError::Crc);
@@ -427,11 +392,7 @@ pub fn decode_raw(raw: &[u8]) -> Result<Message, DecodeError> {
     if !r.buf.is_empty() {
         return Err(DecodeError::Length);
     }
-    Ok(Message {
-        seq,
-        timestamp_us,
-        body,
-    })
+    Ok(Message { seq, timestamp_us, body })
 }
 
 /// Why a delimited chunk was rejected. In every case the decoder resynchronizes on the
@@ -494,11 +455,7 @@ struct CobsSink<'a> {
 impl Sink for CobsSink<'_> {
     fn put(&mut self, bytes: &[u8]) -> Result<(), EncodeError> {
         self.crc.update(bytes);
-        self.enc
-            .extend(bytes)
-            .map_err(|_| EncodeError::BufferTooSmall {
-                needed: MAX_ENCODED_LEN,
-            })
+        self.enc.extend(bytes).map_err(|_| EncodeError::BufferTooSmall { needed: MAX_ENCODED_LEN })
     }
 }
 
@@ -541,20 +498,11 @@ mod tests {
 
     pub(super) fn object(i: u32) -> Object {
         let f = i as f32 / 64.0;
-        Object {
-            bbox: [f, f, f + 0.1, f + 0.2],
-            class: i as u16,
-            score: 1.0 - f,
-            track_id: i + 1,
-        }
+        Object { bbox: [f, f, f + 0.1, f + 0.2], class: i as u16, score: 1.0 - f, track_id: i + 1 }
     }
 
     fn full_frame(n: usize) -> Message {
-        Message::frame(
-            42,
-            123_456_789,
-            Frame::from_objects((0..n as u32).map(object)),
-        )
+        Message::frame(42, 123_456_789, Frame::from_objects((0..n as u32).map(object)))
     }
 
     fn encode_vec(msg: &Message) -> ([u8; MAX_ENCODED_LEN], usize) {
@@ -606,16 +554,13 @@ mod tests {
 
     /// `Message::heartbeat(1, 2)` on the wire, cross-checked with Python's `zlib.crc32` and
     /// an independent COBS encoder.
-    const GOLDEN_HEARTBEAT: &[u8] = &[
-        0, 4, 1, 2, 1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1, 5, 232, 102, 104, 245, 0,
-    ];
+    const GOLDEN_HEARTBEAT: &[u8] =
+        &[0, 4, 1, 2, 1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1, 5, 232, 102, 104, 245, 0];
 
     #[test]
     fn overflow_flag_round_trips_and_is_never_silent() {
         let msg = Message::frame(1, 1, Frame::from_objects((0..40).map(object)));
-        let Body::Frame(frame) = &msg.body else {
-            unreachable!()
-        };
+        let Body::Frame(frame) = &msg.body else { unreachable!() };
         assert!(frame.overflow);
         assert_eq!(frame.objects.len(), MAX_OBJECTS);
         let (mut buf, n) = encode_vec(&msg);
@@ -637,9 +582,7 @@ mod tests {
         let mut buf = [0u8; 40];
         assert_eq!(
             encode(&msg, &mut buf),
-            Err(EncodeError::BufferTooSmall {
-                needed: msg.encoded_len_max()
-            })
+            Err(EncodeError::BufferTooSmall { needed: msg.encoded_len_max() })
         );
     }
 
@@ -654,10 +597,7 @@ mod tests {
                 if b[i] == 0 {
                     continue; // A new delimiter; covered by the accumulator tests.
                 }
-                assert!(
-                    decode_chunk(&mut b[1..n - 1]).is_err(),
-                    "byte {i} bit {bit}"
-                );
+                assert!(decode_chunk(&mut b[1..n - 1]).is_err(), "byte {i} bit {bit}");
             }
         }
     }
@@ -719,9 +659,7 @@ mod tests {
         let msg = Message::frame(1, 2, Frame::from_objects([o]));
         let (mut buf, n) = encode_vec(&msg);
         let back = decode_chunk(&mut buf[1..n - 1]).unwrap();
-        let Body::Frame(f) = back.body else {
-            unreachable!()
-        };
+        let Body::Frame(f) = back.body else { unreachable!() };
         assert!(f.objects[0].score.is_nan());
         assert_eq!(f.objects[0].bbox[2], f32::INFINITY);
     }
@@ -731,10 +669,7 @@ mod tests {
         extern crate std;
         use std::string::ToString;
         assert_eq!(DecodeError::Crc.to_string(), "CRC mismatch");
-        assert_eq!(
-            DecodeError::TooManyObjects(40).to_string(),
-            "frame claims 40 objects (max 32)"
-        );
+        assert_eq!(DecodeError::TooManyObjects(40).to_string(), "frame claims 40 objects (max 32)");
         assert_eq!(
             EncodeError::BufferTooSmall { needed: 9 }.to_string(),
             "encode buffer too small: 9 bytes needed"

@@ -138,11 +138,7 @@ fn per_frame_allocations() {
     let bytes = export_vit(&weights, &VitSpec::micro(), &weights["pos_embed"].1, None).unwrap();
     let mut model = OnnxModel::from_bytes(&bytes, ModelOptions::new()).unwrap();
     let (ours, ours_bytes, tract, _) = audit(&mut model, "micro ViT (64x64, 2 blocks)", 100);
-    assert_eq!(
-        (ours, ours_bytes),
-        (0, 0),
-        "preprocessing or output handling allocated"
-    );
+    assert_eq!((ours, ours_bytes), (0, 0), "preprocessing or output handling allocated");
     assert!(tract > 0, "the counter should see tract's allocations");
 
     // Optional, slow: the same audit on any ONNX image model, for example a ViT-S/16
@@ -151,10 +147,6 @@ fn per_frame_allocations() {
         let path = std::path::PathBuf::from(path);
         let mut model = OnnxModel::load(&path, ModelOptions::new()).unwrap();
         let (ours, ours_bytes, _, _) = audit(&mut model, &path.display().to_string(), 5);
-        assert_eq!(
-            (ours, ours_bytes),
-            (0, 0),
-            "preprocessing or output handling allocated"
-        );
+        assert_eq!((ours, ours_bytes), (0, 0), "preprocessing or output handling allocated");
     }
 }

@@ -46,10 +46,7 @@ fn more_clusters_than_classes() {
     let r = cluster_miou([(&pred[..], &gt[..])], 4, 2, None).unwrap();
     assert!(close(r.miou, (4.0 / 6.0 + 0.75) / 2.0), "{r}");
     assert!(close(r.pixel_accuracy, 0.7));
-    assert_eq!(
-        r.matching.cluster_to_class,
-        vec![Some(0), None, Some(1), None]
-    );
+    assert_eq!(r.matching.cluster_to_class, vec![Some(0), None, Some(1), None]);
     assert_eq!(r.matching.class_to_cluster, vec![Some(0), Some(2)]);
 }
 
@@ -119,22 +116,12 @@ fn bad_inputs_are_errors() {
     let mut ev = ClusterEval::new(2, 2, None).unwrap();
     let e = ev.add_image(&[0, 1, 1], &[0, 1]).unwrap_err();
     assert!(
-        matches!(
-            e,
-            EvalError::LengthMismatch {
-                image: 0,
-                predicted: 3,
-                ground_truth: 2
-            }
-        ),
+        matches!(e, EvalError::LengthMismatch { image: 0, predicted: 3, ground_truth: 2 }),
         "{e}"
     );
     ev.add_image(&[0, 1], &[0, 1]).unwrap();
     let e = ev.add_image(&[0, 2], &[0, 1]).unwrap_err();
-    assert!(
-        e.to_string().contains("image 1, pixel 1: cluster id 2"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("image 1, pixel 1: cluster id 2"), "{e}");
     let e = ev.add_image(&[0, 1], &[5, 1]).unwrap_err();
     assert!(e.to_string().contains("class id 5"), "{e}");
     // Failed images added nothing.
@@ -142,9 +129,6 @@ fn bad_inputs_are_errors() {
 
     assert!(ClusterEval::new(0, 3, None).is_err());
     let empty: Vec<u32> = vec![];
-    assert!(
-        cluster_miou([(&empty[..], &empty[..])], 2, 2, None).is_err(),
-        "no labelled pixels"
-    );
+    assert!(cluster_miou([(&empty[..], &empty[..])], 2, 2, None).is_err(), "no labelled pixels");
     assert!(hungarian_match(&[1, 2, 3], 2, 2).is_err());
 }

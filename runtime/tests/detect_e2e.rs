@@ -24,7 +24,10 @@ fn detect_writes_one_json_line_per_frame_with_tracks_segments_and_timings() {
     assert_eq!(s.input_shape, [1, 3, 64, 96]);
     assert_eq!(s.outputs, ["features", "prototype_logits", "det_heatmap", "det_boxes"]);
     assert!(s.detections > 0);
-    assert!(s.tracks > 0, "a detector firing on the same peaks confirms tracks after min_hits frames");
+    assert!(
+        s.tracks > 0,
+        "a detector firing on the same peaks confirms tracks after min_hits frames"
+    );
     let lines = read_jsonl(&out_path).unwrap();
     assert_eq!(lines.len(), 6);
     for (i, l) in lines.iter().enumerate() {
@@ -34,7 +37,8 @@ fn detect_writes_one_json_line_per_frame_with_tracks_segments_and_timings() {
         let area: u64 = segs.iter().map(|s| s["area_patches"].as_u64().unwrap()).sum();
         assert_eq!(area, 4 * 6, "segments tile the 4x6 patch grid");
         for d in l["detections"].as_array().unwrap() {
-            let b: Vec<f64> = d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let b: Vec<f64> =
+                d["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             assert!(b.iter().all(|v| v.is_finite()) && b[2] >= b[0] && b[3] >= b[1]);
         }
         for k in ["decode", "preprocess", "model", "postprocess"] {
@@ -42,7 +46,15 @@ fn detect_writes_one_json_line_per_frame_with_tracks_segments_and_timings() {
         }
     }
     // Track ids, once given, stay the same for the static part of the scene.
-    let ids = |l: &serde_json::Value| -> Vec<u64> { l["tracks"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).filter(|&i| i > 0).collect() };
+    let ids = |l: &serde_json::Value| -> Vec<u64> {
+        l["tracks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap())
+            .filter(|&i| i > 0)
+            .collect()
+    };
     let (a, b) = (ids(&lines[4]), ids(&lines[5]));
     assert!(!a.is_empty() && a.iter().any(|i| b.contains(i)), "{a:?} vs {b:?}");
     assert_eq!(std::fs::read_dir(dir.join("overlays")).unwrap().count(), 6);
@@ -66,15 +78,22 @@ fn a_model_without_a_detection_head_still_clusters_and_segments() {
 fn missing_inputs_and_tools_are_named() {
     let dir = tmp("errors");
     let model = micro_model(&dir, false);
-    let e = run_detect(&DetectOptions::new(model.clone()), &dir.join("nope"), &mut Vec::new(), |_| {}).unwrap_err();
+    let e =
+        run_detect(&DetectOptions::new(model.clone()), &dir.join("nope"), &mut Vec::new(), |_| {})
+            .unwrap_err();
     assert!(format!("{e:#}").contains("nope"), "{e:#}");
     std::fs::create_dir_all(dir.join("empty")).unwrap();
-    let e = run_detect(&DetectOptions::new(model.clone()), &dir.join("empty"), &mut Vec::new(), |_| {}).unwrap_err();
+    let e =
+        run_detect(&DetectOptions::new(model.clone()), &dir.join("empty"), &mut Vec::new(), |_| {})
+            .unwrap_err();
     assert!(format!("{e:#}").contains("no .png/.jpg frames"), "{e:#}");
     // A "video": without ffmpeg the error names the tool; with it, ffprobe rejects the file.
     let fake = dir.join("clip.avi");
     std::fs::write(&fake, b"not a video").unwrap();
-    let e = format!("{:#}", run_detect(&DetectOptions::new(model), &fake, &mut Vec::new(), |_| {}).unwrap_err());
+    let e = format!(
+        "{:#}",
+        run_detect(&DetectOptions::new(model), &fake, &mut Vec::new(), |_| {}).unwrap_err()
+    );
     assert!(e.contains("ffprobe") || e.contains("ffmpeg"), "{e}");
     assert!(e.contains("clip.avi"), "{e}");
 }

@@ -7,9 +7,9 @@ mod common;
 use common::{load_safetensors, max_abs_diff, micro_dir, scratch_dir};
 use flsl_runtime::ModelError;
 use flsl_runtime::bench::infer_npy;
+use flsl_runtime::export::random_vit_weights;
 use flsl_runtime::export::{HeadSpec, HostTensors, VitSpec, export_vit};
 use flsl_runtime::npy::{read_npy, write_npy};
-use flsl_runtime::export::random_vit_weights;
 use flsl_runtime::onnx::{MatMulEngine, ModelOptions, OnnxModel};
 use flsl_runtime::preprocess::{Normalization, Rgb8Frame, preprocess_rgb8};
 
@@ -18,11 +18,7 @@ fn golden() -> (HostTensors, Vec<f32>, Vec<f32>) {
     let case = load_safetensors("vit_forward.safetensors", "");
     let x = case["x"].1.clone();
     let features = case["features"].1.clone();
-    (
-        load_safetensors("vit_micro16_noclass_seed11.safetensors", ""),
-        x,
-        features,
-    )
+    (load_safetensors("vit_micro16_noclass_seed11.safetensors", ""), x, features)
 }
 
 fn micro_export(weights: &HostTensors, head: Option<&HeadSpec>) -> Vec<u8> {
@@ -42,14 +38,9 @@ fn exported_micro_vit_matches_reference_features() {
     let per_image = 3 * 64 * 64;
     let per_out = 16 * 64;
     for b in 0..2 {
-        let out = model
-            .run_tensor(&x[b * per_image..(b + 1) * per_image])
-            .unwrap();
+        let out = model.run_tensor(&x[b * per_image..(b + 1) * per_image]).unwrap();
         assert_eq!((out.features.tokens(), out.features.channels()), (16, 64));
-        let diff = max_abs_diff(
-            out.features.as_slice(),
-            &features[b * per_out..(b + 1) * per_out],
-        );
+        let diff = max_abs_diff(out.features.as_slice(), &features[b * per_out..(b + 1) * per_out]);
         assert!(diff <= 1e-4, "image {b}: max abs diff {diff}");
     }
 }
@@ -82,7 +73,9 @@ fn both_matmul_engines_match_reference() {
         match engine {
             // 2 blocks x (q, k, v, scores, context, projection, fc1, fc2), and the
             // patch-embedding Conv as one gather + gemm: nothing left for tract's matmul.
-            MatMulEngine::Gemm => assert!(gemm_nodes == 16 && tract_nodes == 0 && patch_nodes == 1, "{ops:?}"),
+            MatMulEngine::Gemm => {
+                assert!(gemm_nodes == 16 && tract_nodes == 0 && patch_nodes == 1, "{ops:?}")
+            }
             MatMulEngine::Tract => assert_eq!(gemm_nodes, 0, "{ops:?}"),
         }
         let out = model.run_tensor(&x[..3 * 64 * 64]).unwrap();
@@ -108,14 +101,11 @@ fn gemm_engine_matches_tract_on_vit_tiny() {
         }
     }
     let bytes = export_vit(&weights, &spec, &weights["pos_embed"].1, None).unwrap();
-    let input: Vec<f32> = (0..3 * 224 * 224)
-        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-        .collect();
-    let mut reference = OnnxModel::from_bytes(
-        &bytes,
-        ModelOptions::new().with_matmul(MatMulEngine::Tract),
-    )
-    .unwrap();
+    let input: Vec<f32> =
+        (0..3 * 224 * 224).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let mut reference =
+        OnnxModel::from_bytes(&bytes, ModelOptions::new().with_matmul(MatMulEngine::Tract))
+            .unwrap();
     let expected = reference.run_tensor(&input).unwrap().features.as_slice().to_vec();
     let mut model = OnnxModel::from_bytes(&bytes, ModelOptions::new().with_threads(2)).unwrap();
     // Every LayerNormalization (2 per block + the final one) runs as one fused op.
@@ -137,11 +127,15 @@ fn fused_attention_matches_tract_on_many_tokens() {
     spec.depth = 2;
     let weights = random_vit_weights(&spec, 5);
     let bytes = export_vit(&weights, &spec, &weights["pos_embed"].1, None).unwrap();
-    let input: Vec<f32> = (0..3 * 224 * 224).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-    let mut reference = OnnxModel::from_bytes(&bytes, ModelOptions::new().with_matmul(MatMulEngine::Tract)).unwrap();
+    let input: Vec<f32> =
+        (0..3 * 224 * 224).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let mut reference =
+        OnnxModel::from_bytes(&bytes, ModelOptions::new().with_matmul(MatMulEngine::Tract))
+            .unwrap();
     let expected = reference.run_tensor(&input).unwrap().features.as_slice().to_vec();
     for threads in [1, 2] {
-        let mut model = OnnxModel::from_bytes(&bytes, ModelOptions::new().with_threads(threads)).unwrap();
+        let mut model =
+            OnnxModel::from_bytes(&bytes, ModelOptions::new().with_threads(threads)).unwrap();
         let fused = model.plan_info().iter().filter(|n| n.1 == "FusedAttention").count();
         assert_eq!(fused, 2, "one fused attention per block");
         let got = model.run_tensor(&input).unwrap().features;
@@ -205,10 +199,7 @@ fn naive_head_matches_reference_head() {
 #[test]
 fn exported_head_gives_prototype_logits() {
     let (mut weights, x, features) = golden();
-    weights.extend(load_safetensors(
-        "flsl_head_64_128_seed12.safetensors",
-        "head.",
-    ));
+    weights.extend(load_safetensors("flsl_head_64_128_seed12.safetensors", "head."));
     let bytes = micro_export(&weights, Some(&HeadSpec::default()));
     let mut model = OnnxModel::from_bytes(&bytes, ModelOptions::new()).unwrap();
     assert!(model.has_logits());
@@ -227,11 +218,8 @@ fn exported_head_gives_prototype_logits() {
 #[test]
 fn tract_runs_pytorch_exported_micro_onnx() {
     let dir = micro_dir().join("onnx");
-    let mut model = OnnxModel::load(
-        &dir.join("vit_micro16_noclass_64.onnx"),
-        ModelOptions::new(),
-    )
-    .unwrap();
+    let mut model =
+        OnnxModel::load(&dir.join("vit_micro16_noclass_64.onnx"), ModelOptions::new()).unwrap();
     assert_eq!(model.input_shape(), [1, 3, 64, 64]);
     let input = read_npy(&dir.join("vit_micro16_noclass_64.input.npy")).unwrap();
     let want = read_npy(&dir.join("vit_micro16_noclass_64.torch_out.npy")).unwrap();
@@ -246,10 +234,7 @@ fn tract_runs_pytorch_exported_micro_onnx() {
 #[test]
 fn infer_npy_round_trip() {
     let (mut weights, x, features) = golden();
-    weights.extend(load_safetensors(
-        "flsl_head_64_128_seed12.safetensors",
-        "head.",
-    ));
+    weights.extend(load_safetensors("flsl_head_64_128_seed12.safetensors", "head."));
     let dir = scratch_dir("infer");
     let model = dir.join("micro_head.onnx");
     std::fs::write(&model, micro_export(&weights, Some(&HeadSpec::default()))).unwrap();
@@ -257,10 +242,7 @@ fn infer_npy_round_trip() {
     write_npy(&input, &[1, 3, 64, 64], &x[..3 * 64 * 64]).unwrap();
     let out = dir.join("features.npy");
     let written = infer_npy(&model, &input, &out, 1).unwrap();
-    assert_eq!(
-        written,
-        [out.clone(), dir.join("features.prototype_logits.npy")]
-    );
+    assert_eq!(written, [out.clone(), dir.join("features.prototype_logits.npy")]);
     let got = read_npy(&out).unwrap();
     assert_eq!(got.shape, [1, 16, 64]);
     assert!(max_abs_diff(&got.data, &features[..16 * 64]) <= 1e-4);
@@ -279,12 +261,7 @@ fn rgb8_frames_of_any_size_run() {
         let frame = Rgb8Frame::new(&frame, w, h).unwrap();
         let mut tensor = vec![0.0; 3 * 64 * 64];
         preprocess_rgb8(&frame, &Normalization::IMAGENET, &mut tensor, 64, 64).unwrap();
-        let want = model
-            .run_tensor(&tensor)
-            .unwrap()
-            .features
-            .as_slice()
-            .to_vec();
+        let want = model.run_tensor(&tensor).unwrap().features.as_slice().to_vec();
         let got = model.run_rgb8(&frame).unwrap();
         assert_eq!(got.features.as_slice(), want.as_slice(), "{w}x{h}");
     }
@@ -307,21 +284,9 @@ fn errors_carry_context() {
     // The exported graph has a fixed 64x64 input; asking for 48x48 cannot type-check.
     let err =
         OnnxModel::from_bytes(&bytes, ModelOptions::new().with_input_size(48, 48)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ModelError::Optimize {
-                shape: [1, 3, 48, 48],
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, ModelError::Optimize { shape: [1, 3, 48, 48], .. }), "{err}");
 
     let mut model = OnnxModel::from_bytes(&bytes, ModelOptions::new()).unwrap();
     assert!(model.outputs().is_none());
-    assert!(matches!(
-        model.run_tensor(&[0.0; 7]),
-        Err(ModelError::Mismatch { .. })
-    ));
+    assert!(matches!(model.run_tensor(&[0.0; 7]), Err(ModelError::Mismatch { .. })));
 }

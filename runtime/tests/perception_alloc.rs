@@ -98,11 +98,8 @@ fn post_process_allocates_nothing_after_the_first_frame() {
             1 => LabelSource::Prototypes(&s.prototypes),
             _ => LabelSource::KMeans,
         };
-        let input = FrameInput {
-            features: &s.features,
-            labels,
-            detections: Some((&s.heatmap, &s.boxes)),
-        };
+        let input =
+            FrameInput { features: &s.features, labels, detections: Some((&s.heatmap, &s.boxes)) };
         let before = ALLOCS.load(Relaxed);
         let report = p.process_frame(&input);
         let n = p.fill_frame(&map, &mut wire);
@@ -119,10 +116,7 @@ fn post_process_allocates_nothing_after_the_first_frame() {
         per_frame[0],
         per_frame[1..].iter().sum::<u64>()
     );
-    assert!(
-        per_frame[1..].iter().all(|&a| a == 0),
-        "allocations per frame: {per_frame:?}"
-    );
+    assert!(per_frame[1..].iter().all(|&a| a == 0), "allocations per frame: {per_frame:?}");
     // The counter does see allocations (so the zeros above are real).
     let before = ALLOCS.load(Relaxed);
     let v = std::hint::black_box(vec![0u8; 64]);

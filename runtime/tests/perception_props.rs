@@ -42,11 +42,7 @@ fn any_det() -> impl Strategy<Value = Detection> {
     ];
     (0u8..8, 0u8..8, 1u8..6, 1u8..6, score, 0u16..3).prop_map(|(x, y, w, h, score, class)| {
         let (x, y) = (f32::from(x) * 4.0, f32::from(y) * 4.0);
-        Detection {
-            bbox: [x, y, x + f32::from(w) * 4.0, y + f32::from(h) * 4.0],
-            score,
-            class,
-        }
+        Detection { bbox: [x, y, x + f32::from(w) * 4.0, y + f32::from(h) * 4.0], score, class }
     })
 }
 
@@ -111,17 +107,9 @@ proptest! {
 
 #[test]
 fn nms_suppresses_same_class_only() {
-    let d = |x: f32, score: f32, class: u16| Detection {
-        bbox: [x, 0.0, x + 10.0, 10.0],
-        score,
-        class,
-    };
-    let mut dets = [
-        d(1.0, 0.8, 0),
-        d(0.0, 0.9, 0),
-        d(0.0, 0.7, 1),
-        d(50.0, f32::NAN, 0),
-    ];
+    let d =
+        |x: f32, score: f32, class: u16| Detection { bbox: [x, 0.0, x + 10.0, 10.0], score, class };
+    let mut dets = [d(1.0, 0.8, 0), d(0.0, 0.9, 0), d(0.0, 0.7, 1), d(50.0, f32::NAN, 0)];
     let kept = nms(&mut dets, 0.5);
     assert_eq!(kept, 2);
     assert_eq!(dets[0], d(0.0, 0.9, 0));
@@ -299,27 +287,11 @@ proptest! {
 
 #[test]
 fn tracker_lifecycle_and_wire_frame() {
-    let cfg = TrackerConfig {
-        min_hits: 2,
-        max_misses: 3,
-        ..TrackerConfig::DEFAULT
-    };
+    let cfg = TrackerConfig { min_hits: 2, max_misses: 3, ..TrackerConfig::DEFAULT };
     let mut tracker = Tracker::<2>::new(cfg).unwrap();
-    let a = Detection {
-        bbox: [0.0, 0.0, 10.0, 10.0],
-        score: 0.6,
-        class: 0,
-    };
-    let b = Detection {
-        bbox: [50.0, 0.0, 60.0, 10.0],
-        score: 0.9,
-        class: 1,
-    };
-    let c = Detection {
-        bbox: [100.0, 0.0, 110.0, 10.0],
-        score: 0.7,
-        class: 0,
-    };
+    let a = Detection { bbox: [0.0, 0.0, 10.0, 10.0], score: 0.6, class: 0 };
+    let b = Detection { bbox: [50.0, 0.0, 60.0, 10.0], score: 0.9, class: 1 };
+    let c = Detection { bbox: [100.0, 0.0, 110.0, 10.0], score: 0.7, class: 0 };
     let up = tracker.update(&[a, b, c], None).unwrap();
     assert_eq!((up.created, up.dropped), (2, 1), "capacity 2");
     let up = tracker.update(&[a, b], None).unwrap();
@@ -329,13 +301,7 @@ fn tracker_lifecycle_and_wire_frame() {
     assert_eq!(tracker.fill_frame(&map, &mut frame), 2);
     assert_eq!(frame.objects[0].score, 0.9, "by descending score");
     let want = [0.25, 0.0, 0.3, 0.1];
-    assert!(
-        frame.objects[0]
-            .bbox
-            .iter()
-            .zip(want)
-            .all(|(g, w)| (g - w).abs() < 1e-6)
-    );
+    assert!(frame.objects[0].bbox.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6));
     assert_eq!(frame.objects[0].track_id, 2);
     assert_eq!(frame.objects[1].track_id, 1);
     assert!(!frame.overflow);
@@ -352,10 +318,7 @@ fn tracker_lifecycle_and_wire_frame() {
     let ids: Vec<u32> = tracker.tracks().map(|t| t.id).collect();
     assert!(ids.contains(&3) && ids.contains(&2), "{ids:?}");
     // Errors, not panics.
-    assert!(matches!(
-        tracker.update(&[a], Some(&[1.0])),
-        Err(PerceptionError::Param { .. })
-    ));
+    assert!(matches!(tracker.update(&[a], Some(&[1.0])), Err(PerceptionError::Param { .. })));
 }
 
 // ---------------------------------------------------------------- connected components
@@ -418,20 +381,10 @@ fn segments_report_shape_errors() {
         2,
         2,
         16.0,
-        SegmentScratch {
-            seg_of: &mut seg_of,
-            stack: &mut stack,
-        },
+        SegmentScratch { seg_of: &mut seg_of, stack: &mut stack },
         &mut [],
     );
-    assert_eq!(
-        r,
-        Err(PerceptionError::Shape {
-            what: "scratch.stack",
-            expected: 4,
-            got: 3
-        })
-    );
+    assert_eq!(r, Err(PerceptionError::Shape { what: "scratch.stack", expected: 4, got: 3 }));
 }
 
 #[test]
@@ -519,11 +472,7 @@ fn kmeans_splits_two_groups_deterministically() {
     let feats: Vec<f32> = (0..n)
         .flat_map(|i| {
             let e = i as f32 * 0.01;
-            if i % 2 == 0 {
-                [1.0, e, 0.0, 0.0]
-            } else {
-                [0.0, 0.0, 3.0, e]
-            }
+            if i % 2 == 0 { [1.0, e, 0.0, 0.0] } else { [0.0, 0.0, 3.0, e] }
         })
         .collect();
     let mut labels = vec![0u32; n];
@@ -533,11 +482,7 @@ fn kmeans_splits_two_groups_deterministically() {
         n,
         d,
         &KMeansConfig::new(2, 10),
-        KMeansScratch {
-            centroids: &mut c,
-            counts: &mut cnt,
-            rows: &mut rows,
-        },
+        KMeansScratch { centroids: &mut c, counts: &mut cnt, rows: &mut rows },
         &mut labels,
     )
     .unwrap();
@@ -554,10 +499,7 @@ fn refine_f64(x: &[f32], n: usize, d: usize, t: f64, iters: usize) -> Vec<f64> {
         let s = r.iter().map(|v| v * v).sum::<f64>().sqrt();
         r.iter().map(|v| v / s).collect::<Vec<f64>>()
     };
-    let valid: Vec<bool> = x
-        .chunks(d)
-        .map(|r| r.iter().all(|v| v.is_finite()))
-        .collect();
+    let valid: Vec<bool> = x.chunks(d).map(|r| r.iter().all(|v| v.is_finite())).collect();
     let keys: Vec<Vec<f64>> = x
         .chunks(d)
         .zip(&valid)
@@ -576,12 +518,7 @@ fn refine_f64(x: &[f32], n: usize, d: usize, t: f64, iters: usize) -> Vec<f64> {
         })
         .collect();
     for _ in 0..iters {
-        for yi in y
-            .iter_mut()
-            .zip(&valid)
-            .filter(|(_, v)| **v)
-            .map(|(y, _)| y)
-        {
+        for yi in y.iter_mut().zip(&valid).filter(|(_, v)| **v).map(|(y, _)| y) {
             let logits: Vec<f64> = keys
                 .iter()
                 .map(|k| t * k.iter().zip(yi.iter()).map(|(a, b)| a * b).sum::<f64>())
@@ -610,10 +547,7 @@ fn run_refine(x: &[f32], n: usize, d: usize, t: f32, iters: usize) -> Vec<f32> {
         n,
         d,
         &MeanShiftConfig::new(t, iters),
-        MeanShiftScratch {
-            logits: &mut lg,
-            inv_norms: &mut inv,
-        },
+        MeanShiftScratch { logits: &mut lg, inv_norms: &mut inv },
         &mut out,
     )
     .unwrap();
@@ -635,16 +569,11 @@ fn meanshift_matches_the_formula_and_multiplies_by_the_temperature() {
     }
     // Blocks of 4 queries plus a tail, D with a tail of lanes, an invalid row mid-block.
     let (n2, d2) = (11, 19);
-    let mut x2: Vec<f32> = (0..n2 * d2)
-        .map(|i| ((i * 53 % 29) as f32 - 14.0) * 0.1)
-        .collect();
+    let mut x2: Vec<f32> = (0..n2 * d2).map(|i| ((i * 53 % 29) as f32 - 14.0) * 0.1).collect();
     x2[5 * d2 + 3] = f32::NAN;
     let got = run_refine(&x2, n2, d2, 6.0, 2);
     let want = refine_f64(&x2, n2, d2, 6.0, 2);
-    assert!(
-        got[5 * d2..6 * d2].iter().all(|&v| v == 0.0),
-        "invalid row -> zeros"
-    );
+    assert!(got[5 * d2..6 * d2].iter().all(|&v| v == 0.0), "invalid row -> zeros");
     for (g, w) in got.iter().zip(&want) {
         assert!((f64::from(*g) - w).abs() < 1e-5, "{g} vs {w}");
     }
@@ -677,10 +606,7 @@ fn meanshift_rejects_bad_parameters() {
             3,
             2,
             &MeanShiftConfig::new(t, 1),
-            MeanShiftScratch {
-                logits: &mut lg,
-                inv_norms: &mut inv,
-            },
+            MeanShiftScratch { logits: &mut lg, inv_norms: &mut inv },
             &mut out,
         );
         assert!(matches!(r, Err(PerceptionError::Param { .. })));
@@ -690,19 +616,10 @@ fn meanshift_rejects_bad_parameters() {
         3,
         2,
         &MeanShiftConfig::DEFAULT,
-        MeanShiftScratch {
-            logits: &mut lg[..11],
-            inv_norms: &mut inv,
-        },
+        MeanShiftScratch { logits: &mut lg[..11], inv_norms: &mut inv },
         &mut out,
     );
-    assert!(matches!(
-        r,
-        Err(PerceptionError::Shape {
-            what: "scratch.logits",
-            ..
-        })
-    ));
+    assert!(matches!(r, Err(PerceptionError::Shape { what: "scratch.logits", .. })));
 }
 
 // ---------------------------------------------------------------- the pipeline
@@ -716,11 +633,7 @@ fn perception_pipeline_end_to_end() {
         .flat_map(|i| {
             let right = i % gw >= gw / 2;
             (0..d).map(move |j| {
-                let base = if (j == 0 && !right) || (j == 1 && right) {
-                    3.0
-                } else {
-                    0.0
-                };
+                let base = if (j == 0 && !right) || (j == 1 && right) { 3.0 } else { 0.0 };
                 base + ((i * 31 + j * 7) % 11) as f32 * 0.02
             })
         })
@@ -728,12 +641,7 @@ fn perception_pipeline_end_to_end() {
     let logits: Vec<f32> = (0..n)
         .flat_map(|i| {
             let right = i % gw >= gw / 2;
-            [
-                0.0,
-                if right { 0.0 } else { 5.0 },
-                if right { 5.0 } else { 0.0 },
-                0.0,
-            ]
+            [0.0, if right { 0.0 } else { 5.0 }, if right { 5.0 } else { 0.0 }, 0.0]
         })
         .collect();
     let (hs, ws) = (12, 12);
@@ -745,18 +653,9 @@ fn perception_pipeline_end_to_end() {
         boxes[2 * hs * ws + c] = 8.0;
         boxes[3 * hs * ws + c] = 8.0;
     }
-    let dims = PerceptionDims {
-        gh,
-        gw,
-        d,
-        k,
-        patch_px: 16.0,
-        head: Some(HeadDims::new(1, hs, ws, 8.0)),
-    };
-    let config = PerceptionConfig {
-        kmeans: KMeansConfig::new(2, 10),
-        ..PerceptionConfig::DEFAULT
-    };
+    let dims =
+        PerceptionDims { gh, gw, d, k, patch_px: 16.0, head: Some(HeadDims::new(1, hs, ws, 8.0)) };
+    let config = PerceptionConfig { kmeans: KMeansConfig::new(2, 10), ..PerceptionConfig::DEFAULT };
     let sizes = Perception::<8, 8, 4>::scratch_sizes(&dims, &config).unwrap();
     let mut f32s = vec![0.0; sizes.f32s];
     let mut u32s = vec![0; sizes.u32s];
@@ -770,11 +669,8 @@ fn perception_pipeline_end_to_end() {
             0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0,
         ]),
     ] {
-        let input = FrameInput {
-            features: &feats,
-            labels: source,
-            detections: Some((&heat, &boxes)),
-        };
+        let input =
+            FrameInput { features: &feats, labels: source, detections: Some((&heat, &boxes)) };
         let report = p.process_frame(&input).unwrap();
         assert_eq!(report.segments.found, 2, "{source:?}: two halves");
         assert_eq!(p.segments().iter().map(|s| s.area).sum::<u32>(), n as u32);
@@ -790,18 +686,8 @@ fn perception_pipeline_end_to_end() {
     assert_eq!(frame.objects[0].class, 0);
 
     // Wrong shapes are errors, not panics.
-    let bad = FrameInput {
-        features: &feats[1..],
-        labels: LabelSource::KMeans,
-        detections: None,
-    };
-    assert!(matches!(
-        p.process_frame(&bad),
-        Err(PerceptionError::Shape {
-            what: "features",
-            ..
-        })
-    ));
+    let bad = FrameInput { features: &feats[1..], labels: LabelSource::KMeans, detections: None };
+    assert!(matches!(p.process_frame(&bad), Err(PerceptionError::Shape { what: "features", .. })));
     let bad = FrameInput {
         features: &feats,
         labels: LabelSource::Logits(&logits[1..]),
@@ -813,13 +699,7 @@ fn perception_pipeline_end_to_end() {
         labels: LabelSource::KMeans,
         detections: Some((&heat[1..], &boxes)),
     };
-    assert!(matches!(
-        p.process_frame(&bad),
-        Err(PerceptionError::Shape {
-            what: "heatmap",
-            ..
-        })
-    ));
+    assert!(matches!(p.process_frame(&bad), Err(PerceptionError::Shape { what: "heatmap", .. })));
     // Short scratch.
     let mut small = vec![0.0; sizes.f32s - 1];
     let mut u = vec![0; sizes.u32s];

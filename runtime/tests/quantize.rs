@@ -106,8 +106,7 @@ fn write_images(dir: &Path, n: usize, seed: u32) {
                 ((s >> 3) as u8 % 128) + blob / 3 + noise(3),
             ])
         });
-        img.save(dir.join(format!("img{i:03}.png")))
-            .expect("writing a synthetic image");
+        img.save(dir.join(format!("img{i:03}.png"))).expect("writing a synthetic image");
     }
 }
 
@@ -129,7 +128,8 @@ fn options(format: QuantFormat, heldout: &Path) -> QuantizeOptions {
 /// run of the same graph (fake quantization: float products of the dequantized values), up
 /// to float rounding; `what` names the integer op in the message.
 fn assert_matches_fake_quantization(out: &Path, what: &str) {
-    let input: Vec<f32> = (0..3 * 64 * 64).map(|i| ((i * 7919) % 1000) as f32 / 400.0 - 1.2).collect();
+    let input: Vec<f32> =
+        (0..3 * 64 * 64).map(|i| ((i * 7919) % 1000) as f32 / 400.0 - 1.2).collect();
     let run = |engine| {
         let mut m = OnnxModel::load(out, ModelOptions::new().with_matmul(engine)).unwrap();
         m.run_tensor(&input).unwrap().features.as_slice().to_vec()
@@ -137,7 +137,10 @@ fn assert_matches_fake_quantization(out: &Path, what: &str) {
     let (int8, fake) = (run(MatMulEngine::Gemm), run(MatMulEngine::Tract));
     let scale = fake.iter().fold(0f32, |a, v| a.max(v.abs()));
     let diff = int8.iter().zip(&fake).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-    assert!(diff <= 1e-3 * scale.max(1.0), "{what} vs tract's QDQ run: max abs diff {diff} (scale {scale})");
+    assert!(
+        diff <= 1e-3 * scale.max(1.0),
+        "{what} vs tract's QDQ run: max abs diff {diff} (scale {scale})"
+    );
 }
 
 #[test]
@@ -160,10 +163,7 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
         (QuantFormat::Qdq, Calibration::Percentile(99.99)),
     ] {
         let out = dir.join(format!("micro.{format:?}.{calibration:?}.onnx"));
-        let opts = QuantizeOptions {
-            calibration,
-            ..options(format, &heldout)
-        };
+        let opts = QuantizeOptions { calibration, ..options(format, &heldout) };
         let r = quantize_file(&fp32, &calib, &out, &opts, &mut |_| {})
             .unwrap_or_else(|e| panic!("{format:?} {calibration:?}: {e:#?}"));
         assert!(out.is_file());
@@ -183,11 +183,7 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
         match format {
             // Every weight matmul on an integer kernel; the attention's 2 per block in float.
             QuantFormat::Tract => {
-                assert!(
-                    r.tract_ops.integer_matmuls >= weight_matmuls,
-                    "{:?}",
-                    r.tract_ops
-                );
+                assert!(r.tract_ops.integer_matmuls >= weight_matmuls, "{:?}", r.tract_ops);
             }
             // QDQ: our engine lowers every weight matmul to the fused Int8MatMul.
             QuantFormat::Qdq => {
@@ -198,7 +194,8 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
             }
         }
         let model = flsl_runtime::quantize::read_model(&out).unwrap();
-        let ops: Vec<&str> = model.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+        let ops: Vec<&str> =
+            model.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
         let count = |op: &str| ops.iter().filter(|o| **o == op).count();
         match format {
             QuantFormat::Tract => assert_eq!(count("QLinearMatMul"), weight_matmuls),
@@ -214,10 +211,7 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
 
     // The patch embedding can be quantized too.
     let out = dir.join("micro.conv.onnx");
-    let opts = QuantizeOptions {
-        quantize_conv: true,
-        ..options(QuantFormat::Tract, &heldout)
-    };
+    let opts = QuantizeOptions { quantize_conv: true, ..options(QuantFormat::Tract, &heldout) };
     let r = quantize_file(&fp32, &calib, &out, &opts, &mut |_| {}).expect("conv quantization");
     assert_eq!(r.quantized_layers, weight_matmuls + 1);
     assert!(r.float_layers.is_empty());
@@ -235,21 +229,26 @@ fn micro_model_quantized_runs_in_tract_close_to_fp32() {
     assert_matches_fake_quantization(&out, "int8 PatchEmbed");
 
     // --float-ops: keep the head in float by node-name prefix.
-    let opts = QuantizeOptions {
-        float_ops: vec!["head".into()],
-        ..options(QuantFormat::Tract, &heldout)
-    };
+    let opts =
+        QuantizeOptions { float_ops: vec!["head".into()], ..options(QuantFormat::Tract, &heldout) };
     let r = quantize_file(&fp32, &calib, &dir.join("micro.nohead.onnx"), &opts, &mut |_| {})
         .expect("float head");
     assert_eq!(r.quantized_layers, 2 * 6);
 
     // The defaults keep the head's output layers (its last MLP linear and the prototypes) in
     // float and quantize its other two linears.
-    let opts = QuantizeOptions { quantize_head_output: false, ..options(QuantFormat::Qdq, &heldout) };
-    let r = quantize_file(&fp32, &calib, &dir.join("micro.default.onnx"), &opts, &mut |_| {}).expect("default head");
+    let opts =
+        QuantizeOptions { quantize_head_output: false, ..options(QuantFormat::Qdq, &heldout) };
+    let r = quantize_file(&fp32, &calib, &dir.join("micro.default.onnx"), &opts, &mut |_| {})
+        .expect("default head");
     assert_eq!(r.quantized_layers, 2 * 6 + 2);
     let kept = r.float_layers.join(" | ");
-    assert!(kept.contains("head.mlp.4") && kept.contains("head/last_layer") && !kept.contains("head.mlp.2"), "{kept}");
+    assert!(
+        kept.contains("head.mlp.4")
+            && kept.contains("head/last_layer")
+            && !kept.contains("head.mlp.2"),
+        "{kept}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -259,11 +258,7 @@ fn corrupt_and_unsupported_models_are_clear_errors() {
     let calib = dir.join("calib");
     std::fs::create_dir_all(&calib).unwrap();
     write_images(&calib, 2, 3);
-    let opts = QuantizeOptions {
-        heldout_images: 0,
-        bench: None,
-        ..QuantizeOptions::default()
-    };
+    let opts = QuantizeOptions { heldout_images: 0, bench: None, ..QuantizeOptions::default() };
 
     let corrupt = dir.join("corrupt.onnx");
     std::fs::write(&corrupt, b"\x08\x07this is not protobuf\xff\xff\xff").unwrap();
@@ -308,12 +303,8 @@ fn corrupt_and_unsupported_models_are_clear_errors() {
     // A weight MatMul with a float16 weight.
     let mut m = tract_onnx::pb::ModelProto::decode(&micro_model()[..]).unwrap();
     let g = m.graph.as_mut().unwrap();
-    let mm = g
-        .node
-        .iter()
-        .find(|n| n.op_type == "MatMul" && n.name.contains("fc1"))
-        .unwrap()
-        .clone();
+    let mm =
+        g.node.iter().find(|n| n.op_type == "MatMul" && n.name.contains("fc1")).unwrap().clone();
     let w = g.initializer.iter_mut().find(|t| t.name == mm.input[1]).unwrap();
     w.data_type = 10; // FLOAT16
     let path = dir.join("f16.onnx");
@@ -331,10 +322,7 @@ fn empty_or_missing_calibration_folder_is_a_clear_error_and_writes_nothing() {
     std::fs::write(&fp32, micro_model()).unwrap();
     let out = dir.join("out.onnx");
     std::fs::write(&out, b"previous content").unwrap();
-    let opts = QuantizeOptions {
-        bench: None,
-        ..QuantizeOptions::default()
-    };
+    let opts = QuantizeOptions { bench: None, ..QuantizeOptions::default() };
 
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();

@@ -57,7 +57,11 @@ fn decode_exact(chunk: &[u8]) -> wire::Message {
     let msg = wire::decode_chunk(&mut c).expect("a CRC-valid wire frame");
     let mut again = [0u8; MAX_ENCODED_LEN];
     let n = wire::encode(&msg, &mut again).unwrap();
-    assert_eq!(&again[1..n - 1], chunk, "byte-exact: the chunk is the encoding of what it decodes to");
+    assert_eq!(
+        &again[1..n - 1],
+        chunk,
+        "byte-exact: the chunk is the encoding of what it decodes to"
+    );
     msg
 }
 
@@ -67,7 +71,9 @@ fn wire_frames_cross_a_pty_byte_exact_and_survive_the_device_vanishing() {
     std::fs::create_dir_all(&dir).unwrap();
     let link = dir.join("ttyFLSL");
     let mut master = pty_at(&link);
-    let mut out = LinkOutput::open(LinkTarget::Serial { path: link.to_string_lossy().into(), baud: 921_600 }).unwrap();
+    let mut out =
+        LinkOutput::open(LinkTarget::Serial { path: link.to_string_lossy().into(), baud: 921_600 })
+            .unwrap();
 
     // 40 frames while a reader drains the master (a pty buffers only a few KiB).
     const N: u32 = 40;
@@ -90,7 +96,10 @@ fn wire_frames_cross_a_pty_byte_exact_and_survive_the_device_vanishing() {
     }
     assert_eq!((out.transport.sent, out.transport.lost), (u64::from(N), 0));
     let bytes: usize = chunks.iter().map(|c| c.len() + 2).sum();
-    assert_eq!(out.transport.bytes, bytes as u64, "bytes counted = bytes received (with delimiters)");
+    assert_eq!(
+        out.transport.bytes, bytes as u64,
+        "bytes counted = bytes received (with delimiters)"
+    );
 
     // The device vanishes: the next writes fail, are counted as lost, and do not panic.
     drop(master);
@@ -131,9 +140,20 @@ fn mavlink_over_a_pty_parses_as_mavlink_2() {
     std::fs::create_dir_all(&dir).unwrap();
     let link = dir.join("ttyMAV");
     let mut master = pty_at(&link);
-    let mut out = MavlinkOutput::open(&format!("serial:{}:57600", link.display()), MavlinkConfig::default()).unwrap();
+    let mut out =
+        MavlinkOutput::open(&format!("serial:{}:57600", link.display()), MavlinkConfig::default())
+            .unwrap();
     let t0 = Instant::now();
-    let r = FrameResult { size: [400, 300], tracks: vec![FrameBox { bbox: [100.0, 75.0, 200.0, 150.0], class: 0, score: 0.8, track_id: 5 }], ..FrameResult::default() };
+    let r = FrameResult {
+        size: [400, 300],
+        tracks: vec![FrameBox {
+            bbox: [100.0, 75.0, 200.0, 150.0],
+            class: 0,
+            score: 0.8,
+            track_id: 5,
+        }],
+        ..FrameResult::default()
+    };
     for i in 0..5u64 {
         out.on_frame(&r, t0 + Duration::from_millis(100 * i)).unwrap();
     }
@@ -152,7 +172,9 @@ fn mavlink_over_a_pty_parses_as_mavlink_2() {
     let mut reader = MavlinkReader::new(&bytes[..]);
     let mut rects = Vec::new();
     for _ in 0..sent {
-        let (h, m) = reader.read_message::<MavMessage>(MavlinkVersion::V2).expect("a CRC-valid MAVLink 2 message");
+        let (h, m) = reader
+            .read_message::<MavMessage>(MavlinkVersion::V2)
+            .expect("a CRC-valid MAVLink 2 message");
         assert_eq!((h.system_id, h.component_id), (1, 100));
         if let MavMessage::CAMERA_TRACKING_IMAGE_STATUS(s) = m {
             rects.push([s.rec_top_x, s.rec_top_y, s.rec_bottom_x, s.rec_bottom_y]);

@@ -20,15 +20,13 @@ fn any_object() -> impl Strategy<Value = Object> {
 
 fn any_message() -> impl Strategy<Value = Message> {
     let body = prop_oneof![
-        (
-            any::<bool>(),
-            prop::collection::vec(any_object(), 0..=MAX_OBJECTS)
-        )
-            .prop_map(|(overflow, objs)| {
+        (any::<bool>(), prop::collection::vec(any_object(), 0..=MAX_OBJECTS)).prop_map(
+            |(overflow, objs)| {
                 let mut frame = Frame::from_objects(objs);
                 frame.overflow = overflow;
                 Body::Frame(frame)
-            }),
+            }
+        ),
         Just(Body::Heartbeat),
         Just(Body::Select(Selection::Auto)),
         any::<u32>().prop_map(|id| Body::Select(Selection::Track(id))),
@@ -42,24 +40,14 @@ fn any_message() -> impl Strategy<Value = Message> {
 
 /// Compares floats by bit pattern, so NaN payloads count as equal.
 fn same(a: &Message, b: &Message) -> bool {
-    let bits = |o: &Object| {
-        (
-            o.bbox.map(f32::to_bits),
-            o.class,
-            o.score.to_bits(),
-            o.track_id,
-        )
-    };
+    let bits = |o: &Object| (o.bbox.map(f32::to_bits), o.class, o.score.to_bits(), o.track_id);
     a.seq == b.seq
         && a.timestamp_us == b.timestamp_us
         && match (&a.body, &b.body) {
             (Body::Frame(x), Body::Frame(y)) => {
                 x.overflow == y.overflow
                     && x.objects.len() == y.objects.len()
-                    && x.objects
-                        .iter()
-                        .zip(&y.objects)
-                        .all(|(p, q)| bits(p) == bits(q))
+                    && x.objects.iter().zip(&y.objects).all(|(p, q)| bits(p) == bits(q))
             }
             (x, y) => x == y,
         }

@@ -17,7 +17,9 @@ use flsl_train::loss::{FlslLoss, VmrPrior};
 use flsl_train::masks::sampling_mask;
 use flsl_train::meanshift::TokenSelection;
 use flsl_train::model::{FlslModel, VitConfig};
-use flsl_train::step::{AdamState, StepHyper, StepOptions, StepReport, View, apply_adamw, train_step};
+use flsl_train::step::{
+    AdamState, StepHyper, StepOptions, StepReport, View, apply_adamw, train_step,
+};
 use rand::SeedableRng;
 
 fn hyper() -> StepHyper {
@@ -42,15 +44,23 @@ fn backbone_step(c: &mut Criterion) {
     let device = cpu_device();
     let mut vit = VitConfig::vit_tiny(16).init::<CpuTrain>(&device);
     let mut adam = AdamState::default();
-    let g = Tensor::<CpuTrain, 4>::random([2, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
+    let g =
+        Tensor::<CpuTrain, 4>::random([2, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
     let l = Tensor::<CpuTrain, 4>::random([8, 3, 96, 96], Distribution::Normal(0.0, 1.0), &device);
     let mut group = c.benchmark_group("train_step_ndarray");
     group.sample_size(10);
     group.bench_function("vit_tiny16_backbone_2x224_8x96", |b| {
         b.iter(|| {
-            let loss = vit.forward(g.clone()).powi_scalar(2).mean() + vit.forward(l.clone()).powi_scalar(2).mean();
+            let loss = vit.forward(g.clone()).powi_scalar(2).mean()
+                + vit.forward(l.clone()).powi_scalar(2).mean();
             let grads = loss.backward();
-            let empty = StepReport { loss: Default::default(), grad_norms: vec![], clipped: vec![], recorded: Default::default(), teacher_assign: vec![] };
+            let empty = StepReport {
+                loss: Default::default(),
+                grad_norms: vec![],
+                clipped: vec![],
+                recorded: Default::default(),
+                teacher_assign: vec![],
+            };
             let (v, _) = apply_adamw(vit.clone(), grads, &mut adam, &hyper(), false, empty);
             vit = v;
         })
@@ -61,11 +71,21 @@ fn backbone_step(c: &mut Criterion) {
     let mut student = FlslModel::<CpuTrain>::init(&vcfg, &cfg.head_config(), &device);
     let mut teacher = student.valid();
     let mut adam = AdamState::default();
-    let mut loss = FlslLoss { student_temp: 0.1, teacher_temp_schedule: vec![0.04], coefficients: [0.03, 1.0, 5.0], vmr: Some(VmrPrior::Uniform), centering: None };
+    let mut loss = FlslLoss {
+        student_temp: 0.1,
+        teacher_temp_schedule: vec![0.04],
+        coefficients: [0.03, 1.0, 5.0],
+        vmr: Some(VmrPrior::Uniform),
+        centering: None,
+    };
     let bt = cfg.batch_size_per_gpu;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut view = |size: usize, ws: Option<usize>| {
-        let images = Tensor::<CpuTrain, 4>::random([bt, 3, size, size], Distribution::Normal(0.0, 1.0), &device);
+        let images = Tensor::<CpuTrain, 4>::random(
+            [bt, 3, size, size],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
         let mask = ws.map(|ws| {
             let fs = size / cfg.patch_size;
             let m: Vec<u8> = (0..bt).flat_map(|_| sampling_mask(fs, ws, false, &mut rng)).collect();
@@ -77,14 +97,28 @@ fn backbone_step(c: &mut Criterion) {
     let views = vec![view(gs, None), view(gs, Some(3)), view(ls, Some(2)), view(ls, Some(2))];
     group.bench_function("flsl_full_tiny_preset_b16", |b| {
         b.iter(|| {
-            let (s, _) = train_step(student.clone(), &mut teacher, None, &mut loss, &mut adam, &views, &hyper(), StepOptions::default()).unwrap();
+            let (s, _) = train_step(
+                student.clone(),
+                &mut teacher,
+                None,
+                &mut loss,
+                &mut adam,
+                &views,
+                &hyper(),
+                StepOptions::default(),
+            )
+            .unwrap();
             student = s;
         })
     });
 
-    let img = image::RgbImage::from_fn(256, 256, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8]));
+    let img = image::RgbImage::from_fn(256, 256, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
+    });
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    group.bench_function("augment_tiny_preset_one_image", |b| b.iter(|| augment(&img, &cfg.augment, cfg.patch_size, &mut rng)));
+    group.bench_function("augment_tiny_preset_one_image", |b| {
+        b.iter(|| augment(&img, &cfg.augment, cfg.patch_size, &mut rng))
+    });
     group.finish();
 }
 

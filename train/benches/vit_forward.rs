@@ -10,7 +10,9 @@ fn vit_forward(c: &mut Criterion) {
     let device = cpu_device();
     let mut group = c.benchmark_group("vit_forward_ndarray_b1_224");
     group.sample_size(10);
-    for (name, cfg) in [("vit_tiny16", VitConfig::vit_tiny(16)), ("vit_small16", VitConfig::vit_small(16))] {
+    for (name, cfg) in
+        [("vit_tiny16", VitConfig::vit_tiny(16)), ("vit_small16", VitConfig::vit_small(16))]
+    {
         let vit = cfg.init::<Cpu>(&device);
         let x = Tensor::<Cpu, 4>::random([1, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
         group.bench_function(name, |b| {

@@ -40,7 +40,11 @@ impl Dataset {
     /// Reads and merges annotation sources. `images_dir` resolves VOC/VisDrone image names
     /// (and COCO file names that are not found next to the JSON). With `single_class`, every
     /// box becomes class `single_class`.
-    pub fn load(sources: &[PathBuf], images_dir: Option<&Path>, single_class: Option<&str>) -> Result<Self> {
+    pub fn load(
+        sources: &[PathBuf],
+        images_dir: Option<&Path>,
+        single_class: Option<&str>,
+    ) -> Result<Self> {
         let mut images = Vec::new();
         for s in sources {
             images.extend(read_any(s, images_dir)?);
@@ -52,7 +56,8 @@ impl Dataset {
                 }
             }
         }
-        let classes: BTreeSet<String> = images.iter().flat_map(|a| a.boxes.iter().map(|b| b.class.clone())).collect();
+        let classes: BTreeSet<String> =
+            images.iter().flat_map(|a| a.boxes.iter().map(|b| b.class.clone())).collect();
         Ok(Self { images, classes: classes.into_iter().collect() })
     }
 
@@ -82,7 +87,13 @@ pub fn read_any(path: &Path, images_dir: Option<&Path>) -> Result<Vec<Annotated>
         "json" => read_coco(path, images_dir),
         "xml" => read_voc(path, images_dir).map(|a| vec![a]),
         "txt" => read_visdrone(path, images_dir).map(|a| vec![a]),
-        other => Err(Error::malformed("annotation", path, format!("unknown extension `{other}` (expected .json COCO, .xml VOC, .txt VisDrone-DET)"))),
+        other => Err(Error::malformed(
+            "annotation",
+            path,
+            format!(
+                "unknown extension `{other}` (expected .json COCO, .xml VOC, .txt VisDrone-DET)"
+            ),
+        )),
     }
 }
 
@@ -117,41 +128,72 @@ fn find_image(name: &str, anchor: &Path, images_dir: Option<&Path>) -> Option<Pa
 }
 
 fn missing_image(anchor: &Path, name: &str) -> Error {
-    Error::malformed("annotation", anchor, format!("image `{name}` not found next to the file, in images/ or in --images"))
+    Error::malformed(
+        "annotation",
+        anchor,
+        format!("image `{name}` not found next to the file, in images/ or in --images"),
+    )
 }
 
 /// COCO detection JSON.
 pub fn read_coco(path: &Path, images_dir: Option<&Path>) -> Result<Vec<Annotated>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::malformed("coco json", path, e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::malformed("coco json", path, e.to_string()))?;
     let bad = |what: String| Error::malformed("coco json", path, what);
     let cats: std::collections::BTreeMap<i64, String> = v["categories"]
         .as_array()
         .ok_or_else(|| bad("no `categories` array".into()))?
         .iter()
-        .map(|c| Ok((c["id"].as_i64().ok_or_else(|| bad("a category has no integer `id`".into()))?, c["name"].as_str().unwrap_or("object").to_string())))
+        .map(|c| {
+            Ok((
+                c["id"].as_i64().ok_or_else(|| bad("a category has no integer `id`".into()))?,
+                c["name"].as_str().unwrap_or("object").to_string(),
+            ))
+        })
         .collect::<Result<_>>()?;
     let mut out = Vec::new();
     let mut ids = Vec::new();
     for im in v["images"].as_array().ok_or_else(|| bad("no `images` array".into()))? {
         let id = im["id"].as_i64().ok_or_else(|| bad("an image has no integer `id`".into()))?;
-        let name = im["file_name"].as_str().ok_or_else(|| bad(format!("image {id} has no `file_name`")))?;
+        let name = im["file_name"]
+            .as_str()
+            .ok_or_else(|| bad(format!("image {id} has no `file_name`")))?;
         let image = find_image(name, path, images_dir).ok_or_else(|| missing_image(path, name))?;
         ids.push(id);
         out.push(Annotated { image, boxes: Vec::new() });
     }
-    for (i, a) in v["annotations"].as_array().ok_or_else(|| bad("no `annotations` array".into()))?.iter().enumerate() {
-        let img = a["image_id"].as_i64().ok_or_else(|| bad(format!("annotations[{i}] has no integer `image_id`")))?;
-        let slot = ids.iter().position(|&x| x == img).ok_or_else(|| bad(format!("annotations[{i}].image_id {img} is not in `images`")))?;
-        let b: Vec<f64> = a["bbox"].as_array().map(|b| b.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+    for (i, a) in v["annotations"]
+        .as_array()
+        .ok_or_else(|| bad("no `annotations` array".into()))?
+        .iter()
+        .enumerate()
+    {
+        let img = a["image_id"]
+            .as_i64()
+            .ok_or_else(|| bad(format!("annotations[{i}] has no integer `image_id`")))?;
+        let slot = ids
+            .iter()
+            .position(|&x| x == img)
+            .ok_or_else(|| bad(format!("annotations[{i}].image_id {img} is not in `images`")))?;
+        let b: Vec<f64> = a["bbox"]
+            .as_array()
+            .map(|b| b.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
         if b.len() != 4 || b[2] < 0.0 || b[3] < 0.0 || b.iter().any(|x| !x.is_finite()) {
-            return Err(bad(format!("annotations[{i}].bbox must be 4 finite numbers [x, y, w >= 0, h >= 0]")));
+            return Err(bad(format!(
+                "annotations[{i}].bbox must be 4 finite numbers [x, y, w >= 0, h >= 0]"
+            )));
         }
         if a["iscrowd"].as_i64() == Some(1) {
             continue;
         }
-        let cat = a["category_id"].as_i64().ok_or_else(|| bad(format!("annotations[{i}] has no `category_id`")))?;
-        let class = cats.get(&cat).cloned().ok_or_else(|| bad(format!("annotations[{i}].category_id {cat} is not in `categories`")))?;
+        let cat = a["category_id"]
+            .as_i64()
+            .ok_or_else(|| bad(format!("annotations[{i}] has no `category_id`")))?;
+        let class = cats.get(&cat).cloned().ok_or_else(|| {
+            bad(format!("annotations[{i}].category_id {cat} is not in `categories`"))
+        })?;
         let [x, y, w, h] = [b[0] as f32, b[1] as f32, b[2] as f32, b[3] as f32];
         out[slot].boxes.push(GtBox { xyxy: [x, y, x + w, y + h], class });
     }
@@ -167,21 +209,31 @@ fn tag<'a>(s: &'a str, t: &str) -> Option<&'a str> {
 /// Pascal VOC XML (one image).
 pub fn read_voc(path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-    let name = tag(&text, "filename").ok_or_else(|| Error::malformed("voc xml", path, "no <filename>"))?;
+    let name =
+        tag(&text, "filename").ok_or_else(|| Error::malformed("voc xml", path, "no <filename>"))?;
     let image = find_image(name, path, images_dir).ok_or_else(|| missing_image(path, name))?;
     let mut boxes = Vec::new();
     for (i, obj) in text.split("<object>").skip(1).enumerate() {
         let obj = &obj[..obj.find("</object>").unwrap_or(obj.len())];
         let class = tag(obj, "name").unwrap_or("object").to_string();
         let num = |t: &str| -> Result<f32> {
-            tag(obj, t)
-                .and_then(|v| v.parse::<f32>().ok())
-                .filter(|v| v.is_finite())
-                .ok_or_else(|| Error::malformed("voc xml", path, format!("object {i}: <{t}> missing or not a number")))
+            tag(obj, t).and_then(|v| v.parse::<f32>().ok()).filter(|v| v.is_finite()).ok_or_else(
+                || {
+                    Error::malformed(
+                        "voc xml",
+                        path,
+                        format!("object {i}: <{t}> missing or not a number"),
+                    )
+                },
+            )
         };
         let b = [num("xmin")?, num("ymin")?, num("xmax")?, num("ymax")?];
         if b[2] < b[0] || b[3] < b[1] {
-            return Err(Error::malformed("voc xml", path, format!("object {i}: xmax < xmin or ymax < ymin")));
+            return Err(Error::malformed(
+                "voc xml",
+                path,
+                format!("object {i}: xmax < xmin or ymax < ymin"),
+            ));
         }
         boxes.push(GtBox { xyxy: b, class });
     }
@@ -194,19 +246,35 @@ pub fn read_voc(path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
 pub fn read_visdrone(path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-    let image = find_image(&format!("{stem}.jpg"), path, images_dir).ok_or_else(|| missing_image(path, &stem))?;
+    let image = find_image(&format!("{stem}.jpg"), path, images_dir)
+        .ok_or_else(|| missing_image(path, &stem))?;
     let mut boxes = Vec::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let f: Vec<f32> = line.split(',').map(|x| x.trim().parse::<f32>()).collect::<std::result::Result<_, _>>().map_err(|_| {
-            Error::malformed("visdrone txt", path, format!("line {}: expected comma-separated numbers", i + 1))
-        })?;
+        let f: Vec<f32> = line
+            .split(',')
+            .map(|x| x.trim().parse::<f32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                Error::malformed(
+                    "visdrone txt",
+                    path,
+                    format!("line {}: expected comma-separated numbers", i + 1),
+                )
+            })?;
         if f.len() < 6 || f[..4].iter().any(|v| !v.is_finite()) || f[2] < 0.0 || f[3] < 0.0 {
-            return Err(Error::malformed("visdrone txt", path, format!("line {}: expected left,top,width>=0,height>=0,score,category,...", i + 1)));
+            return Err(Error::malformed(
+                "visdrone txt",
+                path,
+                format!("line {}: expected left,top,width>=0,height>=0,score,category,...", i + 1),
+            ));
         }
         if f[5] as i64 == 0 || f[4] == 0.0 {
             continue;
         }
-        boxes.push(GtBox { xyxy: [f[0], f[1], f[0] + f[2], f[1] + f[3]], class: format!("{}", f[5] as i64) });
+        boxes.push(GtBox {
+            xyxy: [f[0], f[1], f[0] + f[2], f[1] + f[3]],
+            class: format!("{}", f[5] as i64),
+        });
     }
     Ok(Annotated { image, boxes })
 }
@@ -224,8 +292,13 @@ mod tests {
         let d = data();
         let coco = read_coco(&d.join("trees.coco.json"), None).unwrap();
         let osbs = coco.iter().find(|a| a.image.ends_with("OSBS_029.png")).unwrap();
-        let voc = read_voc(&d.join("annotations_voc/OSBS_029.xml"), Some(&d.join("images"))).unwrap();
-        let vis = read_visdrone(&d.join("annotations_visdrone_det/OSBS_029.txt"), Some(&d.join("images"))).unwrap();
+        let voc =
+            read_voc(&d.join("annotations_voc/OSBS_029.xml"), Some(&d.join("images"))).unwrap();
+        let vis = read_visdrone(
+            &d.join("annotations_visdrone_det/OSBS_029.txt"),
+            Some(&d.join("images")),
+        )
+        .unwrap();
         assert_eq!(osbs.boxes.len(), 61);
         assert_eq!(voc.boxes.len(), 61);
         assert_eq!(vis.boxes.len(), 61);
@@ -240,7 +313,12 @@ mod tests {
     #[test]
     fn merged_sources_with_a_single_class() {
         let d = data();
-        let ds = Dataset::load(&[d.join("trees.coco.json"), d.join("soap061_alive_dead.coco.json")], None, Some("tree")).unwrap();
+        let ds = Dataset::load(
+            &[d.join("trees.coco.json"), d.join("soap061_alive_dead.coco.json")],
+            None,
+            Some("tree"),
+        )
+        .unwrap();
         assert_eq!(ds.images.len(), 3);
         assert_eq!(ds.classes, vec!["tree".to_string()]);
         assert_eq!(ds.images.iter().map(|a| a.boxes.len()).sum::<usize>(), 340 + 37);

@@ -107,7 +107,12 @@ pub struct Sample {
 }
 
 /// torchvision's `RandomResizedCrop.get_params` (ratio 3/4..4/3, 10 tries, centre fallback).
-pub fn random_resized_crop_params(w: u32, h: u32, scale: (f64, f64), rng: &mut ChaCha8Rng) -> (u32, u32, u32, u32) {
+pub fn random_resized_crop_params(
+    w: u32,
+    h: u32,
+    scale: (f64, f64),
+    rng: &mut ChaCha8Rng,
+) -> (u32, u32, u32, u32) {
     let area = f64::from(w) * f64::from(h);
     let (lr0, lr1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
     for _ in 0..10 {
@@ -134,7 +139,12 @@ pub fn random_resized_crop_params(w: u32, h: u32, scale: (f64, f64), rng: &mut C
     ((w - cw) / 2, (h - ch) / 2, cw, ch)
 }
 
-fn random_resized_crop(img: &RgbImage, size: u32, scale: (f64, f64), rng: &mut ChaCha8Rng) -> RgbImage {
+fn random_resized_crop(
+    img: &RgbImage,
+    size: u32,
+    scale: (f64, f64),
+    rng: &mut ChaCha8Rng,
+) -> RgbImage {
     let (x, y, cw, ch) = random_resized_crop_params(img.width(), img.height(), scale, rng);
     let crop = imageops::crop_imm(img, x, y, cw, ch).to_image();
     imageops::resize(&crop, size, size, imageops::FilterType::CatmullRom)
@@ -187,7 +197,11 @@ fn adjust_hue(img: &mut RgbImage, shift: f32) {
             4 => (t, pp, v),
             _ => (v, pp, q),
         };
-        *p = image::Rgb([(r * 255.0).round() as u8, (g * 255.0).round() as u8, (b * 255.0).round() as u8]);
+        *p = image::Rgb([
+            (r * 255.0).round() as u8,
+            (g * 255.0).round() as u8,
+            (b * 255.0).round() as u8,
+        ]);
     }
 }
 
@@ -288,15 +302,26 @@ pub fn normalize(img: &RgbImage) -> Vec<f32> {
 }
 
 /// Augments one image into the multi-crop sample.
-pub fn augment(img: &RgbImage, cfg: &AugmentConfig, patch_size: usize, rng: &mut ChaCha8Rng) -> Sample {
+pub fn augment(
+    img: &RgbImage,
+    cfg: &AugmentConfig,
+    patch_size: usize,
+    rng: &mut ChaCha8Rng,
+) -> Sample {
     let teacher = random_resized_crop(img, cfg.global_resize, cfg.global_crops_scale_t, rng);
     let student = random_resized_crop(&teacher, cfg.global_resize, cfg.global_crops_scale_s, rng);
     let gfs = cfg.global_resize as usize / patch_size;
     let lfs = cfg.local_resize as usize / patch_size;
-    let mut crops = vec![(teacher.clone(), None), (student, Some(sampling_mask(gfs, cfg.sampling_window_size_g, cfg.random_sampling, rng)))];
+    let mut crops = vec![
+        (teacher.clone(), None),
+        (student, Some(sampling_mask(gfs, cfg.sampling_window_size_g, cfg.random_sampling, rng))),
+    ];
     for _ in 0..cfg.local_crops_number {
         let local = random_resized_crop(&teacher, cfg.local_resize, cfg.local_crops_scale, rng);
-        crops.push((local, Some(sampling_mask(lfs, cfg.sampling_window_size_l, cfg.random_sampling, rng))));
+        crops.push((
+            local,
+            Some(sampling_mask(lfs, cfg.sampling_window_size_l, cfg.random_sampling, rng)),
+        ));
     }
     let views = crops
         .into_iter()
@@ -316,12 +341,19 @@ mod tests {
     use rand::SeedableRng;
 
     fn test_image() -> RgbImage {
-        RgbImage::from_fn(120, 90, |x, y| image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x + y) % 255) as u8]))
+        RgbImage::from_fn(120, 90, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x + y) % 255) as u8])
+        })
     }
 
     #[test]
     fn views_have_the_configured_sizes_and_masks() {
-        let cfg = AugmentConfig { global_resize: 64, local_resize: 32, sampling_window_size_g: 2, ..Default::default() };
+        let cfg = AugmentConfig {
+            global_resize: 64,
+            local_resize: 32,
+            sampling_window_size_g: 2,
+            ..Default::default()
+        };
         let s = augment(&test_image(), &cfg, 16, &mut ChaCha8Rng::seed_from_u64(1));
         assert_eq!(s.views.len(), 4);
         assert_eq!(s.views[0].size, 64);
@@ -352,8 +384,12 @@ mod tests {
                 .iter()
                 .map(|v| {
                     let n = v.pixels.len() / 3;
-                    let px = |c: usize, i: usize| v.pixels[c * n + i] * IMAGENET_STD[c] + IMAGENET_MEAN[c];
-                    (0..n).all(|i| (px(0, i) - px(1, i)).abs() < 1e-4 && (px(1, i) - px(2, i)).abs() < 1e-4)
+                    let px = |c: usize, i: usize| {
+                        v.pixels[c * n + i] * IMAGENET_STD[c] + IMAGENET_MEAN[c]
+                    };
+                    (0..n).all(|i| {
+                        (px(0, i) - px(1, i)).abs() < 1e-4 && (px(1, i) - px(2, i)).abs() < 1e-4
+                    })
                 })
                 .filter(|g| *g)
                 .count()

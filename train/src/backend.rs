@@ -74,7 +74,9 @@ pub fn parse_devices(s: &str) -> Result<Vec<DeviceChoice>, String> {
         };
         if let Some(first) = out.first() {
             if std::mem::discriminant(first) != std::mem::discriminant(&d) {
-                return Err(format!("`{s}` mixes CPU and CUDA devices: data-parallel replicas must share one backend"));
+                return Err(format!(
+                    "`{s}` mixes CPU and CUDA devices: data-parallel replicas must share one backend"
+                ));
             }
             if matches!(d, DeviceChoice::Cuda(_)) && out.contains(&d) {
                 return Err(format!("`{s}` names {part} twice"));
@@ -119,7 +121,10 @@ pub trait BackendTask {
 /// success having done nothing.
 pub fn run_on<T: BackendTask>(devices: &[DeviceChoice], task: T) -> crate::Result<T::Output> {
     let Some(&first) = devices.first() else {
-        return Err(crate::Error::Device { device: String::new(), reason: "no device given".into() });
+        return Err(crate::Error::Device {
+            device: String::new(),
+            reason: "no device given".into(),
+        });
     };
     match first {
         DeviceChoice::Cpu => {
@@ -130,19 +135,32 @@ pub fn run_on<T: BackendTask>(devices: &[DeviceChoice], task: T) -> crate::Resul
             #[cfg(not(feature = "ndarray"))]
             {
                 let _ = task;
-                Err(crate::Error::Device { device: "cpu".into(), reason: "the CPU backend is not compiled in: rebuild with `--features ndarray`".into() })
+                Err(crate::Error::Device {
+                    device: "cpu".into(),
+                    reason: "the CPU backend is not compiled in: rebuild with `--features ndarray`"
+                        .into(),
+                })
             }
         }
         DeviceChoice::Cuda(n) => {
             #[cfg(feature = "cuda")]
             {
                 let _ = n;
-                Ok(task.run::<GpuTrain>(devices.iter().map(|d| cuda_device(if let DeviceChoice::Cuda(i) = d { *i } else { 0 })).collect()))
+                Ok(task.run::<GpuTrain>(
+                    devices
+                        .iter()
+                        .map(|d| cuda_device(if let DeviceChoice::Cuda(i) = d { *i } else { 0 }))
+                        .collect(),
+                ))
             }
             #[cfg(not(feature = "cuda"))]
             {
                 let _ = task;
-                Err(crate::Error::Device { device: format!("cuda:{n}"), reason: "the CUDA backend is not compiled in: rebuild with `--features cuda`".into() })
+                Err(crate::Error::Device {
+                    device: format!("cuda:{n}"),
+                    reason: "the CUDA backend is not compiled in: rebuild with `--features cuda`"
+                        .into(),
+                })
             }
         }
     }

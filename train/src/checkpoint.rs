@@ -38,7 +38,8 @@ pub fn read_weights(path: &Path, part: Part) -> Result<TensorMap> {
     let mut head = [0u8; 4];
     {
         use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io("cannot open weights", path, e))?;
+        let mut f =
+            std::fs::File::open(path).map_err(|e| Error::io("cannot open weights", path, e))?;
         let n = f.read(&mut head).map_err(|e| Error::io("cannot read weights", path, e))?;
         if n < 4 {
             return Err(Error::malformed("weights", path, format!("file is only {n} bytes long")));
@@ -53,7 +54,9 @@ pub fn read_weights(path: &Path, part: Part) -> Result<TensorMap> {
         let has_part = map.keys().any(|k| k.starts_with(&format!("{}.", part.key())));
         Ok(if has_part {
             map.into_iter()
-                .filter_map(|(k, v)| k.strip_prefix(&format!("{}.", part.key())).map(|s| (s.to_string(), v)))
+                .filter_map(|(k, v)| {
+                    k.strip_prefix(&format!("{}.", part.key())).map(|s| (s.to_string(), v))
+                })
                 .collect()
         } else {
             map
@@ -63,7 +66,11 @@ pub fn read_weights(path: &Path, part: Part) -> Result<TensorMap> {
 
 /// Strips a `backbone.` prefix when the map holds a wrapped model (`backbone.*`/`head.*`).
 fn backbone_view(map: &TensorMap) -> (TensorMap, &'static str) {
-    if map.keys().any(|k| k.starts_with("backbone.")) { (map.clone(), "backbone.") } else { (map.clone(), "") }
+    if map.keys().any(|k| k.starts_with("backbone.")) {
+        (map.clone(), "backbone.")
+    } else {
+        (map.clone(), "")
+    }
 }
 
 /// Loads ViT weights into `vit`. `cls_token` may be absent (it is never used).
@@ -79,7 +86,11 @@ pub fn load_vit<B: Backend>(vit: Vit<B>, map: &TensorMap, file: &Path) -> Result
 }
 
 /// Loads head weights into `head` (keys `head.*` or bare).
-pub fn load_head<B: Backend>(head: FlslHead<B>, map: &TensorMap, file: &Path) -> Result<FlslHead<B>> {
+pub fn load_head<B: Backend>(
+    head: FlslHead<B>,
+    map: &TensorMap,
+    file: &Path,
+) -> Result<FlslHead<B>> {
     let prefix = if map.keys().any(|k| k.starts_with("head.")) { "head." } else { "" };
     named::load_state_dict(head, map, prefix, file, Missing::Error)
 }

@@ -23,16 +23,32 @@ pub struct ClusterMap {
 }
 
 /// Features and prototype assignment of one image resized to `side x side`.
-pub fn image_features<B: Backend>(model: &FlslModel<B>, img: &RgbImage, side: u32, device: &B::Device) -> (Vec<f32>, usize, ClusterMap) {
+pub fn image_features<B: Backend>(
+    model: &FlslModel<B>,
+    img: &RgbImage,
+    side: u32,
+    device: &B::Device,
+) -> (Vec<f32>, usize, ClusterMap) {
     let resized = imageops::resize(img, side, side, imageops::FilterType::CatmullRom);
-    let x = Tensor::<B, 4>::from_data(TensorData::new(normalize(&resized), [1, 3, side as usize, side as usize]), device);
+    let x = Tensor::<B, 4>::from_data(
+        TensorData::new(normalize(&resized), [1, 3, side as usize, side as usize]),
+        device,
+    );
     let feats = model.backbone.forward(x); // [1, N, D]
     let [_, n, d] = feats.dims();
     let logits = model.head.forward(feats.clone());
     let labels = logits.argmax(2).into_data().convert::<i64>().to_vec::<i64>().unwrap_or_default();
     let g = (n as f64).sqrt().round() as usize;
     let f = feats.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-    (f, d, ClusterMap { gh: g, gw: n / g.max(1), labels: labels.into_iter().map(|v| v as u32).collect() })
+    (
+        f,
+        d,
+        ClusterMap {
+            gh: g,
+            gw: n / g.max(1),
+            labels: labels.into_iter().map(|v| v as u32).collect(),
+        },
+    )
 }
 
 /// Seeded k-means (Lloyd, cosine on L2-normalised rows, k-means++-like farthest init).
@@ -64,7 +80,9 @@ pub fn kmeans(feats: &[f32], d: usize, k: usize, iters: usize) -> Vec<u32> {
     let mut labels = vec![0u32; n];
     for _ in 0..iters {
         for (i, r) in rows.iter().enumerate() {
-            labels[i] = (0..centers.len()).max_by(|&a, &b| dot(r, &centers[a]).total_cmp(&dot(r, &centers[b]))).unwrap_or(0) as u32;
+            labels[i] = (0..centers.len())
+                .max_by(|&a, &b| dot(r, &centers[a]).total_cmp(&dot(r, &centers[b])))
+                .unwrap_or(0) as u32;
         }
         for (c, center) in centers.iter_mut().enumerate() {
             let mut sum = vec![0f32; d];
@@ -150,7 +168,12 @@ pub const CROWN_CORE: f32 = 0.6;
 /// 0: no cluster tells crowns from ground; 1: some clusters hold every crown patch and no ground
 /// patch. Finer maps can only score higher, so compare maps with the same number of clusters.
 /// `None` when the boxes leave no crown or no ground patch.
-pub fn crown_separation(map: &ClusterMap, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> Option<f64> {
+pub fn crown_separation(
+    map: &ClusterMap,
+    boxes: &[[f32; 4]],
+    img_w: f32,
+    img_h: f32,
+) -> Option<f64> {
     let n_labels = map.labels.iter().copied().max().map_or(0, |m| m as usize + 1);
     let (mut crown, mut ground) = (vec![0usize; n_labels], vec![0usize; n_labels]);
     let kinds = patch_kinds(map.gh, map.gw, boxes, img_w, img_h);
@@ -165,13 +188,25 @@ pub fn crown_separation(map: &ClusterMap, boxes: &[[f32; 4]], img_w: f32, img_h:
     if nc == 0 || ng == 0 {
         return None;
     }
-    Some(crown.iter().zip(&ground).map(|(&c, &g)| (c as f64 / nc as f64 - g as f64 / ng as f64).max(0.0)).sum())
+    Some(
+        crown
+            .iter()
+            .zip(&ground)
+            .map(|(&c, &g)| (c as f64 / nc as f64 - g as f64 / ng as f64).max(0.0))
+            .sum(),
+    )
 }
 
 /// Per patch of a `gh x gw` grid over an `img_w x img_h` image: `Some(true)` crown (centre in
 /// the central [`CROWN_CORE`] of a box), `Some(false)` ground (outside every box), `None` not
 /// scored (the rest of a box). Row-major.
-fn patch_kinds(gh: usize, gw: usize, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> Vec<Option<bool>> {
+fn patch_kinds(
+    gh: usize,
+    gw: usize,
+    boxes: &[[f32; 4]],
+    img_w: f32,
+    img_h: f32,
+) -> Vec<Option<bool>> {
     (0..gh * gw)
         .map(|i| {
             let (gy, gx) = (i / gw.max(1), i % gw.max(1));
@@ -206,7 +241,15 @@ pub const PROBE_RIDGE: f64 = 10.0;
 /// half). `scripts/crown_probe.py` is the same probe in numpy (on its own resize of the image,
 /// so its figures differ in the third decimal). `None` when a half lacks crown or ground
 /// patches, or the features are not finite.
-pub fn crown_probe_auc(feats: &[f32], d: usize, gh: usize, gw: usize, boxes: &[[f32; 4]], img_w: f32, img_h: f32) -> Option<f64> {
+pub fn crown_probe_auc(
+    feats: &[f32],
+    d: usize,
+    gh: usize,
+    gw: usize,
+    boxes: &[[f32; 4]],
+    img_w: f32,
+    img_h: f32,
+) -> Option<f64> {
     let n = gh * gw;
     if d == 0 || feats.len() != n * d || feats.iter().any(|v| !v.is_finite()) {
         return None;
@@ -217,7 +260,8 @@ pub fn crown_probe_auc(feats: &[f32], d: usize, gh: usize, gw: usize, boxes: &[[
     let mut x = vec![1.0f64; n * cols];
     for j in 0..d {
         let mean = (0..n).map(|i| f64::from(feats[i * d + j])).sum::<f64>() / n as f64;
-        let var = (0..n).map(|i| (f64::from(feats[i * d + j]) - mean).powi(2)).sum::<f64>() / n as f64;
+        let var =
+            (0..n).map(|i| (f64::from(feats[i * d + j]) - mean).powi(2)).sum::<f64>() / n as f64;
         let scale = 1.0 / (var.sqrt() + 1e-6);
         for i in 0..n {
             x[i * cols + j] = (f64::from(feats[i * d + j]) - mean) * scale;
@@ -252,13 +296,34 @@ pub fn crown_probe_auc(feats: &[f32], d: usize, gh: usize, gw: usize, boxes: &[[
             return None;
         }
         let w = solve_spd(a, b, cols)?;
-        let score = |i: usize| x[i * cols..(i + 1) * cols].iter().zip(&w).map(|(v, w)| v * w).sum::<f64>();
-        let test = |want: bool| (0..n).filter(|&i| !in_train(i) && kinds[i] == Some(want)).map(score).collect::<Vec<_>>();
+        let score =
+            |i: usize| x[i * cols..(i + 1) * cols].iter().zip(&w).map(|(v, w)| v * w).sum::<f64>();
+        let test = |want: bool| {
+            (0..n)
+                .filter(|&i| !in_train(i) && kinds[i] == Some(want))
+                .map(score)
+                .collect::<Vec<_>>()
+        };
         let (pos, neg) = (test(true), test(false));
         if pos.is_empty() || neg.is_empty() {
             return None;
         }
-        let wins: f64 = pos.iter().map(|p| neg.iter().map(|q| if p > q { 1.0 } else if p == q { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+        let wins: f64 = pos
+            .iter()
+            .map(|p| {
+                neg.iter()
+                    .map(|q| {
+                        if p > q {
+                            1.0
+                        } else if p == q {
+                            0.5
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum::<f64>()
+            })
+            .sum();
         *auc = wins / (pos.len() * neg.len()) as f64;
     }
     Some(0.5 * (aucs[0] + aucs[1]))
@@ -275,7 +340,8 @@ fn solve_spd(mut a: Vec<f64>, mut b: Vec<f64>, n: usize) -> Option<Vec<f64>> {
         let l = diag.sqrt();
         a[j * n + j] = l;
         for i in j + 1..n {
-            a[i * n + j] = (a[i * n + j] - (0..j).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>()) / l;
+            a[i * n + j] =
+                (a[i * n + j] - (0..j).map(|k| a[i * n + k] * a[j * n + k]).sum::<f64>()) / l;
         }
     }
     for i in 0..n {
@@ -318,7 +384,9 @@ pub fn patch_colour_features(img: &RgbImage, side: u32, patch: u32) -> (Vec<f32>
     let rows = g * g;
     for c in 0..6 {
         let m = (0..rows).map(|r| f[r * 6 + c]).sum::<f32>() / rows.max(1) as f32;
-        let sd = ((0..rows).map(|r| (f[r * 6 + c] - m).powi(2)).sum::<f32>() / rows.max(1) as f32).sqrt().max(1e-6);
+        let sd = ((0..rows).map(|r| (f[r * 6 + c] - m).powi(2)).sum::<f32>() / rows.max(1) as f32)
+            .sqrt()
+            .max(1e-6);
         for r in 0..rows {
             f[r * 6 + c] = (f[r * 6 + c] - m) / sd;
         }
@@ -369,7 +437,8 @@ mod tests {
     fn crown_separation_is_one_for_a_perfect_map_zero_for_an_unrelated_one() {
         // 8x8 grid on an 80x80 image; one box covers the left half (its core: columns 1 and 2).
         let boxes = [[0.0, 0.0, 40.0, 80.0]];
-        let by = |f: fn(usize) -> u32| ClusterMap { gh: 8, gw: 8, labels: (0..64).map(f).collect() };
+        let by =
+            |f: fn(usize) -> u32| ClusterMap { gh: 8, gw: 8, labels: (0..64).map(f).collect() };
         let perfect = by(|i| u32::from(i % 8 < 4));
         assert_eq!(crown_separation(&perfect, &boxes, 80.0, 80.0), Some(1.0));
         // Top half vs bottom half: each cluster holds half the crown and half the ground patches.
@@ -390,7 +459,9 @@ mod tests {
         // that its core spans every column: crown core = rows 1-2, ground = rows 4-7, the same
         // mix in every column.
         let boxes = [[-40.0, 0.0, 120.0, 40.0]];
-        let feats = |f: fn(usize, usize) -> [f32; 2]| (0..64).flat_map(|i| f(i / 8, i % 8)).collect::<Vec<f32>>();
+        let feats = |f: fn(usize, usize) -> [f32; 2]| {
+            (0..64).flat_map(|i| f(i / 8, i % 8)).collect::<Vec<f32>>()
+        };
         // Feature 0 = "in the box", feature 1 = constant: perfectly decodable.
         let boxed = feats(|y, _| [f32::from(u8::from(y < 4)), 1.0]);
         assert_eq!(crown_probe_auc(&boxed, 2, 8, 8, &boxes, 80.0, 80.0), Some(1.0));
@@ -399,7 +470,8 @@ mod tests {
         assert_eq!(crown_probe_auc(&rows, 2, 8, 8, &boxes, 80.0, 80.0), Some(1.0));
         // The column index carries nothing: every column holds the same crown/ground mix.
         let cols = feats(|_, x| [x as f32, (x * x) as f32]);
-        let auc = crown_probe_auc(&cols, 2, 8, 8, &boxes, 80.0, 80.0).expect("both halves have crown and ground");
+        let auc = crown_probe_auc(&cols, 2, 8, 8, &boxes, 80.0, 80.0)
+            .expect("both halves have crown and ground");
         assert!((auc - 0.5).abs() < 1e-9, "column features: AUC {auc}");
         // No boxes, a box over the left half only (the right half has no crown), bad shapes, NaN.
         assert_eq!(crown_probe_auc(&boxed, 2, 8, 8, &[], 80.0, 80.0), None);
@@ -421,14 +493,19 @@ mod tests {
     #[test]
     fn colour_features_are_standardised_and_tell_green_from_sand() {
         // Left half green, right half sand; 4x4 cells of 8 px.
-        let img = RgbImage::from_fn(32, 32, |x, _| if x < 16 { Rgb([40, 120, 40]) } else { Rgb([220, 200, 160]) });
+        let img = RgbImage::from_fn(32, 32, |x, _| {
+            if x < 16 { Rgb([40, 120, 40]) } else { Rgb([220, 200, 160]) }
+        });
         let (f, d) = patch_colour_features(&img, 32, 8);
         assert_eq!((f.len(), d), (16 * 6, 6));
         for c in 0..3 {
             let col: Vec<f32> = (0..16).map(|r| f[r * 6 + c]).collect();
             let mean = col.iter().sum::<f32>() / 16.0;
             let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0;
-            assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4, "channel {c}: mean {mean} var {var}");
+            assert!(
+                mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4,
+                "channel {c}: mean {mean} var {var}"
+            );
         }
         let labels = kmeans(&f, d, 2, 10);
         assert!((0..16).all(|i| (labels[i] == labels[0]) == (i % 4 < 2)), "{labels:?}");

@@ -41,7 +41,8 @@ pub struct ClusterScores {
 fn sequences(root: &Path) -> Result<Vec<String>> {
     let list = root.join("ImageSets").join("sequences.txt");
     if let Ok(text) = std::fs::read_to_string(&list) {
-        let v: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+        let v: Vec<String> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
         if !v.is_empty() {
             return Ok(v);
         }
@@ -49,7 +50,11 @@ fn sequences(root: &Path) -> Result<Vec<String>> {
     let dir = root.join("JPEGImages").join("480p");
     let mut v: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io("cannot list DAVIS sequences", &dir, e))?
-        .filter_map(|e| e.ok().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().to_string()))
+        .filter_map(|e| {
+            e.ok()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+        })
         .collect();
     v.sort();
     Ok(v)
@@ -58,13 +63,18 @@ fn sequences(root: &Path) -> Result<Vec<String>> {
 /// Evaluates `model` on every sequence of the DAVIS-style `root`, `frames` evenly spaced
 /// frames per sequence, `k` clusters per frame.
 pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<ClusterScores> {
-    let mut m = OnnxModel::load(model, ModelOptions::new().with_threads(1)).map_err(|e| Error::Config { key: "model".into(), reason: format!("{e:#}") })?;
+    let mut m = OnnxModel::load(model, ModelOptions::new().with_threads(1))
+        .map_err(|e| Error::Config { key: "model".into(), reason: format!("{e:#}") })?;
     let [_, _, ih, iw] = m.input_shape();
     let seqs = sequences(root)?;
     if seqs.is_empty() {
-        return Err(Error::Config { key: "davis".into(), reason: format!("no sequences under {}", root.display()) });
+        return Err(Error::Config {
+            key: "davis".into(),
+            reason: format!("no sequences under {}", root.display()),
+        });
     }
-    let mut ev = ClusterEval::new(k.max(1), 2, None).map_err(|e| Error::Config { key: "k".into(), reason: e.to_string() })?;
+    let mut ev = ClusterEval::new(k.max(1), 2, None)
+        .map_err(|e| Error::Config { key: "k".into(), reason: e.to_string() })?;
     let mut images = 0;
     for seq in &seqs {
         let jdir = root.join("JPEGImages").join("480p").join(seq);
@@ -76,13 +86,21 @@ pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<
             .collect();
         files.sort();
         let step = (files.len() as f64 / frames.max(1) as f64).max(1.0);
-        let picks: Vec<&PathBuf> = (0..frames.min(files.len())).map(|i| &files[(i as f64 * step) as usize]).collect();
+        let picks: Vec<&PathBuf> =
+            (0..frames.min(files.len())).map(|i| &files[(i as f64 * step) as usize]).collect();
         for f in picks {
             let mask_path = adir.join(f.file_stem().unwrap_or_default()).with_extension("png");
-            let img = image::open(f).map_err(|e| Error::malformed("image", f, e.to_string()))?.to_rgb8();
-            let mask = image::open(&mask_path).map_err(|e| Error::malformed("mask", &mask_path, e.to_string()))?.to_luma8();
-            let frame = Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize).map_err(|e| Error::Config { key: "frame".into(), reason: e.to_string() })?;
-            let out = m.run_rgb8(&frame).map_err(|e| Error::Config { key: "model".into(), reason: format!("{e:#}") })?;
+            let img =
+                image::open(f).map_err(|e| Error::malformed("image", f, e.to_string()))?.to_rgb8();
+            let mask = image::open(&mask_path)
+                .map_err(|e| Error::malformed("mask", &mask_path, e.to_string()))?
+                .to_luma8();
+            let frame =
+                Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize)
+                    .map_err(|e| Error::Config { key: "frame".into(), reason: e.to_string() })?;
+            let out = m
+                .run_rgb8(&frame)
+                .map_err(|e| Error::Config { key: "model".into(), reason: format!("{e:#}") })?;
             let (n, d) = (out.features.tokens(), out.features.channels());
             let patch = ((ih * iw) as f64 / n as f64).sqrt().round() as usize;
             let (gh, gw) = (ih / patch.max(1), iw / patch.max(1));
@@ -98,7 +116,8 @@ pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<
                     gt[y * mw + x] = u32::from(mask.get_pixel(x as u32, y as u32)[0] > 127);
                 }
             }
-            ev.add_image(&pred, &gt).map_err(|e| Error::Config { key: "eval".into(), reason: e.to_string() })?;
+            ev.add_image(&pred, &gt)
+                .map_err(|e| Error::Config { key: "eval".into(), reason: e.to_string() })?;
             images += 1;
         }
     }

@@ -209,7 +209,10 @@ impl TrainConfig {
             "vit_small16" | "paper" => Ok(Self::default()),
             "vit_tiny16" => Ok(Self { arch: "vit_tiny".into(), ..Self::default() }),
             "tiny" => Ok(Self::tiny()),
-            other => Err(Error::Config { key: "preset".into(), reason: format!("unknown preset `{other}` (vit_small16, vit_tiny16, tiny)") }),
+            other => Err(Error::Config {
+                key: "preset".into(),
+                reason: format!("unknown preset `{other}` (vit_small16, vit_tiny16, tiny)"),
+            }),
         }
     }
 
@@ -247,20 +250,27 @@ impl TrainConfig {
 
     /// Reads a TOML file on top of the defaults (or of `base`).
     pub fn from_toml_file(path: &Path, base: Option<Self>) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read config", path, e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io("cannot read config", path, e))?;
         Self::from_toml_str(&text, base).map_err(|e| match e {
-            Error::Config { key, reason } => Error::Config { key, reason: format!("{reason} (in {})", path.display()) },
+            Error::Config { key, reason } => {
+                Error::Config { key, reason: format!("{reason} (in {})", path.display()) }
+            }
             other => other,
         })
     }
 
     /// Parses TOML on top of `base` (defaults when `None`).
     pub fn from_toml_str(text: &str, base: Option<Self>) -> Result<Self> {
-        let overlay: toml::Table = text.parse::<toml::Table>().map_err(|e| Error::Config { key: "<toml>".into(), reason: e.to_string() })?;
-        let mut merged = toml::Table::try_from(base.unwrap_or_default()).map_err(|e| Error::Config { key: "<toml>".into(), reason: e.to_string() })?;
+        let overlay: toml::Table = text
+            .parse::<toml::Table>()
+            .map_err(|e| Error::Config { key: "<toml>".into(), reason: e.to_string() })?;
+        let mut merged = toml::Table::try_from(base.unwrap_or_default())
+            .map_err(|e| Error::Config { key: "<toml>".into(), reason: e.to_string() })?;
         merge(&mut merged, overlay);
         // Deserialise from text so that errors carry a span: the key is read from its line.
-        let doc = toml::to_string(&merged).map_err(|e| Error::Config { key: "<toml>".into(), reason: e.to_string() })?;
+        let doc = toml::to_string(&merged)
+            .map_err(|e| Error::Config { key: "<toml>".into(), reason: e.to_string() })?;
         let cfg: Self = toml::from_str(&doc).map_err(|e: toml::de::Error| {
             let msg = e.message().to_string();
             let key = msg
@@ -271,7 +281,11 @@ impl TrainConfig {
                     let span = e.span()?;
                     let start = doc[..span.start].rfind('\n').map_or(0, |i| i + 1);
                     let line = doc[start..].lines().next()?;
-                    let table = doc[..start].lines().rev().find(|l| l.starts_with('[')).map(|t| t.trim_matches(['[', ']']).to_string());
+                    let table = doc[..start]
+                        .lines()
+                        .rev()
+                        .find(|l| l.starts_with('['))
+                        .map(|t| t.trim_matches(['[', ']']).to_string());
                     let k = line.split('=').next()?.trim().to_string();
                     Some(match table {
                         Some(t) => format!("{t}.{k}"),
@@ -289,10 +303,17 @@ impl TrainConfig {
     pub fn with_overrides(self, overrides: &[String]) -> Result<Self> {
         let mut text = String::new();
         for o in overrides {
-            let (k, v) = o.split_once('=').ok_or_else(|| Error::Config { key: o.clone(), reason: "expected key=value".into() })?;
+            let (k, v) = o.split_once('=').ok_or_else(|| Error::Config {
+                key: o.clone(),
+                reason: "expected key=value".into(),
+            })?;
             let v = v.trim();
             // Bare words become strings: `device=cpu`.
-            let needs_quotes = v.parse::<toml::Value>().is_err() && !v.starts_with(['[', '"', '\'', '{']) && v.parse::<f64>().is_err() && v != "true" && v != "false";
+            let needs_quotes = v.parse::<toml::Value>().is_err()
+                && !v.starts_with(['[', '"', '\'', '{'])
+                && v.parse::<f64>().is_err()
+                && v != "true"
+                && v != "false";
             let v = if needs_quotes { format!("{v:?}") } else { v.to_string() };
             text.push_str(&format!("{} = {}\n", k.trim(), v));
         }
@@ -318,7 +339,10 @@ impl TrainConfig {
             return bad("lr", format!("{} must be a positive number", self.lr));
         }
         if !(0.0..1.0).contains(&self.warmup_epochs) {
-            return bad("warmup_epochs", format!("{} is a fraction of the epochs, in [0, 1)", self.warmup_epochs));
+            return bad(
+                "warmup_epochs",
+                format!("{} is a fraction of the epochs, in [0, 1)", self.warmup_epochs),
+            );
         }
         if !(0.0..=1.0).contains(&self.momentum_teacher) {
             return bad("momentum_teacher", format!("{} must be in [0, 1]", self.momentum_teacher));
@@ -327,49 +351,89 @@ impl TrainConfig {
             return bad("teacher_temp", "temperatures must be positive".into());
         }
         if self.use_fp16 {
-            return bad("use_fp16", "mixed precision is not supported by this trainer; set it to false".into());
+            return bad(
+                "use_fp16",
+                "mixed precision is not supported by this trainer; set it to false".into(),
+            );
         }
         if self.layernorm_on_mode {
             return bad("layernorm_on_mode", "not supported; set it to false".into());
         }
         if !self.post_layernorm {
-            return bad("post_layernorm", "only the post-LayerNorm backbone is supported; set it to true".into());
+            return bad(
+                "post_layernorm",
+                "only the post-LayerNorm backbone is supported; set it to true".into(),
+            );
         }
         if self.model_previous_stage.is_some() {
             if !(0.0..=1.0).contains(&self.mixture_bias) {
                 return bad("mixture_bias", format!("{} must be in [0, 1]", self.mixture_bias));
             }
             if !(self.map_sharpness > 0.0 && self.map_sharpness.is_finite()) {
-                return bad("map_sharpness", format!("{} must be a positive number", self.map_sharpness));
+                return bad(
+                    "map_sharpness",
+                    format!("{} must be a positive number", self.map_sharpness),
+                );
             }
             if self.attention_level == 0 {
                 return bad("attention_level", "must be at least 1".into());
             }
         }
         let a = &self.augment;
-        for (key, (lo, hi)) in [("global_crops_scale_t", a.global_crops_scale_t), ("global_crops_scale_s", a.global_crops_scale_s), ("local_crops_scale", a.local_crops_scale)] {
+        for (key, (lo, hi)) in [
+            ("global_crops_scale_t", a.global_crops_scale_t),
+            ("global_crops_scale_s", a.global_crops_scale_s),
+            ("local_crops_scale", a.local_crops_scale),
+        ] {
             if !(0.0 < lo && lo <= hi && hi <= 1.0) {
                 return bad(key, format!("({lo}, {hi}) must satisfy 0 < min <= max <= 1"));
             }
         }
-        for (key, p) in [("flip_p", a.flip_p), ("color_jitter_p", a.color_jitter_p), ("grayscale_p", a.grayscale_p)] {
+        for (key, p) in [
+            ("flip_p", a.flip_p),
+            ("color_jitter_p", a.color_jitter_p),
+            ("grayscale_p", a.grayscale_p),
+        ] {
             if !(0.0..=1.0).contains(&p) {
                 return bad(key, format!("{p} must be a probability in [0, 1]"));
             }
         }
         let [b, c, sat, hue] = a.color_jitter;
         if !([b, c, sat].iter().all(|v| (0.0..=1.0).contains(v)) && (0.0..=0.5).contains(&hue)) {
-            return bad("color_jitter", format!("{:?} must be [brightness, contrast, saturation] in [0, 1] and hue in [0, 0.5]", a.color_jitter));
+            return bad(
+                "color_jitter",
+                format!(
+                    "{:?} must be [brightness, contrast, saturation] in [0, 1] and hue in [0, 0.5]",
+                    a.color_jitter
+                ),
+            );
         }
-        if a.global_resize as usize % self.patch_size != 0 || a.local_resize as usize % self.patch_size != 0 {
-            return bad("global_resize", format!("crop sizes {} / {} must be multiples of patch_size {}", a.global_resize, a.local_resize, self.patch_size));
+        if a.global_resize as usize % self.patch_size != 0
+            || a.local_resize as usize % self.patch_size != 0
+        {
+            return bad(
+                "global_resize",
+                format!(
+                    "crop sizes {} / {} must be multiples of patch_size {}",
+                    a.global_resize, a.local_resize, self.patch_size
+                ),
+            );
         }
-        let (gfs, lfs) = (a.global_resize as usize / self.patch_size, a.local_resize as usize / self.patch_size);
+        let (gfs, lfs) =
+            (a.global_resize as usize / self.patch_size, a.local_resize as usize / self.patch_size);
         if a.sampling_window_size_g == 0 || a.sampling_window_size_g > gfs {
-            return bad("sampling_window_size_g", format!("{} must be in 1..={gfs}", a.sampling_window_size_g));
+            return bad(
+                "sampling_window_size_g",
+                format!("{} must be in 1..={gfs}", a.sampling_window_size_g),
+            );
         }
-        if a.local_crops_number > 0 && (a.sampling_window_size_l == 0 || a.sampling_window_size_l > lfs) {
-            return bad("sampling_window_size_l", format!("{} must be in 1..={lfs}", a.sampling_window_size_l));
+        if a.local_crops_number > 0
+            && (a.sampling_window_size_l == 0 || a.sampling_window_size_l > lfs)
+        {
+            return bad(
+                "sampling_window_size_l",
+                format!("{} must be in 1..={lfs}", a.sampling_window_size_l),
+            );
         }
         if let Some(d) = self.device_choice_err() {
             return bad("device", d);
@@ -385,10 +449,13 @@ impl TrainConfig {
     /// The backbone configuration.
     pub fn vit_config(&self) -> Result<VitConfig> {
         let base = match self.arch.as_str() {
-            "custom" => VitConfig::new(self.embed_dim, self.depth, self.num_heads).with_mlp_ratio(self.mlp_ratio),
+            "custom" => VitConfig::new(self.embed_dim, self.depth, self.num_heads)
+                .with_mlp_ratio(self.mlp_ratio),
             a => VitConfig::preset(a).ok_or_else(|| Error::Config {
                 key: "arch".into(),
-                reason: format!("unknown architecture `{a}` (vit_tiny, vit_small, vit_base, custom)"),
+                reason: format!(
+                    "unknown architecture `{a}` (vit_tiny, vit_small, vit_base, custom)"
+                ),
             })?,
         };
         Ok(base
@@ -430,34 +497,64 @@ mod tests {
         assert!(e.contains("lr"), "{e}");
         let e = TrainConfig::from_toml_str("learning_rate = 0.1", None).unwrap_err().to_string();
         assert!(e.contains("learning_rate"), "{e}");
-        let e = TrainConfig::default().with_overrides(&["augment.sampling_window_size_g=99".into()]).unwrap_err().to_string();
+        let e = TrainConfig::default()
+            .with_overrides(&["augment.sampling_window_size_g=99".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sampling_window_size_g"), "{e}");
-        let e = TrainConfig::default().with_overrides(&["augment.color_jitter_p=1.5".into()]).unwrap_err().to_string();
+        let e = TrainConfig::default()
+            .with_overrides(&["augment.color_jitter_p=1.5".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("color_jitter_p") && e.contains("probability"), "{e}");
-        let e = TrainConfig::default().with_overrides(&["augment.color_jitter=[0.4, 0.4, 0.2, 0.7]".into()]).unwrap_err().to_string();
+        let e = TrainConfig::default()
+            .with_overrides(&["augment.color_jitter=[0.4, 0.4, 0.2, 0.7]".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("color_jitter") && e.contains("hue"), "{e}");
-        let e = TrainConfig::default().with_overrides(&["device=tpu".into()]).unwrap_err().to_string();
+        let e =
+            TrainConfig::default().with_overrides(&["device=tpu".into()]).unwrap_err().to_string();
         assert!(e.contains("device"), "{e}");
-        let e = TrainConfig::default().with_overrides(&["device=\"cuda:0,cpu\"".into()]).unwrap_err().to_string();
+        let e = TrainConfig::default()
+            .with_overrides(&["device=\"cuda:0,cpu\"".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("device") && e.contains("mixes"), "{e}");
-        let e = TrainConfig::default().with_overrides(&["device=\"cuda:1,cuda:1\"".into()]).unwrap_err().to_string();
+        let e = TrainConfig::default()
+            .with_overrides(&["device=\"cuda:1,cuda:1\"".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("device") && e.contains("twice"), "{e}");
     }
 
     #[test]
     fn device_lists_give_the_replica_count() {
         use crate::backend::{DeviceChoice, parse_devices};
-        assert_eq!(parse_devices("cuda:0,cuda:1").unwrap(), vec![DeviceChoice::Cuda(0), DeviceChoice::Cuda(1)]);
-        assert_eq!(parse_devices("cuda:2,3").unwrap(), vec![DeviceChoice::Cuda(2), DeviceChoice::Cuda(3)]);
+        assert_eq!(
+            parse_devices("cuda:0,cuda:1").unwrap(),
+            vec![DeviceChoice::Cuda(0), DeviceChoice::Cuda(1)]
+        );
+        assert_eq!(
+            parse_devices("cuda:2,3").unwrap(),
+            vec![DeviceChoice::Cuda(2), DeviceChoice::Cuda(3)]
+        );
         assert_eq!(parse_devices("cpu, cpu").unwrap(), vec![DeviceChoice::Cpu, DeviceChoice::Cpu]);
-        let c = TrainConfig::default().with_overrides(&["device=\"cuda:0,cuda:1,cuda:2\"".into()]).unwrap();
+        let c = TrainConfig::default()
+            .with_overrides(&["device=\"cuda:0,cuda:1,cuda:2\"".into()])
+            .unwrap();
         assert_eq!(c.world_size(), 3);
         assert_eq!(TrainConfig::default().world_size(), 1);
     }
 
     #[test]
     fn overrides_and_round_trip() {
-        let c = TrainConfig::tiny().with_overrides(&["epochs=3".into(), "arch=vit_tiny".into(), "augment.local_crops_scale=[0.2, 0.5]".into()]).unwrap();
+        let c = TrainConfig::tiny()
+            .with_overrides(&[
+                "epochs=3".into(),
+                "arch=vit_tiny".into(),
+                "augment.local_crops_scale=[0.2, 0.5]".into(),
+            ])
+            .unwrap();
         assert_eq!(c.epochs, 3);
         assert_eq!(c.arch, "vit_tiny");
         assert_eq!(c.augment.local_crops_scale, (0.2, 0.5));

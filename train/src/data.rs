@@ -71,7 +71,9 @@ impl ImageFolder {
     pub fn scan_excluding(root: &Path, tile: Option<u32>, exclude: &[String]) -> Result<Self> {
         let mut files = Vec::new();
         walk(root, &mut files)?;
-        files.retain(|p| !p.file_name().is_some_and(|n| exclude.iter().any(|e| n.to_string_lossy() == *e)));
+        files.retain(|p| {
+            !p.file_name().is_some_and(|n| exclude.iter().any(|e| n.to_string_lossy() == *e))
+        });
         Self::from_files(&files, tile)
     }
 
@@ -99,7 +101,10 @@ impl ImageFolder {
                         for ix in 0..nx {
                             let (x0, x1) = (ix * w / nx, (ix + 1) * w / nx);
                             let (y0, y1) = (iy * h / ny, (iy + 1) * h / ny);
-                            items.push(Item { path: p.clone(), tile: Some((x0, y0, x1 - x0, y1 - y0)) });
+                            items.push(Item {
+                                path: p.clone(),
+                                tile: Some((x0, y0, x1 - x0, y1 - y0)),
+                            });
                             file_index.push(n_files);
                         }
                     }
@@ -149,7 +154,11 @@ impl ImageFolder {
         Ok(match item.tile {
             Some((x, y, w, h)) => {
                 if x + w > full.width() || y + h > full.height() {
-                    return Err(format!("tile outside the image ({}x{})", full.width(), full.height()));
+                    return Err(format!(
+                        "tile outside the image ({}x{})",
+                        full.width(),
+                        full.height()
+                    ));
                 }
                 image::imageops::crop_imm(&*full, x, y, w, h).to_image()
             }
@@ -177,7 +186,8 @@ pub struct EpochStats {
 /// The sample order of an epoch (a seeded shuffle).
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     order.shuffle(&mut rng);
     order
 }
@@ -243,8 +253,14 @@ impl Loader {
         let cfg = Arc::new(cfg);
         let mut handles = Vec::new();
         for _ in 0..workers.max(1) {
-            let (tx, counter, consumed, order, dataset, cfg) =
-                (tx.clone(), counter.clone(), consumed.clone(), order.clone(), dataset.clone(), cfg.clone());
+            let (tx, counter, consumed, order, dataset, cfg) = (
+                tx.clone(),
+                counter.clone(),
+                consumed.clone(),
+                order.clone(),
+                dataset.clone(),
+                cfg.clone(),
+            );
             handles.push(std::thread::spawn(move || {
                 loop {
                     let pos = counter.fetch_add(1, Ordering::SeqCst);
@@ -351,7 +367,11 @@ mod tests {
     use super::*;
 
     fn folder_with(n: usize, corrupt: &[usize]) -> (PathBuf, ImageFolder) {
-        let dir = std::env::temp_dir().join(format!("flsl-data-{}-{n}-{}", std::process::id(), corrupt.len()));
+        let dir = std::env::temp_dir().join(format!(
+            "flsl-data-{}-{n}-{}",
+            std::process::id(),
+            corrupt.len()
+        ));
         std::fs::create_dir_all(dir.join("sub")).unwrap();
         for i in 0..n {
             let p = dir.join("sub").join(format!("img{i:02}.png"));
@@ -359,10 +379,15 @@ mod tests {
                 // A valid PNG header with a truncated body: the header reads, decoding fails.
                 let img = RgbImage::from_pixel(40, 40, image::Rgb([9, 9, 9]));
                 let mut bytes = Vec::new();
-                img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+                img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+                    .unwrap();
                 std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
             } else {
-                RgbImage::from_fn(40, 40, |x, y| image::Rgb([(x * 6) as u8, (y * 6) as u8, i as u8])).save(&p).unwrap();
+                RgbImage::from_fn(40, 40, |x, y| {
+                    image::Rgb([(x * 6) as u8, (y * 6) as u8, i as u8])
+                })
+                .save(&p)
+                .unwrap();
             }
         }
         std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
@@ -371,7 +396,13 @@ mod tests {
     }
 
     fn cfg() -> AugmentConfig {
-        AugmentConfig { global_resize: 32, local_resize: 16, sampling_window_size_g: 2, sampling_window_size_l: 1, ..Default::default() }
+        AugmentConfig {
+            global_resize: 32,
+            local_resize: 16,
+            sampling_window_size_g: 2,
+            sampling_window_size_l: 1,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub struct DemoOptions {
 
 /// The repository's embedded demo images.
 pub fn default_data() -> PathBuf {
-    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../data/neon-aerial-trees/images")
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../data/neon-aerial-trees/images")
 }
 
 impl Default for DemoOptions {
@@ -112,16 +115,27 @@ const MAP_SIDE: u32 = 256;
 pub const MAP_CLUSTERS: usize = 4;
 
 /// The prototype map, the k-means map and the features (with their width) of one image.
-fn maps<B: Backend>(model: &FlslModel<B>, img: &image::RgbImage, device: &B::Device) -> (ClusterMap, ClusterMap, Vec<f32>, usize) {
+fn maps<B: Backend>(
+    model: &FlslModel<B>,
+    img: &image::RgbImage,
+    device: &B::Device,
+) -> (ClusterMap, ClusterMap, Vec<f32>, usize) {
     let (feats, d, proto) = cluster::image_features(model, img, MAP_SIDE, device);
-    let km = ClusterMap { gh: proto.gh, gw: proto.gw, labels: cluster::kmeans(&feats, d, MAP_CLUSTERS, 20) };
+    let km = ClusterMap {
+        gh: proto.gh,
+        gw: proto.gw,
+        labels: cluster::kmeans(&feats, d, MAP_CLUSTERS, 20),
+    };
     (proto, km, feats, d)
 }
 
 /// Runs the demo.
 pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Result<DemoReport> {
     if !opts.data.is_dir() {
-        return Err(Error::Config { key: "data".into(), reason: format!("{} is not a folder of images", opts.data.display()) });
+        return Err(Error::Config {
+            key: "data".into(),
+            reason: format!("{} is not a folder of images", opts.data.display()),
+        });
     }
     let steps_per_epoch = 4;
     let mut cfg = TrainConfig::tiny();
@@ -162,9 +176,14 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
     // same seed), so that the "random init" panel and scores are reproducible and compare the
     // training with where it began.
     let (vit, head) = (cfg.vit_config()?, cfg.head_config());
-    let random_model = crate::model::layers::with_seed(cfg.seed, || FlslModel::<B::InnerBackend>::init(&vit, &head, &device));
+    let random_model = crate::model::layers::with_seed(cfg.seed, || {
+        FlslModel::<B::InnerBackend>::init(&vit, &head, &device)
+    });
     let t0 = Instant::now();
-    let run = train(Run::<B>::new(cfg.clone(), device.clone())?, &TrainOptions { max_steps: Some(opts.steps), progress: opts.progress })?;
+    let run = train(
+        Run::<B>::new(cfg.clone(), device.clone())?,
+        &TrainOptions { max_steps: Some(opts.steps), progress: opts.progress },
+    )?;
     let train_seconds = t0.elapsed().as_secs_f64();
     let hist = &run.state.history;
     let loss_start = hist.first().map_or(f64::NAN, |h| h.1.total);
@@ -177,18 +196,44 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
     let mut held = Vec::new();
     for name in &opts.held_out {
         let path = opts.data.join(name);
-        let img = image::open(&path).map_err(|e| Error::malformed("image", &path, e.to_string()))?.to_rgb8();
+        let img = image::open(&path)
+            .map_err(|e| Error::malformed("image", &path, e.to_string()))?
+            .to_rgb8();
         let (proto, km, feats, d_feat) = maps(&teacher, &img, &device);
         let (_, km_rand, feats_rand, _) = maps(&random_model, &img, &device);
         let boxes = voc_for(&opts.data, name).map(|p| cluster::read_voc_boxes(&p)).transpose()?;
         let (w, h) = (img.width() as f32, img.height() as f32);
-        let sep = |m: &ClusterMap| boxes.as_ref().and_then(|b| cluster::crown_separation(m, b, w, h));
-        let probe = |f: &[f32], d: usize| boxes.as_ref().and_then(|b| cluster::crown_probe_auc(f, d, km.gh, km.gw, b, w, h));
+        let sep =
+            |m: &ClusterMap| boxes.as_ref().and_then(|b| cluster::crown_separation(m, b, w, h));
+        let probe = |f: &[f32], d: usize| {
+            boxes.as_ref().and_then(|b| cluster::crown_probe_auc(f, d, km.gh, km.gw, b, w, h))
+        };
         let (colour, d) = cluster::patch_colour_features(&img, MAP_SIDE, cfg.patch_size as u32);
-        let km_colour = ClusterMap { gh: km.gh, gw: km.gw, labels: cluster::kmeans(&colour, d, MAP_CLUSTERS, 20) };
-        let show = image::imageops::resize(&img, 384, 384 * img.height() / img.width().max(1), image::imageops::FilterType::Triangle);
-        let out = opts.out.join(format!("cluster_{}.png", Path::new(name).file_stem().map_or("img".into(), |s| s.to_string_lossy())));
-        cluster::save_panels(&out, &[show.clone(), cluster::overlay(&show, &proto), cluster::overlay(&show, &km), cluster::overlay(&show, &km_rand), cluster::overlay(&show, &km_colour)])?;
+        let km_colour = ClusterMap {
+            gh: km.gh,
+            gw: km.gw,
+            labels: cluster::kmeans(&colour, d, MAP_CLUSTERS, 20),
+        };
+        let show = image::imageops::resize(
+            &img,
+            384,
+            384 * img.height() / img.width().max(1),
+            image::imageops::FilterType::Triangle,
+        );
+        let out = opts.out.join(format!(
+            "cluster_{}.png",
+            Path::new(name).file_stem().map_or("img".into(), |s| s.to_string_lossy())
+        ));
+        cluster::save_panels(
+            &out,
+            &[
+                show.clone(),
+                cluster::overlay(&show, &proto),
+                cluster::overlay(&show, &km),
+                cluster::overlay(&show, &km_rand),
+                cluster::overlay(&show, &km_colour),
+            ],
+        )?;
         let mut protos = proto.labels.clone();
         protos.sort_unstable();
         protos.dedup();
@@ -196,8 +241,16 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
             image: name.clone(),
             overlay: out,
             prototypes_on_image: protos.len(),
-            crown_separation: Scores { trained: sep(&km), random: sep(&km_rand), colour: sep(&km_colour) },
-            crown_probe: Scores { trained: probe(&feats, d_feat), random: probe(&feats_rand, d_feat), colour: probe(&colour, d) },
+            crown_separation: Scores {
+                trained: sep(&km),
+                random: sep(&km_rand),
+                colour: sep(&km_colour),
+            },
+            crown_probe: Scores {
+                trained: probe(&feats, d_feat),
+                random: probe(&feats_rand, d_feat),
+                colour: probe(&colour, d),
+            },
         });
     }
     let report = DemoReport {
@@ -210,7 +263,10 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
         assignment_entropy: last.map_or(0.0, |e| e.assignment_entropy),
         held_out: held,
     };
-    crate::tensors::write_atomic(&opts.out.join("report.json"), &serde_json::to_vec_pretty(&report).expect("report serialises"))?;
+    crate::tensors::write_atomic(
+        &opts.out.join("report.json"),
+        &serde_json::to_vec_pretty(&report).expect("report serialises"),
+    )?;
     crate::tensors::write_atomic(&opts.out.join("report.md"), render_markdown(&report).as_bytes())?;
     Ok(report)
 }
@@ -225,8 +281,16 @@ pub fn render_markdown(r: &DemoReport) -> String {
         c.embed_dim, c.depth, c.patch_size, c.num_heads, c.head_hidden_dim, c.out_dim, c.augment.global_resize, c.augment.local_resize,
         c.augment.local_crops_number, c.batch_size_per_gpu
     ));
-    s.push_str(&format!("Training: {} steps in {:.0} s ({:.2} s/step) on the CPU backend.\n\n", r.steps, r.train_seconds, r.train_seconds / r.steps.max(1) as f64));
-    s.push_str(&format!("Loss: {:.4} at the first step, {:.4} over the last 10 steps.\n\n", r.loss_start, r.loss_end));
+    s.push_str(&format!(
+        "Training: {} steps in {:.0} s ({:.2} s/step) on the CPU backend.\n\n",
+        r.steps,
+        r.train_seconds,
+        r.train_seconds / r.steps.max(1) as f64
+    ));
+    s.push_str(&format!(
+        "Loss: {:.4} at the first step, {:.4} over the last 10 steps.\n\n",
+        r.loss_start, r.loss_end
+    ));
     s.push_str(&format!(
         "Collapse monitor: the teacher used {} of {} prototypes in the last epoch (normalised assignment entropy {:.3}; 0 would be collapse).\n\n",
         r.prototypes_used, c.out_dim, r.assignment_entropy
@@ -237,7 +301,13 @@ pub fn render_markdown(r: &DemoReport) -> String {
     for h in &r.held_out {
         let f = |v: Option<f64>| v.map_or("n/a (no boxes)".to_string(), |v| format!("{v:.3}"));
         let cells = |c: &Scores| format!("{} | {} | {}", f(c.trained), f(c.random), f(c.colour));
-        s.push_str(&format!("| {} | {} | {} | {} |\n", h.image, h.prototypes_on_image, cells(&h.crown_separation), cells(&h.crown_probe)));
+        s.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            h.image,
+            h.prototypes_on_image,
+            cells(&h.crown_separation),
+            cells(&h.crown_probe)
+        ));
     }
     s.push_str(&format!("\nPanels in `cluster_*.png`: image | prototype assignment (trained teacher) | k-means k={MAP_CLUSTERS} of the trained features | of a randomly initialised backbone's | of plain patch colour (mean and spread of R, G, B per patch).\n"));
     s.push_str(&format!("Crown separation J: crown patches = centre in the central {:.0} % of a tree-crown box, ground patches = outside every box; J = recall on crown minus false-positive rate on ground for the best set of clusters called crown (0 = none, 1 = perfect).\n", cluster::CROWN_CORE * 100.0));

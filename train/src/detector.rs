@@ -23,9 +23,9 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
+use flsl_runtime::perception::Detection;
 use flsl_runtime::perception::decode::{HeadDims, decode};
 use flsl_runtime::perception::nms::nms;
-use flsl_runtime::perception::Detection;
 use image::{RgbImage, imageops};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -86,7 +86,9 @@ impl DetHeadConfig {
         heat.bias = Some(Param::from_tensor(Tensor::full([c], -2.19, device)));
         DetHead {
             up: ConvTranspose2dConfig::new([d, h], [2, 2]).with_stride([2, 2]).init(device),
-            conv: Conv2dConfig::new([h, h], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device),
+            conv: Conv2dConfig::new([h, h], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
             heat,
             offset: one(2),
             size: one(2),
@@ -103,14 +105,22 @@ impl<B: Backend> DetHead<B> {
         // conv_transpose2d is ~100x slower). The exported graph uses ONNX ConvTranspose.
         let [_, hidden, _, _] = self.up.weight.val().dims();
         let w = self.up.weight.val().reshape([1, d, hidden * 4]);
-        let x = feats.matmul(w).reshape([b, gh, gw, hidden, 2, 2]).permute([0, 3, 1, 4, 2, 5]).reshape([b, hidden, 2 * gh, 2 * gw]);
+        let x = feats
+            .matmul(w)
+            .reshape([b, gh, gw, hidden, 2, 2])
+            .permute([0, 3, 1, 4, 2, 5])
+            .reshape([b, hidden, 2 * gh, 2 * gw]);
         let x = match &self.up.bias {
             Some(bias) => x + bias.val().reshape([1, hidden, 1, 1]),
             None => x,
         };
         let x = relu(x);
         let x = relu(self.conv.forward(x));
-        DetMaps { heat: self.heat.forward(x.clone()), offset: self.offset.forward(x.clone()), log_size: self.size.forward(x) }
+        DetMaps {
+            heat: self.heat.forward(x.clone()),
+            offset: self.offset.forward(x.clone()),
+            log_size: self.size.forward(x),
+        }
     }
 
     /// Host tensors under the exported names.
@@ -123,7 +133,12 @@ impl<B: Backend> DetHead<B> {
             }
         };
         put("up", self.up.weight.val(), self.up.bias.as_ref().map(|b| b.val()));
-        for (name, c) in [("conv", &self.conv), ("heat", &self.heat), ("offset", &self.offset), ("size", &self.size)] {
+        for (name, c) in [
+            ("conv", &self.conv),
+            ("heat", &self.heat),
+            ("offset", &self.offset),
+            ("size", &self.size),
+        ] {
             put(name, c.weight.val(), c.bias.as_ref().map(|b| b.val()));
         }
         m
@@ -132,16 +147,30 @@ impl<B: Backend> DetHead<B> {
     /// Loads weights written by [`DetHead::state_dict`].
     pub fn load(mut self, map: &TensorMap, path: &Path, device: &B::Device) -> Result<Self> {
         let get4 = |name: &str, like: &Tensor<B, 4>| -> Result<Tensor<B, 4>> {
-            let t = map.get(name).ok_or_else(|| Error::MissingTensor { name: name.into(), path: path.into() })?;
+            let t = map
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor { name: name.into(), path: path.into() })?;
             if t.shape != like.dims() {
-                return Err(Error::ShapeMismatch { name: name.into(), path: path.into(), expected: like.dims().to_vec(), found: t.shape.clone() });
+                return Err(Error::ShapeMismatch {
+                    name: name.into(),
+                    path: path.into(),
+                    expected: like.dims().to_vec(),
+                    found: t.shape.clone(),
+                });
             }
             Ok(t.to_device::<B, 4>(device))
         };
         let get1 = |name: &str, n: usize| -> Result<Tensor<B, 1>> {
-            let t = map.get(name).ok_or_else(|| Error::MissingTensor { name: name.into(), path: path.into() })?;
+            let t = map
+                .get(name)
+                .ok_or_else(|| Error::MissingTensor { name: name.into(), path: path.into() })?;
             if t.shape != [n] {
-                return Err(Error::ShapeMismatch { name: name.into(), path: path.into(), expected: vec![n], found: t.shape.clone() });
+                return Err(Error::ShapeMismatch {
+                    name: name.into(),
+                    path: path.into(),
+                    expected: vec![n],
+                    found: t.shape.clone(),
+                });
             }
             Ok(t.to_device::<B, 1>(device))
         };
@@ -149,7 +178,12 @@ impl<B: Backend> DetHead<B> {
         let n = w.dims()[1];
         self.up.weight = Param::from_tensor(w);
         self.up.bias = Some(Param::from_tensor(get1("det.up.bias", n)?));
-        for (name, c) in [("conv", &mut self.conv), ("heat", &mut self.heat), ("offset", &mut self.offset), ("size", &mut self.size)] {
+        for (name, c) in [
+            ("conv", &mut self.conv),
+            ("heat", &mut self.heat),
+            ("offset", &mut self.offset),
+            ("size", &mut self.size),
+        ] {
             let w = get4(&format!("det.{name}.weight"), &c.weight.val())?;
             let n = w.dims()[0];
             c.weight = Param::from_tensor(w);
@@ -176,9 +210,21 @@ pub struct Targets {
 
 /// Targets for boxes `(xyxy in pixels, class)` on a map of `h x w` cells of `stride` pixels.
 /// Gaussian per box with `sigma = size / 6` on each axis (at least half a cell).
-pub fn make_targets(boxes: &[([f32; 4], usize)], classes: usize, h: usize, w: usize, stride: f32) -> Targets {
+pub fn make_targets(
+    boxes: &[([f32; 4], usize)],
+    classes: usize,
+    h: usize,
+    w: usize,
+    stride: f32,
+) -> Targets {
     let plane = h * w;
-    let mut t = Targets { heat: vec![0.0; classes * plane], mask: vec![0.0; plane], offset: vec![0.0; 2 * plane], log_size: vec![0.0; 2 * plane], num_pos: 0 };
+    let mut t = Targets {
+        heat: vec![0.0; classes * plane],
+        mask: vec![0.0; plane],
+        offset: vec![0.0; 2 * plane],
+        log_size: vec![0.0; 2 * plane],
+        num_pos: 0,
+    };
     for &(b, c) in boxes {
         let (bw, bh) = ((b[2] - b[0]) / stride, (b[3] - b[1]) / stride);
         if !(bw > 0.0 && bh > 0.0) || c >= classes {
@@ -228,7 +274,14 @@ pub struct DetLoss {
 }
 
 /// CenterNet's losses on a batch; returns the differentiable total and the terms' tensors.
-pub fn det_loss<B: Backend>(maps: &DetMaps<B>, heat_t: Tensor<B, 4>, mask: Tensor<B, 4>, offset_t: Tensor<B, 4>, log_size_t: Tensor<B, 4>, num_pos: usize) -> [Tensor<B, 1>; 4] {
+pub fn det_loss<B: Backend>(
+    maps: &DetMaps<B>,
+    heat_t: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    offset_t: Tensor<B, 4>,
+    log_size_t: Tensor<B, 4>,
+    num_pos: usize,
+) -> [Tensor<B, 1>; 4] {
     let n = num_pos.max(1) as f64;
     let x = maps.heat.clone();
     let p = sigmoid(x.clone());
@@ -284,7 +337,10 @@ impl DetectorOptions {
         let data = crate::demo::default_data().parent().map(Path::to_path_buf).unwrap_or_default();
         Self {
             checkpoint,
-            annotations: vec![data.join("trees.coco.json"), data.join("soap061_alive_dead.coco.json")],
+            annotations: vec![
+                data.join("trees.coco.json"),
+                data.join("soap061_alive_dead.coco.json"),
+            ],
             images: None,
             holdout: vec!["OSBS_029.png".into()],
             single_class: Some("tree".into()),
@@ -346,26 +402,36 @@ fn progress_bar(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let b = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what}  {{msg}}")) {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what}  {{msg}}"
+    )) {
         b.set_style(style.progress_chars("=> "));
     }
     b
 }
 
 /// Loads the backbone (teacher) of a checkpoint for inference.
-pub fn load_backbone<B: Backend>(checkpoint: &Path, device: &B::Device) -> Result<(Vit<B>, PathBuf)> {
+pub fn load_backbone<B: Backend>(
+    checkpoint: &Path,
+    device: &B::Device,
+) -> Result<(Vit<B>, PathBuf)> {
     let (file, cfg) = crate::export::resolve_checkpoint(checkpoint, Part::Teacher)?;
     let map = checkpoint::read_weights(&file, Part::Teacher)?;
     let vit_cfg = match cfg {
         Some(c) => {
             let text = std::fs::read_to_string(&c).map_err(|e| Error::io("cannot read", &c, e))?;
-            let cfg: TrainConfig = serde_json::from_str(&text).map_err(|e| Error::malformed("json", &c, e.to_string()))?;
+            let cfg: TrainConfig = serde_json::from_str(&text)
+                .map_err(|e| Error::malformed("json", &c, e.to_string()))?;
             cfg.vit_config()?
         }
         None => {
-            let src = crate::export::load_source(checkpoint, &crate::export::ExportOptions::default())?;
+            let src =
+                crate::export::load_source(checkpoint, &crate::export::ExportOptions::default())?;
             let s = src.spec;
-            let rows = map.get("backbone.pos_embed").or_else(|| map.get("pos_embed")).map_or(0, |t| t.numel() / s.embed_dim.max(1));
+            let rows = map
+                .get("backbone.pos_embed")
+                .or_else(|| map.get("pos_embed"))
+                .map_or(0, |t| t.numel() / s.embed_dim.max(1));
             let g = (rows as f64).sqrt().floor() as usize;
             crate::model::VitConfig::new(s.embed_dim, s.depth, s.num_heads)
                 .with_patch_size(s.patch_size)
@@ -378,7 +444,11 @@ pub fn load_backbone<B: Backend>(checkpoint: &Path, device: &B::Device) -> Resul
 }
 
 /// The 8 dihedral transforms of a square tile and its boxes.
-fn dihedral(img: &RgbImage, boxes: &[([f32; 4], usize)], k: usize) -> (RgbImage, Vec<([f32; 4], usize)>) {
+fn dihedral(
+    img: &RgbImage,
+    boxes: &[([f32; 4], usize)],
+    k: usize,
+) -> (RgbImage, Vec<([f32; 4], usize)>) {
     let s = img.width() as f32;
     let mut im = img.clone();
     let mut bx: Vec<([f32; 4], usize)> = boxes.to_vec();
@@ -399,7 +469,11 @@ fn dihedral(img: &RgbImage, boxes: &[([f32; 4], usize)], k: usize) -> (RgbImage,
 
 /// Tiles of `img` (side `t`, stride `t/2`, the last one flush with the border) with the boxes
 /// that keep at least half their area inside, clipped.
-fn tiles(img: &RgbImage, boxes: &[([f32; 4], usize)], t: u32) -> Vec<(RgbImage, Vec<([f32; 4], usize)>)> {
+fn tiles(
+    img: &RgbImage,
+    boxes: &[([f32; 4], usize)],
+    t: u32,
+) -> Vec<(RgbImage, Vec<([f32; 4], usize)>)> {
     let starts = |len: u32| -> Vec<u32> {
         if len <= t {
             return vec![0];
@@ -419,7 +493,12 @@ fn tiles(img: &RgbImage, boxes: &[([f32; 4], usize)], t: u32) -> Vec<(RgbImage, 
             let kept = boxes
                 .iter()
                 .filter_map(|&(b, c)| {
-                    let cl = [(b[0] - fx).max(0.0), (b[1] - fy).max(0.0), (b[2] - fx).min(t as f32), (b[3] - fy).min(t as f32)];
+                    let cl = [
+                        (b[0] - fx).max(0.0),
+                        (b[1] - fy).max(0.0),
+                        (b[2] - fx).min(t as f32),
+                        (b[3] - fy).min(t as f32),
+                    ];
                     let area = |b: &[f32; 4]| (b[2] - b[0]).max(0.0) * (b[3] - b[1]).max(0.0);
                     (area(&cl) >= 0.5 * area(&b) && area(&cl) > 0.0).then_some((cl, c))
                 })
@@ -434,7 +513,10 @@ fn scaled(img: &RgbImage, scale: f32) -> RgbImage {
     if (scale - 1.0).abs() < 1e-6 {
         return img.clone();
     }
-    let (w, h) = (((img.width() as f32 * scale).round() as u32).max(1), ((img.height() as f32 * scale).round() as u32).max(1));
+    let (w, h) = (
+        ((img.width() as f32 * scale).round() as u32).max(1),
+        ((img.height() as f32 * scale).round() as u32).max(1),
+    );
     imageops::resize(img, w, h, imageops::FilterType::CatmullRom)
 }
 
@@ -452,12 +534,22 @@ fn features<B: Backend>(vit: &Vit<B>, imgs: &[&RgbImage], device: &B::Device) ->
 
 /// Detections of a trained head on a whole image (cropped to a multiple of the patch size),
 /// in the image's own pixels.
-pub fn detect_image<B: Backend>(vit: &Vit<B>, head: &DetHead<B>, meta: &DetectorMeta, img: &RgbImage, threshold: f32, device: &B::Device) -> Result<Vec<Detection>> {
+pub fn detect_image<B: Backend>(
+    vit: &Vit<B>,
+    head: &DetHead<B>,
+    meta: &DetectorMeta,
+    img: &RgbImage,
+    threshold: f32,
+    device: &B::Device,
+) -> Result<Vec<Detection>> {
     let im = scaled(img, meta.scale);
     let p = meta.patch_size as u32;
     let (w, h) = (im.width() / p * p, im.height() / p * p);
     if w == 0 || h == 0 {
-        return Err(Error::Shape { op: "detect", reason: format!("image {}x{} is smaller than one patch", img.width(), img.height()) });
+        return Err(Error::Shape {
+            op: "detect",
+            reason: format!("image {}x{} is smaller than one patch", img.width(), img.height()),
+        });
     }
     let im = imageops::crop_imm(&im, 0, 0, w, h).to_image();
     let (gh, gw) = ((h / p) as usize, (w / p) as usize);
@@ -466,10 +558,15 @@ pub fn detect_image<B: Backend>(vit: &Vit<B>, head: &DetHead<B>, meta: &Detector
     let feats = Tensor::<B, 3>::from_data(TensorData::new(f, [1, gh * gw, d]), device);
     let maps = head.forward(feats, gh, gw);
     let heat = sigmoid(maps.heat).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-    let boxes = Tensor::cat(vec![sigmoid(maps.offset), maps.log_size.exp()], 1).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    let boxes = Tensor::cat(vec![sigmoid(maps.offset), maps.log_size.exp()], 1)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default();
     let dims = HeadDims::new(meta.head.classes, 2 * gh, 2 * gw, meta.stride);
     let mut out = vec![Detection::EMPTY; 300];
-    let count = decode(&heat, &boxes, &dims, threshold, &mut out).map_err(|e| Error::Shape { op: "decode", reason: format!("{e:?}") })?;
+    let count = decode(&heat, &boxes, &dims, threshold, &mut out)
+        .map_err(|e| Error::Shape { op: "decode", reason: format!("{e:?}") })?;
     out.truncate(count.written);
     let kept = nms(&mut out, 0.5);
     out.truncate(kept);
@@ -478,7 +575,12 @@ pub fn detect_image<B: Backend>(vit: &Vit<B>, head: &DetHead<B>, meta: &Detector
 }
 
 /// COCO ground truth + results for `images` (file names as given), written to `dir`.
-fn write_coco(dir: &Path, classes: &[String], gt: &[(&Annotated, (u32, u32))], dets: &[Vec<Detection>]) -> Result<(PathBuf, PathBuf)> {
+fn write_coco(
+    dir: &Path,
+    classes: &[String],
+    gt: &[(&Annotated, (u32, u32))],
+    dets: &[Vec<Detection>],
+) -> Result<(PathBuf, PathBuf)> {
     let mut images = Vec::new();
     let mut anns = Vec::new();
     let mut results = Vec::new();
@@ -495,45 +597,80 @@ fn write_coco(dir: &Path, classes: &[String], gt: &[(&Annotated, (u32, u32))], d
             results.push(serde_json::json!({"image_id": id, "category_id": d.class as usize + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": d.score}));
         }
     }
-    let cats: Vec<_> = classes.iter().enumerate().map(|(i, c)| serde_json::json!({"id": i + 1, "name": c})).collect();
+    let cats: Vec<_> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| serde_json::json!({"id": i + 1, "name": c}))
+        .collect();
     let gt_path = dir.join("holdout.gt.json");
     let dt_path = dir.join("holdout.dt.json");
     let gtv = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
-    crate::tensors::write_atomic(&gt_path, serde_json::to_string(&gtv).unwrap_or_default().as_bytes())?;
-    crate::tensors::write_atomic(&dt_path, serde_json::to_string(&results).unwrap_or_default().as_bytes())?;
+    crate::tensors::write_atomic(
+        &gt_path,
+        serde_json::to_string(&gtv).unwrap_or_default().as_bytes(),
+    )?;
+    crate::tensors::write_atomic(
+        &dt_path,
+        serde_json::to_string(&results).unwrap_or_default().as_bytes(),
+    )?;
     Ok((gt_path, dt_path))
 }
 
 /// Trains the head on a frozen backbone, evaluates it on the held-out images, writes
 /// `det_head.safetensors`, `detector.json`, `report.json` and the held-out COCO files to
 /// `opts.out`.
-pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Device) -> Result<DetectorReport> {
+pub fn train_detector<B: AutodiffBackend>(
+    opts: &DetectorOptions,
+    device: B::Device,
+) -> Result<DetectorReport> {
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io("cannot create", &opts.out, e))?;
     let inner = device.clone();
     let (vit, backbone_file) = load_backbone::<B::InnerBackend>(&opts.checkpoint, &inner)?;
     let p = vit.patch_size();
     let d = vit.embed_dim();
     let tile = (opts.tile / p * p).max(p);
-    let ds = Dataset::load(&opts.annotations, opts.images.as_deref(), opts.single_class.as_deref())?;
+    let ds =
+        Dataset::load(&opts.annotations, opts.images.as_deref(), opts.single_class.as_deref())?;
     if ds.classes.is_empty() {
-        return Err(Error::Config { key: "annotations".into(), reason: "no boxes in the annotation files".into() });
+        return Err(Error::Config {
+            key: "annotations".into(),
+            reason: "no boxes in the annotation files".into(),
+        });
     }
-    let is_holdout = |a: &Annotated| a.image.file_name().is_some_and(|f| opts.holdout.iter().any(|h| f.to_string_lossy() == *h));
-    let (held, train_imgs): (Vec<&Annotated>, Vec<&Annotated>) = ds.images.iter().partition(|a| is_holdout(a));
+    let is_holdout = |a: &Annotated| {
+        a.image.file_name().is_some_and(|f| opts.holdout.iter().any(|h| f.to_string_lossy() == *h))
+    };
+    let (held, train_imgs): (Vec<&Annotated>, Vec<&Annotated>) =
+        ds.images.iter().partition(|a| is_holdout(a));
     if train_imgs.is_empty() {
-        return Err(Error::Config { key: "holdout".into(), reason: "every annotated image is held out: nothing to train on".into() });
+        return Err(Error::Config {
+            key: "holdout".into(),
+            reason: "every annotated image is held out: nothing to train on".into(),
+        });
     }
     let classes = ds.classes.len();
     let head_cfg = DetHeadConfig { in_dim: d, hidden: opts.hidden, classes };
     let stride = p as f32 / 2.0;
-    let meta = DetectorMeta { head: head_cfg, classes: ds.classes.clone(), backbone: backbone_file, patch_size: p, stride, scale: opts.scale, tile };
+    let meta = DetectorMeta {
+        head: head_cfg,
+        classes: ds.classes.clone(),
+        backbone: backbone_file,
+        patch_size: p,
+        stride,
+        scale: opts.scale,
+        tile,
+    };
 
     // Cache the frozen backbone's features of every tile in the 8 orientations.
     let t0 = std::time::Instant::now();
     let mut samples: Vec<(RgbImage, Vec<([f32; 4], usize)>)> = Vec::new();
     for a in &train_imgs {
         let img = scaled(&open_rgb(&a.image)?, opts.scale);
-        let boxes: Vec<([f32; 4], usize)> = a.boxes.iter().map(|b| (b.xyxy.map(|v| v * opts.scale), ds.class_id(&b.class).unwrap_or(0))).collect();
+        let boxes: Vec<([f32; 4], usize)> = a
+            .boxes
+            .iter()
+            .map(|b| (b.xyxy.map(|v| v * opts.scale), ds.class_id(&b.class).unwrap_or(0)))
+            .collect();
         for (t, b) in tiles(&img, &boxes, tile as u32) {
             for k in 0..8 {
                 samples.push(dihedral(&t, &b, k));
@@ -548,7 +685,10 @@ pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Dev
         let imgs: Vec<&RgbImage> = chunk.iter().map(|(i, _)| i).collect();
         let f = features(&vit, &imgs, &inner);
         for (j, (_, b)) in chunk.iter().enumerate() {
-            cache.push((f[j * g * g * d..(j + 1) * g * g * d].to_vec(), make_targets(b, classes, hs, ws, stride)));
+            cache.push((
+                f[j * g * g * d..(j + 1) * g * g * d].to_vec(),
+                make_targets(b, classes, hs, ws, stride),
+            ));
         }
         bar.inc(chunk.len() as u64);
     }
@@ -580,12 +720,28 @@ pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Dev
             st.extend_from_slice(&t.log_size);
             num_pos += t.num_pos;
         }
-        let t4 = |v: Vec<f32>, c: usize| Tensor::<B, 4>::from_data(TensorData::new(v, [bsz, c, hs, ws]), &device);
+        let t4 = |v: Vec<f32>, c: usize| {
+            Tensor::<B, 4>::from_data(TensorData::new(v, [bsz, c, hs, ws]), &device)
+        };
         let feats = Tensor::<B, 3>::from_data(TensorData::new(f, [bsz, g * g, d]), &device);
         let maps = head.forward(feats, g, g);
-        let [total, lh, lo, ls] = det_loss(&maps, t4(ht, classes), t4(mt, 2), t4(ot, 2), t4(st, 2), num_pos);
-        let scalar = |t: &Tensor<B, 1>| t.clone().into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN);
-        let l = DetLoss { total: scalar(&total), heat: scalar(&lh), offset: scalar(&lo), size: scalar(&ls) };
+        let [total, lh, lo, ls] =
+            det_loss(&maps, t4(ht, classes), t4(mt, 2), t4(ot, 2), t4(st, 2), num_pos);
+        let scalar = |t: &Tensor<B, 1>| {
+            t.clone()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .ok()
+                .and_then(|v| v.first().copied())
+                .unwrap_or(f64::NAN)
+        };
+        let l = DetLoss {
+            total: scalar(&total),
+            heat: scalar(&lh),
+            offset: scalar(&lo),
+            size: scalar(&ls),
+        };
         if !l.total.is_finite() {
             return Err(Error::NonFinite { step, terms: format!("{l:?}") });
         }
@@ -601,7 +757,14 @@ pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Dev
         head = optim.step(lr, head, grads);
         bar.set_message(format!("loss {:.3}", l.total));
         if step % 50 == 0 || step + 1 == opts.steps {
-            tracing::info!(step, loss = l.total, heat = l.heat, offset = l.offset, size = l.size, "detector training");
+            tracing::info!(
+                step,
+                loss = l.total,
+                heat = l.heat,
+                offset = l.offset,
+                size = l.size,
+                "detector training"
+            );
         }
         bar.inc(1);
     }
@@ -620,8 +783,15 @@ pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Dev
     let (loss_start, loss_end) = (mean(&losses[..k]), mean(&losses[losses.len() - k..]));
 
     let head = head.valid();
-    crate::tensors::write_safetensors(&opts.out.join("det_head.safetensors"), &head.state_dict(), None)?;
-    crate::tensors::write_atomic(&opts.out.join("detector.json"), serde_json::to_string_pretty(&meta).unwrap_or_default().as_bytes())?;
+    crate::tensors::write_safetensors(
+        &opts.out.join("det_head.safetensors"),
+        &head.state_dict(),
+        None,
+    )?;
+    crate::tensors::write_atomic(
+        &opts.out.join("detector.json"),
+        serde_json::to_string_pretty(&meta).unwrap_or_default().as_bytes(),
+    )?;
 
     // Evaluate on the held-out images.
     let (mut holdout_stats, mut holdout_files) = (None, None);
@@ -634,20 +804,36 @@ pub fn train_detector<B: AutodiffBackend>(opts: &DetectorOptions, device: B::Dev
             gt.push((*a, (img.width(), img.height())));
         }
         let (g, dt) = write_coco(&opts.out, &ds.classes, &gt, &dets)?;
-        let stats = flsl_runtime::eval::evaluate_files(&g, &dt).map_err(|e| Error::Shape { op: "coco evaluation", reason: e.to_string() })?;
+        let stats = flsl_runtime::eval::evaluate_files(&g, &dt)
+            .map_err(|e| Error::Shape { op: "coco evaluation", reason: e.to_string() })?;
         holdout_stats = serde_json::from_str(&stats.to_json()).ok();
         holdout_files = Some((g, dt));
     }
-    let report = DetectorReport { meta, tiles: cache.len(), loss_start, loss_end, holdout_stats, holdout_files, seconds: (cache_s, train_s) };
-    crate::tensors::write_atomic(&opts.out.join("report.json"), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;
+    let report = DetectorReport {
+        meta,
+        tiles: cache.len(),
+        loss_start,
+        loss_end,
+        holdout_stats,
+        holdout_files,
+        seconds: (cache_s, train_s),
+    };
+    crate::tensors::write_atomic(
+        &opts.out.join("report.json"),
+        serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes(),
+    )?;
     Ok(report)
 }
 
 /// Loads a trained detector folder (`detector.json` + `det_head.safetensors`).
-pub fn load_detector<B: Backend>(dir: &Path, device: &B::Device) -> Result<(DetHead<B>, DetectorMeta)> {
+pub fn load_detector<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(DetHead<B>, DetectorMeta)> {
     let mp = dir.join("detector.json");
     let text = std::fs::read_to_string(&mp).map_err(|e| Error::io("cannot read", &mp, e))?;
-    let meta: DetectorMeta = serde_json::from_str(&text).map_err(|e| Error::malformed("json", &mp, e.to_string()))?;
+    let meta: DetectorMeta =
+        serde_json::from_str(&text).map_err(|e| Error::malformed("json", &mp, e.to_string()))?;
     let wp = dir.join("det_head.safetensors");
     let map = crate::tensors::read_safetensors(&wp)?;
     let head = meta.head.init::<B>(device, 0).load(&map, &wp, device)?;
@@ -667,7 +853,10 @@ mod tests {
         assert_eq!(t.heat[i], 1.0);
         assert_eq!(t.mask[i], 1.0);
         assert!((t.offset[i] - 0.0).abs() < 1e-6 && (t.offset[100 + i] - 0.0).abs() < 1e-6);
-        assert!((t.log_size[i] - 4f32.ln()).abs() < 1e-6 && (t.log_size[100 + i] - 2f32.ln()).abs() < 1e-6);
+        assert!(
+            (t.log_size[i] - 4f32.ln()).abs() < 1e-6
+                && (t.log_size[100 + i] - 2f32.ln()).abs() < 1e-6
+        );
         assert!(t.heat.iter().filter(|&&v| v == 1.0).count() == 1);
         assert!(t.heat[i + 1] > 0.0 && t.heat[i + 1] < 1.0);
     }
@@ -686,8 +875,14 @@ mod tests {
             let [x0, y0, x1, y1] = bx[0].0;
             for y in 0..8u32 {
                 for x in 0..8u32 {
-                    let inside = (x as f32) >= x0 && (x as f32) < x1 && (y as f32) >= y0 && (y as f32) < y1;
-                    assert_eq!(im.get_pixel(x, y)[0] == 255, inside, "k={k} ({x},{y}) box {:?}", bx[0].0);
+                    let inside =
+                        (x as f32) >= x0 && (x as f32) < x1 && (y as f32) >= y0 && (y as f32) < y1;
+                    assert_eq!(
+                        im.get_pixel(x, y)[0] == 255,
+                        inside,
+                        "k={k} ({x},{y}) box {:?}",
+                        bx[0].0
+                    );
                 }
             }
         }

@@ -98,7 +98,11 @@ impl Error {
         Self::Io { what, path: path.into(), source }
     }
 
-    pub(crate) fn malformed(format: &'static str, path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+    pub(crate) fn malformed(
+        format: &'static str,
+        path: impl Into<PathBuf>,
+        reason: impl Into<String>,
+    ) -> Self {
         Self::Malformed { format, path: path.into(), reason: reason.into() }
     }
 }

@@ -42,7 +42,13 @@ pub struct ExportOptions {
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        Self { size: (224, 224), with_head: false, part: Part::Teacher, heads: None, detector: None }
+        Self {
+            size: (224, 224),
+            with_head: false,
+            part: Part::Teacher,
+            heads: None,
+            detector: None,
+        }
     }
 }
 
@@ -90,7 +96,9 @@ pub fn resolve_checkpoint(path: &Path, part: Part) -> Result<(PathBuf, Option<Pa
 }
 
 fn shape_of<'a>(map: &'a TensorMap, name: &str, path: &Path) -> Result<&'a [usize]> {
-    map.get(name).map(|t| t.shape.as_slice()).ok_or_else(|| Error::MissingTensor { name: name.into(), path: path.into() })
+    map.get(name)
+        .map(|t| t.shape.as_slice())
+        .ok_or_else(|| Error::MissingTensor { name: name.into(), path: path.into() })
 }
 
 /// Reads a checkpoint and prepares it for [`export_onnx`].
@@ -109,10 +117,16 @@ pub fn load_source(checkpoint: &Path, opts: &ExportOptions) -> Result<ExportSour
     }
     let pe = shape_of(&map, "patch_embed.proj.weight", &file)?.to_vec();
     if pe.len() != 4 || pe[1] != 3 || pe[2] != pe[3] {
-        return Err(Error::ShapeMismatch { name: "patch_embed.proj.weight".into(), path: file, expected: vec![0, 3, 0, 0], found: pe });
+        return Err(Error::ShapeMismatch {
+            name: "patch_embed.proj.weight".into(),
+            path: file,
+            expected: vec![0, 3, 0, 0],
+            found: pe,
+        });
     }
     let (d, p) = (pe[0], pe[2]);
-    let depth = (0..).take_while(|i| map.contains_key(&format!("blocks.{i}.attn.qkv.weight"))).count();
+    let depth =
+        (0..).take_while(|i| map.contains_key(&format!("blocks.{i}.attn.qkv.weight"))).count();
     if depth == 0 {
         return Err(Error::MissingTensor { name: "blocks.0.attn.qkv.weight".into(), path: file });
     }
@@ -121,22 +135,31 @@ pub fn load_source(checkpoint: &Path, opts: &ExportOptions) -> Result<ExportSour
         (_, Some(h)) => h,
         (Some(c), None) => {
             let text = std::fs::read_to_string(c).map_err(|e| Error::io("cannot read", c, e))?;
-            let cfg: TrainConfig = serde_json::from_str(&text).map_err(|e| Error::malformed("json", c, e.to_string()))?;
+            let cfg: TrainConfig = serde_json::from_str(&text)
+                .map_err(|e| Error::malformed("json", c, e.to_string()))?;
             cfg.vit_config()?.num_heads
         }
         (None, None) => (d / 64).max(1),
     };
     if heads == 0 || d % heads != 0 {
-        return Err(Error::Config { key: "heads".into(), reason: format!("{heads} heads do not divide the width {d}") });
+        return Err(Error::Config {
+            key: "heads".into(),
+            reason: format!("{heads} heads do not divide the width {d}"),
+        });
     }
     let (h, w) = opts.size;
     if h == 0 || w == 0 || h % p != 0 || w % p != 0 {
-        return Err(Error::Config { key: "size".into(), reason: format!("{h}x{w} is not a positive multiple of the patch size {p}") });
+        return Err(Error::Config {
+            key: "size".into(),
+            reason: format!("{h}x{w} is not a positive multiple of the patch size {p}"),
+        });
     }
     let spec = VitSpec::new(d, depth, heads, p, mlp_hidden, 1e-6, h, w);
 
     // Position table: drop a class row if the source has one, then resize as training does.
-    let pos = map.get("pos_embed").ok_or_else(|| Error::MissingTensor { name: "pos_embed".into(), path: file.clone() })?;
+    let pos = map
+        .get("pos_embed")
+        .ok_or_else(|| Error::MissingTensor { name: "pos_embed".into(), path: file.clone() })?;
     let n_src = pos.numel() / d.max(1);
     let mut table = pos.to_f32();
     let g_sq = |n: usize| {
@@ -151,29 +174,54 @@ pub fn load_source(checkpoint: &Path, opts: &ExportOptions) -> Result<ExportSour
                 g
             }
             None => {
-                return Err(Error::ShapeMismatch { name: "pos_embed".into(), path: file, expected: vec![1, 0, d], found: pos.shape.clone() });
+                return Err(Error::ShapeMismatch {
+                    name: "pos_embed".into(),
+                    path: file,
+                    expected: vec![1, 0, d],
+                    found: pos.shape.clone(),
+                });
             }
         },
     };
     let (gh, gw) = spec.grid();
-    let pos_embed = if gh * gw == g * g { table } else { interpolate_pos_embed(&table, g, d, gh, gw) };
+    let pos_embed =
+        if gh * gw == g * g { table } else { interpolate_pos_embed(&table, g, d, gh, gw) };
 
     let has_head = map.contains_key("head.mlp.0.weight");
-    let weights: HostTensors =
-        map.iter().filter(|(k, _)| k.as_str() != "pos_embed").map(|(k, v)| (k.clone(), (v.shape.clone(), v.to_f32()))).collect();
+    let weights: HostTensors = map
+        .iter()
+        .filter(|(k, _)| k.as_str() != "pos_embed")
+        .map(|(k, v)| (k.clone(), (v.shape.clone(), v.to_f32())))
+        .collect();
     Ok(ExportSource { weights, spec, pos_embed, has_head, path: file })
 }
 
 /// The ONNX bytes for a prepared source, optionally with a detection head's weights
 /// (`det.*`, see `flsl_runtime::export_det`).
-pub fn export_onnx(src: &ExportSource, with_head: bool, detector: Option<&HostTensors>) -> Result<Vec<u8>> {
+pub fn export_onnx(
+    src: &ExportSource,
+    with_head: bool,
+    detector: Option<&HostTensors>,
+) -> Result<Vec<u8>> {
     use prost::Message;
     if with_head && !src.has_head {
-        return Err(Error::MissingTensor { name: "head.mlp.0.weight (asked for --with-head)".into(), path: src.path.clone() });
+        return Err(Error::MissingTensor {
+            name: "head.mlp.0.weight (asked for --with-head)".into(),
+            path: src.path.clone(),
+        });
     }
     let head = with_head.then(HeadSpec::default);
-    let err = |e: flsl_runtime::export::ExportError| Error::Shape { op: "onnx export", reason: e.to_string() };
-    let mut proto = flsl_runtime::export::vit_model_proto(&src.weights, &src.spec, &src.pos_embed, head.as_ref()).map_err(err)?;
+    let err = |e: flsl_runtime::export::ExportError| Error::Shape {
+        op: "onnx export",
+        reason: e.to_string(),
+    };
+    let mut proto = flsl_runtime::export::vit_model_proto(
+        &src.weights,
+        &src.spec,
+        &src.pos_embed,
+        head.as_ref(),
+    )
+    .map_err(err)?;
     if let Some(det) = detector {
         flsl_runtime::export_det::append_det_head(&mut proto, &src.spec, det).map_err(err)?;
     }
@@ -188,7 +236,11 @@ pub fn read_detector_weights(dir: &Path) -> Result<HostTensors> {
 }
 
 /// `flsl export`: reads `checkpoint`, writes `out` atomically, returns the prepared source.
-pub fn export_checkpoint(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSource> {
+pub fn export_checkpoint(
+    checkpoint: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<ExportSource> {
     let src = load_source(checkpoint, opts)?;
     let det = opts.detector.as_deref().map(read_detector_weights).transpose()?;
     let bytes = export_onnx(&src, opts.with_head, det.as_ref())?;

@@ -28,7 +28,12 @@ pub struct BackendRun {
 
 /// Runs `steps` iterations of `cfg`'s model on a fixed seeded batch (images drawn on the host,
 /// so every backend sees the same bits).
-pub fn run_steps<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device, steps: usize, batch: usize) -> Result<BackendRun> {
+pub fn run_steps<B: AutodiffBackend>(
+    cfg: &TrainConfig,
+    device: &B::Device,
+    steps: usize,
+    batch: usize,
+) -> Result<BackendRun> {
     let vit = cfg.vit_config()?;
     let head = cfg.head_config();
     let mut student = with_seed(cfg.seed, || FlslModel::<B>::init(&vit, &head, device));
@@ -44,12 +49,14 @@ pub fn run_steps<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device, step
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed + 17);
     let mut view = |size: usize, ws: Option<usize>| {
         let n = batch * 3 * size * size;
-        let px: Vec<f32> = (0..n).map(|_| rand::Rng::random_range(&mut rng, -2.0f32..2.0)).collect();
+        let px: Vec<f32> =
+            (0..n).map(|_| rand::Rng::random_range(&mut rng, -2.0f32..2.0)).collect();
         let images = Tensor::<B, 4>::from_data(TensorData::new(px, [batch, 3, size, size]), device);
         let mask = match ws {
             Some(ws) => {
                 let fs = size / cfg.patch_size;
-                let m: Vec<u8> = (0..batch).flat_map(|_| sampling_mask(fs, ws, false, &mut rng)).collect();
+                let m: Vec<u8> =
+                    (0..batch).flat_map(|_| sampling_mask(fs, ws, false, &mut rng)).collect();
                 Some(TokenSelection::from_mask(&m, batch, fs * fs)?)
             }
             None => None,
@@ -80,7 +87,18 @@ pub fn run_steps<B: AutodiffBackend>(cfg: &TrainConfig, device: &B::Device, step
             eps: 1e-8,
         };
         let t0 = Instant::now();
-        let (s, report) = with_seed(it as u64, || train_step(student.clone(), &mut teacher, None, &mut loss, &mut adam, &views, &hyper, StepOptions::default()))?;
+        let (s, report) = with_seed(it as u64, || {
+            train_step(
+                student.clone(),
+                &mut teacher,
+                None,
+                &mut loss,
+                &mut adam,
+                &views,
+                &hyper,
+                StepOptions::default(),
+            )
+        })?;
         student = s;
         if it > 0 {
             timed += t0.elapsed().as_secs_f64();

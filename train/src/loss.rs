@@ -48,13 +48,20 @@ pub struct LossTerms {
 impl LossTerms {
     /// Whether every term is finite.
     pub fn is_finite(&self) -> bool {
-        self.total.is_finite() && self.mean_shift.is_finite() && self.kmeans.is_finite() && self.vmr.is_finite()
+        self.total.is_finite()
+            && self.mean_shift.is_finite()
+            && self.kmeans.is_finite()
+            && self.vmr.is_finite()
     }
 }
 
 impl std::fmt::Display for LossTerms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "total={:.6} mean_shift={:.6} kmeans={:.6} vmr={:.6}", self.total, self.mean_shift, self.kmeans, self.vmr)
+        write!(
+            f,
+            "total={:.6} mean_shift={:.6} kmeans={:.6} vmr={:.6}",
+            self.total, self.mean_shift, self.kmeans, self.vmr
+        )
     }
 }
 
@@ -62,7 +69,12 @@ impl<B: Backend> FlslLossOutput<B> {
     /// Reads the four scalars back to the host.
     pub fn terms(&self) -> LossTerms {
         let s = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
-        LossTerms { total: s(&self.total), mean_shift: s(&self.mean_shift), kmeans: s(&self.kmeans), vmr: s(&self.vmr) }
+        LossTerms {
+            total: s(&self.total),
+            mean_shift: s(&self.mean_shift),
+            kmeans: s(&self.kmeans),
+            vmr: s(&self.vmr),
+        }
     }
 }
 
@@ -96,7 +108,11 @@ pub struct FlslLoss {
 impl FlslLoss {
     /// The teacher temperature of an epoch (the last value past the schedule's end).
     pub fn teacher_temp(&self, epoch: usize) -> f64 {
-        self.teacher_temp_schedule.get(epoch).or(self.teacher_temp_schedule.last()).copied().unwrap_or(0.04)
+        self.teacher_temp_schedule
+            .get(epoch)
+            .or(self.teacher_temp_schedule.last())
+            .copied()
+            .unwrap_or(0.04)
     }
 
     /// Evaluates the loss. `replica_mean`, for data-parallel replicas, is the VMR's mean
@@ -125,7 +141,8 @@ impl FlslLoss {
         let s = softmax(student_pred / self.student_temp, 1);
         let mut teacher_pred = teacher_pred.detach();
         if let Some(c) = &mut self.centering {
-            let center = Tensor::<B, 2>::from_data(TensorData::new(c.center.clone(), [1, k]), &device);
+            let center =
+                Tensor::<B, 2>::from_data(TensorData::new(c.center.clone(), [1, k]), &device);
             let batch_center = teacher_pred.clone().sum_dim(0) / m as f64;
             teacher_pred = teacher_pred - center;
             let bc = batch_center.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data");
@@ -150,7 +167,8 @@ impl FlslLoss {
                     VmrPrior::Uniform => ne + (k as f64).ln(),
                     VmrPrior::Given(p) => {
                         let logp: Vec<f32> = p.iter().map(|v| v.ln()).collect();
-                        let logp = Tensor::<B, 2>::from_data(TensorData::new(logp, [1, k]), &device);
+                        let logp =
+                            Tensor::<B, 2>::from_data(TensorData::new(logp, [1, k]), &device);
                         ne - (xbar * logp).sum()
                     }
                 }

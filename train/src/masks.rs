@@ -59,12 +59,19 @@ pub fn mask_from_choices(fs: usize, ws: usize, corner: Corner, choices: &[usize]
 }
 
 /// Draws a sampling mask for an `fs x fs` grid with window `ws`.
-pub fn sampling_mask<R: Rng + ?Sized>(fs: usize, ws: usize, random_sampling: bool, rng: &mut R) -> Vec<u8> {
+pub fn sampling_mask<R: Rng + ?Sized>(
+    fs: usize,
+    ws: usize,
+    random_sampling: bool,
+    rng: &mut R,
+) -> Vec<u8> {
     let ws = ws.clamp(1, fs.max(1));
     let grid = fs / ws;
-    let choices: Vec<usize> =
-        (0..grid * grid).map(|_| if random_sampling { rng.random_range(0..ws * ws) } else { 0 }).collect();
-    let corner = if fs % ws != 0 { Corner::from_uniform(rng.random::<f64>()) } else { Corner::TopLeft };
+    let choices: Vec<usize> = (0..grid * grid)
+        .map(|_| if random_sampling { rng.random_range(0..ws * ws) } else { 0 })
+        .collect();
+    let corner =
+        if fs % ws != 0 { Corner::from_uniform(rng.random::<f64>()) } else { Corner::TopLeft };
     mask_from_choices(fs, ws, corner, &choices)
 }
 
@@ -72,7 +79,12 @@ pub fn sampling_mask<R: Rng + ?Sized>(fs: usize, ws: usize, random_sampling: boo
 ///
 /// Exactly one token per window of one of the four corner placements of the sub-grid, and the
 /// window's top-left token when `random_sampling` is false.
-pub fn check_mask(mask: &[u8], fs: usize, ws: usize, random_sampling: bool) -> Result<Corner, String> {
+pub fn check_mask(
+    mask: &[u8],
+    fs: usize,
+    ws: usize,
+    random_sampling: bool,
+) -> Result<Corner, String> {
     if mask.len() != fs * fs {
         return Err(format!("mask has {} entries, expected {}", mask.len(), fs * fs));
     }

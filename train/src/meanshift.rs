@@ -24,10 +24,15 @@ impl TokenSelection {
     /// From a boolean mask `[B, Ns]` (row-major, 1 = selected).
     pub fn from_mask(mask: &[u8], batch: usize, tokens: usize) -> Result<Self> {
         if mask.len() != batch * tokens {
-            return Err(Error::Shape { op: "mask", reason: format!("{} entries for [{batch}, {tokens}]", mask.len()) });
+            return Err(Error::Shape {
+                op: "mask",
+                reason: format!("{} entries for [{batch}, {tokens}]", mask.len()),
+            });
         }
-        let rows: Vec<Vec<usize>> =
-            mask.chunks(tokens).map(|r| r.iter().enumerate().filter(|(_, m)| **m != 0).map(|(i, _)| i).collect()).collect();
+        let rows: Vec<Vec<usize>> = mask
+            .chunks(tokens)
+            .map(|r| r.iter().enumerate().filter(|(_, m)| **m != 0).map(|(i, _)| i).collect())
+            .collect();
         Self::new(rows, tokens)
     }
 
@@ -39,10 +44,16 @@ impl TokenSelection {
         }
         for (b, r) in rows.iter().enumerate() {
             if r.len() != m {
-                return Err(Error::Shape { op: "mask", reason: format!("row {b} selects {} tokens, row 0 selects {m}", r.len()) });
+                return Err(Error::Shape {
+                    op: "mask",
+                    reason: format!("row {b} selects {} tokens, row 0 selects {m}", r.len()),
+                });
             }
             if r.iter().any(|&i| i >= tokens) {
-                return Err(Error::Shape { op: "mask", reason: format!("row {b} selects a token >= {tokens}") });
+                return Err(Error::Shape {
+                    op: "mask",
+                    reason: format!("row {b} selects a token >= {tokens}"),
+                });
             }
         }
         Ok(Self { rows, tokens })
@@ -97,7 +108,12 @@ pub fn attention<B: Backend>(q: Tensor<B, 3>, tgt: Tensor<B, 3>, temp: f64) -> T
 ///
 /// # Shapes
 /// `src: [B, Ns, C]`, `tgt: [B, Nt, C]` -> `([B, M, C], [B, M, C])`.
-pub fn meanshift<B: Backend>(src: Tensor<B, 3>, tgt: Tensor<B, 3>, sel: &TokenSelection, temp: f64) -> (Tensor<B, 3>, Tensor<B, 3>) {
+pub fn meanshift<B: Backend>(
+    src: Tensor<B, 3>,
+    tgt: Tensor<B, 3>,
+    sel: &TokenSelection,
+    temp: f64,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
     let q = select_tokens(src, sel);
     let attn = attention(q.clone(), tgt.clone(), temp);
     (q, attn.matmul(tgt))
@@ -121,7 +137,13 @@ pub fn meanshift_mixed<B: Backend>(
 
 /// The previous-stage attention map (`utils.attention_map`): a sharpened, renormalised
 /// version of the attention, `sigmoid(sharpness * (a - mean a))` over keys.
-pub fn sharpened_attention_map<B: Backend>(src: Tensor<B, 3>, tgt: Tensor<B, 3>, sel: &TokenSelection, temp: f64, sharpness: f64) -> Tensor<B, 3> {
+pub fn sharpened_attention_map<B: Backend>(
+    src: Tensor<B, 3>,
+    tgt: Tensor<B, 3>,
+    sel: &TokenSelection,
+    temp: f64,
+    sharpness: f64,
+) -> Tensor<B, 3> {
     let q = select_tokens(src, sel);
     let a = attention(q, tgt, temp);
     let mean = a.clone().mean_dim(2);

@@ -44,13 +44,19 @@ impl<B: Backend> PreviousStage<B> {
         if cfg.attention_level == 0 || cfg.attention_level > vit_cfg.depth {
             return Err(Error::Config {
                 key: "attention_level".into(),
-                reason: format!("{} is not in 1..={} (the backbone's blocks)", cfg.attention_level, vit_cfg.depth),
+                reason: format!(
+                    "{} is not in 1..={} (the backbone's blocks)",
+                    cfg.attention_level, vit_cfg.depth
+                ),
             });
         }
-        let (file, _) = crate::export::resolve_checkpoint(Path::new(path), Part::Teacher).map_err(|e| Error::Config {
-            key: "model_previous_stage".into(),
-            reason: format!("{}: {e}", path.display()),
-        })?;
+        let (file, _) =
+            crate::export::resolve_checkpoint(Path::new(path), Part::Teacher).map_err(|e| {
+                Error::Config {
+                    key: "model_previous_stage".into(),
+                    reason: format!("{}: {e}", path.display()),
+                }
+            })?;
         let map = checkpoint::read_weights(&file, Part::Teacher)?;
         let mut vit = checkpoint::load_vit(vit_cfg.init::<B>(device), &map, &file)?;
         vit.blocks.truncate(cfg.attention_level);

@@ -31,7 +31,10 @@ impl Peer {
     }
 }
 
-fn collective_err(op: &'static str, peer: Peer) -> impl FnOnce(burn::collective::CollectiveError) -> Error {
+fn collective_err(
+    op: &'static str,
+    peer: Peer,
+) -> impl FnOnce(burn::collective::CollectiveError) -> Error {
     move |e| Error::Collective { op, peer: peer.rank, reason: format!("{e:?}") }
 }
 
@@ -39,7 +42,8 @@ fn collective_err(op: &'static str, peer: Peer) -> impl FnOnce(burn::collective:
 /// backend, as burn-collective requires.
 pub fn register<B: Backend>(peer: Peer, device: &B::Device) -> Result<()> {
     let config = CollectiveConfig::default().with_num_devices(peer.world as usize);
-    burn::collective::register::<B>(peer.id(), device.clone(), config).map_err(collective_err("register", peer))
+    burn::collective::register::<B>(peer.id(), device.clone(), config)
+        .map_err(collective_err("register", peer))
 }
 
 /// Leaves the group.
@@ -55,16 +59,34 @@ pub fn reset<B: Backend>() {
 
 /// The mean of `tensor` over all replicas (every replica calls this with the same shape, in the
 /// same order).
-pub fn all_reduce_mean<B: Backend, const D: usize>(peer: Peer, tensor: Tensor<B, D>) -> Result<Tensor<B, D>> {
-    let out = burn::collective::all_reduce::<B>(peer.id(), tensor.into_primitive().tensor(), ReduceOperation::Mean)
-        .map_err(collective_err("all-reduce", peer))?;
+pub fn all_reduce_mean<B: Backend, const D: usize>(
+    peer: Peer,
+    tensor: Tensor<B, D>,
+) -> Result<Tensor<B, D>> {
+    let out = burn::collective::all_reduce::<B>(
+        peer.id(),
+        tensor.into_primitive().tensor(),
+        ReduceOperation::Mean,
+    )
+    .map_err(collective_err("all-reduce", peer))?;
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
 /// The mean of a host vector over all replicas.
-pub fn all_reduce_mean_host<B: Backend>(peer: Peer, values: &[f64], device: &B::Device) -> Result<Vec<f64>> {
-    let t = Tensor::<B, 1>::from_data(TensorData::new(values.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [values.len()]), device);
+pub fn all_reduce_mean_host<B: Backend>(
+    peer: Peer,
+    values: &[f64],
+    device: &B::Device,
+) -> Result<Vec<f64>> {
+    let t = Tensor::<B, 1>::from_data(
+        TensorData::new(values.iter().map(|&v| v as f32).collect::<Vec<f32>>(), [values.len()]),
+        device,
+    );
     let data = all_reduce_mean(peer, t)?.into_data().convert::<f32>();
-    let v = data.to_vec::<f32>().map_err(|e| Error::Collective { op: "all-reduce", peer: peer.rank, reason: format!("{e:?}") })?;
+    let v = data.to_vec::<f32>().map_err(|e| Error::Collective {
+        op: "all-reduce",
+        peer: peer.rank,
+        reason: format!("{e:?}"),
+    })?;
     Ok(v.into_iter().map(f64::from).collect())
 }

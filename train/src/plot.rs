@@ -18,7 +18,11 @@ fn register_font() {
 }
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Io { what: "cannot draw plot", path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) }
+    Error::Io {
+        what: "cannot draw plot",
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    }
 }
 
 /// Loss terms against the step: total, mean shift, k-means and VMR, in four panels.
@@ -39,9 +43,16 @@ pub fn loss_plot(path: &Path, history: &[(usize, LossTerms)]) -> Result<()> {
             ("VMR", |l| l.vmr, GREEN),
         ];
         for (area, (name, f, color)) in panels.iter().zip(series) {
-            let pts: Vec<(f64, f64)> = history.iter().map(|(s, l)| (*s as f64, f(l))).filter(|(_, v)| v.is_finite()).collect();
-            let (x0, x1) = (pts.first().map_or(0.0, |p| p.0), pts.last().map_or(1.0, |p| p.0).max(1.0));
-            let (mut y0, mut y1) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            let pts: Vec<(f64, f64)> = history
+                .iter()
+                .map(|(s, l)| (*s as f64, f(l)))
+                .filter(|(_, v)| v.is_finite())
+                .collect();
+            let (x0, x1) =
+                (pts.first().map_or(0.0, |p| p.0), pts.last().map_or(1.0, |p| p.0).max(1.0));
+            let (mut y0, mut y1) = pts
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
             if !y0.is_finite() {
                 (y0, y1) = (0.0, 1.0);
             }
@@ -53,7 +64,12 @@ pub fn loss_plot(path: &Path, history: &[(usize, LossTerms)]) -> Result<()> {
                 .y_label_area_size(55)
                 .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
                 .map_err(|e| plot_err(path, e))?;
-            chart.configure_mesh().x_desc("step").label_style(("sans-serif", 12)).draw().map_err(|e| plot_err(path, e))?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .label_style(("sans-serif", 12))
+                .draw()
+                .map_err(|e| plot_err(path, e))?;
             chart.draw_series(LineSeries::new(pts, &color)).map_err(|e| plot_err(path, e))?;
         }
         root.present().map_err(|e| plot_err(path, e))?;

@@ -125,7 +125,8 @@ impl<'a> Vm<'a> {
 
     fn line(&mut self) -> Result<String> {
         let rest = self.data.get(self.pos..).unwrap_or(&[]);
-        let n = rest.iter().position(|&c| c == b'\n').ok_or_else(|| self.err("unterminated line"))?;
+        let n =
+            rest.iter().position(|&c| c == b'\n').ok_or_else(|| self.err("unterminated line"))?;
         let s = String::from_utf8_lossy(&rest[..n]).into_owned();
         self.pos += n + 1;
         Ok(s)
@@ -149,9 +150,9 @@ impl<'a> Vm<'a> {
     fn top_mut(&mut self) -> Result<&mut Value> {
         let pos = self.pos;
         let path = self.path;
-        self.stack
-            .last_mut()
-            .ok_or_else(|| Error::malformed("pth", path, format!("pickle at byte {pos}: empty stack")))
+        self.stack.last_mut().ok_or_else(|| {
+            Error::malformed("pth", path, format!("pickle at byte {pos}: empty stack"))
+        })
     }
 
     fn str_value(&mut self, n: usize) -> Result<Value> {
@@ -253,13 +254,18 @@ impl<'a> Vm<'a> {
                 }
                 b'h' | b'j' => {
                     let k = if op == b'h' { u32::from(self.u8()?) } else { self.u32()? };
-                    let v = self.memo.get(&k).cloned().ok_or_else(|| self.err(format!("memo {k} unset")))?;
+                    let v = self
+                        .memo
+                        .get(&k)
+                        .cloned()
+                        .ok_or_else(|| self.err(format!("memo {k} unset")))?;
                     self.stack.push(v);
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Value::Global(Rc::from(module.as_str()), Rc::from(name.as_str())));
+                    self.stack
+                        .push(Value::Global(Rc::from(module.as_str()), Rc::from(name.as_str())));
                 }
                 0x93 => {
                     let name = self.pop()?;
@@ -287,7 +293,11 @@ impl<'a> Vm<'a> {
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
-                    let pairs = items.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0].clone(), c[1].clone())).collect();
+                    let pairs = items
+                        .chunks(2)
+                        .filter(|c| c.len() == 2)
+                        .map(|c| (c[0].clone(), c[1].clone()))
+                        .collect();
                     self.stack.push(Value::Dict(Rc::new(pairs)));
                 }
                 b'a' => {
@@ -382,11 +392,17 @@ impl<'a> Vm<'a> {
             return Err(self.err("persistent id is not a tuple"));
         };
         match t.as_slice() {
-            [Value::Str(kind), Value::Global(_, ty), Value::Str(key), _location, ..] if &**kind == "storage" => {
-                let dtype = dtype_of_storage(ty).ok_or_else(|| self.err(format!("unsupported storage type {ty}")))?;
+            [Value::Str(kind), Value::Global(_, ty), Value::Str(key), _location, ..]
+                if &**kind == "storage" =>
+            {
+                let dtype = dtype_of_storage(ty)
+                    .ok_or_else(|| self.err(format!("unsupported storage type {ty}")))?;
                 Ok(Value::Storage(Rc::new(StorageRef { key: key.to_string(), dtype })))
             }
-            _ => Err(self.err("persistent id is not a ('storage', type, key, location, numel) tuple")),
+            _ => {
+                Err(self
+                    .err("persistent id is not a ('storage', type, key, location, numel) tuple"))
+            }
         }
     }
 
@@ -443,9 +459,14 @@ pub struct PthFile {
 
 /// Reads a `torch.save` zip checkpoint.
 pub fn read_pth(path: &Path) -> Result<PthFile> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io("cannot open checkpoint", path, e))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::io("cannot open checkpoint", path, e))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| {
-        Error::malformed("pth", path, format!("not a torch.save zip archive (truncated or legacy format?): {e}"))
+        Error::malformed(
+            "pth",
+            path,
+            format!("not a torch.save zip archive (truncated or legacy format?): {e}"),
+        )
     })?;
     let names: Vec<String> = zip.file_names().map(str::to_owned).collect();
     let pkl_name = names
@@ -459,8 +480,9 @@ pub fn read_pth(path: &Path) -> Result<PthFile> {
             .by_name(name)
             .map_err(|e| Error::malformed("pth", path, format!("archive entry `{name}`: {e}")))?;
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf)
-            .map_err(|e| Error::malformed("pth", path, format!("archive entry `{name}` is corrupt: {e}")))?;
+        f.read_to_end(&mut buf).map_err(|e| {
+            Error::malformed("pth", path, format!("archive entry `{name}` is corrupt: {e}"))
+        })?;
         Ok(buf)
     };
     let pkl = read_entry(&pkl_name)?;
@@ -483,7 +505,13 @@ pub fn read_pth(path: &Path) -> Result<PthFile> {
     Ok(PthFile { tensors, scalars })
 }
 
-fn collect(v: &Value, prefix: String, out: &mut Vec<(String, Rc<TensorRef>)>, scalars: &mut Vec<(String, String)>, depth: usize) {
+fn collect(
+    v: &Value,
+    prefix: String,
+    out: &mut Vec<(String, Rc<TensorRef>)>,
+    scalars: &mut Vec<(String, String)>,
+    depth: usize,
+) {
     if depth > 64 {
         return;
     }
@@ -522,7 +550,9 @@ fn materialise(t: &TensorRef, raw: &[u8], path: &Path, name: &str) -> Result<Hos
         return Err(Error::malformed(
             "pth",
             path,
-            format!("tensor `{name}` reads element {max_index} of a storage of {n_storage} (truncated file?)"),
+            format!(
+                "tensor `{name}` reads element {max_index} of a storage of {n_storage} (truncated file?)"
+            ),
         ));
     }
     // Element indices of the view in row-major order.
@@ -542,21 +572,36 @@ fn materialise(t: &TensorRef, raw: &[u8], path: &Path, name: &str) -> Result<Hos
     if rank == 0 {
         idx = vec![t.offset];
     }
-    let gather = |es: usize| -> Vec<&[u8]> { idx.iter().map(|&i| &raw[i * es..(i + 1) * es]).collect() };
+    let gather =
+        |es: usize| -> Vec<&[u8]> { idx.iter().map(|&i| &raw[i * es..(i + 1) * es]).collect() };
     let data = match t.storage.dtype {
-        "F32" => HostData::F32(gather(4).iter().map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
+        "F32" => HostData::F32(
+            gather(4).iter().map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        ),
         "F64" => HostData::F64(
             gather(8).iter().map(|b| le_chunks::<8, f64>(b, f64::from_le_bytes)[0]).collect(),
         ),
-        "F16" => HostData::F32(gather(2).iter().map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()),
+        "F16" => HostData::F32(
+            gather(2).iter().map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        ),
         "BF16" => HostData::F32(
-            gather(2).iter().map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)).collect(),
+            gather(2)
+                .iter()
+                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
+                .collect(),
         ),
-        "I64" => HostData::I64(gather(8).iter().map(|b| le_chunks::<8, i64>(b, i64::from_le_bytes)[0]).collect()),
+        "I64" => HostData::I64(
+            gather(8).iter().map(|b| le_chunks::<8, i64>(b, i64::from_le_bytes)[0]).collect(),
+        ),
         "I32" => HostData::I64(
-            gather(4).iter().map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
+            gather(4)
+                .iter()
+                .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
         ),
-        "I16" => HostData::I64(gather(2).iter().map(|b| i64::from(i16::from_le_bytes([b[0], b[1]]))).collect()),
+        "I16" => HostData::I64(
+            gather(2).iter().map(|b| i64::from(i16::from_le_bytes([b[0], b[1]]))).collect(),
+        ),
         "I8" => HostData::I64(gather(1).iter().map(|b| i64::from(b[0] as i8)).collect()),
         _ => HostData::U8(gather(1).iter().map(|b| b[0]).collect()),
     };
@@ -578,7 +623,8 @@ pub fn state_dict(pth: &PthFile, which: &str) -> TensorMap {
                 Some(rest) => rest,
                 None => continue,
             }
-        } else if pth.tensors.keys().any(|k| k.starts_with("student.") || k.starts_with("teacher.")) {
+        } else if pth.tensors.keys().any(|k| k.starts_with("student.") || k.starts_with("teacher."))
+        {
             // A training checkpoint, but the requested part is absent.
             continue;
         } else {

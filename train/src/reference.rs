@@ -37,7 +37,9 @@ pub struct CaseResult {
 impl std::fmt::Display for CaseResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.outcome {
-            Ok(e) => write!(f, "PASS {} max_abs={:.3e} max_rel={:.3e}", self.case, e.max_abs, e.max_rel),
+            Ok(e) => {
+                write!(f, "PASS {} max_abs={:.3e} max_rel={:.3e}", self.case, e.max_abs, e.max_rel)
+            }
             Err(why) => write!(f, "FAIL {} {}", self.case, why),
         }
     }
@@ -94,9 +96,19 @@ struct Check {
 }
 
 impl Check {
-    fn cmp(&mut self, what: &str, ours: &[f64], reference: &[f64], tol: Tol) -> std::result::Result<(), String> {
+    fn cmp(
+        &mut self,
+        what: &str,
+        ours: &[f64],
+        reference: &[f64],
+        tol: Tol,
+    ) -> std::result::Result<(), String> {
         if ours.len() != reference.len() {
-            return Err(format!("{what}: {} values, reference has {}", ours.len(), reference.len()));
+            return Err(format!(
+                "{what}: {} values, reference has {}",
+                ours.len(),
+                reference.len()
+            ));
         }
         let scale = reference.iter().fold(0f64, |a, b| a.max(b.abs()));
         let mut worst = 0f64;
@@ -104,7 +116,9 @@ impl Check {
             let d = (a - b).abs();
             let allowed = tol.atol + tol.rtol * if tol.of_max_abs { scale } else { b.abs() };
             if !(d <= allowed) {
-                return Err(format!("{what}[{i}]: ours {a:.9e} reference {b:.9e} |diff| {d:.3e} > {allowed:.3e}"));
+                return Err(format!(
+                    "{what}[{i}]: ours {a:.9e} reference {b:.9e} |diff| {d:.3e} > {allowed:.3e}"
+                ));
             }
             worst = worst.max(d);
         }
@@ -115,14 +129,26 @@ impl Check {
         Ok(())
     }
 
-    fn cmp_t(&mut self, what: &str, ours: &HostTensor, reference: &HostTensor, tol: Tol) -> std::result::Result<(), String> {
+    fn cmp_t(
+        &mut self,
+        what: &str,
+        ours: &HostTensor,
+        reference: &HostTensor,
+        tol: Tol,
+    ) -> std::result::Result<(), String> {
         if ours.shape != reference.shape && ours.numel() != reference.numel() {
             return Err(format!("{what}: shape {:?}, reference {:?}", ours.shape, reference.shape));
         }
         self.cmp(what, &ours.to_f64(), &reference.to_f64(), tol)
     }
 
-    fn scalar(&mut self, what: &str, ours: f64, reference: f64, tol: Tol) -> std::result::Result<(), String> {
+    fn scalar(
+        &mut self,
+        what: &str,
+        ours: f64,
+        reference: f64,
+        tol: Tol,
+    ) -> std::result::Result<(), String> {
         self.cmp(what, &[ours], &[reference], tol)
     }
 }
@@ -137,10 +163,15 @@ struct Case {
 impl Case {
     fn load(dir: &Path, name: &str) -> Result<Self> {
         let json_path = dir.join(format!("{name}.json"));
-        let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io("cannot read manifest", &json_path, e))?;
-        let manifest: Value =
-            serde_json::from_str(&text).map_err(|e| Error::malformed("json", &json_path, e.to_string()))?;
-        let file = manifest.get("tensor_file").and_then(Value::as_str).map(str::to_owned).unwrap_or(format!("{name}.safetensors"));
+        let text = std::fs::read_to_string(&json_path)
+            .map_err(|e| Error::io("cannot read manifest", &json_path, e))?;
+        let manifest: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::malformed("json", &json_path, e.to_string()))?;
+        let file = manifest
+            .get("tensor_file")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or(format!("{name}.safetensors"));
         let tensors = tensors::read_safetensors(&dir.join(file))?;
         Ok(Self { dir: dir.to_path_buf(), manifest, tensors })
     }
@@ -150,7 +181,10 @@ impl Case {
     }
 
     fn p(&self, key: &str) -> std::result::Result<&Value, String> {
-        self.manifest.get("params").and_then(|p| p.get(key)).ok_or_else(|| format!("params.{key} missing from the manifest"))
+        self.manifest
+            .get("params")
+            .and_then(|p| p.get(key))
+            .ok_or_else(|| format!("params.{key} missing from the manifest"))
     }
 
     fn pf(&self, key: &str) -> std::result::Result<f64, String> {
@@ -158,7 +192,10 @@ impl Case {
     }
 
     fn pu(&self, key: &str) -> std::result::Result<usize, String> {
-        self.p(key)?.as_u64().map(|v| v as usize).ok_or_else(|| format!("params.{key} is not an integer"))
+        self.p(key)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| format!("params.{key} is not an integer"))
     }
 
     fn scalar(&self, key: &str) -> std::result::Result<f64, String> {
@@ -177,8 +214,16 @@ impl Case {
 /// The kinds of case this checker knows, from the case name.
 pub fn case_kind(name: &str) -> Option<&'static str> {
     const KINDS: [&str; 10] = [
-        "meanshift_", "sampling_masks", "flsl_loss_", "vmr_", "schedules", "sincos_pos_embed", "vit_forward", "flsl_head",
-        "train_step_", "pth_probe",
+        "meanshift_",
+        "sampling_masks",
+        "flsl_loss_",
+        "vmr_",
+        "schedules",
+        "sincos_pos_embed",
+        "vit_forward",
+        "flsl_head",
+        "train_step_",
+        "pth_probe",
     ];
     KINDS.iter().copied().find(|k| name.starts_with(k))
 }
@@ -186,8 +231,10 @@ pub fn case_kind(name: &str) -> Option<&'static str> {
 /// Runs every case of `DIR/index.json`.
 pub fn run_index(dir: &Path) -> Result<Vec<CaseResult>> {
     let index_path = dir.join("index.json");
-    let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io("cannot read index", &index_path, e))?;
-    let index: Value = serde_json::from_str(&text).map_err(|e| Error::malformed("json", &index_path, e.to_string()))?;
+    let text = std::fs::read_to_string(&index_path)
+        .map_err(|e| Error::io("cannot read index", &index_path, e))?;
+    let index: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::malformed("json", &index_path, e.to_string()))?;
     let cases = index
         .get("cases")
         .and_then(Value::as_array)
@@ -237,7 +284,8 @@ fn check_meanshift(case: &Case, check: &mut Check) -> R {
     let kind = case.p("kind")?.as_str().unwrap_or("intra").to_string();
     let temp = case.pf("temp")?;
     let src = case.t("src")?;
-    let [b, ns, _c] = <[usize; 3]>::try_from(src.shape.clone()).map_err(|_| "src is not 3-D".to_string())?;
+    let [b, ns, _c] =
+        <[usize; 3]>::try_from(src.shape.clone()).map_err(|_| "src is not 3-D".to_string())?;
     let mask = case.t("mask")?.to_i64().iter().map(|&v| v as u8).collect::<Vec<_>>();
     let sel = TokenSelection::from_mask(&mask, b, ns).map_err(|e| e.to_string())?;
     let idx: Vec<i64> = sel.rows.iter().flatten().map(|&i| i as i64).collect();
@@ -261,7 +309,12 @@ fn check_meanshift(case: &Case, check: &mut Check) -> R {
     let tol_mode = case.tol("mode", Tol::elementwise(1e-5, 1e-4));
     check.cmp_t("src_sel", &host(q), case.t("src_sel")?, tol_mode)?;
     check.cmp_t("mode", &host(mode), case.t("mode")?, tol_mode)?;
-    check.cmp_t("grad_src", &host(grad), case.t("grad_src")?, case.tol("grad_src", Tol::elementwise(1e-5, 1e-3)))
+    check.cmp_t(
+        "grad_src",
+        &host(grad),
+        case.t("grad_src")?,
+        case.tol("grad_src", Tol::elementwise(1e-5, 1e-3)),
+    )
 }
 
 fn check_masks(case: &Case, check: &mut Check) -> R {
@@ -269,8 +322,11 @@ fn check_masks(case: &Case, check: &mut Check) -> R {
     let mut n = 0;
     for e in entries {
         let key = e.get("key").and_then(Value::as_str).ok_or("entry without key")?;
-        let fs = e.get("feature_size").and_then(Value::as_u64).ok_or("entry without feature_size")? as usize;
-        let ws = e.get("window_size").and_then(Value::as_u64).ok_or("entry without window_size")? as usize;
+        let fs =
+            e.get("feature_size").and_then(Value::as_u64).ok_or("entry without feature_size")?
+                as usize;
+        let ws = e.get("window_size").and_then(Value::as_u64).ok_or("entry without window_size")?
+            as usize;
         let random = e.get("random_sampling").and_then(Value::as_bool).unwrap_or(false);
         let t = case.t(key)?;
         let rows = t.to_i64().iter().map(|&v| v as u8).collect::<Vec<_>>();
@@ -282,10 +338,16 @@ fn check_masks(case: &Case, check: &mut Check) -> R {
     // The four corner placements, in the reference's order.
     for (key, t) in &case.tensors {
         let Some(rest) = key.strip_suffix("_fixed_corners") else { continue };
-        let nums: Vec<usize> = rest.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
+        let nums: Vec<usize> =
+            rest.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
         let [fs, ws] = nums[..] else { return Err(format!("cannot read fs/ws from `{key}`")) };
         let rows = t.to_i64().iter().map(|&v| v as u8).collect::<Vec<_>>();
-        for (row, corner) in rows.chunks(fs * fs).zip([Corner::TopLeft, Corner::TopRight, Corner::BottomLeft, Corner::BottomRight]) {
+        for (row, corner) in rows.chunks(fs * fs).zip([
+            Corner::TopLeft,
+            Corner::TopRight,
+            Corner::BottomLeft,
+            Corner::BottomRight,
+        ]) {
             let ours = mask_from_choices(fs, ws, corner, &vec![0; (fs / ws) * (fs / ws)]);
             if ours != row {
                 return Err(format!("{key}: placement {corner:?} differs"));
@@ -338,11 +400,26 @@ fn check_loss(case: &Case, check: &mut Check) -> R {
     check.scalar("total", terms.total, case.scalar("total")?, rt("total"))?;
     check.scalar("ms_loss", terms.mean_shift, case.scalar("ms_loss")?, rt("ms_loss"))?;
     check.scalar("kmeans_loss", terms.kmeans, case.scalar("kmeans_loss")?, rt("kmeans_loss"))?;
-    check.scalar("vmr", terms.vmr, case.scalar("vmr")?, case.tol("vmr", Tol::elementwise(2e-6, 0.0)))?;
+    check.scalar(
+        "vmr",
+        terms.vmr,
+        case.scalar("vmr")?,
+        case.tol("vmr", Tol::elementwise(2e-6, 0.0)),
+    )?;
     let tg = case.tol("grads", Tol::of_max_abs(1e-8, 1e-4));
     check.cmp_t("grad_x", &host(x.grad(&grads).ok_or("no grad for x")?), case.t("grad_x")?, tg)?;
-    check.cmp_t("grad_mode", &host(mode.grad(&grads).ok_or("no grad for mode")?), case.t("grad_mode")?, tg)?;
-    check.cmp_t("grad_student_pred", &host(sp.grad(&grads).ok_or("no grad for student_pred")?), case.t("grad_student_pred")?, tg)
+    check.cmp_t(
+        "grad_mode",
+        &host(mode.grad(&grads).ok_or("no grad for mode")?),
+        case.t("grad_mode")?,
+        tg,
+    )?;
+    check.cmp_t(
+        "grad_student_pred",
+        &host(sp.grad(&grads).ok_or("no grad for student_pred")?),
+        case.t("grad_student_pred")?,
+        tg,
+    )
 }
 
 fn check_vmr(case: &Case, check: &mut Check) -> R {
@@ -356,13 +433,25 @@ fn check_vmr(case: &Case, check: &mut Check) -> R {
     let v = vmr(s.clone(), &prior);
     let value: f64 = v.clone().into_scalar().into();
     let grads = v.backward();
-    check.scalar("value", value, case.scalar("value")?, case.tol("value", Tol::elementwise(2e-6, 0.0)))?;
-    check.cmp_t("grad_s", &host(s.grad(&grads).ok_or("no grad for s")?), case.t("grad_s")?, case.tol("grad", Tol::of_max_abs(1e-8, 1e-4)))
+    check.scalar(
+        "value",
+        value,
+        case.scalar("value")?,
+        case.tol("value", Tol::elementwise(2e-6, 0.0)),
+    )?;
+    check.cmp_t(
+        "grad_s",
+        &host(s.grad(&grads).ok_or("no grad for s")?),
+        case.t("grad_s")?,
+        case.tol("grad", Tol::of_max_abs(1e-8, 1e-4)),
+    )
 }
 
 fn check_schedules(case: &Case, check: &mut Check) -> R {
     let tol = Tol::elementwise(1e-12, 0.0);
-    let num = |e: &Value, k: &str| e.get(k).and_then(Value::as_f64).ok_or(format!("schedule entry without {k}"));
+    let num = |e: &Value, k: &str| {
+        e.get(k).and_then(Value::as_f64).ok_or(format!("schedule entry without {k}"))
+    };
     let mut n = 0;
     for e in case.p("cosine")?.as_array().ok_or("params.cosine is not a list")? {
         let key = e.get("key").and_then(Value::as_str).ok_or("entry without key")?;
@@ -374,13 +463,28 @@ fn check_schedules(case: &Case, check: &mut Check) -> R {
             num(e, "warmup_epochs")? as usize,
             num(e, "start_warmup_value")?,
         );
-        check.cmp_t(key, &HostTensor { shape: vec![s.len()], data: tensors::HostData::F64(s) }, case.t(key)?, tol)?;
+        check.cmp_t(
+            key,
+            &HostTensor { shape: vec![s.len()], data: tensors::HostData::F64(s) },
+            case.t(key)?,
+            tol,
+        )?;
         n += 1;
     }
     for e in case.p("temp")?.as_array().ok_or("params.temp is not a list")? {
         let key = e.get("key").and_then(Value::as_str).ok_or("entry without key")?;
-        let s = temp_scheduler(num(e, "warmup_temp_t")?, num(e, "temp_t")?, num(e, "warmup_temp_t_epochs")? as usize, num(e, "nepochs")? as usize);
-        check.cmp_t(key, &HostTensor { shape: vec![s.len()], data: tensors::HostData::F64(s) }, case.t(key)?, tol)?;
+        let s = temp_scheduler(
+            num(e, "warmup_temp_t")?,
+            num(e, "temp_t")?,
+            num(e, "warmup_temp_t_epochs")? as usize,
+            num(e, "nepochs")? as usize,
+        );
+        check.cmp_t(
+            key,
+            &HostTensor { shape: vec![s.len()], data: tensors::HostData::F64(s) },
+            case.t(key)?,
+            tol,
+        )?;
         n += 1;
     }
     if n == 0 { Err("no schedule checked".into()) } else { Ok(()) }
@@ -388,34 +492,56 @@ fn check_schedules(case: &Case, check: &mut Check) -> R {
 
 fn check_sincos(case: &Case, check: &mut Check) -> R {
     for e in case.p("entries")?.as_array().ok_or("params.entries is not a list")? {
-        let d = e.get("embed_dim").and_then(Value::as_u64).ok_or("entry without embed_dim")? as usize;
-        let g = e.get("grid_size").and_then(Value::as_u64).ok_or("entry without grid_size")? as usize;
+        let d =
+            e.get("embed_dim").and_then(Value::as_u64).ok_or("entry without embed_dim")? as usize;
+        let g =
+            e.get("grid_size").and_then(Value::as_u64).ok_or("entry without grid_size")? as usize;
         let pe = sincos_pos_embed_2d(d, g);
         let key = format!("pe_{d}_{g}");
-        check.cmp(&key, &pe, &case.t(&key)?.to_f64(), case.tol("f64", Tol::elementwise(1e-12, 0.0)))?;
+        check.cmp(
+            &key,
+            &pe,
+            &case.t(&key)?.to_f64(),
+            case.tol("f64", Tol::elementwise(1e-12, 0.0)),
+        )?;
         let pe32: Vec<f64> = pe.iter().map(|&v| f64::from(v as f32)).collect();
-        check.cmp(&format!("{key}_f32"), &pe32, &case.t(&format!("{key}_f32"))?.to_f64(), case.tol("f32", Tol::elementwise(1e-6, 0.0)))?;
+        check.cmp(
+            &format!("{key}_f32"),
+            &pe32,
+            &case.t(&format!("{key}_f32"))?.to_f64(),
+            case.tol("f32", Tol::elementwise(1e-6, 0.0)),
+        )?;
     }
     Ok(())
 }
 
 /// The ViT configuration of a weights file, from the manifests of the same folder that name it
 /// (`params.num_heads` etc. of `vit_forward`), or from `params` of this case.
-fn vit_config_for(dir: &Path, weights_file: &str, map: &TensorMap, params: Option<&Value>) -> std::result::Result<VitConfig, String> {
+fn vit_config_for(
+    dir: &Path,
+    weights_file: &str,
+    map: &TensorMap,
+    params: Option<&Value>,
+) -> std::result::Result<VitConfig, String> {
     let from_params = |p: &Value| -> Option<VitConfig> {
         let g = |k: &str| p.get(k).and_then(Value::as_f64);
         Some(
-            VitConfig::new(g("embed_dim")? as usize, g("depth")? as usize, g("num_heads")? as usize)
-                .with_patch_size(g("patch_size")? as usize)
-                .with_img_size(g("img_size").map(|v| v as usize).unwrap_or(224))
-                .with_mlp_ratio(g("mlp_ratio").unwrap_or(4.0))
-                .with_qkv_bias(p.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true))
-                .with_layer_norm_eps(g("layernorm_eps").unwrap_or(1e-6)),
+            VitConfig::new(
+                g("embed_dim")? as usize,
+                g("depth")? as usize,
+                g("num_heads")? as usize,
+            )
+            .with_patch_size(g("patch_size")? as usize)
+            .with_img_size(g("img_size").map(|v| v as usize).unwrap_or(224))
+            .with_mlp_ratio(g("mlp_ratio").unwrap_or(4.0))
+            .with_qkv_bias(p.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true))
+            .with_layer_norm_eps(g("layernorm_eps").unwrap_or(1e-6)),
         )
     };
     let mut cfg = params.and_then(from_params);
     if cfg.is_none() {
-        let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         for entry in entries.flatten() {
             let p = entry.path();
             if p.extension().is_some_and(|e| e == "json") {
@@ -430,7 +556,8 @@ fn vit_config_for(dir: &Path, weights_file: &str, map: &TensorMap, params: Optio
             }
         }
     }
-    let mut cfg = cfg.ok_or_else(|| format!("no manifest gives the architecture of `{weights_file}`"))?;
+    let mut cfg =
+        cfg.ok_or_else(|| format!("no manifest gives the architecture of `{weights_file}`"))?;
     // The stored table fixes the training size: img_size = sqrt(N) * patch.
     if let Some(pe) = map.get("pos_embed").or_else(|| map.get("backbone.pos_embed")) {
         let n = pe.shape.get(1).copied().unwrap_or(0);
@@ -439,19 +566,26 @@ fn vit_config_for(dir: &Path, weights_file: &str, map: &TensorMap, params: Optio
     Ok(cfg)
 }
 
-fn load_vit_for(dir: &Path, file: &str, params: Option<&Value>) -> std::result::Result<Vit<Cpu>, String> {
+fn load_vit_for(
+    dir: &Path,
+    file: &str,
+    params: Option<&Value>,
+) -> std::result::Result<Vit<Cpu>, String> {
     let path = dir.join(file);
-    let map = checkpoint::read_weights(&path, checkpoint::Part::Teacher).map_err(|e| e.to_string())?;
+    let map =
+        checkpoint::read_weights(&path, checkpoint::Part::Teacher).map_err(|e| e.to_string())?;
     let cfg = vit_config_for(dir, file, &map, params)?;
     checkpoint::load_vit(cfg.init::<Cpu>(&dev()), &map, &path).map_err(|e| e.to_string())
 }
 
 fn check_vit(case: &Case, check: &mut Check) -> R {
-    let file = case.manifest.get("weights_file").and_then(Value::as_str).ok_or("no weights_file")?;
+    let file =
+        case.manifest.get("weights_file").and_then(Value::as_str).ok_or("no weights_file")?;
     let vit = load_vit_for(&case.dir, file, case.manifest.get("params"))?;
     // The .pth twin must hold bit-identical weights.
     if let Some(pth_file) = case.manifest.get("weights_pth").and_then(Value::as_str) {
-        let a = checkpoint::read_weights(&case.dir.join(pth_file), checkpoint::Part::Teacher).map_err(|e| e.to_string())?;
+        let a = checkpoint::read_weights(&case.dir.join(pth_file), checkpoint::Part::Teacher)
+            .map_err(|e| e.to_string())?;
         let b = tensors::read_safetensors(&case.dir.join(file)).map_err(|e| e.to_string())?;
         for (k, t) in &b {
             let o = a.get(k).ok_or_else(|| format!("{pth_file}: tensor `{k}` missing"))?;
@@ -468,7 +602,12 @@ fn check_vit(case: &Case, check: &mut Check) -> R {
         let [_, _, h, w] = x.dims();
         let p = vit.patch_size();
         if let Ok(pe) = case.t(&format!("pos_embed{suffix}")) {
-            check.cmp_t(&format!("pos_embed{suffix}"), &host(vit.pos_embed_for(h / p, w / p)), pe, tol_pe)?;
+            check.cmp_t(
+                &format!("pos_embed{suffix}"),
+                &host(vit.pos_embed_for(h / p, w / p)),
+                pe,
+                tol_pe,
+            )?;
         }
         let pe_out = vit.patch_embed.forward(x.clone());
         if let Ok(r) = case.t(&format!("patch_embed{suffix}")) {
@@ -482,27 +621,47 @@ fn check_vit(case: &Case, check: &mut Check) -> R {
                 check.cmp_t(&format!("block{i}{suffix}"), &host(t.clone()), r, tol)?;
             }
         }
-        check.cmp_t(&format!("features{suffix}"), &host(vit.norm.forward(t)), case.t(&format!("features{suffix}"))?, tol_f)?;
+        check.cmp_t(
+            &format!("features{suffix}"),
+            &host(vit.norm.forward(t)),
+            case.t(&format!("features{suffix}"))?,
+            tol_f,
+        )?;
     }
     // Resized tables for other sizes.
     let g = vit.pos_embed.dims()[1];
     let g = (g as f64).sqrt().round() as usize;
     let table = host(vit.pos_embed.val()).to_f32();
     for e in case.p("interp").ok().and_then(Value::as_array).into_iter().flatten() {
-        let size = e.get("size").and_then(Value::as_u64).ok_or("interp entry without size")? as usize;
+        let size =
+            e.get("size").and_then(Value::as_u64).ok_or("interp entry without size")? as usize;
         let grid = size / vit.patch_size();
         let ours = interpolate_pos_embed(&table, g, vit.embed_dim(), grid, grid);
         let key = format!("pos_embed_interp_{size}");
-        check.cmp(&key, &ours.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), &case.t(&key)?.to_f64(), tol_pe)?;
+        check.cmp(
+            &key,
+            &ours.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+            &case.t(&key)?.to_f64(),
+            tol_pe,
+        )?;
     }
     Ok(())
 }
 
-fn head_config(map: &TensorMap, prefix: &str, norm_last_layer: bool) -> std::result::Result<FlslHeadConfig, String> {
-    let shape = |k: &str| map.get(&format!("{prefix}{k}")).map(|t| t.shape.clone()).ok_or(format!("`{prefix}{k}` missing"));
+fn head_config(
+    map: &TensorMap,
+    prefix: &str,
+    norm_last_layer: bool,
+) -> std::result::Result<FlslHeadConfig, String> {
+    let shape = |k: &str| {
+        map.get(&format!("{prefix}{k}"))
+            .map(|t| t.shape.clone())
+            .ok_or(format!("`{prefix}{k}` missing"))
+    };
     let w0 = shape("mlp.0.weight")?;
     let v = shape("last_layer.weight_v")?;
-    let nlayers = (0..).take_while(|i| map.contains_key(&format!("{prefix}mlp.{}.weight", 2 * i))).count();
+    let nlayers =
+        (0..).take_while(|i| map.contains_key(&format!("{prefix}mlp.{}.weight", 2 * i))).count();
     Ok(FlslHeadConfig::new(w0[1], v[0])
         .with_hidden_dim(w0[0])
         .with_bottleneck_dim(v[1])
@@ -511,15 +670,22 @@ fn head_config(map: &TensorMap, prefix: &str, norm_last_layer: bool) -> std::res
 }
 
 fn check_head(case: &Case, check: &mut Check) -> R {
-    let file = case.manifest.get("weights_file").and_then(Value::as_str).ok_or("no weights_file")?;
+    let file =
+        case.manifest.get("weights_file").and_then(Value::as_str).ok_or("no weights_file")?;
     let path = case.dir.join(file);
     let map = tensors::read_safetensors(&path).map_err(|e| e.to_string())?;
     let cfg = head_config(&map, "", true)?;
     let d = dev();
     let head: FlslHead<CpuTrain> = cfg.init(&d);
-    let head = named::load_state_dict(head, &map, "", &path, Missing::Error).map_err(|e| e.to_string())?;
+    let head =
+        named::load_state_dict(head, &map, "", &path, Missing::Error).map_err(|e| e.to_string())?;
     if let Some(w) = map.get("last_layer.weight__effective") {
-        check.cmp_t("last_layer.weight__effective", &host(head.last_layer.effective_weight()), w, Tol::elementwise(1e-6, 0.0))?;
+        check.cmp_t(
+            "last_layer.weight__effective",
+            &host(head.last_layer.effective_weight()),
+            w,
+            Tol::elementwise(1e-6, 0.0),
+        )?;
     }
     let x: Tensor<CpuTrain, 3> = case.t("x")?.to_device(&d).require_grad();
     let tol_out = case.tol("out", Tol::elementwise(1e-5, 1e-4));
@@ -534,9 +700,26 @@ fn check_head(case: &Case, check: &mut Check) -> R {
     let gv = head.last_layer.weight_v.val().grad(&grads).ok_or("no grad for weight_v")?;
     check.cmp_t("grad_last_layer_weight_v", &host(gv), case.t("grad_last_layer_weight_v")?, tg)?;
     let last = head.mlp.len() - 1;
-    let g4 = head.mlp[last].bias.as_ref().ok_or("no bias")?.val().grad(&grads).ok_or("no grad for the last mlp bias")?;
-    check.cmp_t("grad_mlp_4_bias", &host(g4), case.t(&format!("grad_mlp_{}_bias", 2 * last))?, tg)?;
-    let g0 = head.mlp[0].bias.as_ref().ok_or("no bias")?.val().grad(&grads).ok_or("no grad for mlp.0.bias")?;
+    let g4 = head.mlp[last]
+        .bias
+        .as_ref()
+        .ok_or("no bias")?
+        .val()
+        .grad(&grads)
+        .ok_or("no grad for the last mlp bias")?;
+    check.cmp_t(
+        "grad_mlp_4_bias",
+        &host(g4),
+        case.t(&format!("grad_mlp_{}_bias", 2 * last))?,
+        tg,
+    )?;
+    let g0 = head.mlp[0]
+        .bias
+        .as_ref()
+        .ok_or("no bias")?
+        .val()
+        .grad(&grads)
+        .ok_or("no grad for mlp.0.bias")?;
     check.cmp_t("grad_mlp_0_bias", &host(g0), case.t("grad_mlp_0_bias")?, tg)
 }
 
@@ -548,12 +731,21 @@ fn check_pth(case: &Case, check: &mut Check) -> R {
         return Err("no expected tensors".into());
     }
     for (k, expected) in &case.tensors {
-        let ours = file.tensors.get(k).ok_or_else(|| format!("tensor `{k}` not found in {}", path.display()))?;
+        let ours = file
+            .tensors
+            .get(k)
+            .ok_or_else(|| format!("tensor `{k}` not found in {}", path.display()))?;
         if ours.shape != expected.shape {
             return Err(format!("{k}: shape {:?}, expected {:?}", ours.shape, expected.shape));
         }
-        if ours.dtype_name() != expected.dtype_name() && !(ours.dtype_name() == "F32" && expected.dtype_name() == "F32") {
-            return Err(format!("{k}: dtype {}, expected {}", ours.dtype_name(), expected.dtype_name()));
+        if ours.dtype_name() != expected.dtype_name()
+            && !(ours.dtype_name() == "F32" && expected.dtype_name() == "F32")
+        {
+            return Err(format!(
+                "{k}: dtype {}, expected {}",
+                ours.dtype_name(),
+                expected.dtype_name()
+            ));
         }
         check.cmp_t(k, ours, expected, Tol::elementwise(0.0, 0.0))?;
     }
@@ -563,7 +755,8 @@ fn check_pth(case: &Case, check: &mut Check) -> R {
 fn vmask(case: &Case, i: usize, bt: usize) -> std::result::Result<TokenSelection, String> {
     let m = case.t(&format!("mask{i}"))?;
     let n = m.shape.get(1).copied().ok_or("mask is not 2-D")?;
-    TokenSelection::from_mask(&m.to_i64().iter().map(|&v| v as u8).collect::<Vec<_>>(), bt, n).map_err(|e| e.to_string())
+    TokenSelection::from_mask(&m.to_i64().iter().map(|&v| v as u8).collect::<Vec<_>>(), bt, n)
+        .map_err(|e| e.to_string())
 }
 
 fn check_train_step(case: &Case, check: &mut Check) -> R {
@@ -571,20 +764,25 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     // Initial weights: the backbone and head files named in the manifest.
     let init = case.manifest.get("initial_weights").ok_or("no initial_weights")?;
     let file_of = |k: &str| -> std::result::Result<String, String> {
-        let s = init.get(k).and_then(Value::as_str).ok_or(format!("initial_weights.{k} missing"))?;
+        let s =
+            init.get(k).and_then(Value::as_str).ok_or(format!("initial_weights.{k} missing"))?;
         Ok(s.split_whitespace().next().unwrap_or(s).to_string())
     };
     let vit_file = file_of("student_and_teacher_backbone")?;
     let head_file = file_of("student_and_teacher_head")?;
-    let vit_map = tensors::read_safetensors(&case.dir.join(&vit_file)).map_err(|e| e.to_string())?;
-    let vit_cfg = vit_config_for(&case.dir, &vit_file, &vit_map, None)?.with_drop_path_rate(case.pf("drop_path_rate").unwrap_or(0.0));
+    let vit_map =
+        tensors::read_safetensors(&case.dir.join(&vit_file)).map_err(|e| e.to_string())?;
+    let vit_cfg = vit_config_for(&case.dir, &vit_file, &vit_map, None)?
+        .with_drop_path_rate(case.pf("drop_path_rate").unwrap_or(0.0));
     let head_path = case.dir.join(&head_file);
     let head_map = tensors::read_safetensors(&head_path).map_err(|e| e.to_string())?;
     let head_cfg = head_config(&head_map, "", true)?;
     let student: FlslModel<CpuTrain> = FlslModel::init(&vit_cfg, &head_cfg, &d);
     let student = FlslModel {
-        backbone: checkpoint::load_vit(student.backbone, &vit_map, &case.dir.join(&vit_file)).map_err(|e| e.to_string())?,
-        head: named::load_state_dict(student.head, &head_map, "", &head_path, Missing::Error).map_err(|e| e.to_string())?,
+        backbone: checkpoint::load_vit(student.backbone, &vit_map, &case.dir.join(&vit_file))
+            .map_err(|e| e.to_string())?,
+        head: named::load_state_dict(student.head, &head_map, "", &head_path, Missing::Error)
+            .map_err(|e| e.to_string())?,
     };
     let initial = named::state_dict::<CpuTrain, _>(&student);
     let mut teacher = student.valid();
@@ -598,8 +796,10 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         views.push(View { images, mask, crops: None });
     }
     let opt = case.p("optimizer")?;
-    let of = |k: &str| opt.get(k).and_then(Value::as_f64).ok_or(format!("params.optimizer.{k} missing"));
-    let betas = opt.get("betas").and_then(Value::as_array).ok_or("params.optimizer.betas missing")?;
+    let of =
+        |k: &str| opt.get(k).and_then(Value::as_f64).ok_or(format!("params.optimizer.{k} missing"));
+    let betas =
+        opt.get("betas").and_then(Value::as_array).ok_or("params.optimizer.betas missing")?;
     let lr = of("lr")?;
     let momentum = case.pf("momentum")?;
     let hyper = StepHyper {
@@ -621,8 +821,17 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     let tt = loss.teacher_temp(hyper.epoch);
     check.scalar("teacher_temp", tt, case.pf("teacher_temp")?, Tol::elementwise(1e-12, 0.0))?;
     let mut adam = AdamState::default();
-    let (student, report) =
-        train_step(student, &mut teacher, None, &mut loss, &mut adam, &views, &hyper, StepOptions { record: true, ..Default::default() }).map_err(|e| e.to_string())?;
+    let (student, report) = train_step(
+        student,
+        &mut teacher,
+        None,
+        &mut loss,
+        &mut adam,
+        &views,
+        &hyper,
+        StepOptions { record: true, ..Default::default() },
+    )
+    .map_err(|e| e.to_string())?;
 
     // Loss and its inputs.
     let tl = case.tol("loss", Tol::elementwise(0.0, 1e-5));
@@ -631,7 +840,8 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     check.scalar("kmeans_loss", report.loss.kmeans, case.scalar("kmeans_loss")?, tl)?;
     check.scalar("vmr", report.loss.vmr, case.scalar("vmr")?, Tol::elementwise(2e-6, 0.0))?;
     let tf = Tol::elementwise(5e-5, 1e-4); // README: features after the blocks + LN.
-    for k in ["enc_t", "loss_in_x", "loss_in_mode", "loss_in_student_pred", "loss_in_teacher_pred"] {
+    for k in ["enc_t", "loss_in_x", "loss_in_mode", "loss_in_student_pred", "loss_in_teacher_pred"]
+    {
         if let Ok(r) = case.t(k) {
             check.cmp_t(k, report.recorded.get(k).ok_or(format!("{k} not recorded"))?, r, tf)?;
         }
@@ -642,7 +852,10 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     let mut n_grads = 0;
     for (k, r) in &case.tensors {
         let Some(name) = k.strip_prefix("grad_preclip.") else { continue };
-        let ours = report.recorded.get(&format!("grad_preclip.{name}")).ok_or(format!("no gradient for `{name}`"))?;
+        let ours = report
+            .recorded
+            .get(&format!("grad_preclip.{name}"))
+            .ok_or(format!("no gradient for `{name}`"))?;
         check.cmp_t(k, ours, r, tg)?;
         n_grads += 1;
     }
@@ -650,7 +863,8 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         return Err("no gradient compared".into());
     }
     // Gradient norms and clipping decisions of every parameter.
-    let stats = case.manifest.get("param_stats").and_then(Value::as_array).ok_or("no param_stats")?;
+    let stats =
+        case.manifest.get("param_stats").and_then(Value::as_array).ok_or("no param_stats")?;
     let tn = case.tol("grad_norms", Tol::elementwise(0.0, 1e-5));
     for s in stats {
         let name = s.get("name").and_then(Value::as_str).ok_or("param_stats entry without name")?;
@@ -658,8 +872,12 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         match (s.get("grad_norm_preclip_exact").and_then(Value::as_f64), ours) {
             (Some(r), Some(o)) => check.scalar(&format!("grad_norm({name})"), o, r, tn)?,
             (None, None) => {}
-            (Some(_), None) => return Err(format!("{name}: the reference has a gradient, we have none")),
-            (None, Some(_)) => return Err(format!("{name}: we have a gradient, the reference has none")),
+            (Some(_), None) => {
+                return Err(format!("{name}: the reference has a gradient, we have none"));
+            }
+            (None, Some(_)) => {
+                return Err(format!("{name}: we have a gradient, the reference has none"));
+            }
         }
         if let Some(clipped) = s.get("clipped").and_then(Value::as_bool) {
             let ours = report.clipped.iter().any(|n| n == name);
@@ -676,7 +894,10 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     // Summary statistics of every parameter (the full set stores tensors for a subset only).
     for s in stats {
         let name = s.get("name").and_then(Value::as_str).ok_or("param_stats entry without name")?;
-        let ours = after.get(name).ok_or_else(|| format!("parameter `{name}` missing from our model"))?.to_f64();
+        let ours = after
+            .get(name)
+            .ok_or_else(|| format!("parameter `{name}` missing from our model"))?
+            .to_f64();
         let init_t = initial.get(name).ok_or("initial weights incomplete")?.to_f64();
         let ours_t = teacher_after.get(name).ok_or("teacher incomplete")?.to_f64();
         let n = ours.len() as f64;
@@ -692,17 +913,32 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         let delta: f64 = ours.iter().zip(&init_t).map(|(a, b)| (a - b).abs()).sum();
         let sum: f64 = ours.iter().sum();
         if let Some(r) = stat("student_delta_l1") {
-            check.scalar(&format!("student_delta_l1({name})"), delta, r, Tol::elementwise(budget + 1e-6 * r, 0.0))?;
+            check.scalar(
+                &format!("student_delta_l1({name})"),
+                delta,
+                r,
+                Tol::elementwise(budget + 1e-6 * r, 0.0),
+            )?;
         }
         if let Some(r) = stat("student_after_sum") {
             // f32 storage of the values: about one ulp of each element.
             let ulps = ours.iter().map(|v| v.abs()).sum::<f64>() * f64::from(f32::EPSILON);
-            check.scalar(&format!("student_after_sum({name})"), sum, r, Tol::elementwise(budget + ulps, 0.0))?;
+            check.scalar(
+                &format!("student_after_sum({name})"),
+                sum,
+                r,
+                Tol::elementwise(budget + ulps, 0.0),
+            )?;
         }
         if let Some(r) = stat("teacher_delta_l1") {
             let td: f64 = ours_t.iter().zip(&init_t).map(|(a, b)| (a - b).abs()).sum();
             let ulps = init_t.iter().map(|v| v.abs()).sum::<f64>() * f64::from(f32::EPSILON);
-            check.scalar(&format!("teacher_delta_l1({name})"), td, r, Tol::elementwise((1.0 - momentum) * budget + ulps + 1e-7 * n, 0.0))?;
+            check.scalar(
+                &format!("teacher_delta_l1({name})"),
+                td,
+                r,
+                Tol::elementwise((1.0 - momentum) * budget + ulps + 1e-7 * n, 0.0),
+            )?;
         }
     }
     for (name, ours) in &after {
@@ -722,7 +958,9 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
             let in_key_slice = key_slice && (d_model..2 * d_model).contains(&i);
             let hard = if in_key_slice { lr } else { 2.0 * lr };
             if diff > hard + 1e-7 {
-                return Err(format!("student_after.{name}[{i}]: ours {a:.9e} reference {b:.9e} |diff| {diff:.3e} > {hard:.1e}"));
+                return Err(format!(
+                    "student_after.{name}[{i}]: ours {a:.9e} reference {b:.9e} |diff| {diff:.3e} > {hard:.1e}"
+                ));
             }
             if !in_key_slice && diff > 1e-3 * lr + 1e-7 {
                 loose += 1;
@@ -731,16 +969,25 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         // Elements whose gradient is within rounding of 0 may flip the sign of their first
         // Adam step: up to 0.1 % of a tensor may differ by more than 1e-3 lr (README table).
         if loose as f64 > 0.001 * o.len() as f64 && loose > 1 {
-            return Err(format!("student_after.{name}: {loose} of {} elements differ by more than 1e-3*lr", o.len()));
+            return Err(format!(
+                "student_after.{name}: {loose} of {} elements differ by more than 1e-3*lr",
+                o.len()
+            ));
         }
         check.errors.max_abs = check.errors.max_abs.max(worst);
         if let Some(rt) = case.tensors.get(&format!("teacher_after.{name}")) {
             let ot = teacher_after.get(name).ok_or("teacher incomplete")?.to_f64();
-            for (i, ((a, b), (so, sr))) in ot.iter().zip(rt.to_f64()).zip(o.iter().zip(&r)).enumerate() {
+            for (i, ((a, b), (so, sr))) in
+                ot.iter().zip(rt.to_f64()).zip(o.iter().zip(&r)).enumerate()
+            {
                 // t = m*t0 + (1-m)*s: the student's difference propagates scaled by (1-m).
-                let allowed = 1e-7 + (1.0 - momentum) * (so - sr).abs() * 1.01 + 2.0 * f64::from(f32::EPSILON) * b.abs();
+                let allowed = 1e-7
+                    + (1.0 - momentum) * (so - sr).abs() * 1.01
+                    + 2.0 * f64::from(f32::EPSILON) * b.abs();
                 if (a - b).abs() > allowed {
-                    return Err(format!("teacher_after.{name}[{i}]: ours {a:.9e} reference {b:.9e} > {allowed:.3e}"));
+                    return Err(format!(
+                        "teacher_after.{name}[{i}]: ours {a:.9e} reference {b:.9e} > {allowed:.3e}"
+                    ));
                 }
             }
         }

@@ -10,7 +10,8 @@ pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
         return vec![start];
     }
     let step = (stop - start) / (num - 1) as f64;
-    let mut v: Vec<f64> = (0..num).map(|i| if step == 0.0 { start } else { i as f64 * step + start }).collect();
+    let mut v: Vec<f64> =
+        (0..num).map(|i| if step == 0.0 { start } else { i as f64 * step + start }).collect();
     v[num - 1] = stop;
     v
 }
@@ -18,13 +19,27 @@ pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs, start_warmup_value)`:
 /// `linspace(start_warmup, base, W)` for `W = warmup_epochs * niter` iterations, then
 /// `final + 0.5 (base - final)(1 + cos(pi i / L))` for `i < L`; `final` is never reached.
-pub fn cosine_scheduler(base: f64, final_value: f64, epochs: usize, niter_per_ep: usize, warmup_epochs: usize, start_warmup_value: f64) -> Vec<f64> {
+pub fn cosine_scheduler(
+    base: f64,
+    final_value: f64,
+    epochs: usize,
+    niter_per_ep: usize,
+    warmup_epochs: usize,
+    start_warmup_value: f64,
+) -> Vec<f64> {
     let warmup_iters = warmup_epochs * niter_per_ep;
     let total = epochs * niter_per_ep;
-    let mut out = if warmup_epochs > 0 { linspace(start_warmup_value, base, warmup_iters) } else { Vec::new() };
+    let mut out = if warmup_epochs > 0 {
+        linspace(start_warmup_value, base, warmup_iters)
+    } else {
+        Vec::new()
+    };
     let l = total.saturating_sub(warmup_iters);
     out.extend((0..l).map(|i| {
-        final_value + 0.5 * (base - final_value) * (1.0 + (std::f64::consts::PI * i as f64 / l as f64).cos())
+        final_value
+            + 0.5
+                * (base - final_value)
+                * (1.0 + (std::f64::consts::PI * i as f64 / l as f64).cos())
     }));
     out
 }

@@ -6,14 +6,18 @@
 use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{ElementConversion, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
+use burn::tensor::{
+    ElementConversion, Tensor, TensorData, backend::AutodiffBackend, backend::Backend,
+};
 
 use crate::error::{Error, Result};
 use crate::loss::{FlslLoss, LossTerms};
-use crate::meanshift::{TokenSelection, meanshift, meanshift_mixed, repeat_views, sharpened_attention_map};
-use crate::multistage::PreviousStage;
+use crate::meanshift::{
+    TokenSelection, meanshift, meanshift_mixed, repeat_views, sharpened_attention_map,
+};
 use crate::model::FlslModel;
 use crate::model::named::reference_name;
+use crate::multistage::PreviousStage;
 use crate::parallel::{self, Peer};
 use crate::tensors::{HostData, HostTensor, TensorMap};
 
@@ -78,7 +82,15 @@ impl<B: Backend> Default for AdamState<B> {
 impl<B: Backend> AdamState<B> {
     /// A copy on another device (data-parallel replicas).
     pub fn to_device(&self, device: &B::Device) -> Self {
-        Self { slots: self.slots.iter().map(|(k, (s, m, v))| (k.clone(), (*s, m.clone().to_device(device), v.clone().to_device(device)))).collect() }
+        Self {
+            slots: self
+                .slots
+                .iter()
+                .map(|(k, (s, m, v))| {
+                    (k.clone(), (*s, m.clone().to_device(device), v.clone().to_device(device)))
+                })
+                .collect(),
+        }
     }
 
     /// To host tensors: `exp_avg.<name>`, `exp_avg_sq.<name>`, `step.<name>`.
@@ -87,7 +99,10 @@ impl<B: Backend> AdamState<B> {
         for (name, (step, m, v)) in &self.slots {
             out.insert(format!("exp_avg.{name}"), HostTensor::from_tensor(m.clone()));
             out.insert(format!("exp_avg_sq.{name}"), HostTensor::from_tensor(v.clone()));
-            out.insert(format!("step.{name}"), HostTensor { shape: vec![1], data: HostData::I64(vec![*step as i64]) });
+            out.insert(
+                format!("step.{name}"),
+                HostTensor { shape: vec![1], data: HostData::I64(vec![*step as i64]) },
+            );
         }
         out
     }
@@ -106,7 +121,10 @@ impl<B: Backend> AdamState<B> {
             let m = get("exp_avg")?;
             let v = get("exp_avg_sq")?;
             let step = step.to_i64().first().copied().unwrap_or(0).max(0) as u64;
-            slots.insert(name.to_string(), (step, m.to_device::<B, 1>(device), v.to_device::<B, 1>(device)));
+            slots.insert(
+                name.to_string(),
+                (step, m.to_device::<B, 1>(device), v.to_device::<B, 1>(device)),
+            );
         }
         Ok(Self { slots })
     }
@@ -168,7 +186,10 @@ fn plain_crops<B: AutodiffBackend>(views: &[View<B>]) -> Result<Tensor<B::InnerB
     let crops = views
         .iter()
         .map(|v| {
-            v.crops.clone().ok_or(Error::Shape { op: "train_step", reason: "multi-stage training needs the views' plain crops (keep_crops)".into() })
+            v.crops.clone().ok_or(Error::Shape {
+                op: "train_step",
+                reason: "multi-stage training needs the views' plain crops (keep_crops)".into(),
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(crops, 0).inner())
@@ -185,7 +206,8 @@ pub fn forward<B: AutodiffBackend>(
     ca_temp: f64,
     prev: Option<(&PreviousStage<B::InnerBackend>, f64)>,
 ) -> Result<Forward<B>> {
-    let (teacher_view, student_views) = views.split_first().ok_or(Error::Shape { op: "train_step", reason: "no views".into() })?;
+    let (teacher_view, student_views) =
+        views.split_first().ok_or(Error::Shape { op: "train_step", reason: "no views".into() })?;
     if student_views.is_empty() {
         return Err(Error::Shape { op: "train_step", reason: "no student views".into() });
     }
@@ -202,7 +224,12 @@ pub fn forward<B: AutodiffBackend>(
         let b = vs.len();
         let sels: Vec<&TokenSelection> = vs
             .iter()
-            .map(|v| v.mask.as_ref().ok_or(Error::Shape { op: "train_step", reason: "a student view has no mask".into() }))
+            .map(|v| {
+                v.mask.as_ref().ok_or(Error::Shape {
+                    op: "train_step",
+                    reason: "a student view has no mask".into(),
+                })
+            })
             .collect::<Result<_>>()?;
         let sel = TokenSelection::concat(&sels)?;
         let images = Tensor::cat(vs.iter().map(|v| v.images.clone()).collect(), 0);
@@ -211,7 +238,11 @@ pub fn forward<B: AutodiffBackend>(
         if sel.batch() != rows || sel.tokens != ns {
             return Err(Error::Shape {
                 op: "train_step",
-                reason: format!("masks are [{}, {}] for features [{rows}, {ns}, {c}]", sel.batch(), sel.tokens),
+                reason: format!(
+                    "masks are [{}, {}] for features [{rows}, {ns}, {c}]",
+                    sel.batch(),
+                    sel.tokens
+                ),
             });
         }
         let (x_sel, mode_s) = meanshift(enc_s.clone(), enc_s.clone(), &sel, sa_temp);
@@ -219,7 +250,13 @@ pub fn forward<B: AutodiffBackend>(
         let mode_t = match (prev, &prev_k) {
             (Some((p, mix)), Some(keys)) => {
                 let q = p.features(plain_crops(vs)?);
-                let a_prev = sharpened_attention_map(q, repeat_views(keys.clone(), b), &sel, p.temp, p.sharpness);
+                let a_prev = sharpened_attention_map(
+                    q,
+                    repeat_views(keys.clone(), b),
+                    &sel,
+                    p.temp,
+                    p.sharpness,
+                );
                 meanshift_mixed(enc_s.inner(), tgt, &sel, ca_temp, a_prev, mix).1
             }
             _ => meanshift(enc_s.inner(), tgt, &sel, ca_temp).1,
@@ -256,32 +293,58 @@ pub fn train_step<B: AutodiffBackend>(
     hyper: &StepHyper,
     opts: StepOptions,
 ) -> Result<(FlslModel<B>, StepReport)> {
-    let fwd = forward(&student, teacher, views, hyper.sa_temp, hyper.ca_temp, prev.map(|p| (p, hyper.mixture)))?;
+    let fwd = forward(
+        &student,
+        teacher,
+        views,
+        hyper.sa_temp,
+        hyper.ca_temp,
+        prev.map(|p| (p, hyper.mixture)),
+    )?;
     let mut recorded = TensorMap::new();
     if opts.record {
         recorded.insert("loss_in_x".into(), HostTensor::from_tensor(fwd.x.clone()));
         recorded.insert("loss_in_mode".into(), HostTensor::from_tensor(fwd.mode.clone()));
-        recorded.insert("loss_in_student_pred".into(), HostTensor::from_tensor(fwd.student_pred.clone()));
-        recorded.insert("loss_in_teacher_pred".into(), HostTensor::from_tensor(fwd.teacher_pred.clone()));
+        recorded.insert(
+            "loss_in_student_pred".into(),
+            HostTensor::from_tensor(fwd.student_pred.clone()),
+        );
+        recorded.insert(
+            "loss_in_teacher_pred".into(),
+            HostTensor::from_tensor(fwd.teacher_pred.clone()),
+        );
         recorded.insert("enc_t".into(), HostTensor::from_tensor(fwd.enc_t.clone()));
     }
     let assign = fwd.teacher_pred.clone().argmax(1).into_data().convert::<i64>();
-    let teacher_assign: Vec<u32> = assign.to_vec::<i64>().unwrap_or_default().into_iter().map(|v| v as u32).collect();
+    let teacher_assign: Vec<u32> =
+        assign.to_vec::<i64>().unwrap_or_default().into_iter().map(|v| v as u32).collect();
     loss_fn.coefficients[0] = hyper.ups;
     // Data-parallel: the VMR sees the mean assignment of all replicas (reference `AllReduce`).
     let replica_mean = match (opts.peer, &loss_fn.vmr) {
         (Some(peer), Some(_)) => {
-            let s = burn::tensor::activation::softmax(fwd.student_pred.clone().inner() / loss_fn.student_temp, 1).mean_dim(0);
+            let s = burn::tensor::activation::softmax(
+                fwd.student_pred.clone().inner() / loss_fn.student_temp,
+                1,
+            )
+            .mean_dim(0);
             Some(Tensor::from_inner(parallel::all_reduce_mean(peer, s)?))
         }
         _ => None,
     };
-    let out = loss_fn.forward(fwd.x, fwd.mode, fwd.student_pred, fwd.teacher_pred, hyper.epoch, replica_mean);
+    let out = loss_fn.forward(
+        fwd.x,
+        fwd.mode,
+        fwd.student_pred,
+        fwd.teacher_pred,
+        hyper.epoch,
+        replica_mean,
+    );
     let mut terms = out.terms();
     if let Some(peer) = opts.peer {
         // Every replica sees the same (mean) terms, so a non-finite loss anywhere stops all.
         let local = [terms.total, terms.mean_shift, terms.kmeans, terms.vmr];
-        let mean = parallel::all_reduce_mean_host::<B::InnerBackend>(peer, &local, &out.total.device())?;
+        let mean =
+            parallel::all_reduce_mean_host::<B::InnerBackend>(peer, &local, &out.total.device())?;
         terms = LossTerms { total: mean[0], mean_shift: mean[1], kmeans: mean[2], vmr: mean[3] };
     }
     if !terms.is_finite() {
@@ -290,8 +353,15 @@ pub fn train_step<B: AutodiffBackend>(
     }
     let grads = out.total.backward();
 
-    let report = StepReport { loss: terms, grad_norms: Vec::new(), clipped: Vec::new(), recorded, teacher_assign };
-    let (student, report) = apply_adamw_parallel(student, grads, adam, hyper, opts.record, opts.peer, report)?;
+    let report = StepReport {
+        loss: terms,
+        grad_norms: Vec::new(),
+        clipped: Vec::new(),
+        recorded,
+        teacher_assign,
+    };
+    let (student, report) =
+        apply_adamw_parallel(student, grads, adam, hyper, opts.record, opts.peer, report)?;
 
     // EMA over every parameter pair, frozen ones included.
     ema_update(teacher, &student.valid(), hyper.momentum);
@@ -308,7 +378,16 @@ pub fn apply_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
     record: bool,
     report: StepReport,
 ) -> (M, StepReport) {
-    let mut opt = Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report, peer: None, error: None };
+    let mut opt = Optimizer::<B> {
+        path: Vec::new(),
+        grads,
+        adam,
+        hyper,
+        record,
+        report,
+        peer: None,
+        error: None,
+    };
     let module = module.map(&mut opt);
     (module, opt.report)
 }
@@ -324,7 +403,8 @@ pub fn apply_adamw_parallel<B: AutodiffBackend, M: AutodiffModule<B>>(
     peer: Option<Peer>,
     report: StepReport,
 ) -> Result<(M, StepReport)> {
-    let mut opt = Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report, peer, error: None };
+    let mut opt =
+        Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report, peer, error: None };
     let module = module.map(&mut opt);
     match opt.error {
         Some(e) => Err(e),
@@ -374,7 +454,10 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
         let numel: usize = dims.iter().product();
         let g = grad.reshape([numel]);
         if self.record {
-            self.report.recorded.insert(format!("grad_preclip.{name}"), HostTensor::from_tensor(g.clone().reshape(dims)));
+            self.report.recorded.insert(
+                format!("grad_preclip.{name}"),
+                HostTensor::from_tensor(g.clone().reshape(dims)),
+            );
         }
         // utils.clip_gradients: each parameter separately, coef = clip / (|g| + 1e-6) if < 1.
         let norm = g.clone().powi_scalar(2).sum().sqrt(); // [1], float32 as the reference

@@ -115,7 +115,8 @@ pub type TensorMap = BTreeMap<String, HostTensor>;
 
 /// Reads every tensor of a safetensors file.
 pub fn read_safetensors(path: &Path) -> Result<TensorMap> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read safetensors file", path, e))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::io("cannot read safetensors file", path, e))?;
     parse_safetensors(&bytes, path)
 }
 
@@ -194,7 +195,10 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
 }
 
 /// Serialises tensors to safetensors bytes (with optional string metadata).
-pub fn safetensors_bytes(tensors: &TensorMap, metadata: Option<BTreeMap<String, String>>) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(
+    tensors: &TensorMap,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<Vec<u8>> {
     let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
@@ -207,21 +211,25 @@ pub fn safetensors_bytes(tensors: &TensorMap, metadata: Option<BTreeMap<String, 
             (name.clone(), dtype, t.shape.clone(), bytes)
         })
         .collect();
-    let views: Vec<(String, TensorView<'_>)> = raw
-        .iter()
-        .map(|(n, d, s, b)| {
-            TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| Error::Shape {
-                op: "safetensors",
-                reason: format!("tensor `{n}`: {e}"),
+    let views: Vec<(String, TensorView<'_>)> =
+        raw.iter()
+            .map(|(n, d, s, b)| {
+                TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| {
+                    Error::Shape { op: "safetensors", reason: format!("tensor `{n}`: {e}") }
+                })
             })
-        })
-        .collect::<Result<_>>()?;
+            .collect::<Result<_>>()?;
     let meta = metadata.map(|m| m.into_iter().collect());
-    safetensors::serialize(views, meta).map_err(|e| Error::Shape { op: "safetensors", reason: e.to_string() })
+    safetensors::serialize(views, meta)
+        .map_err(|e| Error::Shape { op: "safetensors", reason: e.to_string() })
 }
 
 /// Writes tensors to a safetensors file atomically.
-pub fn write_safetensors(path: &Path, tensors: &TensorMap, metadata: Option<BTreeMap<String, String>>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &TensorMap,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
     let bytes = safetensors_bytes(tensors, metadata)?;
     write_atomic(path, &bytes)
 }
@@ -352,7 +360,8 @@ mod tests {
         let mut m = TensorMap::new();
         m.insert("a".into(), HostTensor::f32(vec![4], vec![1.; 4]));
         let bytes = safetensors_bytes(&m, None).unwrap();
-        let err = parse_safetensors(&bytes[..bytes.len() - 3], Path::new("t.safetensors")).unwrap_err();
+        let err =
+            parse_safetensors(&bytes[..bytes.len() - 3], Path::new("t.safetensors")).unwrap_err();
         assert!(err.to_string().contains("t.safetensors"), "{err}");
     }
 

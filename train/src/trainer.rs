@@ -15,6 +15,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::tensor::{Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
 use serde::{Deserialize, Serialize};
 
+use crate::augment::AugmentConfig;
 use crate::config::TrainConfig;
 use crate::data::{Batch, ImageFolder, Loader};
 use crate::error::{Error, Result};
@@ -22,10 +23,9 @@ use crate::loss::{Centering, FlslLoss, LossTerms, VmrPrior};
 use crate::meanshift::TokenSelection;
 use crate::model::FlslModel;
 use crate::model::named::{self, Missing};
-use crate::schedule::{cosine_scheduler, temp_scheduler};
-use crate::parallel::{self, Peer};
-use crate::augment::AugmentConfig;
 use crate::multistage::PreviousStage;
+use crate::parallel::{self, Peer};
+use crate::schedule::{cosine_scheduler, temp_scheduler};
 use crate::step::{AdamState, StepHyper, StepOptions, StepReport, View, train_step};
 use crate::tensors::{self, TensorMap};
 
@@ -70,9 +70,28 @@ impl Schedules {
             } else {
                 vec![1.0; e * n]
             },
-            sa_temp: cosine_scheduler(cfg.meanshift_sa_temp_start.unwrap_or(cfg.meanshift_sa_temp), cfg.meanshift_sa_temp, e, n, 0, 0.0),
-            ca_temp: cosine_scheduler(cfg.meanshift_ca_temp_start.unwrap_or(cfg.meanshift_ca_temp), cfg.meanshift_ca_temp, e, n, 0, 0.0),
-            teacher_temp: temp_scheduler(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, e),
+            sa_temp: cosine_scheduler(
+                cfg.meanshift_sa_temp_start.unwrap_or(cfg.meanshift_sa_temp),
+                cfg.meanshift_sa_temp,
+                e,
+                n,
+                0,
+                0.0,
+            ),
+            ca_temp: cosine_scheduler(
+                cfg.meanshift_ca_temp_start.unwrap_or(cfg.meanshift_ca_temp),
+                cfg.meanshift_ca_temp,
+                e,
+                n,
+                0,
+                0.0,
+            ),
+            teacher_temp: temp_scheduler(
+                cfg.warmup_teacher_temp,
+                cfg.teacher_temp,
+                cfg.warmup_teacher_temp_epochs,
+                e,
+            ),
         }
     }
 }
@@ -134,7 +153,8 @@ pub fn checkpoints_dir(out: &Path) -> PathBuf {
 
 /// Stacks one view of every sample into device tensors.
 pub fn batch_views<B: Backend>(batch: &Batch, device: &B::Device) -> Result<Vec<View<B>>> {
-    let first = batch.samples.first().ok_or(Error::Shape { op: "batch", reason: "empty batch".into() })?;
+    let first =
+        batch.samples.first().ok_or(Error::Shape { op: "batch", reason: "empty batch".into() })?;
     let n_views = first.views.len();
     let bt = batch.samples.len();
     (0..n_views)
@@ -153,8 +173,13 @@ pub fn batch_views<B: Backend>(batch: &Batch, device: &B::Device) -> Result<Vec<
                 }
             }
             let images = Tensor::from_data(TensorData::new(pixels, [bt, 3, size, size]), device);
-            let mask = if masks.is_empty() { None } else { Some(TokenSelection::from_mask(&masks, bt, masks.len() / bt)?) };
-            let crops = (crops.len() == bt * 3 * size * size).then(|| Tensor::from_data(TensorData::new(crops, [bt, 3, size, size]), device));
+            let mask = if masks.is_empty() {
+                None
+            } else {
+                Some(TokenSelection::from_mask(&masks, bt, masks.len() / bt)?)
+            };
+            let crops = (crops.len() == bt * 3 * size * size)
+                .then(|| Tensor::from_data(TensorData::new(crops, [bt, 3, size, size]), device));
             Ok(View { images, mask, crops })
         })
         .collect()
@@ -165,26 +190,53 @@ impl<B: AutodiffBackend> Run<B> {
     pub fn new(cfg: TrainConfig, device: B::Device) -> Result<Self> {
         cfg.validate()?;
         let (vit, head) = (cfg.vit_config()?, cfg.head_config());
-        let student = crate::model::layers::with_seed(cfg.seed, || FlslModel::<B>::init(&vit, &head, &device));
+        let student = crate::model::layers::with_seed(cfg.seed, || {
+            FlslModel::<B>::init(&vit, &head, &device)
+        });
         let teacher = student.valid();
         let center = cfg.teacher_centering.then(|| vec![0.0; cfg.out_dim]);
-        Ok(Self { cfg, student, teacher, adam: AdamState::default(), state: RunState { center, ..Default::default() }, device })
+        Ok(Self {
+            cfg,
+            student,
+            teacher,
+            adam: AdamState::default(),
+            state: RunState { center, ..Default::default() },
+            device,
+        })
     }
 
     /// Resumes from a checkpoint folder written by [`Run::save`].
     pub fn load(dir: &Path, device: B::Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io("cannot read", &cfg_path, e))?;
-        let cfg: TrainConfig = serde_json::from_str(&text).map_err(|e| Error::malformed("json", &cfg_path, e.to_string()))?;
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Error::io("cannot read", &cfg_path, e))?;
+        let cfg: TrainConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::malformed("json", &cfg_path, e.to_string()))?;
         let mut run = Self::new(cfg, device.clone())?;
         let sp = dir.join("student.safetensors");
-        run.student = named::load_state_dict(run.student, &tensors::read_safetensors(&sp)?, "", &sp, Missing::Error)?;
+        run.student = named::load_state_dict(
+            run.student,
+            &tensors::read_safetensors(&sp)?,
+            "",
+            &sp,
+            Missing::Error,
+        )?;
         let tp = dir.join("teacher.safetensors");
-        run.teacher = named::load_state_dict(run.teacher, &tensors::read_safetensors(&tp)?, "", &tp, Missing::Error)?;
-        run.adam = AdamState::from_host(&tensors::read_safetensors(&dir.join("optimizer.safetensors"))?, &device)?;
+        run.teacher = named::load_state_dict(
+            run.teacher,
+            &tensors::read_safetensors(&tp)?,
+            "",
+            &tp,
+            Missing::Error,
+        )?;
+        run.adam = AdamState::from_host(
+            &tensors::read_safetensors(&dir.join("optimizer.safetensors"))?,
+            &device,
+        )?;
         let st = dir.join("state.json");
         let text = std::fs::read_to_string(&st).map_err(|e| Error::io("cannot read", &st, e))?;
-        run.state = serde_json::from_str(&text).map_err(|e| Error::malformed("json", &st, e.to_string()))?;
+        run.state = serde_json::from_str(&text)
+            .map_err(|e| Error::malformed("json", &st, e.to_string()))?;
         Ok(run)
     }
 
@@ -193,13 +245,30 @@ impl<B: AutodiffBackend> Run<B> {
     pub fn save(&self, keep: bool) -> Result<PathBuf> {
         let root = checkpoints_dir(&self.cfg.output_dir);
         std::fs::create_dir_all(&root).map_err(|e| Error::io("cannot create", &root, e))?;
-        let name = if keep { format!("epoch-{:04}", self.state.epoch) } else { format!("step-{:08}", self.state.step) };
+        let name = if keep {
+            format!("epoch-{:04}", self.state.epoch)
+        } else {
+            format!("step-{:08}", self.state.step)
+        };
         let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp); // A leftover from a crash is garbage.
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-        let meta = |what: &str| Some([("format".to_string(), "pt".to_string()), ("flsl".to_string(), what.to_string())].into());
-        tensors::write_safetensors(&tmp.join("student.safetensors"), &named::state_dict::<B, _>(&self.student), meta("student"))?;
-        tensors::write_safetensors(&tmp.join("teacher.safetensors"), &named::state_dict::<B::InnerBackend, _>(&self.teacher), meta("teacher"))?;
+        let meta = |what: &str| {
+            Some(
+                [("format".to_string(), "pt".to_string()), ("flsl".to_string(), what.to_string())]
+                    .into(),
+            )
+        };
+        tensors::write_safetensors(
+            &tmp.join("student.safetensors"),
+            &named::state_dict::<B, _>(&self.student),
+            meta("student"),
+        )?;
+        tensors::write_safetensors(
+            &tmp.join("teacher.safetensors"),
+            &named::state_dict::<B::InnerBackend, _>(&self.teacher),
+            meta("teacher"),
+        )?;
         tensors::write_safetensors(&tmp.join("optimizer.safetensors"), &self.adam.to_host(), None)?;
         let cfg = serde_json::to_vec_pretty(&self.cfg).expect("config serialises");
         tensors::write_atomic(&tmp.join("config.json"), &cfg)?;
@@ -209,12 +278,15 @@ impl<B: AutodiffBackend> Run<B> {
         if dst.exists() {
             std::fs::remove_dir_all(&dst).map_err(|e| Error::io("cannot replace", &dst, e))?;
         }
-        std::fs::rename(&tmp, &dst).map_err(|e| Error::io("cannot move checkpoint into place", &dst, e))?;
+        std::fs::rename(&tmp, &dst)
+            .map_err(|e| Error::io("cannot move checkpoint into place", &dst, e))?;
         let previous = std::fs::read_link(root.join("latest")).ok();
         let link_tmp = root.join(format!(".latest-{}", std::process::id()));
         let _ = std::fs::remove_file(&link_tmp);
-        std::os::unix::fs::symlink(&name, &link_tmp).map_err(|e| Error::io("cannot link", &link_tmp, e))?;
-        std::fs::rename(&link_tmp, root.join("latest")).map_err(|e| Error::io("cannot update", root.join("latest"), e))?;
+        std::os::unix::fs::symlink(&name, &link_tmp)
+            .map_err(|e| Error::io("cannot link", &link_tmp, e))?;
+        std::fs::rename(&link_tmp, root.join("latest"))
+            .map_err(|e| Error::io("cannot update", root.join("latest"), e))?;
         // The previous rolling checkpoint is no longer needed (kept epochs stay).
         if let Some(prev) = previous {
             let prev_name = prev.to_string_lossy();
@@ -237,10 +309,14 @@ pub fn assignment_stats(hist: &[u64]) -> (usize, f64) {
         return (0, 0.0);
     }
     let used = hist.iter().filter(|&&c| c > 0).count();
-    let h: f64 = hist.iter().filter(|&&c| c > 0).map(|&c| {
-        let p = c as f64 / total as f64;
-        -p * p.ln()
-    }).sum();
+    let h: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / total as f64;
+            -p * p.ln()
+        })
+        .sum();
     (used, h / (hist.len() as f64).ln())
 }
 
@@ -260,7 +336,11 @@ pub fn train<B: AutodiffBackend>(run: Run<B>, opts: &TrainOptions) -> Result<Run
 
 /// A step's work for a replica thread.
 enum Job {
-    Step { batch: Batch, hyper: StepHyper, seed: u64 },
+    Step {
+        batch: Batch,
+        hyper: StepHyper,
+        seed: u64,
+    },
     /// Training is over: send back the weights (the consistency check) and leave the group.
     Finish,
 }
@@ -290,7 +370,16 @@ fn replica_step<B: AutodiffBackend>(
     // Drop path draws from a stream seeded per step (and per replica), so a resumed run matches.
     let seed = seed.wrapping_add(u64::from(peer.map_or(0, |p| p.rank)).wrapping_mul(0x9E37_79B9));
     let out = crate::model::layers::with_seed(seed, || {
-        train_step(student, teacher, prev, loss_fn, adam, &views, hyper, StepOptions { peer, ..Default::default() })
+        train_step(
+            student,
+            teacher,
+            prev,
+            loss_fn,
+            adam,
+            &views,
+            hyper,
+            StepOptions { peer, ..Default::default() },
+        )
     })?;
     if let (Some(p), Some(c)) = (peer, loss_fn.centering.as_mut()) {
         // The reference all-reduces the batch center; the EMA is linear, so averaging the
@@ -321,7 +410,18 @@ fn replica_worker<B: AutodiffBackend>(
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Step { batch, hyper, seed } => {
-                let r = replica_step(student.clone(), &mut teacher, prev.as_ref(), &mut adam, &mut loss_fn, &device, &batch, &hyper, seed, Some(peer));
+                let r = replica_step(
+                    student.clone(),
+                    &mut teacher,
+                    prev.as_ref(),
+                    &mut adam,
+                    &mut loss_fn,
+                    &device,
+                    &batch,
+                    &hyper,
+                    seed,
+                    Some(peer),
+                );
                 let r = r.map(|(s, _)| student = s);
                 let failed = r.is_err();
                 if replies.send(Reply::Step(r)).is_err() || failed {
@@ -329,7 +429,8 @@ fn replica_worker<B: AutodiffBackend>(
                 }
             }
             Job::Finish => {
-                let state = parallel::finish::<B::InnerBackend>(peer).map(|()| model_state(&student.valid()));
+                let state = parallel::finish::<B::InnerBackend>(peer)
+                    .map(|()| model_state(&student.valid()));
                 let _ = replies.send(Reply::Finished(state));
                 return;
             }
@@ -342,9 +443,11 @@ fn max_divergence(a: &TensorMap, b: &TensorMap) -> (f64, String) {
     let mut worst = (0.0f64, String::new());
     for (name, ta) in a {
         let d = match b.get(name).map(|tb| (ta.to_f32(), tb.to_f32())) {
-            Some((x, y)) if x.len() == y.len() => {
-                x.iter().zip(y).map(|(p, q)| f64::from((p - q).abs())).fold(0.0, |m: f64, v| if v.is_nan() { f64::INFINITY } else { m.max(v) })
-            }
+            Some((x, y)) if x.len() == y.len() => x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| f64::from((p - q).abs()))
+                .fold(0.0, |m: f64, v| if v.is_nan() { f64::INFINITY } else { m.max(v) }),
             _ => f64::INFINITY,
         };
         if d > worst.0 {
@@ -360,18 +463,30 @@ fn max_divergence(a: &TensorMap, b: &TensorMap) -> (f64, String) {
 /// loss terms are averaged with burn-collective, so every replica applies the same update.
 /// Rank 0 logs, shows progress and writes checkpoints; the replicas' weights are compared
 /// with rank 0's at the end (an error names the tensor if they diverged).
-pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Vec<B::Device>, opts: &TrainOptions) -> Result<Run<B>> {
+pub fn train_on_devices<B: AutodiffBackend>(
+    mut run: Run<B>,
+    replica_devices: Vec<B::Device>,
+    opts: &TrainOptions,
+) -> Result<Run<B>> {
     let cfg = run.cfg.clone();
     let world = 1 + replica_devices.len();
     if world != cfg.world_size() {
         return Err(Error::Config {
             key: "device".into(),
-            reason: format!("`{}` lists {} devices but the run was given {world}", cfg.device, cfg.world_size()),
+            reason: format!(
+                "`{}` lists {} devices but the run was given {world}",
+                cfg.device,
+                cfg.world_size()
+            ),
         });
     }
-    let dataset = Arc::new(ImageFolder::scan_excluding(&cfg.data_path, cfg.tile_size, &cfg.holdout)?);
+    let dataset =
+        Arc::new(ImageFolder::scan_excluding(&cfg.data_path, cfg.tile_size, &cfg.holdout)?);
     if dataset.is_empty() {
-        return Err(Error::Config { key: "data_path".into(), reason: format!("no readable JPEG/PNG image under {}", cfg.data_path.display()) });
+        return Err(Error::Config {
+            key: "data_path".into(),
+            reason: format!("no readable JPEG/PNG image under {}", cfg.data_path.display()),
+        });
     }
     let epoch_len = cfg.epoch_len.unwrap_or(dataset.len());
     let global_batch = cfg.batch_size_per_gpu * world;
@@ -379,13 +494,24 @@ pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Ve
     if niter == 0 {
         return Err(Error::Config {
             key: "batch_size_per_gpu".into(),
-            reason: format!("{} x {world} device(s) is larger than an epoch ({epoch_len} samples)", cfg.batch_size_per_gpu),
+            reason: format!(
+                "{} x {world} device(s) is larger than an epoch ({epoch_len} samples)",
+                cfg.batch_size_per_gpu
+            ),
         });
     }
-    std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io("cannot create", &cfg.output_dir, e))?;
-    tensors::write_atomic(&cfg.output_dir.join("config.json"), &serde_json::to_vec_pretty(&cfg).expect("config serialises"))?;
+    std::fs::create_dir_all(&cfg.output_dir)
+        .map_err(|e| Error::io("cannot create", &cfg.output_dir, e))?;
+    tensors::write_atomic(
+        &cfg.output_dir.join("config.json"),
+        &serde_json::to_vec_pretty(&cfg).expect("config serialises"),
+    )?;
     let log_path = cfg.output_dir.join("log.jsonl");
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io("cannot open", &log_path, e))?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io("cannot open", &log_path, e))?;
     let sched = Schedules::new(&cfg, niter);
     let mut loss_fn = FlslLoss {
         student_temp: cfg.student_temp,
@@ -394,7 +520,13 @@ pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Ve
         vmr: cfg.volume_maximization.then_some(VmrPrior::Uniform),
         centering: run.state.center.clone().map(|center| Centering { center, momentum: 0.9 }),
     };
-    tracing::info!(images = dataset.len(), skipped = dataset.skipped.len(), steps_per_epoch = niter, replicas = world, "dataset ready");
+    tracing::info!(
+        images = dataset.len(),
+        skipped = dataset.skipped.len(),
+        steps_per_epoch = niter,
+        replicas = world,
+        "dataset ready"
+    );
     let total_steps = opts.max_steps.unwrap_or(cfg.epochs * niter).min(cfg.epochs * niter);
     let peer0 = (world > 1).then_some(Peer { rank: 0, world: world as u32 });
     let prev = PreviousStage::<B::InnerBackend>::load(&cfg, &run.device)?;
@@ -414,13 +546,39 @@ pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Ve
             let adam = run.adam.to_device(device);
             let replica_prev = prev.as_ref().map(|p| p.to_device(device));
             let (loss, device) = (loss_fn.clone(), device.clone());
-            scope.spawn(move || replica_worker::<B>(student, teacher, replica_prev, adam, loss, device, peer, job_rx, reply_tx));
+            scope.spawn(move || {
+                replica_worker::<B>(
+                    student,
+                    teacher,
+                    replica_prev,
+                    adam,
+                    loss,
+                    device,
+                    peer,
+                    job_rx,
+                    reply_tx,
+                )
+            });
             workers.push((job_tx, reply_rx));
         }
         if let Some(p) = peer0 {
             parallel::register::<B::InnerBackend>(p, &run.device)?;
         }
-        let result = train_loop(&mut run, prev.as_ref(), &cfg, &dataset, &sched, &mut loss_fn, &mut log, &workers, peer0, niter, epoch_len, total_steps, opts);
+        let result = train_loop(
+            &mut run,
+            prev.as_ref(),
+            &cfg,
+            &dataset,
+            &sched,
+            &mut loss_fn,
+            &mut log,
+            &workers,
+            peer0,
+            niter,
+            epoch_len,
+            total_steps,
+            opts,
+        );
         // Leave the group (and check that the replicas stayed identical) or, after a failure,
         // release the replicas: dropping the job channels ends their loops.
         match (result, peer0) {
@@ -435,7 +593,13 @@ pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Ve
                         match rx.recv() {
                             Ok(Reply::Finished(s)) => break s?,
                             Ok(Reply::Step(_)) => continue,
-                            Err(_) => return Err(Error::Collective { op: "finish", peer: i as u32 + 1, reason: "the replica stopped".into() }),
+                            Err(_) => {
+                                return Err(Error::Collective {
+                                    op: "finish",
+                                    peer: i as u32 + 1,
+                                    reason: "the replica stopped".into(),
+                                });
+                            }
                         }
                     };
                     let (d, name) = max_divergence(&reference, &state);
@@ -443,7 +607,9 @@ pub fn train_on_devices<B: AutodiffBackend>(mut run: Run<B>, replica_devices: Ve
                         return Err(Error::Collective {
                             op: "consistency check",
                             peer: i as u32 + 1,
-                            reason: format!("the replica's `{name}` differs from rank 0's by {d:e}"),
+                            reason: format!(
+                                "the replica's `{name}` differs from rank 0's by {d:e}"
+                            ),
                         });
                     }
                 }
@@ -484,9 +650,11 @@ fn train_loop<B: AutodiffBackend>(
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(total_steps as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} step  {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} step  {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         b.set_position(run.state.step as u64);
         Some(b)
@@ -550,17 +718,37 @@ fn train_loop<B: AutodiffBackend>(
             let mut shares = split_batch(batch, world);
             let own = shares.remove(0);
             for ((tx, _), share) in workers.iter().zip(shares) {
-                tx.send(Job::Step { batch: share, hyper, seed: step_seed })
-                    .map_err(|_| abandon(Error::Collective { op: "step", peer: 0, reason: "a replica stopped".into() }))?;
+                tx.send(Job::Step { batch: share, hyper, seed: step_seed }).map_err(|_| {
+                    abandon(Error::Collective {
+                        op: "step",
+                        peer: 0,
+                        reason: "a replica stopped".into(),
+                    })
+                })?;
             }
-            let result = replica_step(run.student.clone(), &mut run.teacher, prev, &mut run.adam, loss_fn, &run.device, &own, &hyper, step_seed, peer0);
+            let result = replica_step(
+                run.student.clone(),
+                &mut run.teacher,
+                prev,
+                &mut run.adam,
+                loss_fn,
+                &run.device,
+                &own,
+                &hyper,
+                step_seed,
+                peer0,
+            );
             let mut replica_error = None;
             for (i, (_, rx)) in workers.iter().enumerate() {
                 match rx.recv() {
                     Ok(Reply::Step(Ok(()))) => {}
                     Ok(Reply::Step(Err(e))) => replica_error = replica_error.or(Some(e)),
                     _ => {
-                        replica_error = replica_error.or(Some(Error::Collective { op: "step", peer: i as u32 + 1, reason: "the replica stopped".into() }))
+                        replica_error = replica_error.or(Some(Error::Collective {
+                            op: "step",
+                            peer: i as u32 + 1,
+                            reason: "the replica stopped".into(),
+                        }))
                     }
                 }
             }
@@ -585,12 +773,18 @@ fn train_loop<B: AutodiffBackend>(
             run.state.history.push((it, l));
             run.state.center = loss_fn.centering.as_ref().map(|c| c.center.clone());
             let ips = (cfg.batch_size_per_gpu * world) as f64 / t0.elapsed().as_secs_f64();
-            log_line(log, serde_json::json!({
-                "step": it, "epoch": epoch, "loss": l.total, "mean_shift": l.mean_shift, "kmeans": l.kmeans, "vmr": l.vmr,
-                "lr": hyper.lr, "wd": hyper.weight_decay, "momentum": hyper.momentum, "images_per_s": ips,
-            }))?;
+            log_line(
+                log,
+                serde_json::json!({
+                    "step": it, "epoch": epoch, "loss": l.total, "mean_shift": l.mean_shift, "kmeans": l.kmeans, "vmr": l.vmr,
+                    "lr": hyper.lr, "wd": hyper.weight_decay, "momentum": hyper.momentum, "images_per_s": ips,
+                }),
+            )?;
             if let Some(b) = &bar {
-                b.set_message(format!("loss {:.4} (ms {:.3} km {:.3} vmr {:.3})  lr {:.2e}  {:.1} img/s", l.total, l.mean_shift, l.kmeans, l.vmr, hyper.lr, ips));
+                b.set_message(format!(
+                    "loss {:.4} (ms {:.3} km {:.3} vmr {:.3})  lr {:.2e}  {:.1} img/s",
+                    l.total, l.mean_shift, l.kmeans, l.vmr, hyper.lr, ips
+                ));
                 b.inc(1);
             }
             if cfg.checkpoint_every_steps > 0 && run.state.step % cfg.checkpoint_every_steps == 0 {
@@ -606,10 +800,16 @@ fn train_loop<B: AutodiffBackend>(
         let n = n_batches.max(1) as f64;
         let summary = EpochSummary {
             epoch,
-            loss: (n_batches > 0).then(|| LossTerms { total: sums.total / n, mean_shift: sums.mean_shift / n, kmeans: sums.kmeans / n, vmr: sums.vmr / n }),
+            loss: (n_batches > 0).then(|| LossTerms {
+                total: sums.total / n,
+                mean_shift: sums.mean_shift / n,
+                kmeans: sums.kmeans / n,
+                vmr: sums.vmr / n,
+            }),
             prototypes_used: used,
             assignment_entropy: entropy,
-            images_per_s: (n_batches * cfg.batch_size_per_gpu * world) as f64 / epoch_start.elapsed().as_secs_f64(),
+            images_per_s: (n_batches * cfg.batch_size_per_gpu * world) as f64
+                / epoch_start.elapsed().as_secs_f64(),
             skipped_images: skipped + dataset.skipped.len(),
         };
         tracing::info!(
@@ -645,7 +845,12 @@ fn split_batch(batch: Batch, n: usize) -> Vec<Batch> {
     let per = batch.samples.len() / n.max(1);
     let mut samples = batch.samples.into_iter();
     let mut indices = batch.indices.into_iter();
-    (0..n.max(1)).map(|_| Batch { samples: samples.by_ref().take(per).collect(), indices: indices.by_ref().take(per).collect() }).collect()
+    (0..n.max(1))
+        .map(|_| Batch {
+            samples: samples.by_ref().take(per).collect(),
+            indices: indices.by_ref().take(per).collect(),
+        })
+        .collect()
 }
 
 /// The reference-named state dict of a model wrapper (`backbone.*`, `head.*`).

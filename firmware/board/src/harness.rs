@@ -87,10 +87,7 @@ pub struct PwmRecord {
 impl PwmRecord {
     /// Nothing written yet.
     pub const fn new() -> Self {
-        Self {
-            duty: Cell::new(0),
-            writes: Cell::new(0),
-        }
+        Self { duty: Cell::new(0), writes: Cell::new(0) }
     }
 
     /// The duty cycle last written.
@@ -134,10 +131,7 @@ pub struct PinRecord {
 impl PinRecord {
     /// Low, never written.
     pub const fn new() -> Self {
-        Self {
-            high: Cell::new(false),
-            writes: Cell::new(0),
-        }
+        Self { high: Cell::new(false), writes: Cell::new(0) }
     }
 
     /// The level last driven.
@@ -194,11 +188,7 @@ pub struct Paced<'a, R> {
 impl<'a, R> Paced<'a, R> {
     /// Paces `source` by `clock` (virtual milliseconds).
     pub const fn new(source: R, clock: &'a Cell<u32>) -> Self {
-        Self {
-            source,
-            clock,
-            taken: 0,
-        }
+        Self { source, clock, taken: 0 }
     }
 
     /// Bytes read from the source so far.
@@ -244,11 +234,7 @@ impl fmt::Display for Mdeg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scaled = self.0 * 1_000.0;
         // `as` saturates and maps NaN to 0; angles are finite and within +-180 anyway.
-        let m = if scaled < 0.0 {
-            (scaled - 0.5) as i32
-        } else {
-            (scaled + 0.5) as i32
-        };
+        let m = if scaled < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 };
         let sign = if m < 0 { "-" } else { "" };
         let abs = m.unsigned_abs();
         write!(f, "{sign}{}.{:03}", abs / 1_000, abs % 1_000)
@@ -428,16 +414,9 @@ where
 /// source ends or fails.
 pub fn run<R: Read>(source: R, out: &mut impl Write) -> Outcome {
     let clock = Cell::new(0u32);
-    let records = Records {
-        pan: PwmRecord::new(),
-        tilt: PwmRecord::new(),
-        alert: PinRecord::new(),
-    };
-    let mut outcome = Outcome {
-        end: End::Output,
-        now_ms: 0,
-        bytes: 0,
-    };
+    let records =
+        Records { pan: PwmRecord::new(), tilt: PwmRecord::new(), alert: PinRecord::new() };
+    let mut outcome = Outcome { end: End::Output, now_ms: 0, bytes: 0 };
     let Ok(controller) = Controller::new(
         controller_config(),
         RecordingPwm(&records.pan),
@@ -453,14 +432,7 @@ pub fn run<R: Read>(source: R, out: &mut impl Write) -> Outcome {
     };
     let mut last = snapshot(&follower);
     let mut trace = Trace::new();
-    let started = write_line(
-        out,
-        0,
-        &|o| o.write_str("start"),
-        &follower,
-        &records,
-        trace,
-    );
+    let started = write_line(out, 0, &|o| o.write_str("start"), &follower, &records, trace);
     if started.is_err() {
         outcome.end = End::Report;
         return outcome;
@@ -494,11 +466,7 @@ pub fn run<R: Read>(source: R, out: &mut impl Write) -> Outcome {
         last = now;
         if changes != 0 || now_ms.is_multiple_of(REPORT_PERIOD_MS) {
             let why = |o: &mut dyn Write| {
-                if changes == 0 {
-                    o.write_str("tick")
-                } else {
-                    write_changes(o, changes)
-                }
+                if changes == 0 { o.write_str("tick") } else { write_changes(o, changes) }
             };
             if write_line(out, now_ms, &why, &follower, &records, trace).is_err() {
                 break End::Report;

@@ -54,19 +54,15 @@ struct Elapsed {
 
 impl Elapsed {
     fn start() -> Self {
-        Self {
-            last: SYST::get_current(),
-            ticks: 0,
-        }
+        Self { last: SYST::get_current(), ticks: 0 }
     }
 
     /// Ticks since `start`; must be polled at least once per counter period (0.67 s).
     fn poll(&mut self) -> u64 {
         let now = SYST::get_current();
         // SysTick counts down.
-        self.ticks = self
-            .ticks
-            .saturating_add(u64::from(self.last.wrapping_sub(now) & 0x00FF_FFFF));
+        self.ticks =
+            self.ticks.saturating_add(u64::from(self.last.wrapping_sub(now) & 0x00FF_FFFF));
         self.last = now;
         self.ticks
     }
@@ -112,10 +108,7 @@ impl Uart {
     ///
     /// `base` must be a CMSDK APB UART that nothing else drives.
     unsafe fn new(base: usize, baud: u32) -> Self {
-        let uart = Self {
-            base,
-            rx_timeout_ticks: u64::from(RX_TIMEOUT_S) * u64::from(SYSCLK_HZ),
-        };
+        let uart = Self { base, rx_timeout_ticks: u64::from(RX_TIMEOUT_S) * u64::from(SYSCLK_HZ) };
         uart.write_reg(Self::BAUDDIV, (SYSCLK_HZ / baud).max(16));
         uart.write_reg(Self::CTRL, Self::CTRL_TX_EN | Self::CTRL_RX_EN);
         uart
@@ -221,9 +214,7 @@ impl<R: Read> Read for Take<R> {
             return Ok(0);
         }
         let n = self.inner.read(dst)?;
-        self.remaining = self
-            .remaining
-            .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+        self.remaining = self.remaining.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
         Ok(n)
     }
 }
@@ -261,10 +252,7 @@ unsafe extern "C" {
 }
 
 fn stack_bounds() -> (usize, usize) {
-    (
-        addr_of!(_stack_end) as usize,
-        addr_of!(_stack_start) as usize,
-    )
+    (addr_of!(_stack_end) as usize, addr_of!(_stack_start) as usize)
 }
 
 /// Fills the unused stack below the current frame with [`STACK_PAINT`].
@@ -302,9 +290,7 @@ fn stack_high_water() -> usize {
 #[entry]
 fn main() -> ! {
     paint_stack();
-    let Some(core) = cortex_m::Peripherals::take() else {
-        fail()
-    };
+    let Some(core) = cortex_m::Peripherals::take() else { fail() };
     let mut syst = core.SYST;
     syst.set_clock_source(SystClkSource::Core);
     syst.set_reload(0x00FF_FFFF);
@@ -324,13 +310,7 @@ fn main() -> ! {
         fail()
     };
 
-    let outcome = harness::run(
-        Take {
-            inner: link,
-            remaining: len,
-        },
-        &mut out,
-    );
+    let outcome = harness::run(Take { inner: link, remaining: len }, &mut out);
 
     let (bottom, top) = stack_bounds();
     let used = stack_high_water();

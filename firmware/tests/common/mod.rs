@@ -18,22 +18,12 @@ pub struct ChunkReader<'a> {
 
 impl<'a> ChunkReader<'a> {
     pub fn new(chunks: &'a [Vec<u8>]) -> Self {
-        Self {
-            chunks,
-            chunk: 0,
-            offset: 0,
-            chunks_read: 0,
-        }
+        Self { chunks, chunk: 0, offset: 0, chunks_read: 0 }
     }
 
     /// Every byte has been read.
     pub fn is_drained(&self) -> bool {
-        self.chunks
-            .iter()
-            .skip(self.chunk)
-            .map(Vec::len)
-            .sum::<usize>()
-            <= self.offset
+        self.chunks.iter().skip(self.chunk).map(Vec::len).sum::<usize>() <= self.offset
     }
 }
 

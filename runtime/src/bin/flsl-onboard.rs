@@ -28,7 +28,11 @@ use flsl_runtime::onboard::{OnboardError, source};
 use flsl_runtime::preprocess::Normalization;
 
 #[derive(Parser)]
-#[command(name = "flsl-onboard", version, about = "flsl's onboard runtime: bundle + frames in; detections, tracks and clusters out as JSON lines and link wire frames")]
+#[command(
+    name = "flsl-onboard",
+    version,
+    about = "flsl's onboard runtime: bundle + frames in; detections, tracks and clusters out as JSON lines and link wire frames"
+)]
 struct Args {
     /// Model bundle folder (`flsl bundle --model M.onnx --out DIR`); verified before use.
     #[arg(long)]
@@ -84,14 +88,19 @@ enum Frames {
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("`{s}`: expected WxH, e.g. 640x480"))?;
-    let n = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("`{s}`: `{t}` is not a number of pixels"));
+    let (w, h) =
+        s.split_once(['x', 'X']).ok_or_else(|| format!("`{s}`: expected WxH, e.g. 640x480"))?;
+    let n = |t: &str| {
+        t.trim().parse::<u32>().map_err(|_| format!("`{s}`: `{t}` is not a number of pixels"))
+    };
     Ok((n(w)?, n(h)?))
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -125,7 +134,11 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
     if detector.output_names() != c.outputs.as_slice() {
         return Err(OnboardError::Bundle {
             dir: bundle.dir.clone(),
-            reason: format!("onboard.toml lists outputs {:?}, the model has {:?}", c.outputs, detector.output_names()),
+            reason: format!(
+                "onboard.toml lists outputs {:?}, the model has {:?}",
+                c.outputs,
+                detector.output_names()
+            ),
         });
     }
 
@@ -142,7 +155,10 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
     let udp = args.udp.clone().or_else(|| c.link.udp.clone());
     let mut links = Vec::new();
     if let Some(path) = serial {
-        links.push(LinkOutput::open(LinkTarget::Serial { path, baud: args.baud.or(c.link.baud).unwrap_or(115_200) })?);
+        links.push(LinkOutput::open(LinkTarget::Serial {
+            path,
+            baud: args.baud.or(c.link.baud).unwrap_or(115_200),
+        })?);
     }
     if let Some(addr) = udp {
         links.push(LinkOutput::open(LinkTarget::Udp(addr))?);
@@ -154,13 +170,18 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
         Some(t) => Some(MavlinkOutput::open(&t, c.mavlink.clone())?),
         None => None,
     };
-    let json_target = args.json.clone().or_else(|| (links.is_empty() && mavlink.is_none()).then(|| "-".to_string()));
+    let json_target = args
+        .json
+        .clone()
+        .or_else(|| (links.is_empty() && mavlink.is_none()).then(|| "-".to_string()));
     let mut json: Option<Box<dyn Write>> = match json_target.as_deref() {
         None => None,
         Some("-") => Some(Box::new(std::io::BufWriter::new(std::io::stdout()))),
-        Some(p) => Some(Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| OnboardError::Io { action: "creating", path: p.into(), source: e })?,
-        ))),
+        Some(p) => {
+            Some(Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| {
+                OnboardError::Io { action: "creating", path: p.into(), source: e }
+            })?)))
+        }
     };
 
     let [_, _, ih, iw] = detector.input_shape();
@@ -181,13 +202,25 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
             FramePolicy::Latest => "latest (stale frames dropped)",
             FramePolicy::All => "all",
         },
-        json_target.as_deref().map_or_else(String::new, |t| format!("JSON lines to {} ", if t == "-" { "stdout" } else { t })),
-        links.iter().map(|l| l.target().to_string()).chain(mavlink.as_ref().map(|m| format!("MAVLink to {}", m.target()))).collect::<Vec<_>>().join(", ")
+        json_target.as_deref().map_or_else(String::new, |t| format!(
+            "JSON lines to {} ",
+            if t == "-" { "stdout" } else { t }
+        )),
+        links
+            .iter()
+            .map(|l| l.target().to_string())
+            .chain(mavlink.as_ref().map(|m| format!("MAVLink to {}", m.target())))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| OnboardError::Io { action: "installing a handler for", path: format!("signal {sig}").into(), source: e })?;
+        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| OnboardError::Io {
+            action: "installing a handler for",
+            path: format!("signal {sig}").into(),
+            source: e,
+        })?;
     }
     let lopts = LoopOptions { policy, max_frames: args.max_frames, stats_every: args.stats_every };
     let mut processed = 0u64;
@@ -207,13 +240,20 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
                 if let Some(rep) = &report {
                     line["mavlink"] = serde_json::json!(rep);
                 }
-                writeln!(out, "{line}").map_err(|e| OnboardError::Output { what: "JSON lines".into(), source: e })?;
+                writeln!(out, "{line}")
+                    .map_err(|e| OnboardError::Output { what: "JSON lines".into(), source: e })?;
             }
             for link in &mut links {
                 link.send(wire_frame(&r))?;
             }
             processed += 1;
-            Ok(StageTimes { preprocess: r.preprocess, model: r.model, postprocess: r.postprocess, output: t0.elapsed(), ..StageTimes::default() })
+            Ok(StageTimes {
+                preprocess: r.preprocess,
+                model: r.model,
+                postprocess: r.postprocess,
+                output: t0.elapsed(),
+                ..StageTimes::default()
+            })
         },
         |s| eprintln!("stats: {}", s.line()),
     )?;
@@ -229,7 +269,18 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
     for reason in &summary.skip_reasons {
         eprintln!("skipped: {reason}");
     }
-    let mut link_text: Vec<String> = links.iter().map(|l| format!("{}: {} frames, {} bytes, {} lost", l.target(), l.transport.sent, l.transport.bytes, l.transport.lost)).collect();
+    let mut link_text: Vec<String> = links
+        .iter()
+        .map(|l| {
+            format!(
+                "{}: {} frames, {} bytes, {} lost",
+                l.target(),
+                l.transport.sent,
+                l.transport.bytes,
+                l.transport.lost
+            )
+        })
+        .collect();
     if let Some(m) = &mavlink {
         let n = m.counts;
         link_text.push(format!(
@@ -248,7 +299,11 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
         "summary{}: {}{}",
         if summary.interrupted { " (interrupted)" } else { "" },
         summary.line(),
-        if link_text.is_empty() { String::new() } else { format!("; link {}", link_text.join("; ")) }
+        if link_text.is_empty() {
+            String::new()
+        } else {
+            format!("; link {}", link_text.join("; "))
+        }
     );
     if summary.frames == 0 {
         eprintln!("error: no frame was processed");

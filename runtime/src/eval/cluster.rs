@@ -100,11 +100,7 @@ pub fn hungarian_match(
             _ => *slot = None,
         }
     }
-    Ok(Matching {
-        cluster_to_class,
-        class_to_cluster,
-        matched_pixels,
-    })
+    Ok(Matching { cluster_to_class, class_to_cluster, matched_pixels })
 }
 
 /// Per-class IoU (None where the union is empty), mIoU and pixel accuracy of a matching.
@@ -133,11 +129,7 @@ fn scores(
     } else {
         present.iter().sum::<f64>() / present.len() as f64
     };
-    let acc = if total == 0 {
-        f64::NAN
-    } else {
-        m.matched_pixels as f64 / total as f64
-    };
+    let acc = if total == 0 { f64::NAN } else { m.matched_pixels as f64 / total as f64 };
     (per_class, miou, acc)
 }
 
@@ -241,14 +233,11 @@ impl ClusterEval {
                 "need at least one cluster and one class, got {clusters} clusters and {classes} classes"
             )));
         }
-        let n = clusters
-            .checked_mul(classes)
-            .filter(|&n| n <= 1 << 26)
-            .ok_or_else(|| {
-                EvalError::Config(format!(
-                    "{clusters} clusters x {classes} classes is too large a confusion matrix"
-                ))
-            })?;
+        let n = clusters.checked_mul(classes).filter(|&n| n <= 1 << 26).ok_or_else(|| {
+            EvalError::Config(format!(
+                "{clusters} clusters x {classes} classes is too large a confusion matrix"
+            ))
+        })?;
         Ok(Self {
             clusters,
             classes,

@@ -50,12 +50,8 @@ const R: usize = 101;
 /// `maxDets`.
 const MAX_DETS: [usize; 3] = [1, 10, 100];
 /// Area ranges all, small, medium, large.
-const AREA_RNG: [[f64; 2]; 4] = [
-    [0.0, 1e5 * 1e5],
-    [0.0, 32.0 * 32.0],
-    [32.0 * 32.0, 96.0 * 96.0],
-    [96.0 * 96.0, 1e5 * 1e5],
-];
+const AREA_RNG: [[f64; 2]; 4] =
+    [[0.0, 1e5 * 1e5], [0.0, 32.0 * 32.0], [32.0 * 32.0, 96.0 * 96.0], [96.0 * 96.0, 1e5 * 1e5]];
 /// Labels of [`AREA_RNG`] as printed by `summarize()`.
 const AREA_LBL: [&str; 4] = ["all", "small", "medium", "large"];
 /// `np.spacing(1)`.
@@ -179,9 +175,8 @@ const SUMMARY: [(bool, Option<f64>, usize, usize); 12] = [
 
 impl CocoStats {
     /// The JSON keys of the stats, in pycocotools' order.
-    pub const NAMES: [&'static str; 12] = [
-        "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
-    ];
+    pub const NAMES: [&'static str; 12] =
+        ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"];
 
     /// The stats as pycocotools' `COCOeval.stats` array.
     pub fn to_array(&self) -> [f64; 12] {
@@ -241,11 +236,7 @@ impl fmt::Display for CocoStats {
     /// ` Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 0.372`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, (&(ap, thr, a, m), v)) in SUMMARY.iter().zip(self.to_array()).enumerate() {
-            let title = if ap {
-                "Average Precision"
-            } else {
-                "Average Recall"
-            };
+            let title = if ap { "Average Precision" } else { "Average Recall" };
             let kind = if ap { "(AP)" } else { "(AR)" };
             let iou = match thr {
                 Some(t) => format!("{t:.2}"),
@@ -281,27 +272,20 @@ impl Ctx<'_> {
     }
 
     fn get<'v>(&self, obj: &'v Value, parent: &str, key: &str) -> Result<&'v Value, EvalError> {
-        obj.get(key)
-            .ok_or_else(|| self.err(join(parent, key), "missing"))
+        obj.get(key).ok_or_else(|| self.err(join(parent, key), "missing"))
     }
 
     fn id(&self, obj: &Value, parent: &str, key: &str) -> Result<i64, EvalError> {
         let v = self.get(obj, parent, key)?;
         as_id(v).ok_or_else(|| {
-            self.err(
-                join(parent, key),
-                format!("expected an integer id, found {}", brief(v)),
-            )
+            self.err(join(parent, key), format!("expected an integer id, found {}", brief(v)))
         })
     }
 
     fn number(&self, obj: &Value, parent: &str, key: &str) -> Result<f64, EvalError> {
         let v = self.get(obj, parent, key)?;
         v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-            self.err(
-                join(parent, key),
-                format!("expected a finite number, found {}", brief(v)),
-            )
+            self.err(join(parent, key), format!("expected a finite number, found {}", brief(v)))
         })
     }
 
@@ -323,10 +307,7 @@ impl Ctx<'_> {
         let field = join(parent, "bbox");
         let v = self.get(obj, parent, "bbox")?;
         let arr = v.as_array().filter(|a| a.len() == 4).ok_or_else(|| {
-            self.err(
-                &field,
-                format!("expected [x, y, width, height], found {}", brief(v)),
-            )
+            self.err(&field, format!("expected [x, y, width, height], found {}", brief(v)))
         })?;
         let mut b = [0.0; 4];
         for (i, (slot, x)) in b.iter_mut().zip(arr).enumerate() {
@@ -343,8 +324,7 @@ impl Ctx<'_> {
 
     fn array<'v>(&self, obj: &'v Value, key: &str) -> Result<&'v Vec<Value>, EvalError> {
         let v = self.get(obj, "", key)?;
-        v.as_array()
-            .ok_or_else(|| self.err(key, format!("expected an array, found {}", brief(v))))
+        v.as_array().ok_or_else(|| self.err(key, format!("expected an array, found {}", brief(v))))
     }
 }
 
@@ -359,11 +339,7 @@ fn check_box(b: &[f64; 4]) -> Result<(), String> {
 }
 
 fn join(parent: &str, key: &str) -> String {
-    if parent.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{parent}.{key}")
-    }
+    if parent.is_empty() { key.to_owned() } else { format!("{parent}.{key}") }
 }
 
 /// An integer, or a float with an integral value (Python treats `1.0` and `1` as one key).
@@ -378,22 +354,14 @@ fn as_id(v: &Value) -> Option<i64> {
 /// A short description of a JSON value for error messages.
 fn brief(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}...", &s[..s.floor_char_boundary(57)])
-    } else {
-        s
-    }
+    if s.len() > 60 { format!("{}...", &s[..s.floor_char_boundary(57)]) } else { s }
 }
 
 fn read_json(path: &Path) -> Result<Value, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| EvalError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|source| EvalError::Json { path: path.to_path_buf(), source })
 }
 
 impl CocoGt {
@@ -444,10 +412,7 @@ impl CocoGt {
             if let Some(first) = seen.insert(ann.id, i) {
                 return Err(cx.err(
                     join(&p, "id"),
-                    format!(
-                        "duplicate annotation id {} (also annotations[{first}])",
-                        ann.id
-                    ),
+                    format!("duplicate annotation id {} (also annotations[{first}])", ann.id),
                 ));
             }
             if !image_set.contains(&ann.image_id) {
@@ -459,19 +424,12 @@ impl CocoGt {
             if !cat_set.contains(&ann.category_id) {
                 return Err(cx.err(
                     join(&p, "category_id"),
-                    format!(
-                        "{} is not the id of any entry of `categories`",
-                        ann.category_id
-                    ),
+                    format!("{} is not the id of any entry of `categories`", ann.category_id),
                 ));
             }
             annotations.push(ann);
         }
-        Ok(Self {
-            images,
-            categories,
-            annotations,
-        })
+        Ok(Self { images, categories, annotations })
     }
 
     /// Checks the invariants that [`from_value`](Self::from_value) enforces, for a value
@@ -491,10 +449,9 @@ impl CocoGt {
                 return Err(cx.err(join(&p, "id"), format!("duplicate annotation id {}", a.id)));
             }
             if !image_set.contains(&a.image_id) {
-                return Err(cx.err(
-                    join(&p, "image_id"),
-                    format!("{} is not in `images`", a.image_id),
-                ));
+                return Err(
+                    cx.err(join(&p, "image_id"), format!("{} is not in `images`", a.image_id))
+                );
             }
             if !cat_set.contains(&a.category_id) {
                 return Err(cx.err(
@@ -510,9 +467,7 @@ impl CocoGt {
     /// [`evaluate`]) silently leave them out, which usually means a label-mapping mistake.
     pub fn unknown_category_count(&self, dets: &[CocoDet]) -> usize {
         let cats: HashSet<i64> = self.categories.iter().copied().collect();
-        dets.iter()
-            .filter(|d| !cats.contains(&d.category_id))
-            .count()
+        dets.iter().filter(|d| !cats.contains(&d.category_id)).count()
     }
 }
 
@@ -544,10 +499,9 @@ impl CocoDet {
             .map(|(i, d)| {
                 let p = format!("[{i}]");
                 if !d.is_object() {
-                    return Err(cx.err(
-                        &p,
-                        format!("expected a detection object, found {}", brief(d)),
-                    ));
+                    return Err(
+                        cx.err(&p, format!("expected a detection object, found {}", brief(d)))
+                    );
                 }
                 Ok(Self {
                     image_id: cx.id(d, &p, "image_id")?,
@@ -627,20 +581,12 @@ fn evaluate_impl(
     let mut groups: HashMap<(i64, i64), (Vec<usize>, Vec<usize>)> = HashMap::new();
     for (i, a) in gt.annotations.iter().enumerate() {
         if img_set.contains(&a.image_id) && cat_set.contains(&a.category_id) {
-            groups
-                .entry((a.image_id, a.category_id))
-                .or_default()
-                .0
-                .push(i);
+            groups.entry((a.image_id, a.category_id)).or_default().0.push(i);
         }
     }
     for (i, d) in dets.iter().enumerate() {
         if cat_set.contains(&d.category_id) {
-            groups
-                .entry((d.image_id, d.category_id))
-                .or_default()
-                .1
-                .push(i);
+            groups.entry((d.image_id, d.category_id)).or_default().1.push(i);
         }
     }
 
@@ -666,8 +612,7 @@ fn evaluate_impl(
             let ious: Vec<f64> = d
                 .iter()
                 .flat_map(|(_, dt)| {
-                    g.iter()
-                        .map(move |gt| bbox_iou(&dt.bbox, &gt.bbox, gt.iscrowd))
+                    g.iter().map(move |gt| bbox_iou(&dt.bbox, &gt.bbox, gt.iscrowd))
                 })
                 .collect();
             for (a, rng) in AREA_RNG.iter().enumerate() {
@@ -686,18 +631,12 @@ fn evaluate_impl(
     let mut recall = vec![-1.0f64; T * nk * na * nm];
     for k in 0..nk {
         for a in 0..na {
-            let es: Vec<&EvalImg> = eval_imgs[(k * na + a) * ni..(k * na + a + 1) * ni]
-                .iter()
-                .flatten()
-                .collect();
+            let es: Vec<&EvalImg> =
+                eval_imgs[(k * na + a) * ni..(k * na + a + 1) * ni].iter().flatten().collect();
             if es.is_empty() {
                 continue;
             }
-            let npig = es
-                .iter()
-                .flat_map(|e| &e.gt_ignore)
-                .filter(|&&ig| !ig)
-                .count();
+            let npig = es.iter().flat_map(|e| &e.gt_ignore).filter(|&&ig| !ig).count();
             for (m, &md) in MAX_DETS.iter().enumerate() {
                 if npig == 0 {
                     continue;
@@ -705,13 +644,7 @@ fn evaluate_impl(
                 // (score, image entry, detection index), concatenated in image order.
                 let mut all: Vec<(f64, usize, usize)> = Vec::new();
                 for (ei, e) in es.iter().enumerate() {
-                    all.extend(
-                        e.scores
-                            .iter()
-                            .take(md)
-                            .enumerate()
-                            .map(|(di, &s)| (s, ei, di)),
-                    );
+                    all.extend(e.scores.iter().take(md).enumerate().map(|(di, &s)| (s, ei, di)));
                 }
                 all.sort_by(|x, y| desc(x.0, y.0));
                 let nd = all.len();
@@ -767,26 +700,16 @@ fn evaluate_impl(
             if ap {
                 for r in 0..R {
                     vals.extend(
-                        (0..nk)
-                            .map(|k| precision[p_at(t, r, k, a, m)])
-                            .filter(|&v| v > -1.0),
+                        (0..nk).map(|k| precision[p_at(t, r, k, a, m)]).filter(|&v| v > -1.0),
                     );
                 }
             } else {
-                vals.extend(
-                    (0..nk)
-                        .map(|k| recall[r_at(t, k, a, m)])
-                        .filter(|&v| v > -1.0),
-                );
+                vals.extend((0..nk).map(|k| recall[r_at(t, k, a, m)]).filter(|&v| v > -1.0));
             }
         }
         // np.mean: numpy's pairwise sum divided by the count (bit-identical, so that values
         // on a rounding boundary print as pycocotools prints them).
-        *s = if vals.is_empty() {
-            -1.0
-        } else {
-            pairwise_sum(&vals) / vals.len() as f64
-        };
+        *s = if vals.is_empty() { -1.0 } else { pairwise_sum(&vals) / vals.len() as f64 };
     }
     Ok(CocoStats::from_array(stats))
 }
@@ -858,10 +781,7 @@ fn evaluate_img(
     let nd = d.len();
     let out_of_range = |area: f64| area < rng[0] || area > rng[1];
     // Ignored (crowd, or area outside the range) go last; stable.
-    let ignore_orig: Vec<bool> = g
-        .iter()
-        .map(|a| a.iscrowd || out_of_range(a.area))
-        .collect();
+    let ignore_orig: Vec<bool> = g.iter().map(|a| a.iscrowd || out_of_range(a.area)).collect();
     let mut order: Vec<usize> = (0..ng).collect();
     order.sort_by_key(|&j| ignore_orig[j]);
     let gt_ignore: Vec<bool> = order.iter().map(|&j| ignore_orig[j]).collect();
@@ -909,12 +829,7 @@ fn evaluate_img(
             }
         }
     }
-    EvalImg {
-        scores: d.iter().map(|(_, det)| det.score).collect(),
-        matched,
-        dt_ignore,
-        gt_ignore,
-    }
+    EvalImg { scores: d.iter().map(|(_, det)| det.score).collect(), matched, dt_ignore, gt_ignore }
 }
 
 #[cfg(test)]
@@ -943,9 +858,6 @@ mod tests {
         let g = [5.0, 0.0, 100.0, 100.0];
         assert_eq!(bbox_iou(&d, &g, true), 0.5);
         assert_eq!(bbox_iou(&d, &g, false), 50.0 / (100.0 + 10000.0 - 50.0));
-        assert_eq!(
-            bbox_iou(&[0.0, 0.0, 1.0, 1.0], &[1.0, 0.0, 1.0, 1.0], false),
-            0.0
-        );
+        assert_eq!(bbox_iou(&[0.0, 0.0, 1.0, 1.0], &[1.0, 0.0, 1.0, 1.0], false), 0.0);
     }
 }

@@ -74,45 +74,24 @@ impl fmt::Display for EvalError {
             Self::Json { path, source } => {
                 write!(f, "{} is not valid JSON: {source}", path.display())
             }
-            Self::Field {
-                path,
-                field,
-                problem,
-            } => match path {
+            Self::Field { path, field, problem } => match path {
                 Some(path) => write!(f, "{}: field `{field}`: {problem}", path.display()),
                 None => write!(f, "field `{field}`: {problem}"),
             },
-            Self::UnknownImage {
-                path,
-                index,
-                image_id,
-            } => {
-                let file = path
-                    .as_ref()
-                    .map(|p| format!("{}: ", p.display()))
-                    .unwrap_or_default();
+            Self::UnknownImage { path, index, image_id } => {
+                let file = path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default();
                 write!(
                     f,
                     "{file}detection [{index}] has image_id {image_id}, which is not an image of the \
                      ground truth (results must only cover ground-truth images)"
                 )
             }
-            Self::LengthMismatch {
-                image,
-                predicted,
-                ground_truth,
-            } => write!(
+            Self::LengthMismatch { image, predicted, ground_truth } => write!(
                 f,
                 "image {image}: the cluster map has {predicted} pixels but the class map has \
                  {ground_truth}"
             ),
-            Self::LabelOutOfRange {
-                image,
-                pixel,
-                kind,
-                value,
-                count,
-            } => write!(
+            Self::LabelOutOfRange { image, pixel, kind, value, count } => write!(
                 f,
                 "image {image}, pixel {pixel}: {kind} id {value} is out of range (expected 0..{count})"
             ),

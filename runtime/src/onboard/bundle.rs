@@ -137,20 +137,28 @@ impl Bundle {
     pub fn load(dir: &Path) -> Result<Self, OnboardError> {
         let bad = |reason: String| OnboardError::Bundle { dir: dir.to_path_buf(), reason };
         if !dir.is_dir() {
-            return Err(bad("no such folder (make one with `flsl bundle --model M.onnx --out DIR`)".into()));
+            return Err(bad(
+                "no such folder (make one with `flsl bundle --model M.onnx --out DIR`)".into(),
+            ));
         }
         let sums = read_text(dir, SUMS_FILE)?;
         let mut listed = Vec::new();
         for (i, line) in sums.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let (hex, name) = line
-                .split_once("  ")
-                .or_else(|| line.split_once(" *"))
-                .ok_or_else(|| bad(format!("{SUMS_FILE} line {}: expected `<sha256 hex>  <file>`", i + 1)))?;
+            let (hex, name) =
+                line.split_once("  ").or_else(|| line.split_once(" *")).ok_or_else(|| {
+                    bad(format!("{SUMS_FILE} line {}: expected `<sha256 hex>  <file>`", i + 1))
+                })?;
             if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad(format!("{SUMS_FILE} line {}: `{hex}` is not a SHA-256 in hex", i + 1)));
+                return Err(bad(format!(
+                    "{SUMS_FILE} line {}: `{hex}` is not a SHA-256 in hex",
+                    i + 1
+                )));
             }
             if name.contains('/') || name.contains('\\') || name == ".." {
-                return Err(bad(format!("{SUMS_FILE} line {}: `{name}` is not a file of the bundle folder", i + 1)));
+                return Err(bad(format!(
+                    "{SUMS_FILE} line {}: `{name}` is not a file of the bundle folder",
+                    i + 1
+                )));
             }
             listed.push((hex.to_ascii_lowercase(), name.to_string()));
         }
@@ -162,11 +170,17 @@ impl Bundle {
         for (hex, name) in &listed {
             let got = sha256_file(&dir.join(name))?;
             if &got != hex {
-                return Err(OnboardError::Checksum { dir: dir.to_path_buf(), file: name.clone(), expected: hex.clone(), got });
+                return Err(OnboardError::Checksum {
+                    dir: dir.to_path_buf(),
+                    file: name.clone(),
+                    expected: hex.clone(),
+                    got,
+                });
             }
         }
         let text = read_text(dir, CONFIG_FILE)?;
-        let config: BundleConfig = toml::from_str(&text).map_err(|e| bad(format!("{CONFIG_FILE}: {e}")))?;
+        let config: BundleConfig =
+            toml::from_str(&text).map_err(|e| bad(format!("{CONFIG_FILE}: {e}")))?;
         config.validate().map_err(|e| bad(format!("{CONFIG_FILE}: {e}")))?;
         Ok(Self { dir: dir.to_path_buf(), config })
     }
@@ -176,11 +190,17 @@ impl BundleConfig {
     /// Checks the values (not only their types); the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.format != FORMAT {
-            return Err(format!("format = {}: this flsl-onboard reads format {FORMAT}", self.format));
+            return Err(format!(
+                "format = {}: this flsl-onboard reads format {FORMAT}",
+                self.format
+            ));
         }
         let i = &self.input;
         if i.height == 0 || i.width == 0 || i.height > 8192 || i.width > 8192 {
-            return Err(format!("input.height x input.width = {} x {}: expected 1..=8192 each", i.height, i.width));
+            return Err(format!(
+                "input.height x input.width = {} x {}: expected 1..=8192 each",
+                i.height, i.width
+            ));
         }
         if !i.mean.iter().all(|m| m.is_finite()) {
             return Err(format!("input.mean = {:?}: not finite", i.mean));
@@ -193,7 +213,10 @@ impl BundleConfig {
         }
         let d = &self.detection;
         if !(0.0..=1.0).contains(&d.score_threshold) {
-            return Err(format!("detection.score_threshold = {}: expected 0..=1", d.score_threshold));
+            return Err(format!(
+                "detection.score_threshold = {}: expected 0..=1",
+                d.score_threshold
+            ));
         }
         if d.kmeans_k == 0 || d.kmeans_k > 64 {
             return Err(format!("detection.kmeans_k = {}: expected 1..=64", d.kmeans_k));
@@ -210,22 +233,41 @@ impl BundleConfig {
 
 fn read_text(dir: &Path, name: &str) -> Result<String, OnboardError> {
     let path = dir.join(name);
-    let f = std::fs::File::open(&path).map_err(|e| OnboardError::Io { action: "reading", path: path.clone(), source: e })?;
+    let f = std::fs::File::open(&path).map_err(|e| OnboardError::Io {
+        action: "reading",
+        path: path.clone(),
+        source: e,
+    })?;
     let mut s = String::new();
-    f.take(MAX_TEXT + 1).read_to_string(&mut s).map_err(|e| OnboardError::Io { action: "reading (as UTF-8 text)", path: path.clone(), source: e })?;
+    f.take(MAX_TEXT + 1).read_to_string(&mut s).map_err(|e| OnboardError::Io {
+        action: "reading (as UTF-8 text)",
+        path: path.clone(),
+        source: e,
+    })?;
     if s.len() as u64 > MAX_TEXT {
-        return Err(OnboardError::Bundle { dir: dir.to_path_buf(), reason: format!("{name} is larger than {MAX_TEXT} bytes") });
+        return Err(OnboardError::Bundle {
+            dir: dir.to_path_buf(),
+            reason: format!("{name} is larger than {MAX_TEXT} bytes"),
+        });
     }
     Ok(s)
 }
 
 /// SHA-256 of a file, lower-case hex.
 pub fn sha256_file(path: &Path) -> Result<String, OnboardError> {
-    let mut f = std::fs::File::open(path).map_err(|e| OnboardError::Io { action: "reading", path: path.to_path_buf(), source: e })?;
+    let mut f = std::fs::File::open(path).map_err(|e| OnboardError::Io {
+        action: "reading",
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf).map_err(|e| OnboardError::Io { action: "reading", path: path.to_path_buf(), source: e })?;
+        let n = f.read(&mut buf).map_err(|e| OnboardError::Io {
+            action: "reading",
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         if n == 0 {
             break;
         }
@@ -255,7 +297,14 @@ pub struct BundleOptions {
 #[cfg(feature = "tools")]
 impl Default for BundleOptions {
     fn default() -> Self {
-        Self { classes: Vec::new(), detection: DetectionConfig::default(), threads: 1, link: LinkConfig::default(), input_size: None, mavlink: MavlinkConfig::default() }
+        Self {
+            classes: Vec::new(),
+            detection: DetectionConfig::default(),
+            threads: 1,
+            link: LinkConfig::default(),
+            input_size: None,
+            mavlink: MavlinkConfig::default(),
+        }
     }
 }
 
@@ -265,7 +314,11 @@ impl Default for BundleOptions {
 /// that folder into place (an existing bundle at `out` is replaced only once the new one is
 /// complete).
 #[cfg(feature = "tools")]
-pub fn write_bundle(model: &Path, out: &Path, opts: &BundleOptions) -> Result<Bundle, OnboardError> {
+pub fn write_bundle(
+    model: &Path,
+    out: &Path,
+    opts: &BundleOptions,
+) -> Result<Bundle, OnboardError> {
     use crate::contract::HEATMAP_NAME;
     use crate::onnx::{ModelOptions, OnnxModel};
 
@@ -283,7 +336,14 @@ pub fn write_bundle(model: &Path, out: &Path, opts: &BundleOptions) -> Result<Bu
         if opts.classes.is_empty() {
             (0..c).map(|i| format!("class{i}")).collect()
         } else if opts.classes.len() != c {
-            return Err(OnboardError::Bundle { dir: out.to_path_buf(), reason: format!("{} class names given, the detection head of {} has {c} classes", opts.classes.len(), model.display()) });
+            return Err(OnboardError::Bundle {
+                dir: out.to_path_buf(),
+                reason: format!(
+                    "{} class names given, the detection head of {} has {c} classes",
+                    opts.classes.len(),
+                    model.display()
+                ),
+            });
         } else {
             opts.classes.clone()
         }
@@ -306,27 +366,35 @@ pub fn write_bundle(model: &Path, out: &Path, opts: &BundleOptions) -> Result<Bu
         let path = path.to_path_buf();
         move |e| OnboardError::Io { action, path, source: e }
     };
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "bundle".into());
+    let name =
+        out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "bundle".into());
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io("creating", &tmp))?;
     let result = (|| {
-        std::fs::copy(model, tmp.join(MODEL_FILE)).map_err(io("copying the model to", &tmp.join(MODEL_FILE)))?;
+        std::fs::copy(model, tmp.join(MODEL_FILE))
+            .map_err(io("copying the model to", &tmp.join(MODEL_FILE)))?;
         let text = format!(
             "# flsl-onboard bundle: written by `flsl bundle` from {}.\n# Checked by SHA256SUMS: edit, then run `sha256sum {MODEL_FILE} {CONFIG_FILE} > {SUMS_FILE}`.\n{}",
             model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
-            toml::to_string_pretty(&config).map_err(|e| OnboardError::Bundle { dir: out.to_path_buf(), reason: format!("serializing {CONFIG_FILE}: {e}") })?
+            toml::to_string_pretty(&config).map_err(|e| OnboardError::Bundle {
+                dir: out.to_path_buf(),
+                reason: format!("serializing {CONFIG_FILE}: {e}")
+            })?
         );
-        std::fs::write(tmp.join(CONFIG_FILE), text).map_err(io("writing", &tmp.join(CONFIG_FILE)))?;
+        std::fs::write(tmp.join(CONFIG_FILE), text)
+            .map_err(io("writing", &tmp.join(CONFIG_FILE)))?;
         let mut sums = String::new();
         for f in [MODEL_FILE, CONFIG_FILE] {
             sums.push_str(&format!("{}  {f}\n", sha256_file(&tmp.join(f))?));
         }
         std::fs::write(tmp.join(SUMS_FILE), sums).map_err(io("writing", &tmp.join(SUMS_FILE)))?;
         for f in [MODEL_FILE, CONFIG_FILE, SUMS_FILE] {
-            std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all()).map_err(io("syncing", &tmp.join(f)))?;
+            std::fs::File::open(tmp.join(f))
+                .and_then(|f| f.sync_all())
+                .map_err(io("syncing", &tmp.join(f)))?;
         }
         Bundle::load(&tmp)
     })();
@@ -337,9 +405,14 @@ pub fn write_bundle(model: &Path, out: &Path, opts: &BundleOptions) -> Result<Bu
     // Replace an existing bundle only now: move it aside, move the new one in, drop the old.
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if out.exists() {
-        if !out.join(SUMS_FILE).is_file() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        if !out.join(SUMS_FILE).is_file()
+            && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true)
+        {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(OnboardError::Bundle { dir: out.to_path_buf(), reason: "exists and is not a bundle; refusing to replace it".into() });
+            return Err(OnboardError::Bundle {
+                dir: out.to_path_buf(),
+                reason: "exists and is not a bundle; refusing to replace it".into(),
+            });
         }
         std::fs::rename(out, &old).map_err(io("moving the previous bundle aside from", out))?;
     }
@@ -359,7 +432,11 @@ mod tests {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join(MODEL_FILE), model).unwrap();
         std::fs::write(dir.join(CONFIG_FILE), config).unwrap();
-        let sums = format!("{}  {MODEL_FILE}\n{}  {CONFIG_FILE}\n", sha256_file(&dir.join(MODEL_FILE)).unwrap(), sha256_file(&dir.join(CONFIG_FILE)).unwrap());
+        let sums = format!(
+            "{}  {MODEL_FILE}\n{}  {CONFIG_FILE}\n",
+            sha256_file(&dir.join(MODEL_FILE)).unwrap(),
+            sha256_file(&dir.join(CONFIG_FILE)).unwrap()
+        );
         std::fs::write(dir.join(SUMS_FILE), sums).unwrap();
     }
 
@@ -381,10 +458,15 @@ mod tests {
         assert_eq!(b.config.link.baud, Some(921_600));
         assert_eq!(b.model_path(), d.join(MODEL_FILE));
         assert_eq!(b.config.mavlink, MavlinkConfig::default());
-        let with_mavlink = format!("{GOOD}[mavlink]\ntarget = \"udpout:10.0.0.2:14550\"\ncomponent_id = 154\nrate_hz = 5.0\n[mavlink.gimbal]\n");
+        let with_mavlink = format!(
+            "{GOOD}[mavlink]\ntarget = \"udpout:10.0.0.2:14550\"\ncomponent_id = 154\nrate_hz = 5.0\n[mavlink.gimbal]\n"
+        );
         write(&d, &with_mavlink, b"onnx bytes");
         let m = Bundle::load(&d).unwrap().config.mavlink;
-        assert_eq!((m.target.as_deref(), m.system_id, m.component_id, m.rate_hz), (Some("udpout:10.0.0.2:14550"), 1, 154, 5.0));
+        assert_eq!(
+            (m.target.as_deref(), m.system_id, m.component_id, m.rate_hz),
+            (Some("udpout:10.0.0.2:14550"), 1, 154, 5.0)
+        );
         assert_eq!(m.gimbal.unwrap().pan, crate::onboard::mavlink::GimbalAxis::pan());
     }
 
@@ -414,7 +496,11 @@ mod tests {
         assert!(Bundle::load(&d).unwrap_err().to_string().contains("is not a SHA-256"));
         std::fs::write(d.join(SUMS_FILE), format!("{}  ../etc/passwd\n", "0".repeat(64))).unwrap();
         assert!(Bundle::load(&d).unwrap_err().to_string().contains("not a file of the bundle"));
-        std::fs::write(d.join(SUMS_FILE), format!("{}  {MODEL_FILE}\n", sha256_file(&d.join(MODEL_FILE)).unwrap())).unwrap();
+        std::fs::write(
+            d.join(SUMS_FILE),
+            format!("{}  {MODEL_FILE}\n", sha256_file(&d.join(MODEL_FILE)).unwrap()),
+        )
+        .unwrap();
         assert!(Bundle::load(&d).unwrap_err().to_string().contains("does not list onboard.toml"));
         std::fs::remove_file(d.join(SUMS_FILE)).unwrap();
         assert!(Bundle::load(&d).unwrap_err().to_string().contains("SHA256SUMS"));

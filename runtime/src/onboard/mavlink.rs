@@ -19,12 +19,12 @@
 
 use std::time::{Duration, Instant};
 
-use mavlink::dialects::common::{
-    CAMERA_TRACKING_IMAGE_STATUS_DATA, CameraTrackingMode, CameraTrackingStatusFlags, CameraTrackingTargetData,
-    GIMBAL_MANAGER_SET_PITCHYAW_DATA, GimbalManagerFlags, HEARTBEAT_DATA, MavAutopilot, MavMessage, MavModeFlag, MavState,
-    MavType,
-};
 use mavlink::MavHeader;
+use mavlink::dialects::common::{
+    CAMERA_TRACKING_IMAGE_STATUS_DATA, CameraTrackingMode, CameraTrackingStatusFlags,
+    CameraTrackingTargetData, GIMBAL_MANAGER_SET_PITCHYAW_DATA, GimbalManagerFlags, HEARTBEAT_DATA,
+    MavAutopilot, MavMessage, MavModeFlag, MavState, MavType,
+};
 use serde::{Deserialize, Serialize};
 
 use super::OnboardError;
@@ -92,7 +92,10 @@ impl MavlinkConfig {
     /// Checks the values; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.rate_hz.is_finite() && self.rate_hz > 0.0 && self.rate_hz <= 100.0) {
-            return Err(format!("mavlink.rate_hz = {}: expected more than 0 and at most 100", self.rate_hz));
+            return Err(format!(
+                "mavlink.rate_hz = {}: expected more than 0 and at most 100",
+                self.rate_hz
+            ));
         }
         if self.system_id == 0 {
             return Err("mavlink.system_id = 0: 0 is the broadcast id, use 1..=255".into());
@@ -104,7 +107,10 @@ impl MavlinkConfig {
             return Err(format!("mavlink.min_score = {}: expected 0..=1", self.min_score));
         }
         if !(self.lock_timeout_s.is_finite() && self.lock_timeout_s > 0.0) {
-            return Err(format!("mavlink.lock_timeout_s = {}: expected a positive number of seconds", self.lock_timeout_s));
+            return Err(format!(
+                "mavlink.lock_timeout_s = {}: expected a positive number of seconds",
+                self.lock_timeout_s
+            ));
         }
         if let Some(t) = &self.target {
             parse_target(t).map_err(|e| format!("mavlink.target: {e}"))?;
@@ -157,16 +163,37 @@ pub struct GimbalAxis {
 impl GimbalAxis {
     /// The firmware's pan defaults (`AxisConfig::pan`).
     pub const fn pan() -> Self {
-        Self { kp_deg: 36.0, kd_deg_s: 2.0, min_deg: -80.0, max_deg: 80.0, center_deg: 0.0, max_rate_deg_s: 120.0 }
+        Self {
+            kp_deg: 36.0,
+            kd_deg_s: 2.0,
+            min_deg: -80.0,
+            max_deg: 80.0,
+            center_deg: 0.0,
+            max_rate_deg_s: 120.0,
+        }
     }
 
     /// The firmware's tilt defaults (`AxisConfig::tilt`).
     pub const fn tilt() -> Self {
-        Self { kp_deg: -27.0, kd_deg_s: -1.5, min_deg: -60.0, max_deg: 30.0, center_deg: 0.0, max_rate_deg_s: 90.0 }
+        Self {
+            kp_deg: -27.0,
+            kd_deg_s: -1.5,
+            min_deg: -60.0,
+            max_deg: 30.0,
+            center_deg: 0.0,
+            max_rate_deg_s: 90.0,
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
-        let finite = [self.kp_deg, self.kd_deg_s, self.min_deg, self.max_deg, self.center_deg, self.max_rate_deg_s];
+        let finite = [
+            self.kp_deg,
+            self.kd_deg_s,
+            self.min_deg,
+            self.max_deg,
+            self.center_deg,
+            self.max_rate_deg_s,
+        ];
         if !finite.iter().all(|v| v.is_finite()) {
             return Err(format!("{self:?}: every value must be finite"));
         }
@@ -188,7 +215,8 @@ impl GimbalAxis {
 /// autopilots' usual TELEM setting, when none is given).
 pub fn parse_target(s: &str) -> Result<LinkTarget, String> {
     if let Some(addr) = s.strip_prefix("udpout:") {
-        let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("`{s}`: expected udpout:HOST:PORT"))?;
+        let (host, port) =
+            addr.rsplit_once(':').ok_or_else(|| format!("`{s}`: expected udpout:HOST:PORT"))?;
         if host.is_empty() || port.parse::<u16>().is_err() {
             return Err(format!("`{s}`: expected udpout:HOST:PORT with a port number 0..=65535"));
         }
@@ -252,7 +280,15 @@ struct Gimbal {
 impl Gimbal {
     fn new(c: &GimbalConfig) -> Self {
         let (pan, tilt) = (c.pan.center(), c.tilt.center());
-        Self { cfg_pan: c.pan, cfg_tilt: c.tilt, pan, tilt, pan_target: pan, tilt_target: tilt, last: None }
+        Self {
+            cfg_pan: c.pan,
+            cfg_tilt: c.tilt,
+            pan,
+            tilt,
+            pan_target: pan,
+            tilt_target: tilt,
+            last: None,
+        }
     }
 
     /// A new observation of the locked target: `target = clamp(angle + kp e + kd de/dt)`.
@@ -316,8 +352,14 @@ pub struct MavlinkCounts {
 impl MavlinkOutput {
     /// Opens `target` (see [`parse_target`]) with `config`'s ids, rate and gimbal.
     pub fn open(target: &str, config: MavlinkConfig) -> Result<Self, OnboardError> {
-        config.validate().map_err(|e| OnboardError::Output { what: format!("MAVLink to {target}"), source: std::io::Error::other(e) })?;
-        let t = parse_target(target).map_err(|e| OnboardError::Output { what: "MAVLink".into(), source: std::io::Error::other(e) })?;
+        config.validate().map_err(|e| OnboardError::Output {
+            what: format!("MAVLink to {target}"),
+            source: std::io::Error::other(e),
+        })?;
+        let t = parse_target(target).map_err(|e| OnboardError::Output {
+            what: "MAVLink".into(),
+            source: std::io::Error::other(e),
+        })?;
         Ok(Self {
             transport: Transport::open(t, "MAVLink")?,
             gimbal: config.gimbal.as_ref().map(Gimbal::new),
@@ -339,8 +381,15 @@ impl MavlinkOutput {
     /// One processed frame at `now`: a heartbeat when one is due, then (at `rate_hz`) the
     /// tracking status and gimbal set-point. Returns what the tracking status said, when one
     /// was sent.
-    pub fn on_frame(&mut self, r: &FrameResult, now: Instant) -> Result<Option<TrackingReport>, OnboardError> {
-        if self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+    pub fn on_frame(
+        &mut self,
+        r: &FrameResult,
+        now: Instant,
+    ) -> Result<Option<TrackingReport>, OnboardError> {
+        if self
+            .last_heartbeat
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
             self.last_heartbeat = Some(now);
             let hb = MavMessage::HEARTBEAT(HEARTBEAT_DATA {
                 custom_mode: 0,
@@ -357,7 +406,9 @@ impl MavlinkOutput {
         let [w, h] = r.size;
         let (fw, fh) = (w.max(1) as f32, h.max(1) as f32);
         let locked = self.update_lock(&r.tracks, now, fw, fh);
-        if let (Some(g), Some((e, de))) = (self.gimbal.as_mut(), locked.map(|(_, _, e, de)| (e, de))) {
+        if let (Some(g), Some((e, de))) =
+            (self.gimbal.as_mut(), locked.map(|(_, _, e, de)| (e, de)))
+        {
             g.correct(e, de);
         } else if let Some(g) = self.gimbal.as_mut() {
             if locked.is_none() {
@@ -386,7 +437,13 @@ impl MavlinkOutput {
                     rec_bottom_y: rect[3],
                     ..CAMERA_TRACKING_IMAGE_STATUS_DATA::DEFAULT
                 },
-                TrackingReport { seq: status_seq, status: "active", track: Some(track), rect: Some(rect), gimbal_deg: None },
+                TrackingReport {
+                    seq: status_seq,
+                    status: "active",
+                    track: Some(track),
+                    rect: Some(rect),
+                    gimbal_deg: None,
+                },
             ),
             None => (
                 CAMERA_TRACKING_IMAGE_STATUS_DATA {
@@ -402,7 +459,13 @@ impl MavlinkOutput {
                     rec_bottom_y: nan,
                     ..CAMERA_TRACKING_IMAGE_STATUS_DATA::DEFAULT
                 },
-                TrackingReport { seq: status_seq, status: "idle", track: None, rect: None, gimbal_deg: None },
+                TrackingReport {
+                    seq: status_seq,
+                    status: "idle",
+                    track: None,
+                    rect: None,
+                    gimbal_deg: None,
+                },
             ),
         };
         let mut report = report;
@@ -418,7 +481,8 @@ impl MavlinkOutput {
             let (pitch, yaw) = (g.tilt, g.pan);
             report.gimbal_deg = Some([pitch, yaw]);
             let m = MavMessage::GIMBAL_MANAGER_SET_PITCHYAW(GIMBAL_MANAGER_SET_PITCHYAW_DATA {
-                flags: GimbalManagerFlags::GIMBAL_MANAGER_FLAGS_ROLL_LOCK | GimbalManagerFlags::GIMBAL_MANAGER_FLAGS_PITCH_LOCK,
+                flags: GimbalManagerFlags::GIMBAL_MANAGER_FLAGS_ROLL_LOCK
+                    | GimbalManagerFlags::GIMBAL_MANAGER_FLAGS_PITCH_LOCK,
                 pitch: pitch.to_radians(),
                 yaw: yaw.to_radians(),
                 pitch_rate: nan,
@@ -437,23 +501,45 @@ impl MavlinkOutput {
     /// Keeps or picks the locked track. Returns `(track, rect, e, de/dt)` of the lock seen in
     /// this frame.
     #[allow(clippy::type_complexity)]
-    fn update_lock(&mut self, tracks: &[FrameBox], now: Instant, fw: f32, fh: f32) -> Option<(u32, [f32; 4], (f32, f32), (f32, f32))> {
+    fn update_lock(
+        &mut self,
+        tracks: &[FrameBox],
+        now: Instant,
+        fw: f32,
+        fh: f32,
+    ) -> Option<(u32, [f32; 4], (f32, f32), (f32, f32))> {
         let usable = |b: &&FrameBox| b.track_id != 0 && b.bbox.iter().all(|v| v.is_finite());
-        let current = self.lock.and_then(|l| tracks.iter().filter(usable).find(|b| b.track_id == l.track));
+        let current =
+            self.lock.and_then(|l| tracks.iter().filter(usable).find(|b| b.track_id == l.track));
         let chosen = match current {
             Some(b) => Some(b),
             None => {
-                let expired = self.lock.is_none_or(|l| now.saturating_duration_since(l.last_seen).as_secs_f32() >= self.config.lock_timeout_s);
+                let expired = self.lock.is_none_or(|l| {
+                    now.saturating_duration_since(l.last_seen).as_secs_f32()
+                        >= self.config.lock_timeout_s
+                });
                 if !expired {
                     return None;
                 }
                 self.lock = None;
-                tracks.iter().filter(usable).filter(|b| b.score >= self.config.min_score).max_by(|a, b| a.score.total_cmp(&b.score))
+                tracks
+                    .iter()
+                    .filter(usable)
+                    .filter(|b| b.score >= self.config.min_score)
+                    .max_by(|a, b| a.score.total_cmp(&b.score))
             }
         };
         let b = chosen?;
-        let rect = [(b.bbox[0] / fw).clamp(0.0, 1.0), (b.bbox[1] / fh).clamp(0.0, 1.0), (b.bbox[2] / fw).clamp(0.0, 1.0), (b.bbox[3] / fh).clamp(0.0, 1.0)];
-        let e = (((rect[0] + rect[2]) / 2.0 - 0.5).clamp(-0.5, 0.5), ((rect[1] + rect[3]) / 2.0 - 0.5).clamp(-0.5, 0.5));
+        let rect = [
+            (b.bbox[0] / fw).clamp(0.0, 1.0),
+            (b.bbox[1] / fh).clamp(0.0, 1.0),
+            (b.bbox[2] / fw).clamp(0.0, 1.0),
+            (b.bbox[3] / fh).clamp(0.0, 1.0),
+        ];
+        let e = (
+            ((rect[0] + rect[2]) / 2.0 - 0.5).clamp(-0.5, 0.5),
+            ((rect[1] + rect[3]) / 2.0 - 0.5).clamp(-0.5, 0.5),
+        );
         let de = match self.lock {
             Some(l) if l.track == b.track_id => {
                 let dt = now.saturating_duration_since(l.at).as_secs_f32();
@@ -466,11 +552,17 @@ impl MavlinkOutput {
     }
 
     fn send(&mut self, msg: &MavMessage) -> Result<bool, OnboardError> {
-        let header = MavHeader { system_id: self.config.system_id.into(), component_id: self.config.component_id, sequence: self.seq };
+        let header = MavHeader {
+            system_id: self.config.system_id.into(),
+            component_id: self.config.component_id,
+            sequence: self.seq,
+        };
         self.seq = self.seq.wrapping_add(1);
         self.buf.clear();
-        mavlink::write_v2_msg(&mut self.buf, header, msg)
-            .map_err(|e| OnboardError::Output { what: format!("MAVLink to {}", self.transport.target()), source: std::io::Error::other(e.to_string()) })?;
+        mavlink::write_v2_msg(&mut self.buf, header, msg).map_err(|e| OnboardError::Output {
+            what: format!("MAVLink to {}", self.transport.target()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         self.transport.send(&self.buf)
     }
 
@@ -498,15 +590,30 @@ mod tests {
 
     #[test]
     fn targets_parse_and_bad_ones_are_named() {
-        assert_eq!(parse_target("udpout:127.0.0.1:14550").unwrap(), LinkTarget::Udp("127.0.0.1:14550".into()));
-        assert_eq!(parse_target("serial:/dev/ttyTHS1:921600").unwrap(), LinkTarget::Serial { path: "/dev/ttyTHS1".into(), baud: 921_600 });
-        assert_eq!(parse_target("serial:/dev/ttyUSB0").unwrap(), LinkTarget::Serial { path: "/dev/ttyUSB0".into(), baud: 57_600 });
+        assert_eq!(
+            parse_target("udpout:127.0.0.1:14550").unwrap(),
+            LinkTarget::Udp("127.0.0.1:14550".into())
+        );
+        assert_eq!(
+            parse_target("serial:/dev/ttyTHS1:921600").unwrap(),
+            LinkTarget::Serial { path: "/dev/ttyTHS1".into(), baud: 921_600 }
+        );
+        assert_eq!(
+            parse_target("serial:/dev/ttyUSB0").unwrap(),
+            LinkTarget::Serial { path: "/dev/ttyUSB0".into(), baud: 57_600 }
+        );
         for bad in ["udp:1.2.3.4:5", "udpout:1.2.3.4", "udpout:host:99999", "serial:", "tcp:x:1"] {
             assert!(parse_target(bad).unwrap_err().contains(bad), "{bad}");
         }
         let mut c = MavlinkConfig { rate_hz: 0.0, ..MavlinkConfig::default() };
         assert!(c.validate().unwrap_err().contains("mavlink.rate_hz"));
-        c = MavlinkConfig { gimbal: Some(GimbalConfig { tilt: GimbalAxis { min_deg: 10.0, max_deg: -10.0, ..GimbalAxis::tilt() }, ..GimbalConfig::default() }), ..MavlinkConfig::default() };
+        c = MavlinkConfig {
+            gimbal: Some(GimbalConfig {
+                tilt: GimbalAxis { min_deg: 10.0, max_deg: -10.0, ..GimbalAxis::tilt() },
+                ..GimbalConfig::default()
+            }),
+            ..MavlinkConfig::default()
+        };
         assert!(c.validate().unwrap_err().contains("mavlink.gimbal.tilt.min_deg"));
     }
 
@@ -518,18 +625,34 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let target = format!("udpout:{}", rx.local_addr().unwrap());
-        let cfg = MavlinkConfig { system_id: 7, component_id: 100, rate_hz: 10.0, gimbal: Some(GimbalConfig::default()), ..MavlinkConfig::default() };
+        let cfg = MavlinkConfig {
+            system_id: 7,
+            component_id: 100,
+            rate_hz: 10.0,
+            gimbal: Some(GimbalConfig::default()),
+            ..MavlinkConfig::default()
+        };
         let mut out = MavlinkOutput::open(&target, cfg).unwrap();
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         // Frame 0: track 3 (score 0.6) right of centre; unconfirmed (id 0) and weak ones ignored.
-        let f0 = frame(vec![fb([150.0, 40.0, 170.0, 60.0], 0.6, 3), fb([0.0, 0.0, 10.0, 10.0], 0.9, 0), fb([0.0, 0.0, 10.0, 10.0], 0.1, 4)]);
+        let f0 = frame(vec![
+            fb([150.0, 40.0, 170.0, 60.0], 0.6, 3),
+            fb([0.0, 0.0, 10.0, 10.0], 0.9, 0),
+            fb([0.0, 0.0, 10.0, 10.0], 0.1, 4),
+        ]);
         let r0 = out.on_frame(&f0, at(0)).unwrap().unwrap();
-        assert_eq!((r0.status, r0.track, r0.rect), ("active", Some(3), Some([0.75, 0.4, 0.85, 0.6])));
+        assert_eq!(
+            (r0.status, r0.track, r0.rect),
+            ("active", Some(3), Some([0.75, 0.4, 0.85, 0.6]))
+        );
         // 50 ms later: below the 10 Hz period, no status.
         assert!(out.on_frame(&f0, at(50)).unwrap().is_none());
         // A better track appears: the lock stays on 3.
-        let f1 = frame(vec![fb([150.0, 40.0, 170.0, 60.0], 0.6, 3), fb([20.0, 20.0, 40.0, 40.0], 0.95, 9)]);
+        let f1 = frame(vec![
+            fb([150.0, 40.0, 170.0, 60.0], 0.6, 3),
+            fb([20.0, 20.0, 40.0, 40.0], 0.95, 9),
+        ]);
         let r1 = out.on_frame(&f1, at(100)).unwrap().unwrap();
         assert_eq!(r1.track, Some(3));
         // Track 3 gone: no new lock until the timeout, then 9.
@@ -551,7 +674,8 @@ mod tests {
             let n = rx.recv(&mut b).unwrap();
             // One datagram, one message, CRC-valid (the reader skips anything else, which would
             // leave nothing to read here).
-            let (h, m) = MavlinkReader::new(&b[..n]).read_message::<MavMessage>(MavlinkVersion::V2).unwrap();
+            let (h, m) =
+                MavlinkReader::new(&b[..n]).read_message::<MavMessage>(MavlinkVersion::V2).unwrap();
             assert_eq!((h.system_id, h.component_id), (7, 100));
             if let Some(s) = last_seq {
                 assert_eq!(h.sequence, u8::wrapping_add(s, 1), "sequence numbers increase by one");
@@ -567,12 +691,24 @@ mod tests {
                     assert_eq!(h.sequence, r.seq);
                     match r.rect {
                         Some(rect) => {
-                            assert_eq!(s.tracking_status, CameraTrackingStatusFlags::CAMERA_TRACKING_STATUS_FLAGS_ACTIVE);
-                            assert_eq!(s.tracking_mode, CameraTrackingMode::CAMERA_TRACKING_MODE_RECTANGLE);
-                            assert_eq!([s.rec_top_x, s.rec_top_y, s.rec_bottom_x, s.rec_bottom_y], rect);
+                            assert_eq!(
+                                s.tracking_status,
+                                CameraTrackingStatusFlags::CAMERA_TRACKING_STATUS_FLAGS_ACTIVE
+                            );
+                            assert_eq!(
+                                s.tracking_mode,
+                                CameraTrackingMode::CAMERA_TRACKING_MODE_RECTANGLE
+                            );
+                            assert_eq!(
+                                [s.rec_top_x, s.rec_top_y, s.rec_bottom_x, s.rec_bottom_y],
+                                rect
+                            );
                         }
                         None => {
-                            assert_eq!(s.tracking_status, CameraTrackingStatusFlags::CAMERA_TRACKING_STATUS_FLAGS_IDLE);
+                            assert_eq!(
+                                s.tracking_status,
+                                CameraTrackingStatusFlags::CAMERA_TRACKING_STATUS_FLAGS_IDLE
+                            );
                             assert!(s.rec_top_x.is_nan());
                         }
                     }
@@ -594,15 +730,22 @@ mod tests {
         let (p1, y1) = gimbals[1];
         assert!(p1.abs() < 1e-4 && (y1 - 10.8).abs() < 0.01, "{gimbals:?}");
         for (p, y) in &gimbals {
-            assert!((-60.0..=30.0).contains(p) && (-80.0..=80.0).contains(y), "within the limits: {gimbals:?}");
+            assert!(
+                (-60.0..=30.0).contains(p) && (-80.0..=80.0).contains(y),
+                "within the limits: {gimbals:?}"
+            );
         }
     }
 
     #[test]
     fn a_bad_target_or_config_is_a_clear_error() {
-        let e = MavlinkOutput::open("udp:1.2.3.4", MavlinkConfig::default()).err().unwrap().to_string();
+        let e =
+            MavlinkOutput::open("udp:1.2.3.4", MavlinkConfig::default()).err().unwrap().to_string();
         assert!(e.contains("MAVLink"), "{e}");
-        let e = MavlinkOutput::open("serial:/dev/flsl-no-such-tty", MavlinkConfig::default()).err().unwrap().to_string();
+        let e = MavlinkOutput::open("serial:/dev/flsl-no-such-tty", MavlinkConfig::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("/dev/flsl-no-such-tty"), "{e}");
     }
 }

@@ -40,7 +40,9 @@ pub enum OnboardError {
         reason: String,
     },
     /// A bundle file does not match its checksum.
-    #[error("bundle {dir}: {file} does not match its SHA-256 in SHA256SUMS (expected {expected}, got {got}): the bundle is corrupted, copy it again")]
+    #[error(
+        "bundle {dir}: {file} does not match its SHA-256 in SHA256SUMS (expected {expected}, got {got}): the bundle is corrupted, copy it again"
+    )]
     Checksum {
         /// The bundle folder.
         dir: PathBuf,

@@ -11,7 +11,12 @@ use crate::detect::{FrameBox, FrameResult};
 use crate::wire::{self, Frame, MAX_ENCODED_LEN, MAX_OBJECTS, Message, Object};
 
 /// The JSON object of one processed frame (one line of `--json`).
-pub fn frame_record(frame: u64, source: &str, r: &FrameResult, decode: Duration) -> serde_json::Value {
+pub fn frame_record(
+    frame: u64,
+    source: &str,
+    r: &FrameResult,
+    decode: Duration,
+) -> serde_json::Value {
     let boxes = |v: &[FrameBox], with_id: bool| -> Vec<serde_json::Value> {
         v.iter()
             .map(|b| {
@@ -48,7 +53,12 @@ pub fn wire_frame(r: &FrameResult) -> Frame {
     let [w, h] = r.size;
     let (fw, fh) = (w.max(1) as f32, h.max(1) as f32);
     let object = |b: &FrameBox, id: u32| Object {
-        bbox: [(b.bbox[0] / fw).clamp(0.0, 1.0), (b.bbox[1] / fh).clamp(0.0, 1.0), (b.bbox[2] / fw).clamp(0.0, 1.0), (b.bbox[3] / fh).clamp(0.0, 1.0)],
+        bbox: [
+            (b.bbox[0] / fw).clamp(0.0, 1.0),
+            (b.bbox[1] / fh).clamp(0.0, 1.0),
+            (b.bbox[2] / fw).clamp(0.0, 1.0),
+            (b.bbox[3] / fh).clamp(0.0, 1.0),
+        ],
         class: b.class,
         score: b.score,
         track_id: id,
@@ -58,7 +68,13 @@ pub fn wire_frame(r: &FrameResult) -> Frame {
     let mut dets: Vec<&FrameBox> = r.detections.iter().collect();
     dets.sort_by(|a, b| b.score.total_cmp(&a.score));
     let total = tracks.len() + dets.len();
-    let mut frame = Frame::from_objects(tracks.into_iter().map(|t| object(t, t.track_id)).chain(dets.into_iter().map(|d| object(d, Object::UNTRACKED))).take(MAX_OBJECTS));
+    let mut frame = Frame::from_objects(
+        tracks
+            .into_iter()
+            .map(|t| object(t, t.track_id))
+            .chain(dets.into_iter().map(|d| object(d, Object::UNTRACKED)))
+            .take(MAX_OBJECTS),
+    );
     frame.overflow = total > MAX_OBJECTS;
     frame
 }
@@ -161,20 +177,30 @@ impl Transport {
                 Ok(true)
             }
             Err(e) if matches!(self.target, LinkTarget::Serial { .. }) => {
-                tracing::warn!("{}: writing to {} failed ({e}); reopening it once a second", self.what, self.target);
+                tracing::warn!(
+                    "{}: writing to {} failed ({e}); reopening it once a second",
+                    self.what,
+                    self.target
+                );
                 self.port = None;
                 self.last_attempt = Some(Instant::now());
                 self.lost += 1;
                 Ok(false)
             }
-            Err(e) => Err(OnboardError::Output { what: format!("{} to {}", self.what, self.target), source: e }),
+            Err(e) => Err(OnboardError::Output {
+                what: format!("{} to {}", self.what, self.target),
+                source: e,
+            }),
         }
     }
 
     /// Flushes buffered bytes (file targets).
     pub fn flush(&mut self) -> Result<(), OnboardError> {
         if let Some(Port::File(f)) = &mut self.port {
-            f.flush().map_err(|e| OnboardError::Output { what: format!("{} to {}", self.what, self.target), source: e })?;
+            f.flush().map_err(|e| OnboardError::Output {
+                what: format!("{} to {}", self.what, self.target),
+                source: e,
+            })?;
         }
         Ok(())
     }
@@ -192,7 +218,12 @@ pub struct LinkOutput {
 impl LinkOutput {
     /// Opens the target; an error names it.
     pub fn open(target: LinkTarget) -> Result<Self, OnboardError> {
-        Ok(Self { transport: Transport::open(target, "wire frames")?, seq: 0, epoch: Instant::now(), buf: [0; MAX_ENCODED_LEN] })
+        Ok(Self {
+            transport: Transport::open(target, "wire frames")?,
+            seq: 0,
+            epoch: Instant::now(),
+            buf: [0; MAX_ENCODED_LEN],
+        })
     }
 
     /// The target.
@@ -205,7 +236,10 @@ impl LinkOutput {
         let t_us = self.epoch.elapsed().as_micros() as u64;
         let msg = Message::frame(self.seq, t_us, frame);
         self.seq = self.seq.wrapping_add(1);
-        let n = wire::encode(&msg, &mut self.buf).map_err(|e| OnboardError::Output { what: format!("wire frame for {}", self.target()), source: std::io::Error::other(format!("{e:?}")) })?;
+        let n = wire::encode(&msg, &mut self.buf).map_err(|e| OnboardError::Output {
+            what: format!("wire frame for {}", self.target()),
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
         self.transport.send(&self.buf[..n]).map(|_| ())
     }
 
@@ -221,16 +255,34 @@ fn open_port(target: &LinkTarget, what: &str) -> Result<Port, OnboardError> {
             .timeout(Duration::from_millis(200))
             .open()
             .map(Port::Serial)
-            .map_err(|e| OnboardError::Output { what: format!("{what} to {target}"), source: std::io::Error::other(e.to_string()) }),
+            .map_err(|e| OnboardError::Output {
+                what: format!("{what} to {target}"),
+                source: std::io::Error::other(e.to_string()),
+            }),
         LinkTarget::Udp(addr) => {
-            let err = |e: std::io::Error| OnboardError::Output { what: format!("{what} to {target}"), source: e };
-            let to = addr.to_socket_addrs().map_err(err)?.next().ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))?;
-            let bind: SocketAddr = if to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+            let err = |e: std::io::Error| OnboardError::Output {
+                what: format!("{what} to {target}"),
+                source: e,
+            };
+            let to = addr
+                .to_socket_addrs()
+                .map_err(err)?
+                .next()
+                .ok_or_else(|| err(std::io::Error::other("the address resolves to nothing")))?;
+            let bind: SocketAddr = if to.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
             Ok(Port::Udp(UdpSocket::bind(bind).map_err(err)?, to))
         }
         LinkTarget::File(p) => std::fs::File::create(p)
             .map(|f| Port::File(std::io::BufWriter::new(f)))
-            .map_err(|e| OnboardError::Io { action: "creating the link recording", path: p.clone(), source: e }),
+            .map_err(|e| OnboardError::Io {
+                action: "creating the link recording",
+                path: p.clone(),
+                source: e,
+            }),
     }
 }
 
@@ -246,7 +298,10 @@ mod tests {
     fn wire_frame_puts_tracks_first_normalizes_and_flags_overflow() {
         let r = FrameResult {
             size: [200, 100],
-            detections: vec![fb([0.0, 0.0, 100.0, 50.0], 0.9, 0), fb([-10.0, 0.0, 300.0, 100.0], 0.4, 0)],
+            detections: vec![
+                fb([0.0, 0.0, 100.0, 50.0], 0.9, 0),
+                fb([-10.0, 0.0, 300.0, 100.0], 0.4, 0),
+            ],
             tracks: vec![fb([20.0, 10.0, 40.0, 30.0], 0.5, 7), fb([0.0, 0.0, 1.0, 1.0], 0.8, 0)],
             ..FrameResult::default()
         };
@@ -257,7 +312,11 @@ mod tests {
         assert_eq!((objects[1].score, objects[1].bbox), (0.9, [0.0, 0.0, 0.5, 0.5]));
         assert_eq!(objects[2].bbox, [0.0, 0.0, 1.0, 1.0], "clamped");
         assert!(!f.overflow);
-        let many = FrameResult { size: [10, 10], detections: vec![fb([0.0, 0.0, 1.0, 1.0], 0.5, 0); MAX_OBJECTS + 3], ..FrameResult::default() };
+        let many = FrameResult {
+            size: [10, 10],
+            detections: vec![fb([0.0, 0.0, 1.0, 1.0], 0.5, 0); MAX_OBJECTS + 3],
+            ..FrameResult::default()
+        };
         let f = wire_frame(&many);
         assert_eq!(f.objects.len(), MAX_OBJECTS);
         assert!(f.overflow);
@@ -269,7 +328,11 @@ mod tests {
         rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let addr = rx.local_addr().unwrap().to_string();
         let mut link = LinkOutput::open(LinkTarget::Udp(addr)).unwrap();
-        let r = FrameResult { size: [100, 100], tracks: vec![fb([10.0, 20.0, 30.0, 40.0], 0.7, 3)], ..FrameResult::default() };
+        let r = FrameResult {
+            size: [100, 100],
+            tracks: vec![fb([10.0, 20.0, 30.0, 40.0], 0.7, 3)],
+            ..FrameResult::default()
+        };
         for _ in 0..3 {
             link.send(wire_frame(&r)).unwrap();
         }
@@ -285,7 +348,12 @@ mod tests {
 
     #[test]
     fn a_missing_serial_device_is_a_clear_error() {
-        let e = LinkOutput::open(LinkTarget::Serial { path: "/dev/flsl-no-such-tty".into(), baud: 115_200 }).err().unwrap();
+        let e = LinkOutput::open(LinkTarget::Serial {
+            path: "/dev/flsl-no-such-tty".into(),
+            baud: 115_200,
+        })
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("/dev/flsl-no-such-tty"), "{e}");
     }
 }

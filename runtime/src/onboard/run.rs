@@ -44,7 +44,11 @@ pub struct LoopOptions {
 impl LoopOptions {
     /// The policy for a source: [`FramePolicy::Latest`] when it is live.
     pub fn for_source(live: bool) -> Self {
-        Self { policy: if live { FramePolicy::Latest } else { FramePolicy::All }, max_frames: None, stats_every: 0 }
+        Self {
+            policy: if live { FramePolicy::Latest } else { FramePolicy::All },
+            max_frames: None,
+            stats_every: 0,
+        }
     }
 }
 
@@ -77,7 +81,8 @@ impl LoopSummary {
         let n = self.frames.max(1) as f64;
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
         let fps = self.frames as f64 / self.wall.as_secs_f64().max(1e-9);
-        let rss = self.rss_bytes.map_or_else(|| "n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6));
+        let rss =
+            self.rss_bytes.map_or_else(|| "n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6));
         format!(
             "{} frames, {:.1} frames/s; ms per frame: decode {:.2}, preprocess {:.2}, model {:.2}, post-process {:.3}, output {:.2}; dropped {}, skipped {}, worst latency {:.1} ms; RSS {rss}",
             self.frames,
@@ -182,14 +187,22 @@ pub fn run_loop(
     mut process: impl FnMut(&FrameBuf) -> Result<StageTimes, OnboardError>,
     mut on_stats: impl FnMut(&LoopSummary),
 ) -> Result<LoopSummary, OnboardError> {
-    let h = Arc::new(Handoff { slot: Mutex::new(Slot { spare: vec![FrameBuf::default()], ..Slot::default() }), ready: Condvar::new(), free: Condvar::new() });
+    let h = Arc::new(Handoff {
+        slot: Mutex::new(Slot { spare: vec![FrameBuf::default()], ..Slot::default() }),
+        ready: Condvar::new(),
+        free: Condvar::new(),
+    });
     let worker = {
         let h = Arc::clone(&h);
         let policy = opts.policy;
         std::thread::Builder::new()
             .name("flsl-capture".into())
             .spawn(move || capture(source, h, policy))
-            .map_err(|e| OnboardError::Io { action: "starting the capture thread for", path: "the frame source".into(), source: e })?
+            .map_err(|e| OnboardError::Io {
+                action: "starting the capture thread for",
+                path: "the frame source".into(),
+                source: e,
+            })?
     };
     let mut summary = LoopSummary::default();
     let mut start: Option<Instant> = None;
@@ -212,7 +225,11 @@ pub fn run_loop(
                 if let Some(done) = s.done.take() {
                     break Some(Err(done));
                 }
-                s = h.ready.wait_timeout(s, Duration::from_millis(50)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+                s = h
+                    .ready
+                    .wait_timeout(s, Duration::from_millis(50))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
         };
         let frame = match frame {
@@ -309,18 +326,39 @@ mod tests {
         // 100 frames at 1 ms; the "model" takes 10 ms per frame.
         let mut seen = Vec::new();
         let opts = LoopOptions::for_source(true);
-        let s = run_loop(camera(100, 1), &opts, &AtomicBool::new(false), |f| {
-            seen.push(f.index);
-            std::thread::sleep(Duration::from_millis(10));
-            Ok(StageTimes::default())
-        }, |_| {})
+        let s = run_loop(
+            camera(100, 1),
+            &opts,
+            &AtomicBool::new(false),
+            |f| {
+                seen.push(f.index);
+                std::thread::sleep(Duration::from_millis(10));
+                Ok(StageTimes::default())
+            },
+            |_| {},
+        )
         .unwrap();
         assert_eq!(s.frames as usize, seen.len());
-        assert_eq!(s.frames + s.dropped, 100, "every frame is either processed or counted as dropped");
-        assert!(s.frames < 40, "a queue would have processed all 100 frames; processed {}", s.frames);
+        assert_eq!(
+            s.frames + s.dropped,
+            100,
+            "every frame is either processed or counted as dropped"
+        );
+        assert!(
+            s.frames < 40,
+            "a queue would have processed all 100 frames; processed {}",
+            s.frames
+        );
         assert!(seen.windows(2).all(|w| w[1] > w[0]), "frames stay in order: {seen:?}");
-        assert!(seen.windows(2).any(|w| w[1] > w[0] + 1), "newer frames replace stale ones: {seen:?}");
-        assert_eq!(*seen.last().unwrap(), 99, "the last frame the camera produced is processed, not an old one");
+        assert!(
+            seen.windows(2).any(|w| w[1] > w[0] + 1),
+            "newer frames replace stale ones: {seen:?}"
+        );
+        assert_eq!(
+            *seen.last().unwrap(),
+            99,
+            "the last frame the camera produced is processed, not an old one"
+        );
     }
 
     #[test]
@@ -328,11 +366,17 @@ mod tests {
         let mut seen = Vec::new();
         let opts = LoopOptions { policy: FramePolicy::All, max_frames: None, stats_every: 7 };
         let mut stats = 0;
-        let s = run_loop(camera(30, 0), &opts, &AtomicBool::new(false), |f| {
-            seen.push(f.index);
-            std::thread::sleep(Duration::from_millis(1));
-            Ok(StageTimes::default())
-        }, |_| stats += 1)
+        let s = run_loop(
+            camera(30, 0),
+            &opts,
+            &AtomicBool::new(false),
+            |f| {
+                seen.push(f.index);
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(StageTimes::default())
+            },
+            |_| stats += 1,
+        )
         .unwrap();
         assert_eq!(seen, (0..30).collect::<Vec<_>>());
         assert_eq!((s.frames, s.dropped, stats), (30, 0, 4));
@@ -341,20 +385,41 @@ mod tests {
     #[test]
     fn the_stop_flag_and_max_frames_end_the_loop_and_errors_propagate() {
         let stop = AtomicBool::new(false);
-        let s = run_loop(camera(1000, 1), &LoopOptions::for_source(false), &stop, |f| {
-            if f.index == 5 {
-                stop.store(true, Ordering::Relaxed);
-            }
-            Ok(StageTimes::default())
-        }, |_| {})
+        let s = run_loop(
+            camera(1000, 1),
+            &LoopOptions::for_source(false),
+            &stop,
+            |f| {
+                if f.index == 5 {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                Ok(StageTimes::default())
+            },
+            |_| {},
+        )
         .unwrap();
         assert!(s.interrupted);
         assert_eq!(s.frames, 6);
         let opts = LoopOptions { max_frames: Some(3), ..LoopOptions::for_source(false) };
-        assert_eq!(run_loop(camera(1000, 0), &opts, &AtomicBool::new(false), |_| Ok(StageTimes::default()), |_| {}).unwrap().frames, 3);
-        let e = run_loop(camera(10, 0), &LoopOptions::for_source(false), &AtomicBool::new(false), |_| {
-            Err(OnboardError::Source { input: "x".into(), reason: "model failed".into() })
-        }, |_| {})
+        assert_eq!(
+            run_loop(
+                camera(1000, 0),
+                &opts,
+                &AtomicBool::new(false),
+                |_| Ok(StageTimes::default()),
+                |_| {}
+            )
+            .unwrap()
+            .frames,
+            3
+        );
+        let e = run_loop(
+            camera(10, 0),
+            &LoopOptions::for_source(false),
+            &AtomicBool::new(false),
+            |_| Err(OnboardError::Source { input: "x".into(), reason: "model failed".into() }),
+            |_| {},
+        )
         .unwrap_err();
         assert!(e.to_string().contains("model failed"));
     }

@@ -49,7 +49,15 @@ pub struct FrameBuf {
 
 impl Default for FrameBuf {
     fn default() -> Self {
-        Self { name: String::new(), index: 0, width: 0, height: 0, data: Vec::new(), captured: Instant::now(), decode: Duration::ZERO }
+        Self {
+            name: String::new(),
+            index: 0,
+            width: 0,
+            height: 0,
+            data: Vec::new(),
+            captured: Instant::now(),
+            decode: Duration::ZERO,
+        }
     }
 }
 
@@ -98,14 +106,19 @@ impl<S: FrameSource + ?Sized> FrameSource for Box<S> {
 pub fn open(input: &str, size: Option<(u32, u32)>) -> Result<Box<dyn FrameSource>, OnboardError> {
     let err = |reason: String| OnboardError::Source { input: input.to_string(), reason };
     if input == "-" {
-        let (w, h) = size.ok_or_else(|| err("raw frames on standard input need --size WxH (e.g. 640x480)".into()))?;
+        let (w, h) = size.ok_or_else(|| {
+            err("raw frames on standard input need --size WxH (e.g. 640x480)".into())
+        })?;
         return Ok(Box::new(RawStream::new("stdin", std::io::stdin(), w, h, true)?));
     }
     if input.starts_with("/dev/video") {
         #[cfg(feature = "v4l2")]
         return Ok(Box::new(v4l2::V4l2Source::open(Path::new(input), size)?));
         #[cfg(not(feature = "v4l2"))]
-        return Err(err("V4L2 cameras need a build with `--features v4l2` (or pipe raw frames into --input -)".into()));
+        return Err(err(
+            "V4L2 cameras need a build with `--features v4l2` (or pipe raw frames into --input -)"
+                .into(),
+        ));
     }
     let path = Path::new(input);
     if path.is_dir() {
@@ -129,13 +142,27 @@ impl FolderSource {
     /// Lists the folder; an error if it has no image file.
     pub fn open(dir: &Path) -> Result<Self, OnboardError> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| OnboardError::Io { action: "listing frames in", path: dir.to_path_buf(), source: e })?
+            .map_err(|e| OnboardError::Io {
+                action: "listing frames in",
+                path: dir.to_path_buf(),
+                source: e,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| matches!(e.to_string_lossy().to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")))
+            .filter(|p| {
+                p.extension().is_some_and(|e| {
+                    matches!(
+                        e.to_string_lossy().to_ascii_lowercase().as_str(),
+                        "png" | "jpg" | "jpeg"
+                    )
+                })
+            })
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(OnboardError::Source { input: dir.display().to_string(), reason: "no .png/.jpg frames in this folder".into() });
+            return Err(OnboardError::Source {
+                input: dir.display().to_string(),
+                reason: "no .png/.jpg frames in this folder".into(),
+            });
         }
         Ok(Self { dir: dir.to_path_buf(), files, pos: 0 })
     }
@@ -143,12 +170,20 @@ impl FolderSource {
 
 /// Decodes an image file into `buf`, refusing dimensions above [`MAX_SIDE`] before decoding.
 fn decode_file(path: &Path, buf: &mut FrameBuf) -> Result<(), String> {
-    let reader = image::ImageReader::open(path).map_err(|e| e.to_string())?.with_guessed_format().map_err(|e| e.to_string())?;
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
     let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
     if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
         return Err(format!("{w}x{h} pixels is outside 1..={MAX_SIDE} per side"));
     }
-    let img = image::ImageReader::open(path).map_err(|e| e.to_string())?.with_guessed_format().map_err(|e| e.to_string())?.decode().map_err(|e| e.to_string())?;
+    let img = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .decode()
+        .map_err(|e| e.to_string())?;
     let rgb = img.into_rgb8();
     buf.width = rgb.width();
     buf.height = rgb.height();
@@ -196,11 +231,29 @@ pub struct RawStream<R> {
 impl<R: Read + Send> RawStream<R> {
     /// Frames of `width x height` from `reader`; `live` marks a source that produces frames at
     /// its own pace.
-    pub fn new(name: &str, reader: R, width: u32, height: u32, live: bool) -> Result<Self, OnboardError> {
+    pub fn new(
+        name: &str,
+        reader: R,
+        width: u32,
+        height: u32,
+        live: bool,
+    ) -> Result<Self, OnboardError> {
         if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
-            return Err(OnboardError::Source { input: name.to_string(), reason: format!("frame size {width}x{height} is outside 1..={MAX_SIDE} per side") });
+            return Err(OnboardError::Source {
+                input: name.to_string(),
+                reason: format!("frame size {width}x{height} is outside 1..={MAX_SIDE} per side"),
+            });
         }
-        Ok(Self { name: name.to_string(), reader, width, height, index: 0, live, ended: false, child: None })
+        Ok(Self {
+            name: name.to_string(),
+            reader,
+            width,
+            height,
+            index: 0,
+            live,
+            ended: false,
+            child: None,
+        })
     }
 
     /// The frame size in bytes.
@@ -227,7 +280,12 @@ impl<R: Read + Send> FrameSource for RawStream<R> {
                     got += n;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(OnboardError::Source { input: self.name.clone(), reason: format!("reading frame {}: {e}", self.index) }),
+                Err(e) => {
+                    return Err(OnboardError::Source {
+                        input: self.name.clone(),
+                        reason: format!("reading frame {}: {e}", self.index),
+                    });
+                }
             }
         }
         buf.index = self.index;
@@ -239,10 +297,7 @@ impl<R: Read + Send> FrameSource for RawStream<R> {
             }
             return Ok(Next::Skipped(format!(
                 "{}: the stream ended inside frame {} ({got} of {len} bytes of a {}x{} RGB24 frame); skipped",
-                self.name,
-                buf.index,
-                self.width,
-                self.height
+                self.name, buf.index, self.width, self.height
             )));
         }
         buf.width = self.width;
@@ -274,17 +329,34 @@ pub fn video(path: &Path) -> Result<RawStream<std::process::ChildStdout>, Onboar
     let input = path.display().to_string();
     let missing = |tool: &str, e: std::io::Error| OnboardError::Source {
         input: input.clone(),
-        reason: format!("decoding a video file needs `{tool}` on the PATH ({e}); install ffmpeg, or pass a folder of frames or raw frames on --input -"),
+        reason: format!(
+            "decoding a video file needs `{tool}` on the PATH ({e}); install ffmpeg, or pass a folder of frames or raw frames on --input -"
+        ),
     };
     let probe = Command::new("ffprobe")
-        .args(["-v", "error", "-select_streams", "v:0", "-show_entries", "stream=width,height", "-of", "csv=p=0"])
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=width,height",
+            "-of",
+            "csv=p=0",
+        ])
         .arg(path)
         .output()
         .map_err(|e| missing("ffprobe", e))?;
     let text = String::from_utf8_lossy(&probe.stdout);
     let dims: Vec<u32> = text.trim().split(',').filter_map(|v| v.trim().parse().ok()).collect();
     let [width, height] = dims[..] else {
-        return Err(OnboardError::Source { input, reason: format!("ffprobe found no video stream size: {}", String::from_utf8_lossy(&probe.stderr).trim()) });
+        return Err(OnboardError::Source {
+            input,
+            reason: format!(
+                "ffprobe found no video stream size: {}",
+                String::from_utf8_lossy(&probe.stderr).trim()
+            ),
+        });
     };
     let mut child = Command::new("ffmpeg")
         .args(["-v", "error", "-i"])
@@ -294,8 +366,12 @@ pub fn video(path: &Path) -> Result<RawStream<std::process::ChildStdout>, Onboar
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| missing("ffmpeg", e))?;
-    let stdout = child.stdout.take().ok_or_else(|| OnboardError::Source { input: input.clone(), reason: "ffmpeg has no standard output".into() })?;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| input.clone());
+    let stdout = child.stdout.take().ok_or_else(|| OnboardError::Source {
+        input: input.clone(),
+        reason: "ffmpeg has no standard output".into(),
+    })?;
+    let name =
+        path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| input.clone());
     let mut s = RawStream::new(&name, stdout, width, height, false)?;
     s.child = Some(child);
     Ok(s)
@@ -349,18 +425,26 @@ mod v4l2 {
             let name = path.display().to_string();
             let err = |reason: String| OnboardError::Source { input: name.clone(), reason };
             let device = Device::open(path).map_err(|e| err(format!("opening: {e}")))?;
-            let formats: Vec<PixelFormat> = device.formats(BufType::VIDEO_CAPTURE).filter_map(|f| f.ok().map(|f| f.pixel_format())).collect();
+            let formats: Vec<PixelFormat> = device
+                .formats(BufType::VIDEO_CAPTURE)
+                .filter_map(|f| f.ok().map(|f| f.pixel_format()))
+                .collect();
             let format = [PixelFormat::MJPG, PixelFormat::JPEG, PixelFormat::YUYV]
                 .into_iter()
                 .find(|f| formats.contains(f))
-                .ok_or_else(|| err(format!("the camera offers {formats:?}; flsl-onboard reads MJPEG or YUYV")))?;
+                .ok_or_else(|| {
+                    err(format!("the camera offers {formats:?}; flsl-onboard reads MJPEG or YUYV"))
+                })?;
             let (w, h) = size.unwrap_or((640, 480));
-            let capture = device.video_capture(PixFormat::new(w, h, format)).map_err(|e| err(format!("setting {w}x{h} {format:?}: {e}")))?;
+            let capture = device
+                .video_capture(PixFormat::new(w, h, format))
+                .map_err(|e| err(format!("setting {w}x{h} {format:?}: {e}")))?;
             let (width, height) = (capture.format().width(), capture.format().height());
             if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
                 return Err(err(format!("the driver chose {width}x{height}")));
             }
-            let stream = capture.into_stream().map_err(|e| err(format!("starting the stream: {e}")))?;
+            let stream =
+                capture.into_stream().map_err(|e| err(format!("starting the stream: {e}")))?;
             Ok(Self { path: name, stream, format, width, height, index: 0 })
         }
     }
@@ -379,7 +463,10 @@ mod v4l2 {
                 if format == PixelFormat::YUYV {
                     let need = w as usize * h as usize * 2;
                     if bytes.len() < need {
-                        return Ok(Err(format!("YUYV buffer of {} bytes, expected {need}", bytes.len())));
+                        return Ok(Err(format!(
+                            "YUYV buffer of {} bytes, expected {need}",
+                            bytes.len()
+                        )));
                     }
                     buf.data.resize(w as usize * h as usize * 3, 0);
                     yuyv_to_rgb(&bytes[..need], &mut buf.data);
@@ -406,8 +493,13 @@ mod v4l2 {
                     buf.decode = t0.elapsed();
                     Ok(Next::Frame)
                 }
-                Ok(Err(reason)) => Ok(Next::Skipped(format!("{} frame {}: {reason}", self.path, buf.index))),
-                Err(e) => Err(OnboardError::Source { input: self.path.clone(), reason: format!("dequeuing frame {}: {e}", buf.index) }),
+                Ok(Err(reason)) => {
+                    Ok(Next::Skipped(format!("{} frame {}: {reason}", self.path, buf.index)))
+                }
+                Err(e) => Err(OnboardError::Source {
+                    input: self.path.clone(),
+                    reason: format!("dequeuing frame {}: {e}", buf.index),
+                }),
             }
         }
         fn is_live(&self) -> bool {

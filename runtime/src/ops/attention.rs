@@ -66,7 +66,15 @@ impl FusedAttention {
     /// # Safety
     /// `q`, `k`, `v` are the inputs the geometries were derived from; `out` points to the
     /// context's output, of which this call writes the batch blocks `range` only.
-    unsafe fn run_batches(&self, q: &[f32], k: &[f32], v: &[f32], out: Shared, range: std::ops::Range<usize>, buf: &mut Vec<f32>) {
+    unsafe fn run_batches(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: Shared,
+        range: std::ops::Range<usize>,
+        buf: &mut Vec<f32>,
+    ) {
         let (s, c) = (&self.scores, &self.context);
         let keys = s.n;
         let block = (BLOCK_BYTES / (4 * keys.max(1))).clamp(16, s.m.max(16));
@@ -169,14 +177,16 @@ impl EvalOp for FusedAttention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let views: Vec<_> = inputs.iter().map(|t| t.to_plain_array_view::<f32>()).collect::<TractResult<_>>()?;
+        let views: Vec<_> =
+            inputs.iter().map(|t| t.to_plain_array_view::<f32>()).collect::<TractResult<_>>()?;
         let q = views[0].as_slice().context("FusedAttention: Q is not contiguous")?;
         let k = views[1].as_slice().context("FusedAttention: K is not contiguous")?;
         let v = views[2].as_slice().context("FusedAttention: V is not contiguous")?;
         let mut out = Tensor::zero::<f32>(&self.context.out_shape)?;
         {
             let mut view = out.to_plain_array_view_mut::<f32>()?;
-            let o = view.as_slice_mut().context("FusedAttention: fresh output is not contiguous")?;
+            let o =
+                view.as_slice_mut().context("FusedAttention: fresh output is not contiguous")?;
             let dst = Shared(o.as_mut_ptr());
             let batches: usize = self.scores.batch.iter().map(|b| b.0).product();
             let threads = super::pool_threads().min(batches);
@@ -248,7 +258,8 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         let name = next.name.clone();
         let tail = OutletId::new(next.id, 0);
         let mut patch = TypedModelPatch::default();
-        let taps = [patch.tap_model(model, q)?, patch.tap_model(model, k)?, patch.tap_model(model, v)?];
+        let taps =
+            [patch.tap_model(model, q)?, patch.tap_model(model, k)?, patch.tap_model(model, v)?];
         let wire = patch.wire_node(format!("{name}.fused_attention"), op, &taps)?;
         patch.shunt_outside(model, tail, wire[0])?;
         patch.apply(model)?;

@@ -17,7 +17,6 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::ops::nn::{GeluExact, Softmax, SoftmaxKind};
 
-
 /// Below this many multiply-adds a product runs on one thread (gemm's own default
 /// threshold, `48 * 48 * 256`, applies on top).
 const PARALLEL_MIN_MACS: usize = 1 << 20;
@@ -116,7 +115,9 @@ impl Geometry {
             }
         }
         // gemm's k: the longest reduction axis, then the one with the smallest stride in A.
-        if let Some(best) = (0..ks.len()).min_by_key(|&i| (std::cmp::Reverse(ks[i].0), ks[i].1.abs())) {
+        if let Some(best) =
+            (0..ks.len()).min_by_key(|&i| (std::cmp::Reverse(ks[i].0), ks[i].1.abs()))
+        {
             let (size, sa, sb) = ks.remove(best);
             (g.k, g.a_cs, g.b_rs) = (size, sa, sb);
             g.kloop = ks;
@@ -129,9 +130,18 @@ impl Geometry {
     /// row-major, the rows of A as strides: `(m, row stride, k axes outer to inner as
     /// (size, stride))`, the k axes enumerating W's rows in order. The attention output
     /// projection reads A as `[heads, m, head_dim]` (two k axes); plain linears have one.
-    pub(crate) fn linear_rows(&self, k: usize, n: usize) -> Option<(usize, isize, Vec<(usize, isize)>)> {
+    pub(crate) fn linear_rows(
+        &self,
+        k: usize,
+        n: usize,
+    ) -> Option<(usize, isize, Vec<(usize, isize)>)> {
         let row_major_c = self.c_cs == 1 && (self.m == 1 || self.c_rs == n as isize);
-        if !self.batch.is_empty() || self.n != n || self.b_cs != 1 || !row_major_c || self.kloop.len() > 1 {
+        if !self.batch.is_empty()
+            || self.n != n
+            || self.b_cs != 1
+            || !row_major_c
+            || self.kloop.len() > 1
+        {
             return None;
         }
         let inner_ok = self.k == 1 || self.b_rs == n as isize;
@@ -216,11 +226,7 @@ pub struct GemmMatMul {
 impl GemmMatMul {
     /// A product with the given geometry and no bias.
     pub fn new(geometry: Geometry) -> Self {
-        Self {
-            geometry,
-            bias: None,
-            post: Post::None,
-        }
+        Self { geometry, bias: None, post: Post::None }
     }
 
     fn parallelism(&self) -> gemm::Parallelism {
@@ -298,9 +304,7 @@ impl EvalOp for GemmMatMul {
         };
         {
             let mut view = c.to_plain_array_view_mut::<f32>()?;
-            let out = view
-                .as_slice_mut()
-                .context("GemmMatMul: fresh output is not contiguous")?;
+            let out = view.as_slice_mut().context("GemmMatMul: fresh output is not contiguous")?;
             let read_dst = match &self.bias {
                 Some(Bias(bias)) => {
                     // C starts as the bias broadcast along N: element `i` gets
@@ -379,7 +383,11 @@ impl EvalOp for GemmMatMul {
             // inside a rayon pool, give each thread whole blocks rather than splitting every
             // small product across threads.
             let threads = super::pool_threads();
-            if threads > 1 && g.kloop.is_empty() && steps >= threads && g.m * g.n * g.k * steps >= PARALLEL_MIN_MACS {
+            if threads > 1
+                && g.kloop.is_empty()
+                && steps >= threads
+                && g.m * g.n * g.k * steps >= PARALLEL_MIN_MACS
+            {
                 let per = steps.div_ceil(threads);
                 rayon::scope(|s| {
                     for t in 1..threads {
@@ -419,7 +427,12 @@ impl TypedOp for GemmMatMul {
 
 /// The constant bias vector of an `Add` that alone reads product `id`'s output (of shape
 /// `c`, not a model output), and that `Add`'s outlet.
-pub(crate) fn following_bias(model: &TypedModel, id: usize, geometry: &Geometry, c: &[usize]) -> TractResult<Option<(Vec<f32>, OutletId)>> {
+pub(crate) fn following_bias(
+    model: &TypedModel,
+    id: usize,
+    geometry: &Geometry,
+    c: &[usize],
+) -> TractResult<Option<(Vec<f32>, OutletId)>> {
     let node = model.node(id);
     let out = OutletId::new(id, 0);
     let successors = &node.outputs[0].successors;
@@ -444,7 +457,11 @@ pub(crate) fn following_bias(model: &TypedModel, id: usize, geometry: &Geometry,
 
 /// A GELU, or a softmax over C's last (contiguous) axis, that alone reads `outlet` (not a
 /// model output), and its outlet.
-pub(crate) fn following_post(model: &TypedModel, outlet: OutletId, geometry: &Geometry) -> TractResult<Option<(Post, OutletId)>> {
+pub(crate) fn following_post(
+    model: &TypedModel,
+    outlet: OutletId,
+    geometry: &Geometry,
+) -> TractResult<Option<(Post, OutletId)>> {
     let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
     if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
         return Ok(None);
@@ -487,10 +504,7 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
         }
         let facts: Vec<TypedFact> = model.node_input_facts(id)?.into_iter().cloned().collect();
         let out_fact = model.outlet_fact(OutletId::new(id, 0))?.clone();
-        if facts
-            .iter()
-            .chain(std::iter::once(&out_fact))
-            .any(|f| f.datum_type != f32::datum_type())
+        if facts.iter().chain(std::iter::once(&out_fact)).any(|f| f.datum_type != f32::datum_type())
         {
             continue;
         }

@@ -153,7 +153,10 @@ impl RowLayout {
     /// The largest element offset read, plus one.
     fn span(&self) -> usize {
         let last = |size: usize, stride: isize| size.saturating_sub(1) as isize * stride;
-        (last(self.m, self.row_stride) + self.ks.iter().map(|&(s, st)| last(s, st)).sum::<isize>() + 1).max(0) as usize
+        (last(self.m, self.row_stride)
+            + self.ks.iter().map(|&(s, st)| last(s, st)).sum::<isize>()
+            + 1)
+        .max(0) as usize
     }
 }
 
@@ -174,7 +177,13 @@ fn quantize_gather(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantize_gather_avx512(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &mut [u8]) {
+unsafe fn quantize_gather_avx512(
+    x: &[f32],
+    layout: &RowLayout,
+    kp: usize,
+    q: ActQuant,
+    out: &mut [u8],
+) {
     quantize_gather_body(x, layout, kp, q, out);
 }
 
@@ -234,7 +243,9 @@ unsafe fn run_panels(
     panels: std::ops::Range<usize>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw") {
+    if std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
         // Safety: the features were just detected; the bounds are the caller's.
         unsafe { vnni::run_panels(a, m, w, epi, out, panels) };
         return;
@@ -407,7 +418,11 @@ unsafe impl Sync for SharedOut {}
 
 impl std::fmt::Debug for PackedWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedWeights {{ k: {}, n: {}, {} panels of {NR} }}", self.k, self.n, self.panels)
+        write!(
+            f,
+            "PackedWeights {{ k: {}, n: {}, {} panels of {NR} }}",
+            self.k, self.n, self.panels
+        )
     }
 }
 
@@ -429,7 +444,14 @@ impl std::fmt::Debug for Int8Layer {
 
 impl Int8Layer {
     /// A layer for `y = dq(q(x, act)) · (w_q * w_scale[n]) (+ bias)`, `w_q` row-major `[k, n]`.
-    pub fn new(act: ActQuant, w_q: &[i8], k: usize, n: usize, w_scale: &[f32], bias: Option<&[f32]>) -> Self {
+    pub fn new(
+        act: ActQuant,
+        w_q: &[i8],
+        k: usize,
+        n: usize,
+        w_scale: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Self {
         let weights = PackedWeights::pack(w_q, k, n);
         let correction = weights.colsum[..n].iter().map(|s| s * act.offset()).collect();
         let scale = w_scale.iter().map(|s| s * act.scale).collect();
@@ -454,14 +476,21 @@ impl Int8Layer {
         let w = &self.weights;
         let m = layout.m;
         assert!(
-            layout.span() <= x.len() && layout.ks.iter().map(|a| a.0).product::<usize>() == w.k && out.len() == m * w.n,
+            layout.span() <= x.len()
+                && layout.ks.iter().map(|a| a.0).product::<usize>() == w.k
+                && out.len() == m * w.n,
             "Int8Layer::run: {layout:?} over {} values x [{}, {}] into {} floats",
             x.len(),
             w.k,
             w.n,
             out.len()
         );
-        let epi = Epilogue { correction: &self.correction, scale: &self.scale, bias: &self.bias, gelu: self.gelu };
+        let epi = Epilogue {
+            correction: &self.correction,
+            scale: &self.scale,
+            bias: &self.bias,
+            gelu: self.gelu,
+        };
         let dst = SharedOut(out.as_mut_ptr());
         // Rows `r0..r1`: quantize them, multiply them with every weight panel.
         let rows_job = |r0: usize, r1: usize, dst: SharedOut| {
@@ -476,7 +505,8 @@ impl Int8Layer {
                 }
                 let a = &mut a[..rows * w.kp()];
                 let offset = (r0 as isize * layout.row_stride) as usize;
-                let sub = RowLayout { m: rows, row_stride: layout.row_stride, ks: layout.ks.clone() };
+                let sub =
+                    RowLayout { m: rows, row_stride: layout.row_stride, ks: layout.ks.clone() };
                 quantize_gather(&x[offset..], &sub, w.kp(), self.act, a);
                 // Safety: rows r0..r1 of the m x n output are this job's alone.
                 unsafe { run_panels(a, rows, w, &epi, dst.0.add(r0 * w.n), 0..w.panels) };
@@ -517,7 +547,9 @@ pub struct Int8MatMul {
 
 impl PartialEq for Int8MatMul {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.layer, &other.layer) && self.rows == other.rows && self.out_shape == other.out_shape
+        Arc::ptr_eq(&self.layer, &other.layer)
+            && self.rows == other.rows
+            && self.out_shape == other.out_shape
     }
 }
 
@@ -526,7 +558,12 @@ impl Eq for Int8MatMul {}
 impl Int8MatMul {
     /// The op for `layer` reading A's rows through `rows` in inputs of shape `in_shape`,
     /// giving the row-major `out_shape` (`rows.m` rows of `N`).
-    pub fn new(layer: Arc<Int8Layer>, rows: RowLayout, in_shape: &[usize], out_shape: &[usize]) -> TractResult<Self> {
+    pub fn new(
+        layer: Arc<Int8Layer>,
+        rows: RowLayout,
+        in_shape: &[usize],
+        out_shape: &[usize],
+    ) -> TractResult<Self> {
         let (k, n) = (layer.weights.k, layer.weights.n);
         ensure!(
             (1..=2).contains(&rows.ks.len())
@@ -595,12 +632,22 @@ impl TypedOp for Int8MatMul {
 mod tests {
     use super::*;
 
-    fn reference(x: &[f32], m: usize, k: usize, n: usize, act: ActQuant, w: &[i8], ws: &[f32], bias: &[f32]) -> Vec<f32> {
+    fn reference(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        act: ActQuant,
+        w: &[i8],
+        ws: &[f32],
+        bias: &[f32],
+    ) -> Vec<f32> {
         let q: Vec<i32> = x
             .iter()
             .map(|&v| {
                 let (lo, hi) = if act.signed { (-128, 127) } else { (0, 255) };
-                ((v / act.scale).round_ties_even() as i32 + act.zero_point).clamp(lo, hi) - act.zero_point
+                ((v / act.scale).round_ties_even() as i32 + act.zero_point).clamp(lo, hi)
+                    - act.zero_point
             })
             .collect();
         let mut y = vec![0f32; m * n];
@@ -625,15 +672,22 @@ mod tests {
     #[test]
     fn kernels_match_integer_reference() {
         let mut seed = 5u64;
-        for &(m, k, n, signed, zp) in &[(13usize, 10usize, 37usize, true, 0i32), (25, 64, 64, false, 131), (1, 3, 1, true, -7), (30, 96, 70, false, 0)] {
-            let x: Vec<f32> = (0..m * k).map(|_| (lcg(&mut seed) % 2001) as f32 / 100.0 - 10.0).collect();
+        for &(m, k, n, signed, zp) in &[
+            (13usize, 10usize, 37usize, true, 0i32),
+            (25, 64, 64, false, 131),
+            (1, 3, 1, true, -7),
+            (30, 96, 70, false, 0),
+        ] {
+            let x: Vec<f32> =
+                (0..m * k).map(|_| (lcg(&mut seed) % 2001) as f32 / 100.0 - 10.0).collect();
             let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut seed) % 256) as u8 as i8).collect();
             let ws: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
             let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
             let act = ActQuant { scale: 0.08, zero_point: zp, signed };
             let expected = reference(&x, m, k, n, act, &w, &ws, &bias);
             let gelu_too = m % 2 == 1;
-            let expected: Vec<f32> = if gelu_too { expected.iter().map(|&v| gelu(v)).collect() } else { expected };
+            let expected: Vec<f32> =
+                if gelu_too { expected.iter().map(|&v| gelu(v)).collect() } else { expected };
             let layer = Int8Layer::new(act, &w, k, n, &ws, Some(&bias));
             let layer = if gelu_too { layer.with_gelu() } else { layer };
             let mut got = vec![f32::NAN; m * n];
@@ -641,16 +695,34 @@ mod tests {
             let mut portable = vec![f32::NAN; m * n];
             let mut a = vec![0u8; m * layer.weights.kp()];
             quantize_rows(&x, k, layer.weights.kp(), act, &mut a);
-            let epi = Epilogue { correction: &layer.correction, scale: &layer.scale, bias: &layer.bias, gelu: layer.gelu };
+            let epi = Epilogue {
+                correction: &layer.correction,
+                scale: &layer.scale,
+                bias: &layer.bias,
+                gelu: layer.gelu,
+            };
             // Safety: `portable` holds m * n floats.
             #[allow(unsafe_code)]
             unsafe {
-                portable_panels(&a, m, &layer.weights, &epi, portable.as_mut_ptr(), 0..layer.weights.panels)
+                portable_panels(
+                    &a,
+                    m,
+                    &layer.weights,
+                    &epi,
+                    portable.as_mut_ptr(),
+                    0..layer.weights.panels,
+                )
             };
             for (i, ((g, p), e)) in got.iter().zip(&portable).zip(&expected).enumerate() {
                 let tol = 1e-4 * e.abs().max(1.0);
-                assert!((g - e).abs() <= tol, "[{m},{k},{n}] element {i}: kernel {g} vs reference {e}");
-                assert!((p - e).abs() <= tol, "[{m},{k},{n}] element {i}: portable {p} vs reference {e}");
+                assert!(
+                    (g - e).abs() <= tol,
+                    "[{m},{k},{n}] element {i}: kernel {g} vs reference {e}"
+                );
+                assert!(
+                    (p - e).abs() <= tol,
+                    "[{m},{k},{n}] element {i}: portable {p} vs reference {e}"
+                );
             }
         }
     }
@@ -666,11 +738,13 @@ mod tests {
         assert!(m * k * n >= PARALLEL_MIN_MACS);
         let mut seed = 9u64;
         // x as [heads, m, hd]: row r is the concatenation over heads of x[h, r, :].
-        let x: Vec<f32> = (0..heads * m * hd).map(|_| (lcg(&mut seed) % 2001) as f32 / 200.0 - 5.0).collect();
+        let x: Vec<f32> =
+            (0..heads * m * hd).map(|_| (lcg(&mut seed) % 2001) as f32 / 200.0 - 5.0).collect();
         let w: Vec<i8> = (0..k * n).map(|_| (lcg(&mut seed) % 256) as u8 as i8).collect();
         let act = ActQuant { scale: 0.05, zero_point: 3, signed: true };
         let layer = Int8Layer::new(act, &w, k, n, &vec![0.001; n], None).with_gelu();
-        let layout = RowLayout { m, row_stride: hd as isize, ks: vec![(heads, (m * hd) as isize), (hd, 1)] };
+        let layout =
+            RowLayout { m, row_stride: hd as isize, ks: vec![(heads, (m * hd) as isize), (hd, 1)] };
         let mut one = vec![0f32; m * n];
         layer.run_layout(&x, &layout, &mut one);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -678,7 +752,10 @@ mod tests {
         pool.install(|| layer.run_layout(&x, &layout, &mut two));
         assert!(one.iter().zip(&two).all(|(a, b)| a.to_bits() == b.to_bits()));
         // And the gather equals quantizing the rearranged rows contiguously.
-        let rows: Vec<f32> = (0..m).flat_map(|r| (0..heads).flat_map(move |h| (0..hd).map(move |d| (h, r, d)))).map(|(h, r, d)| x[(h * m + r) * hd + d]).collect();
+        let rows: Vec<f32> = (0..m)
+            .flat_map(|r| (0..heads).flat_map(move |h| (0..hd).map(move |d| (h, r, d))))
+            .map(|(h, r, d)| x[(h * m + r) * hd + d])
+            .collect();
         let mut flat = vec![0f32; m * n];
         layer.run(&rows, m, &mut flat);
         assert!(one.iter().zip(&flat).all(|(a, b)| a.to_bits() == b.to_bits()));
@@ -698,4 +775,3 @@ mod tests {
         assert_eq!(out, [3, 5, 0, 255, 0, 0]);
     }
 }
-

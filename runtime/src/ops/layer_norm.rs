@@ -17,7 +17,10 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_hir::internal::{Expansion, InferenceOp, InferenceResult, Solver, TensorProxy, check_input_arity, check_output_arity, expand};
+use tract_onnx::tract_hir::internal::{
+    Expansion, InferenceOp, InferenceResult, Solver, TensorProxy, check_input_arity,
+    check_output_arity, expand,
+};
 
 /// `y = (x - mean) / sqrt(var + eps) * scale + bias` over the trailing axes from `axis`
 /// (ONNX `LayerNormalization`, biased variance), f32. Inputs: `x`, `scale`, `bias`, the
@@ -76,7 +79,8 @@ impl EvalOp for FusedLayerNorm {
         let mut out = unsafe { Tensor::uninitialized::<f32>(inputs[0].shape())? };
         if row > 0 {
             let mut view = out.to_plain_array_view_mut::<f32>()?;
-            let y = view.as_slice_mut().context("FusedLayerNorm: fresh output is not contiguous")?;
+            let y =
+                view.as_slice_mut().context("FusedLayerNorm: fresh output is not contiguous")?;
             super::simd::layer_norm_rows(x, scale, bias, self.eps, y);
         }
         Ok(tvec!(out.into_tvalue()))
@@ -89,7 +93,12 @@ impl TypedOp for FusedLayerNorm {
         for i in inputs {
             ensure!(i.datum_type == f32::datum_type(), "FusedLayerNorm is f32 only");
         }
-        ensure!(self.axis <= inputs[0].rank(), "FusedLayerNorm: axis {} of a rank-{} input", self.axis, inputs[0].rank());
+        ensure!(
+            self.axis <= inputs[0].rank(),
+            "FusedLayerNorm: axis {} of a rank-{} input",
+            self.axis,
+            inputs[0].rank()
+        );
         Ok(tvec!(inputs[0].without_value()))
     }
 
@@ -109,7 +118,12 @@ impl Expansion for LayerNormExpansion {
         "LayerNorm".into()
     }
 
-    fn rules<'r, 'p: 'r, 's: 'r>(&'s self, s: &mut Solver<'r>, inputs: &'p [TensorProxy], outputs: &'p [TensorProxy]) -> InferenceResult {
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
         check_input_arity(inputs, 3)?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, &inputs[1].datum_type)?;
@@ -119,12 +133,21 @@ impl Expansion for LayerNormExpansion {
         Ok(())
     }
 
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
         use tract_onnx::tract_core::ops::cast::cast;
         let fact = model.outlet_fact(inputs[0])?.clone();
         let rank = fact.rank() as isize;
         let axis = if self.axis < 0 { self.axis + rank } else { self.axis };
-        ensure!((0..=rank).contains(&axis), "{prefix}: LayerNormalization axis {} for a rank-{rank} input", self.axis);
+        ensure!(
+            (0..=rank).contains(&axis),
+            "{prefix}: LayerNormalization axis {} for a rank-{rank} input",
+            self.axis
+        );
         // Scale and bias broadcast to the normalized shape `x.shape[axis..]` (ONNX allows any
         // unidirectionally broadcastable shape; the op reads one value per row element).
         let normalized: TVec<TDim> = fact.shape.iter().skip(axis as usize).cloned().collect();
@@ -134,14 +157,24 @@ impl Expansion for LayerNormExpansion {
             let mut wire = if dt == f32::datum_type() {
                 *input
             } else {
-                model.wire_node(format!("{prefix}.cast_{i}"), cast(f32::datum_type()), &[*input])?[0]
+                model.wire_node(format!("{prefix}.cast_{i}"), cast(f32::datum_type()), &[*input])?
+                    [0]
             };
             if i > 0 {
-                wire = broadcast_to(model, &format!("{prefix}.{}", ["scale", "bias"][i - 1]), wire, &normalized)?;
+                wire = broadcast_to(
+                    model,
+                    &format!("{prefix}.{}", ["scale", "bias"][i - 1]),
+                    wire,
+                    &normalized,
+                )?;
             }
             f32_inputs.push(wire);
         }
-        let y = model.wire_node(prefix, FusedLayerNorm { axis: axis as usize, eps: self.eps }, &f32_inputs)?;
+        let y = model.wire_node(
+            prefix,
+            FusedLayerNorm { axis: axis as usize, eps: self.eps },
+            &f32_inputs,
+        )?;
         if fact.datum_type == f32::datum_type() {
             Ok(y)
         } else {
@@ -152,12 +185,21 @@ impl Expansion for LayerNormExpansion {
 
 /// `wire` broadcast (numpy rules) to exactly `shape`: leading unit axes dropped or added to
 /// match the rank, then `MultiBroadcastTo` when a dimension still differs.
-fn broadcast_to(model: &mut TypedModel, prefix: &str, mut wire: OutletId, shape: &[TDim]) -> TractResult<OutletId> {
+fn broadcast_to(
+    model: &mut TypedModel,
+    prefix: &str,
+    mut wire: OutletId,
+    shape: &[TDim],
+) -> TractResult<OutletId> {
     use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
     let mut rank = model.outlet_fact(wire)?.rank();
     let mut n = 0;
     while rank > shape.len() {
-        ensure!(model.outlet_fact(wire)?.shape[0] == TDim::from(1), "{prefix}: shape {:?} does not broadcast to {shape:?}", model.outlet_fact(wire)?.shape);
+        ensure!(
+            model.outlet_fact(wire)?.shape[0] == TDim::from(1),
+            "{prefix}: shape {:?} does not broadcast to {shape:?}",
+            model.outlet_fact(wire)?.shape
+        );
         wire = model.wire_node(format!("{prefix}.rm{n}"), AxisOp::Rm(0), &[wire])?[0];
         (rank, n) = (rank - 1, n + 1);
     }
@@ -166,13 +208,20 @@ fn broadcast_to(model: &mut TypedModel, prefix: &str, mut wire: OutletId, shape:
         (rank, n) = (rank + 1, n + 1);
     }
     if model.outlet_fact(wire)?.shape.iter().zip(shape).any(|(a, b)| a != b) {
-        wire = model.wire_node(format!("{prefix}.broadcast"), MultiBroadcastTo { shape: ShapeFact::from_dims(shape) }, &[wire])?[0];
+        wire = model.wire_node(
+            format!("{prefix}.broadcast"),
+            MultiBroadcastTo { shape: ShapeFact::from_dims(shape) },
+            &[wire],
+        )?[0];
     }
     Ok(wire)
 }
 
 /// tract's builder for the forms [`FusedLayerNorm`] does not take.
-fn tract_layer_norm(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+fn tract_layer_norm(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let builder = *tract_onnx::onnx()
         .op_register
         .0
@@ -181,7 +230,10 @@ fn tract_layer_norm(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<
     builder(ctx, node)
 }
 
-fn parse_layer_norm(ctx: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+fn parse_layer_norm(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let with_bias = node.input.len() == 3 && !node.input[2].is_empty();
     let one_output = node.output.iter().skip(1).all(|o| o.is_empty());
     let stash_f32 = node.get_attr_opt::<i64>("stash_type")?.is_none_or(|t| t == 1);
@@ -209,10 +261,16 @@ mod tests {
     #[test]
     fn broadcast_scale_and_bias_match_tracts_expansion() {
         use prost::Message;
-        use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, TensorProto, ValueInfoProto, tensor_proto::DataType};
         use tract_onnx::pb::attribute_proto::AttributeType;
         use tract_onnx::pb::type_proto::{Tensor as TensorType, Value};
-        use tract_onnx::pb::{TensorShapeProto, TypeProto, tensor_shape_proto::{Dimension, dimension::Value as DimValue}};
+        use tract_onnx::pb::{
+            AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, TensorProto,
+            ValueInfoProto, tensor_proto::DataType,
+        };
+        use tract_onnx::pb::{
+            TensorShapeProto, TypeProto,
+            tensor_shape_proto::{Dimension, dimension::Value as DimValue},
+        };
         let f32s = |name: &str, dims: &[i64], v: Vec<f32>| TensorProto {
             name: name.into(),
             dims: dims.to_vec(),
@@ -226,7 +284,15 @@ mod tests {
             r#type: Some(TypeProto {
                 value: Some(Value::TensorType(TensorType {
                     elem_type: DataType::Float as i32,
-                    shape: Some(TensorShapeProto { dim: shape.iter().map(|d| Dimension { value: Some(DimValue::DimValue(*d)), ..Default::default() }).collect() }),
+                    shape: Some(TensorShapeProto {
+                        dim: shape
+                            .iter()
+                            .map(|d| Dimension {
+                                value: Some(DimValue::DimValue(*d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
                 })),
                 ..Default::default()
             }),
@@ -239,22 +305,37 @@ mod tests {
                     name: "ln".into(),
                     input: vec!["x".into(), "scale".into(), "bias".into()],
                     output: vec!["y".into()],
-                    attribute: vec![AttributeProto { name: "axis".into(), r#type: AttributeType::Int as i32, i: axis, ..Default::default() }],
+                    attribute: vec![AttributeProto {
+                        name: "axis".into(),
+                        r#type: AttributeType::Int as i32,
+                        i: axis,
+                        ..Default::default()
+                    }],
                     ..Default::default()
                 }],
-                initializer: vec![f32s("scale", &[5], vec![0.5, 1.0, 1.5, 2.0, -1.0]), f32s("bias", &[1, 5], vec![0.1, 0.2, 0.3, 0.4, 0.5])],
+                initializer: vec![
+                    f32s("scale", &[5], vec![0.5, 1.0, 1.5, 2.0, -1.0]),
+                    f32s("bias", &[1, 5], vec![0.1, 0.2, 0.3, 0.4, 0.5]),
+                ],
                 input: vec![info("x")],
                 output: vec![info("y")],
                 ..Default::default()
             };
-            let model = ModelProto { ir_version: 8, opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }], graph: Some(graph), ..Default::default() };
+            let model = ModelProto {
+                ir_version: 8,
+                opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+                graph: Some(graph),
+                ..Default::default()
+            };
             let bytes = model.encode_to_vec();
-            let x: Vec<f32> = (0..30).map(|i| ((i * 37) % 11) as f32 - 4.0 + i as f32 / 7.0).collect();
+            let x: Vec<f32> =
+                (0..30).map(|i| ((i * 37) % 11) as f32 - 4.0 + i as f32 / 7.0).collect();
             let input = Tensor::from_shape(&[2, 3, 5], &x).unwrap();
             let run = |onnx: tract_onnx::Onnx| -> (Vec<f32>, Vec<String>) {
                 let m = onnx.model_for_read(&mut &bytes[..]).unwrap().into_optimized().unwrap();
                 let ops = m.nodes().iter().map(|n| n.op().name().to_string()).collect();
-                let out = m.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
+                let out =
+                    m.into_runnable().unwrap().run(tvec!(input.clone().into_tvalue())).unwrap();
                 (out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect(), ops)
             };
             let ((ours, ops), (theirs, _)) = (run(onnx_parser()), run(tract_onnx::onnx()));

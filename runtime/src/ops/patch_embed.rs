@@ -71,7 +71,14 @@ impl PatchEmbed {
 
     /// The op on int8 weights (`layer`: `[C kh kw, D]` with the bias folded in).
     pub fn int8(layer: Int8Layer, k: usize, d: usize, kernel: (usize, usize)) -> Self {
-        Self { kernel, d, k, int8: Some(Arc::new(layer)), weight_t: Arc::default(), bias: Arc::default() }
+        Self {
+            kernel,
+            d,
+            k,
+            int8: Some(Arc::new(layer)),
+            weight_t: Arc::default(),
+            bias: Arc::default(),
+        }
     }
 
     fn k(&self) -> usize {
@@ -79,9 +86,15 @@ impl PatchEmbed {
     }
 
     fn out_shape(&self, input: &[usize]) -> TractResult<[usize; 4]> {
-        let [n, c, h, w] = *input else { bail!("PatchEmbed: input of rank {}, expected [N, C, H, W]", input.len()) };
+        let [n, c, h, w] = *input else {
+            bail!("PatchEmbed: input of rank {}, expected [N, C, H, W]", input.len())
+        };
         let (kh, kw) = self.kernel;
-        ensure!(c * kh * kw == self.k(), "PatchEmbed: {c} input channels for {}x{kh}x{kw} weights", self.k());
+        ensure!(
+            c * kh * kw == self.k(),
+            "PatchEmbed: {c} input channels for {}x{kh}x{kw} weights",
+            self.k()
+        );
         ensure!(h >= kh && w >= kw, "PatchEmbed: input {h}x{w} smaller than the {kh}x{kw} kernel");
         Ok([n, self.d, h / kh, w / kw])
     }
@@ -129,7 +142,13 @@ impl PatchEmbed {
     }
 
     /// Patches of one image `[C, H, W]` (`chw`) into `patches` `[gh * gw, C * kh * kw]`.
-    fn gather(&self, x: &[f32], (c, h, w): (usize, usize, usize), (gh, gw): (usize, usize), patches: &mut [f32]) {
+    fn gather(
+        &self,
+        x: &[f32],
+        (c, h, w): (usize, usize, usize),
+        (gh, gw): (usize, usize),
+        patches: &mut [f32],
+    ) {
         let (kh, kw) = self.kernel;
         let k = c * kh * kw;
         for i in 0..gh {
@@ -166,7 +185,13 @@ impl Op for PatchEmbed {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("kernel {:?} -> {} channels, k {}, {}", self.kernel, self.d, self.k(), if self.int8.is_some() { "int8" } else { "f32" })])
+        Ok(vec![format!(
+            "kernel {:?} -> {} channels, k {}, {}",
+            self.kernel,
+            self.d,
+            self.k(),
+            if self.int8.is_some() { "int8" } else { "f32" }
+        )])
     }
 
     op_as_typed_op!();
@@ -206,8 +231,12 @@ impl EvalOp for PatchEmbed {
 
 impl TypedOp for PatchEmbed {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type(), "PatchEmbed takes one f32 input");
-        let shape = inputs[0].shape.as_concrete().context("PatchEmbed needs a fixed input shape")?;
+        ensure!(
+            inputs.len() == 1 && inputs[0].datum_type == f32::datum_type(),
+            "PatchEmbed takes one f32 input"
+        );
+        let shape =
+            inputs[0].shape.as_concrete().context("PatchEmbed needs a fixed input shape")?;
         Ok(tvec!(f32::fact(self.out_shape(shape)?)))
     }
 
@@ -216,7 +245,12 @@ impl TypedOp for PatchEmbed {
 
 /// The [`PatchEmbed`] for `conv` at node `id` when it is one: f32, NCHW, 2-D kernel equal
 /// to the strides, no padding or dilation, one group, constant weights and bias.
-fn patch_embed_for(model: &TypedModel, id: usize, conv: &Conv, int8: Option<&QdqLayer>) -> TractResult<Option<PatchEmbed>> {
+fn patch_embed_for(
+    model: &TypedModel,
+    id: usize,
+    conv: &Conv,
+    int8: Option<&QdqLayer>,
+) -> TractResult<Option<PatchEmbed>> {
     let node = model.node(id);
     let spec = &conv.pool_spec;
     let kernel = match spec.kernel_shape.as_slice() {
@@ -240,7 +274,9 @@ fn patch_embed_for(model: &TypedModel, id: usize, conv: &Conv, int8: Option<&Qdq
         return Ok(None);
     }
     let facts = model.node_input_facts(id)?;
-    if facts.iter().any(|f| f.datum_type != f32::datum_type()) || facts[0].shape.as_concrete().is_none() {
+    if facts.iter().any(|f| f.datum_type != f32::datum_type())
+        || facts[0].shape.as_concrete().is_none()
+    {
         return Ok(None);
     }
     let (Some(w), Some(b)) = (facts[1].konst.as_ref(), facts[2].konst.as_ref()) else {
@@ -269,7 +305,10 @@ fn patch_embed_for(model: &TypedModel, id: usize, conv: &Conv, int8: Option<&Qdq
 /// Replaces every patch-embedding `Conv` of a decluttered model with [`PatchEmbed`] (on
 /// int8 weights for the ones `layers` recorded from a QDQ file); returns how many, and how
 /// many of them are int8.
-pub fn substitute_patch_embeddings(model: &mut TypedModel, layers: &HashMap<String, QdqLayer>) -> TractResult<(usize, usize)> {
+pub fn substitute_patch_embeddings(
+    model: &mut TypedModel,
+    layers: &HashMap<String, QdqLayer>,
+) -> TractResult<(usize, usize)> {
     let (mut replaced, mut int8) = (0, 0);
     for id in model.eval_order()? {
         let Some(conv) = model.node(id).op_as::<Conv>() else {
@@ -301,7 +340,16 @@ mod tests {
 
     /// Direct convolution with stride = kernel, for comparison.
     #[allow(clippy::too_many_arguments)]
-    fn naive(x: &[f32], c: usize, h: usize, w: usize, weight: &[f32], bias: &[f32], d: usize, (kh, kw): (usize, usize)) -> Vec<f32> {
+    fn naive(
+        x: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        weight: &[f32],
+        bias: &[f32],
+        d: usize,
+        (kh, kw): (usize, usize),
+    ) -> Vec<f32> {
         let (gh, gw) = (h / kh, w / kw);
         let mut out = vec![0f32; d * gh * gw];
         for o in 0..d {
@@ -311,7 +359,8 @@ mod tests {
                     for ch in 0..c {
                         for r in 0..kh {
                             for q in 0..kw {
-                                s += weight[((o * c + ch) * kh + r) * kw + q] as f64 * x[(ch * h + i * kh + r) * w + j * kw + q] as f64;
+                                s += weight[((o * c + ch) * kh + r) * kw + q] as f64
+                                    * x[(ch * h + i * kh + r) * w + j * kw + q] as f64;
                             }
                         }
                     }
@@ -326,8 +375,11 @@ mod tests {
     fn matches_a_direct_convolution_on_one_and_two_threads_with_ragged_edges() {
         // 3 x 35 x 50 input, 8 x 4 kernel: 4 x 12 patches, the last 3 rows and 2 columns unused.
         let (c, h, w, d, kernel) = (3usize, 35usize, 50usize, 40usize, (8usize, 4usize));
-        let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-        let weight: Vec<f32> = (0..d * c * kernel.0 * kernel.1).map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5).collect();
+        let x: Vec<f32> =
+            (0..c * h * w).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let weight: Vec<f32> = (0..d * c * kernel.0 * kernel.1)
+            .map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5)
+            .collect();
         let bias: Vec<f32> = (0..d).map(|i| i as f32 / 10.0).collect();
         let expected = naive(&x, c, h, w, &weight, &bias, d, kernel);
         let op = PatchEmbed::new(&weight, bias, d, kernel);
@@ -336,7 +388,8 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let out = pool.install(|| op.eval_out_of_plan(tvec!(input.clone()))).unwrap().unwrap();
             assert_eq!(out[0].shape(), &[1, d, 4, 12]);
-            let got = out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect::<Vec<_>>();
+            let got =
+                out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect::<Vec<_>>();
             let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-4, "{threads} threads: worst {worst}");
         }

@@ -68,7 +68,12 @@ fn patch_conv_kernel(n: &NodeProto, dims: &[usize]) -> Option<(usize, usize)> {
     (attr_ok && ints_attr(n, "strides").is_some()).then_some((kh, kw))
 }
 
-fn raw_or<T: Copy>(t: &TensorProto, width: usize, from: impl Fn(&[u8]) -> T, typed: impl Fn() -> Vec<T>) -> Option<Vec<T>> {
+fn raw_or<T: Copy>(
+    t: &TensorProto,
+    width: usize,
+    from: impl Fn(&[u8]) -> T,
+    typed: impl Fn() -> Vec<T>,
+) -> Option<Vec<T>> {
     if t.data_location == Some(1) {
         return None;
     }
@@ -119,9 +124,14 @@ fn axis_attr(n: &NodeProto) -> i64 {
 pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
     let mut found = HashMap::new();
     let Some(g) = model.graph.as_mut() else { return found };
-    let inits: HashMap<String, usize> = g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-    let producer: HashMap<String, usize> =
-        g.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i))).collect();
+    let inits: HashMap<String, usize> =
+        g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let producer: HashMap<String, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .collect();
     let mut readers: HashMap<String, usize> = HashMap::new();
     for n in &g.node {
         for i in &n.input {
@@ -136,13 +146,16 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
             Some(z) => int8s(init(z)?)?,
             None => (vec![0], false),
         };
-        (s.len() == 1 && z.len() == 1 && s[0].is_finite() && s[0] > 0.0).then(|| (s[0], z[0], signed))
+        (s.len() == 1 && z.len() == 1 && s[0].is_finite() && s[0] > 0.0)
+            .then(|| (s[0], z[0], signed))
     };
 
     let mut rewrites: Vec<(usize, String, String, TensorProto)> = Vec::new();
     for (ix, n) in g.node.iter().enumerate() {
         let conv = n.op_type == "Conv" && (n.input.len() == 2 || n.input.len() == 3);
-        if !(n.op_type == "MatMul" && n.input.len() == 2 || conv) || !n.domain.is_empty() && n.domain != "ai.onnx" {
+        if !(n.op_type == "MatMul" && n.input.len() == 2 || conv)
+            || !n.domain.is_empty() && n.domain != "ai.onnx"
+        {
             continue;
         }
         // The weight side: DequantizeLinear of an int8 initializer [K, N], per column or
@@ -195,7 +208,11 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
             w_file.iter().enumerate().map(|(i, &q)| f32::from(q) * w_scale[i % nn]).collect()
         };
         // Int8MatMul's [K, N]: the Conv's [D, K] transposed.
-        let w_q = if conv { (0..k * nn).map(|i| w_file[(i % nn) * k + i / nn]).collect() } else { w_file };
+        let w_q = if conv {
+            (0..k * nn).map(|i| w_file[(i % nn) * k + i / nn]).collect()
+        } else {
+            w_file
+        };
         let wname = format!("{}/int8_lowered", n.name);
         let tensor = TensorProto {
             name: wname.clone(),
@@ -205,7 +222,17 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
             ..Default::default()
         };
         rewrites.push((ix, aq.input[0].clone(), wname, tensor));
-        found.insert(n.name.clone(), QdqLayer { act: ActQuant { scale, zero_point, signed }, w_q, k, n: nn, w_scale, patch_kernel });
+        found.insert(
+            n.name.clone(),
+            QdqLayer {
+                act: ActQuant { scale, zero_point, signed },
+                w_q,
+                k,
+                n: nn,
+                w_scale,
+                patch_kernel,
+            },
+        );
     }
     if found.len() != rewrites.len() || found.is_empty() {
         // Unnamed or duplicate MatMul names: matching by name would be ambiguous.
@@ -248,19 +275,28 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
 /// Replaces each `EinSum` of `model` named like a layer of `layers` (a product of an f32
 /// activation `[.., K]` and the constant `[K, N]` weights) with an [`Int8MatMul`], folding a
 /// following bias `Add`. Run it on the decluttered model. Returns how many it replaced.
-pub fn substitute_int8_matmuls(model: &mut TypedModel, layers: &HashMap<String, QdqLayer>) -> TractResult<usize> {
+pub fn substitute_int8_matmuls(
+    model: &mut TypedModel,
+    layers: &HashMap<String, QdqLayer>,
+) -> TractResult<usize> {
     let mut replaced = 0;
     let mut done = HashSet::new();
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(layer) = layers.get(&node.name).filter(|l| l.patch_kernel.is_none()) else { continue };
+        let Some(layer) = layers.get(&node.name).filter(|l| l.patch_kernel.is_none()) else {
+            continue;
+        };
         let Some(einsum) = node.op_as::<EinSum>() else { continue };
         if node.inputs.len() != 2 || einsum.q_params.is_some() {
             continue;
         }
         let facts: Vec<TypedFact> = model.node_input_facts(id)?.into_iter().cloned().collect();
         let out_fact = model.outlet_fact(OutletId::new(id, 0))?.clone();
-        let (Some(a), Some(b), Some(c)) = (facts[0].shape.as_concrete(), facts[1].shape.as_concrete(), out_fact.shape.as_concrete()) else {
+        let (Some(a), Some(b), Some(c)) = (
+            facts[0].shape.as_concrete(),
+            facts[1].shape.as_concrete(),
+            out_fact.shape.as_concrete(),
+        ) else {
             continue;
         };
         // `A [m, K] x W [K, N]`, A's rows read through strides, B the constant weights.
@@ -273,7 +309,14 @@ pub fn substitute_int8_matmuls(model: &mut TypedModel, layers: &HashMap<String, 
             Some((bias, tail)) => (Some(bias), tail),
             None => (None, OutletId::new(id, 0)),
         };
-        let mut int8 = Int8Layer::new(layer.act, &layer.w_q, layer.k, layer.n, &layer.w_scale, bias.as_deref());
+        let mut int8 = Int8Layer::new(
+            layer.act,
+            &layer.w_q,
+            layer.k,
+            layer.n,
+            &layer.w_scale,
+            bias.as_deref(),
+        );
         // A GELU that alone reads the result runs in the op's store (MLP fc1).
         let mut tail = tail;
         if let Some((Post::Gelu, gelu)) = following_post(model, tail, &geometry)? {
@@ -291,7 +334,11 @@ pub fn substitute_int8_matmuls(model: &mut TypedModel, layers: &HashMap<String, 
         replaced += 1;
         done.insert(name);
     }
-    for name in layers.iter().filter(|(n, l)| l.patch_kernel.is_none() && !done.contains(*n)).map(|(n, _)| n) {
+    for name in layers
+        .iter()
+        .filter(|(n, l)| l.patch_kernel.is_none() && !done.contains(*n))
+        .map(|(n, _)| n)
+    {
         tracing::warn!(layer = %name, "QDQ layer not lowered to Int8MatMul (its product is not a plain [.., K] x [K, N] in tract's graph): it runs as a float product");
     }
     Ok(replaced)

@@ -10,7 +10,8 @@
 /// tract's erf (Abramowitz & Stegun 7.1.28, |error| < 3e-7; `tract-linalg`'s
 /// `generic/erf.rs`), so that a fused GELU gives what tract's `GeluExact` gives.
 #[allow(clippy::excessive_precision)]
-pub(crate) const ERF_A: [f32; 6] = [0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638];
+pub(crate) const ERF_A: [f32; 6] =
+    [0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638];
 
 /// Below this many elements the work stays on the calling thread.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
@@ -122,7 +123,8 @@ fn layer_norm_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32
     }
     let inv_n = 1.0 / x.len() as f32;
     let m1 = (s1.iter().sum::<f32>() + tail.iter().map(|v| v - shift).sum::<f32>()) * inv_n;
-    let m2 = (s2.iter().sum::<f32>() + tail.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>()) * inv_n;
+    let m2 = (s2.iter().sum::<f32>() + tail.iter().map(|v| (v - shift) * (v - shift)).sum::<f32>())
+        * inv_n;
     let inv = 1.0 / ((m2 - m1 * m1).max(0.0) + eps).sqrt();
     for (((o, v), s), b) in y.iter_mut().zip(x).zip(scale).zip(bias) {
         *o = ((v - shift) - m1) * (inv * s) + b;
@@ -186,7 +188,10 @@ pub(crate) mod avx512 {
         // copysign(e, c): e >= 0, so OR in c's sign bit.
         let sign = _mm512_and_si512(_mm512_castps_si512(c), _mm512_set1_epi32(i32::MIN));
         let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
-        _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5)), _mm512_add_ps(erf, _mm512_set1_ps(1.0)))
+        _mm512_mul_ps(
+            _mm512_mul_ps(x, _mm512_set1_ps(0.5)),
+            _mm512_add_ps(erf, _mm512_set1_ps(1.0)),
+        )
     }
 
     /// `e^x` on 16 lanes: `x = n ln 2 + r`, a degree-6 polynomial for `e^r` on
@@ -195,7 +200,9 @@ pub(crate) mod avx512 {
     #[inline]
     pub(crate) fn exp16(x: __m512) -> __m512 {
         let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
         let mut p = _mm512_set1_ps(1.0 / 720.0);
@@ -228,7 +235,13 @@ pub(crate) mod avx512 {
     /// # Safety
     /// The CPU has AVX-512F; the four slices have the same length.
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn layer_norm_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+    pub(crate) unsafe fn layer_norm_row(
+        x: &[f32],
+        scale: &[f32],
+        bias: &[f32],
+        eps: f32,
+        y: &mut [f32],
+    ) {
         let n = x.len();
         let full = n / 16 * 16;
         let (px, ps, pb, py) = (x.as_ptr(), scale.as_ptr(), bias.as_ptr(), y.as_mut_ptr());
@@ -257,7 +270,8 @@ pub(crate) mod avx512 {
             s2[0] = _mm512_fmadd_ps(d, d, s2[0]);
             i += 16;
         }
-        let d = _mm512_maskz_sub_ps(tail, unsafe { _mm512_maskz_loadu_ps(tail, px.add(full)) }, shift);
+        let d =
+            _mm512_maskz_sub_ps(tail, unsafe { _mm512_maskz_loadu_ps(tail, px.add(full)) }, shift);
         s1[1] = _mm512_add_ps(s1[1], d);
         s2[1] = _mm512_fmadd_ps(d, d, s2[1]);
         let inv_n = 1.0 / n as f32;
@@ -279,9 +293,16 @@ pub(crate) mod avx512 {
         }
         if full < n {
             unsafe {
-                let d = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, px.add(full)), shift), vm1);
+                let d = _mm512_sub_ps(
+                    _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, px.add(full)), shift),
+                    vm1,
+                );
                 let s = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, ps.add(full)), inv);
-                _mm512_mask_storeu_ps(py.add(full), tail, _mm512_fmadd_ps(d, s, _mm512_maskz_loadu_ps(tail, pb.add(full))));
+                _mm512_mask_storeu_ps(
+                    py.add(full),
+                    tail,
+                    _mm512_fmadd_ps(d, s, _mm512_maskz_loadu_ps(tail, pb.add(full))),
+                );
             }
         }
     }
@@ -318,7 +339,10 @@ pub(crate) mod avx512 {
             i += 16;
         }
         m[1] = _mm512_max_ps(m[1], unsafe { _mm512_mask_loadu_ps(ninf, tail, p.add(full)) });
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3]))));
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(
+            _mm512_max_ps(m[0], m[1]),
+            _mm512_max_ps(m[2], m[3]),
+        )));
         let mut s = [_mm512_setzero_ps(); 2];
         let mut i = 0;
         while i + 32 <= full {
@@ -354,7 +378,13 @@ pub(crate) mod avx512 {
             i += 16;
         }
         if full < n {
-            unsafe { _mm512_mask_storeu_ps(p.add(full), tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), inv)) };
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    p.add(full),
+                    tail,
+                    _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), inv),
+                )
+            };
         }
     }
 }
@@ -370,7 +400,12 @@ mod tests {
             let mean = row.iter().map(|v| *v as f64).sum::<f64>() / n as f64;
             let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
             let inv = 1.0 / (var + eps as f64).sqrt();
-            out.extend(row.iter().zip(scale).zip(bias).map(|((v, s), b)| ((*v as f64 - mean) * inv * *s as f64 + *b as f64) as f32));
+            out.extend(
+                row.iter()
+                    .zip(scale)
+                    .zip(bias)
+                    .map(|((v, s), b)| ((*v as f64 - mean) * inv * *s as f64 + *b as f64) as f32),
+            );
         }
         out
     }
@@ -380,9 +415,17 @@ mod tests {
         // 197 x 192 (ViT-Ti/16), 2 x 37 (a row length that is not a multiple of 16), rows
         // whose mean grows to 400 against a spread of ~3, and rows at 1000 +- 0.05 (a mean
         // 10^4 times the spread: the one-pass variance must not cancel).
-        for (rows, n, offset, spread) in [(197usize, 192usize, 0.0, 1.0), (2, 37, 0.0, 1.0), (400, 200, 1.0, 1.0), (3, 64, 1000.0, 0.01)] {
+        for (rows, n, offset, spread) in [
+            (197usize, 192usize, 0.0, 1.0),
+            (2, 37, 0.0, 1.0),
+            (400, 200, 1.0, 1.0),
+            (3, 64, 1000.0, 0.01),
+        ] {
             let x: Vec<f32> = (0..rows * n)
-                .map(|i| (((i * 7919) % 1000) as f32 / 100.0 - 5.0) * spread + offset * (1 + i / n) as f32)
+                .map(|i| {
+                    (((i * 7919) % 1000) as f32 / 100.0 - 5.0) * spread
+                        + offset * (1 + i / n) as f32
+                })
                 .collect();
             let scale: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect();
             let bias: Vec<f32> = (0..n).map(|i| (i % 5) as f32 / 5.0 - 0.4).collect();
@@ -391,25 +434,30 @@ mod tests {
             for (xr, yr) in x.chunks_exact(n).zip(portable.chunks_exact_mut(n)) {
                 layer_norm_row(xr, &scale, &bias, 1e-6, yr);
             }
-            let worst = portable.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst =
+                portable.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 2e-5, "{rows}x{n}, portable row kernel: worst {worst}");
             for threads in [1, 2] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut y = vec![f32::NAN; x.len()];
                 pool.install(|| layer_norm_rows(&x, &scale, &bias, 1e-6, &mut y));
-                let worst = y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let worst =
+                    y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(worst < 2e-5, "{rows}x{n}, {threads} threads: worst {worst}");
             }
         }
     }
-
 
     #[test]
     fn gelu_matches_erf_form() {
         for i in -400..=400 {
             let x = i as f32 / 50.0;
             let exact = 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-            assert!((gelu(x) - exact).abs() <= 2e-6 * x.abs().max(1.0), "x {x}: {} vs {exact}", gelu(x));
+            assert!(
+                (gelu(x) - exact).abs() <= 2e-6 * x.abs().max(1.0),
+                "x {x}: {} vs {exact}",
+                gelu(x)
+            );
         }
         let mut v: Vec<f32> = (-400..=400).map(|i| i as f32 / 37.0).collect();
         let expected: Vec<f32> = v.iter().map(|&x| gelu(x)).collect();
@@ -430,7 +478,8 @@ mod tests {
     fn softmax_rows_match_f64() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for &(rows, row) in &[(3usize, 1usize), (7, 17), (400, 196), (5, 50)] {
-            let x: Vec<f32> = (0..rows * row).map(|i| ((i * 7919) % 2003) as f32 / 40.0 - 25.0).collect();
+            let x: Vec<f32> =
+                (0..rows * row).map(|i| ((i * 7919) % 2003) as f32 / 40.0 - 25.0).collect();
             for threaded in [false, true] {
                 let mut got = x.clone();
                 if threaded {

@@ -152,11 +152,7 @@ pub fn kmeans_labels(
     let k = config.k;
     check_k(k)?;
     check_len("features", features.len(), mul("n * d", n, d)?)?;
-    check_min(
-        "scratch.centroids",
-        scratch.centroids.len(),
-        mul("k * d", k, d)?,
-    )?;
+    check_min("scratch.centroids", scratch.centroids.len(), mul("k * d", k, d)?)?;
     check_min("scratch.counts", scratch.counts.len(), k)?;
     check_min("scratch.rows", scratch.rows.len(), mul("2 * n", 2, n)?)?;
     check_len("labels", labels.len(), n)?;
@@ -182,11 +178,8 @@ pub fn kmeans_labels(
         // Update the similarities and pick the farthest remaining patch.
         next = None;
         let mut lowest = 1.0 - 1e-4;
-        for (j, ((x, &s), best)) in features
-            .chunks_exact(d)
-            .zip(inv.iter())
-            .zip(sim.iter_mut())
-            .enumerate()
+        for (j, ((x, &s), best)) in
+            features.chunks_exact(d).zip(inv.iter()).zip(sim.iter_mut()).enumerate()
         {
             if s == 0.0 {
                 continue;
@@ -209,11 +202,7 @@ pub fn kmeans_labels(
     for round in 0..=config.iters {
         // Assignment.
         let mut changed = false;
-        for ((x, &s), label) in features
-            .chunks_exact(d)
-            .zip(inv.iter())
-            .zip(labels.iter_mut())
-        {
+        for ((x, &s), label) in features.chunks_exact(d).zip(inv.iter()).zip(labels.iter_mut()) {
             if s == 0.0 {
                 continue;
             }

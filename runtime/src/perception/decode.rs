@@ -31,19 +31,12 @@ pub struct Detection {
 
 impl Detection {
     /// A zero placeholder, for initializing output arrays.
-    pub const EMPTY: Self = Self {
-        bbox: [0.0; 4],
-        score: 0.0,
-        class: 0,
-    };
+    pub const EMPTY: Self = Self { bbox: [0.0; 4], score: 0.0, class: 0 };
 
     /// This detection with its box mapped by `map` (for example to frame pixels, see
     /// [`BoxMap::stretch`]).
     pub fn mapped(&self, map: &BoxMap) -> Self {
-        Self {
-            bbox: map.apply(self.bbox),
-            ..*self
-        }
+        Self { bbox: map.apply(self.bbox), ..*self }
     }
 }
 
@@ -69,12 +62,7 @@ pub struct HeadDims {
 impl HeadDims {
     /// Dims from their parts.
     pub const fn new(classes: usize, hs: usize, ws: usize, stride: f32) -> Self {
-        Self {
-            classes,
-            hs,
-            ws,
-            stride,
-        }
+        Self { classes, hs, ws, stride }
     }
 
     /// Checks the dims: `1..=65536` classes, non-zero sizes, a finite stride `> 0`, and no
@@ -87,16 +75,12 @@ impl HeadDims {
     fn plane(&self) -> Result<usize, PerceptionError> {
         nonzero("head.classes", self.classes)?;
         if self.classes > usize::from(u16::MAX) + 1 {
-            return Err(PerceptionError::Param {
-                what: "head.classes",
-            });
+            return Err(PerceptionError::Param { what: "head.classes" });
         }
         nonzero("head.hs", self.hs)?;
         nonzero("head.ws", self.ws)?;
         if !(self.stride.is_finite() && self.stride > 0.0) {
-            return Err(PerceptionError::Param {
-                what: "head.stride",
-            });
+            return Err(PerceptionError::Param { what: "head.stride" });
         }
         let plane = mul("head.hs * head.ws", self.hs, self.ws)?;
         mul("head.classes * hs * ws", self.classes, plane)?;
@@ -124,9 +108,7 @@ pub fn decode(
 ) -> Result<Count, PerceptionError> {
     let plane = dims.plane()?;
     if !threshold.is_finite() {
-        return Err(PerceptionError::Param {
-            what: "score_threshold",
-        });
+        return Err(PerceptionError::Param { what: "score_threshold" });
     }
     check_len("heatmap", heatmap.len(), dims.classes * plane)?;
     check_len("boxes", boxes.len(), 4 * plane)?;
@@ -162,11 +144,7 @@ pub fn decode(
                 continue;
             }
             found += 1;
-            let det = Detection {
-                bbox,
-                score: v,
-                class: class as u16,
-            };
+            let det = Detection { bbox, score: v, class: class as u16 };
             written = insert_top(out, written, det);
         }
     }
@@ -178,9 +156,8 @@ fn is_peak(heat: &[f32], ix: usize, iy: usize, hs: usize, ws: usize, v: f32) -> 
     let ys = iy.saturating_sub(1)..=(iy + 1).min(hs - 1);
     for y in ys {
         let row = y * ws;
-        let xs = heat
-            .get(row + ix.saturating_sub(1)..=row + (ix + 1).min(ws - 1))
-            .unwrap_or_default();
+        let xs =
+            heat.get(row + ix.saturating_sub(1)..=row + (ix + 1).min(ws - 1)).unwrap_or_default();
         if xs.iter().any(|&u| u > v) {
             return false;
         }

@@ -32,11 +32,7 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 #[inline]
 pub(crate) fn inv_norm(x: &[f32]) -> f32 {
     let s = dot(x, x);
-    if s.is_finite() && s > 0.0 {
-        1.0 / libm::sqrtf(s)
-    } else {
-        0.0
-    }
+    if s.is_finite() && s > 0.0 { 1.0 / libm::sqrtf(s) } else { 0.0 }
 }
 
 /// Scales `x` to unit length in place and returns whether it was valid (see [`inv_norm`]);

@@ -103,27 +103,17 @@ pub fn refine(
     nonzero("d", d)?;
     let t = config.temperature;
     if !(t.is_finite() && t >= 0.0) {
-        return Err(PerceptionError::Param {
-            what: "meanshift.temperature",
-        });
+        return Err(PerceptionError::Param { what: "meanshift.temperature" });
     }
     let nd = mul("n * d", n, d)?;
     check_len("features", features.len(), nd)?;
     check_len("refined", out.len(), nd)?;
-    check_min(
-        "scratch.logits",
-        scratch.logits.len(),
-        mul("BLOCK * n", BLOCK, n)?,
-    )?;
+    check_min("scratch.logits", scratch.logits.len(), mul("BLOCK * n", BLOCK, n)?)?;
     check_min("scratch.inv_norms", scratch.inv_norms.len(), n)?;
     let logits = scratch.logits.get_mut(..BLOCK * n).unwrap_or_default();
     let inv = scratch.inv_norms.get_mut(..n).unwrap_or_default();
 
-    for ((x, y), s) in features
-        .chunks_exact(d)
-        .zip(out.chunks_exact_mut(d))
-        .zip(inv.iter_mut())
-    {
+    for ((x, y), s) in features.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(inv.iter_mut()) {
         *s = inv_norm(x);
         for (y, x) in y.iter_mut().zip(x) {
             // An invalid row (s = 0) may hold NaN or inf: write zeros, not x * 0.
@@ -132,11 +122,8 @@ pub fn refine(
     }
     let inv: &[f32] = inv;
     for _ in 0..config.iters {
-        let mut rows = out
-            .chunks_exact_mut(d)
-            .zip(inv.iter())
-            .filter(|(_, s)| **s != 0.0)
-            .map(|(y, _)| y);
+        let mut rows =
+            out.chunks_exact_mut(d).zip(inv.iter()).filter(|(_, s)| **s != 0.0).map(|(y, _)| y);
         loop {
             let mut block: [&mut [f32]; BLOCK] = Default::default();
             let mut len = 0;
@@ -177,11 +164,7 @@ fn shift<const R: usize>(
     // Logits, key-major: logits[j * R + r] = t * (q_r . x_j) / |x_j|; invalid keys -inf.
     {
         let q = qs.each_ref().map(|y| y.as_chunks::<LANES>());
-        for ((x, &s), l) in features
-            .chunks_exact(d)
-            .zip(inv)
-            .zip(logits.chunks_exact_mut(R))
-        {
+        for ((x, &s), l) in features.chunks_exact(d).zip(inv).zip(logits.chunks_exact_mut(R)) {
             if s == 0.0 {
                 l.iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
                 continue;

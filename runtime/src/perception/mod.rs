@@ -90,11 +90,7 @@ pub enum PerceptionError {
 impl fmt::Display for PerceptionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Shape {
-                what,
-                expected,
-                got,
-            } => {
+            Self::Shape { what, expected, got } => {
                 write!(f, "{what}: length {got}, the shape needs {expected}")
             }
             Self::Param { what } => write!(f, "{what}: value out of range"),
@@ -152,12 +148,7 @@ impl BoxMap {
 
     /// A map from its parts.
     pub const fn new(scale_x: f32, scale_y: f32, off_x: f32, off_y: f32) -> Self {
-        Self {
-            scale_x,
-            scale_y,
-            off_x,
-            off_y,
-        }
+        Self { scale_x, scale_y, off_x, off_y }
     }
 
     /// Model-input pixels (`in_w x in_h`) to frame pixels (`frame_w x frame_h`) for the
@@ -167,12 +158,7 @@ impl BoxMap {
         if in_w == 0 || in_h == 0 {
             return Self::IDENTITY;
         }
-        Self::new(
-            frame_w as f32 / in_w as f32,
-            frame_h as f32 / in_h as f32,
-            0.0,
-            0.0,
-        )
+        Self::new(frame_w as f32 / in_w as f32, frame_h as f32 / in_h as f32, 0.0, 0.0)
     }
 
     /// Model-input pixels (`in_w x in_h`) to the wire's normalized coordinates
@@ -200,15 +186,7 @@ pub(crate) fn check_len(
     got: usize,
     expected: usize,
 ) -> Result<(), PerceptionError> {
-    if got == expected {
-        Ok(())
-    } else {
-        Err(PerceptionError::Shape {
-            what,
-            expected,
-            got,
-        })
-    }
+    if got == expected { Ok(()) } else { Err(PerceptionError::Shape { what, expected, got }) }
 }
 
 /// Checks `got >= expected` (scratch buffers may be longer than needed).
@@ -217,15 +195,7 @@ pub(crate) fn check_min(
     got: usize,
     expected: usize,
 ) -> Result<(), PerceptionError> {
-    if got >= expected {
-        Ok(())
-    } else {
-        Err(PerceptionError::Shape {
-            what,
-            expected,
-            got,
-        })
-    }
+    if got >= expected { Ok(()) } else { Err(PerceptionError::Shape { what, expected, got }) }
 }
 
 /// `a * b`, or a [`PerceptionError::Param`] naming `what` on overflow.
@@ -235,11 +205,7 @@ pub(crate) fn mul(what: &'static str, a: usize, b: usize) -> Result<usize, Perce
 
 /// A non-zero dimension, or a [`PerceptionError::Param`] naming `what`.
 pub(crate) fn nonzero(what: &'static str, v: usize) -> Result<usize, PerceptionError> {
-    if v == 0 {
-        Err(PerceptionError::Param { what })
-    } else {
-        Ok(v)
-    }
+    if v == 0 { Err(PerceptionError::Param { what }) } else { Ok(v) }
 }
 
 /// Intersection over union of two boxes `[x0, y0, x1, y1]`; inverted or empty boxes have

@@ -41,9 +41,8 @@ pub fn nms(dets: &mut [Detection], iou_threshold: f32) -> usize {
             break;
         }
         let head = dets.get(..kept).unwrap_or_default();
-        let suppressed = head
-            .iter()
-            .any(|k| k.class == cand.class && iou(&k.bbox, &cand.bbox) > iou_threshold);
+        let suppressed =
+            head.iter().any(|k| k.class == cand.class && iou(&k.bbox, &cand.bbox) > iou_threshold);
         if !suppressed {
             dets.swap(kept, i);
             kept += 1;

@@ -207,10 +207,7 @@ fn layout<const S: usize, const M: usize, const T: usize>(
 }
 
 fn total(what: &'static str, parts: &[usize]) -> Result<usize, PerceptionError> {
-    parts
-        .iter()
-        .try_fold(0usize, |a, &b| a.checked_add(b))
-        .ok_or(PerceptionError::Param { what })
+    parts.iter().try_fold(0usize, |a, &b| a.checked_add(b)).ok_or(PerceptionError::Param { what })
 }
 
 /// Splits the next `len` values off `buf`.
@@ -251,14 +248,10 @@ impl<'a, const S: usize, const M: usize, const T: usize> Perception<'a, S, M, T>
         if let Some(ms) = &config.meanshift
             && !(ms.temperature.is_finite() && ms.temperature >= 0.0)
         {
-            return Err(PerceptionError::Param {
-                what: "meanshift.temperature",
-            });
+            return Err(PerceptionError::Param { what: "meanshift.temperature" });
         }
         if !config.score_threshold.is_finite() {
-            return Err(PerceptionError::Param {
-                what: "score_threshold",
-            });
+            return Err(PerceptionError::Param { what: "score_threshold" });
         }
         if !(config.nms_iou.is_finite() && (0.0..=1.0).contains(&config.nms_iou)) {
             return Err(PerceptionError::Param { what: "nms_iou" });
@@ -332,14 +325,7 @@ impl<'a, const S: usize, const M: usize, const T: usize> Perception<'a, S, M, T>
         &mut self,
         input: &FrameInput<'_>,
     ) -> Result<FrameReport, PerceptionError> {
-        let PerceptionDims {
-            gh,
-            gw,
-            d,
-            k,
-            patch_px,
-            head,
-        } = self.dims;
+        let PerceptionDims { gh, gw, d, k, patch_px, head } = self.dims;
         let n = gh * gw;
         check_len("features", input.features.len(), n * d)?;
         let mut report = FrameReport::default();
@@ -354,10 +340,7 @@ impl<'a, const S: usize, const M: usize, const T: usize> Perception<'a, S, M, T>
                     n,
                     d,
                     ms,
-                    MeanShiftScratch {
-                        logits: self.ms_logits,
-                        inv_norms: self.ms_inv,
-                    },
+                    MeanShiftScratch { logits: self.ms_logits, inv_norms: self.ms_inv },
                     self.refined,
                 )?;
                 &*self.refined
@@ -395,10 +378,7 @@ impl<'a, const S: usize, const M: usize, const T: usize> Perception<'a, S, M, T>
             gh,
             gw,
             patch_px,
-            SegmentScratch {
-                seg_of: self.seg_of,
-                stack: self.stack,
-            },
+            SegmentScratch { seg_of: self.seg_of, stack: self.stack },
             &mut self.segments,
         )?;
         self.n_segments = report.segments.written;
@@ -420,17 +400,9 @@ impl<'a, const S: usize, const M: usize, const T: usize> Perception<'a, S, M, T>
                 what: "detection maps for a model without a head",
             });
         };
-        report.decoded = decode::decode(
-            heatmap,
-            boxes,
-            &head,
-            self.config.score_threshold,
-            &mut self.dets,
-        )?;
-        let dets = self
-            .dets
-            .get_mut(..report.decoded.written)
-            .unwrap_or_default();
+        report.decoded =
+            decode::decode(heatmap, boxes, &head, self.config.score_threshold, &mut self.dets)?;
+        let dets = self.dets.get_mut(..report.decoded.written).unwrap_or_default();
         let kept = nms(dets, self.config.nms_iou);
         self.n_dets = kept;
         report.detections = kept;

@@ -25,12 +25,7 @@ pub struct Segment {
 
 impl Segment {
     /// An empty placeholder (area 0), for initializing output arrays.
-    pub const EMPTY: Self = Self {
-        label: 0,
-        area: 0,
-        cells: [0; 4],
-        bbox: [0.0; 4],
-    };
+    pub const EMPTY: Self = Self { label: 0, area: 0, cells: [0; 4], bbox: [0.0; 4] };
 }
 
 impl Default for Segment {
@@ -130,19 +125,11 @@ pub fn segments(
         }
         if let Some(seg) = out.get_mut(found) {
             let cells = [x0, y0, x1, y1];
-            *seg = Segment {
-                label,
-                area,
-                cells,
-                bbox: cells.map(|c| c as f32 * patch_px),
-            };
+            *seg = Segment { label, area, cells, bbox: cells.map(|c| c as f32 * patch_px) };
         }
         found += 1;
     }
-    Ok(Count {
-        written: found.min(out.len()),
-        found,
-    })
+    Ok(Count { written: found.min(out.len()), found })
 }
 
 /// Mean feature of each of the first `m` segments: for every patch `i` with

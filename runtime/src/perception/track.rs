@@ -60,19 +60,13 @@ impl TrackerConfig {
     fn check(&self) -> Result<(), PerceptionError> {
         let ok = |v: f32, lo: f32, hi: f32| v.is_finite() && v >= lo && v <= hi;
         if !ok(self.iou_threshold, 0.0, 1.0) {
-            return Err(PerceptionError::Param {
-                what: "tracker.iou_threshold",
-            });
+            return Err(PerceptionError::Param { what: "tracker.iou_threshold" });
         }
         if !ok(self.feature_weight, 0.0, f32::MAX) {
-            return Err(PerceptionError::Param {
-                what: "tracker.feature_weight",
-            });
+            return Err(PerceptionError::Param { what: "tracker.feature_weight" });
         }
         if !ok(self.feature_momentum, 0.0, 1.0) {
-            return Err(PerceptionError::Param {
-                what: "tracker.feature_momentum",
-            });
+            return Err(PerceptionError::Param { what: "tracker.feature_momentum" });
         }
         Ok(())
     }
@@ -156,13 +150,7 @@ impl<const T: usize> Tracker<'static, T> {
     /// A tracker matching by IoU only (`feature_weight` is ignored).
     pub fn new(config: TrackerConfig) -> Result<Self, PerceptionError> {
         config.check()?;
-        Ok(Self {
-            config,
-            slots: [None; T],
-            next_id: 1,
-            features: &mut [],
-            d: 0,
-        })
+        Ok(Self { config, slots: [None; T], next_id: 1, features: &mut [], d: 0 })
     }
 }
 
@@ -177,13 +165,7 @@ impl<'a, const T: usize> Tracker<'a, T> {
         config.check()?;
         super::nonzero("tracker.d", d)?;
         check_min("tracker.store", store.len(), mul("T * d", T, d)?)?;
-        Ok(Self {
-            config,
-            slots: [None; T],
-            next_id: 1,
-            features: store,
-            d,
-        })
+        Ok(Self { config, slots: [None; T], next_id: 1, features: store, d })
     }
 
     /// The settings.
@@ -211,10 +193,7 @@ impl<'a, const T: usize> Tracker<'a, T> {
         if id == Object::UNTRACKED || self.d == 0 {
             return None;
         }
-        let s = self
-            .slots
-            .iter()
-            .position(|t| t.is_some_and(|t| t.id == id && t.has_feature))?;
+        let s = self.slots.iter().position(|t| t.is_some_and(|t| t.id == id && t.has_feature))?;
         self.features.get(s * self.d..(s + 1) * self.d)
     }
 
@@ -232,9 +211,7 @@ impl<'a, const T: usize> Tracker<'a, T> {
         let d = self.d;
         if let Some(f) = det_features {
             if d == 0 {
-                return Err(PerceptionError::Param {
-                    what: "tracker has no feature store",
-                });
+                return Err(PerceptionError::Param { what: "tracker has no feature store" });
             }
             check_len("det_features", f.len(), mul("dets * d", dets.len(), d)?)?;
         }
@@ -246,9 +223,8 @@ impl<'a, const T: usize> Tracker<'a, T> {
                 up.invalid += 1;
                 continue;
             }
-            let feat = det_features
-                .and_then(|f| f.get(k * d..(k + 1) * d))
-                .filter(|x| inv_norm(x) > 0.0);
+            let feat =
+                det_features.and_then(|f| f.get(k * d..(k + 1) * d)).filter(|x| inv_norm(x) > 0.0);
             // Best free track of the same class.
             let mut best: Option<(usize, f32)> = None;
             for (s, (slot, &taken)) in self.slots.iter().zip(seen.iter()).enumerate() {
@@ -321,11 +297,7 @@ impl<'a, const T: usize> Tracker<'a, T> {
             // Feature moving average (unit length).
             if let (Some(x), Some(f)) = (feat, self.features.get_mut(s * d..(s + 1) * d)) {
                 let xs = inv_norm(x);
-                let m = if t.has_feature {
-                    cfg.feature_momentum
-                } else {
-                    0.0
-                };
+                let m = if t.has_feature { cfg.feature_momentum } else { 0.0 };
                 for (f, &x) in f.iter_mut().zip(x) {
                     *f = m * *f + (1.0 - m) * x * xs;
                 }

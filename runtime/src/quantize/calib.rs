@@ -31,10 +31,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, QuantizeError> {
             source,
         })?;
         let p = e.path();
-        let ext = p
-            .extension()
-            .and_then(|x| x.to_str())
-            .map(str::to_ascii_lowercase);
+        let ext = p.extension().and_then(|x| x.to_str()).map(str::to_ascii_lowercase);
         if matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg")) && p.is_file() {
             files.push(p);
         }
@@ -58,10 +55,7 @@ pub fn load_image(
     norm: &Normalization,
 ) -> Result<Vec<f32>, QuantizeError> {
     let img = image::open(path)
-        .map_err(|source| QuantizeError::Image {
-            path: path.to_path_buf(),
-            source,
-        })?
+        .map_err(|source| QuantizeError::Image { path: path.to_path_buf(), source })?
         .to_rgb8();
     let (iw, ih) = img.dimensions();
     let frame = Rgb8Frame::new(img.as_raw(), iw as usize, ih as usize)?;
@@ -88,9 +82,7 @@ impl Probe {
             .map_err(tract_err("loading the calibration model"))?;
         m.set_input_fact(0, f32::fact(shape).into())
             .map_err(tract_err("fixing the calibration model's input"))?;
-        let typed = m
-            .into_optimized()
-            .map_err(tract_err("optimizing the calibration model"))?;
+        let typed = m.into_optimized().map_err(tract_err("optimizing the calibration model"))?;
         let plan = SimplePlan::new(typed).map_err(tract_err("planning the calibration model"))?;
         Ok(Self { plan, shape })
     }
@@ -105,21 +97,16 @@ impl Probe {
             what: "building the calibration input".into(),
             source,
         })?;
-        let outs = self
-            .plan
-            .run(tvec!(t.into_tvalue()))
-            .map_err(|source| QuantizeError::Tract {
-                what: "running the calibration model".into(),
-                source,
-            })?;
+        let outs = self.plan.run(tvec!(t.into_tvalue())).map_err(|source| {
+            QuantizeError::Tract { what: "running the calibration model".into(), source }
+        })?;
         for (i, o) in outs.iter().enumerate() {
-            let v = o
-                .as_plain_ram()
-                .and_then(|t| t.as_slice::<f32>().ok())
-                .ok_or_else(|| QuantizeError::Tract {
+            let v = o.as_plain_ram().and_then(|t| t.as_slice::<f32>().ok()).ok_or_else(|| {
+                QuantizeError::Tract {
                     what: format!("reading calibration output #{i}"),
                     source: TractError::msg("not a plain f32 tensor"),
-                })?;
+                }
+            })?;
             f(i, v);
         }
         Ok(())
@@ -136,11 +123,7 @@ pub(crate) struct Stats {
 
 impl Default for Stats {
     fn default() -> Self {
-        Self {
-            min: f32::INFINITY,
-            max: f32::NEG_INFINITY,
-            hist: Vec::new(),
-        }
+        Self { min: f32::INFINITY, max: f32::NEG_INFINITY, hist: Vec::new() }
     }
 }
 

@@ -42,20 +42,14 @@ impl QParams {
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
         let scale = ((hi - lo) / 255.0).max(MIN_SCALE);
         let zp = (-128.0 - lo / scale).round_ties_even().clamp(-128.0, 127.0);
-        Self {
-            scale,
-            zero_point: zp as i8,
-        }
+        Self { scale, zero_point: zp as i8 }
     }
 
     /// Symmetric int8 parameters (zero point 0) covering `[-max(|lo|,|hi|), +..]`, the
     /// form TensorRT requires.
     pub fn symmetric(lo: f32, hi: f32) -> Self {
         let amax = lo.abs().max(hi.abs());
-        Self {
-            scale: (amax / 127.0).max(MIN_SCALE),
-            zero_point: 0,
-        }
+        Self { scale: (amax / 127.0).max(MIN_SCALE), zero_point: 0 }
     }
 
     /// ONNX `QuantizeLinear`: `saturate(round_half_to_even(x / scale) + zero_point)`.
@@ -80,10 +74,7 @@ pub fn quantize_per_column(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec
             *a = a.max(v.abs());
         }
     }
-    let scales: Vec<f32> = amax
-        .iter()
-        .map(|a| if *a > 0.0 { a / 127.0 } else { 1.0 })
-        .collect();
+    let scales: Vec<f32> = amax.iter().map(|a| if *a > 0.0 { a / 127.0 } else { 1.0 }).collect();
     let q = w
         .chunks_exact(cols)
         .take(rows)
@@ -105,10 +96,7 @@ pub fn quantize_per_row(w: &[f32], rows: usize) -> (Vec<i8>, Vec<f32>) {
     for row in w.chunks_exact(per.max(1)).take(rows) {
         let amax = row.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        q.extend(
-            row.iter()
-                .map(|v| (v / s).round_ties_even().clamp(-127.0, 127.0) as i8),
-        );
+        q.extend(row.iter().map(|v| (v / s).round_ties_even().clamp(-127.0, 127.0) as i8));
         scales.push(s);
     }
     (q, scales)
@@ -155,19 +143,11 @@ pub(crate) fn calibration_tensors(layers: &[Layer], format: QuantFormat) -> Vec<
 }
 
 fn node_label(n: &NodeProto) -> String {
-    if n.name.is_empty() {
-        n.output.first().cloned().unwrap_or_default()
-    } else {
-        n.name.clone()
-    }
+    if n.name.is_empty() { n.output.first().cloned().unwrap_or_default() } else { n.name.clone() }
 }
 
 fn unsupported(n: &NodeProto, reason: impl Into<String>) -> QuantizeError {
-    QuantizeError::Unsupported {
-        node: node_label(n),
-        op: n.op_type.clone(),
-        reason: reason.into(),
-    }
+    QuantizeError::Unsupported { node: node_label(n), op: n.op_type.clone(), reason: reason.into() }
 }
 
 /// Checks that every node is an op tract can load and that the model is not already
@@ -194,11 +174,7 @@ pub(crate) fn check_model(model: &ModelProto) -> Result<&GraphProto, QuantizeErr
         }
     }
     let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let real_inputs = graph
-        .input
-        .iter()
-        .filter(|i| !inits.contains(i.name.as_str()))
-        .count();
+    let real_inputs = graph.input.iter().filter(|i| !inits.contains(i.name.as_str())).count();
     if real_inputs != 1 {
         return Err(QuantizeError::Unsupported {
             node: "<graph inputs>".into(),
@@ -222,7 +198,9 @@ fn head_mlp_index(n: &NodeProto) -> Option<usize> {
 /// The FLSL head's output layers in our export: the prototype layer `head/last_layer` and
 /// the head MLP's last linear (`head.mlp.<last_mlp>`, the bottleneck before the L2 norm).
 fn is_head_output(n: &NodeProto, last_mlp: Option<usize>) -> bool {
-    n.op_type == "MatMul" && (n.name.starts_with("head/last_layer") || (head_mlp_index(n).is_some() && head_mlp_index(n) == last_mlp))
+    n.op_type == "MatMul"
+        && (n.name.starts_with("head/last_layer")
+            || (head_mlp_index(n).is_some() && head_mlp_index(n) == last_mlp))
 }
 
 /// Finds every MatMul with a constant rank-2 weight and every Conv with a constant weight;
@@ -231,13 +209,11 @@ pub(crate) fn find_layers(
     graph: &GraphProto,
     options: &QuantizeOptions,
 ) -> Result<Vec<Layer>, QuantizeError> {
-    let inits: HashMap<&str, &TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
+    let inits: HashMap<&str, &TensorProto> =
+        graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut layers = Vec::new();
-    let last_head_mlp = graph.node.iter().filter(|m| m.op_type == "MatMul").filter_map(head_mlp_index).max();
+    let last_head_mlp =
+        graph.node.iter().filter(|m| m.op_type == "MatMul").filter_map(head_mlp_index).max();
     for (ix, n) in graph.node.iter().enumerate() {
         let op: &'static str = match n.op_type.as_str() {
             "MatMul" => "MatMul",
@@ -388,7 +364,13 @@ fn tensor_i32(name: &str, dims: &[usize], v: &[i32]) -> TensorProto {
     }
 }
 
-fn node(op: &str, name: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
+fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    output: &str,
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
     NodeProto {
         op_type: op.into(),
         name: name.into(),
@@ -437,19 +419,13 @@ pub(crate) fn rewrite(
             });
         }
     }
-    let inits: HashMap<String, TensorProto> = g
-        .initializer
-        .iter()
-        .map(|t| (t.name.clone(), t.clone()))
-        .collect();
+    let inits: HashMap<String, TensorProto> =
+        g.initializer.iter().map(|t| (t.name.clone(), t.clone())).collect();
     let range = |name: &str| -> Result<(f32, f32), QuantizeError> {
-        ranges
-            .get(name)
-            .copied()
-            .ok_or_else(|| QuantizeError::Calibration {
-                dir: Default::default(),
-                reason: format!("no calibration range for tensor `{name}`"),
-            })
+        ranges.get(name).copied().ok_or_else(|| QuantizeError::Calibration {
+            dir: Default::default(),
+            reason: format!("no calibration range for tensor `{name}`"),
+        })
     };
     let act_params = |lo: f32, hi: f32| match format {
         // i8 activations: tract converts u8 operands to i8 before its integer matmul, so
@@ -458,11 +434,8 @@ pub(crate) fn rewrite(
         QuantFormat::Qdq => QParams::symmetric(lo, hi),
     };
 
-    let by_node: HashMap<usize, &Layer> = layers
-        .iter()
-        .filter(|l| l.quantize)
-        .map(|l| (l.node_ix, l))
-        .collect();
+    let by_node: HashMap<usize, &Layer> =
+        layers.iter().filter(|l| l.quantize).map(|l| (l.node_ix, l)).collect();
     let mut new_nodes = Vec::with_capacity(g.node.len() + 3 * by_node.len());
     let mut new_inits: Vec<TensorProto> = Vec::new();
     // Activation tensor -> its quantized (tract) or fake-quantized (qdq) name, emitted once.
@@ -527,9 +500,8 @@ pub(crate) fn rewrite(
                 } else {
                     op = "QLinearConv";
                     if let Some(b) = &layer.conv_bias {
-                        let bias = f32_data(&inits[b]).ok_or_else(|| {
-                            unsupported(n, format!("bias `{b}` is not f32 data"))
-                        })?;
+                        let bias = f32_data(&inits[b])
+                            .ok_or_else(|| unsupported(n, format!("bias `{b}` is not f32 data")))?;
                         let qb: Vec<i32> = bias
                             .iter()
                             .zip(&scales)
@@ -571,22 +543,24 @@ pub(crate) fn rewrite(
         }
     }
     // Drop float weights nothing reads any more.
-    let still_used: HashSet<&str> = new_nodes
-        .iter()
-        .flat_map(|n| n.input.iter().map(String::as_str))
-        .collect();
+    let still_used: HashSet<&str> =
+        new_nodes.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
     g.initializer
         .retain(|t| !replaced_weights.contains(&t.name) || still_used.contains(t.name.as_str()));
-    g.input
-        .retain(|i| !replaced_weights.contains(&i.name) || still_used.contains(i.name.as_str()));
+    g.input.retain(|i| !replaced_weights.contains(&i.name) || still_used.contains(i.name.as_str()));
     g.initializer.extend(new_inits);
     g.node = new_nodes;
     m.producer_name = format!("{} + flsl quantize", m.producer_name);
     m.metadata_props.push(tract_onnx::pb::StringStringEntryProto {
         key: "flsl.quantization".into(),
         value: match format {
-            QuantFormat::Tract => "int8 QLinearMatMul, per-channel symmetric weights, asymmetric i8 activations".into(),
-            QuantFormat::Qdq => "int8 QDQ, per-channel symmetric weights, symmetric i8 activations".into(),
+            QuantFormat::Tract => {
+                "int8 QLinearMatMul, per-channel symmetric weights, asymmetric i8 activations"
+                    .into()
+            }
+            QuantFormat::Qdq => {
+                "int8 QDQ, per-channel symmetric weights, symmetric i8 activations".into()
+            }
         },
     });
     Ok((m, by_node.len()))

@@ -160,12 +160,7 @@ pub struct BenchOptions {
 impl Default for BenchOptions {
     /// 1 and 2 threads, 20 runs after 3 warm-up runs, onnxruntime on.
     fn default() -> Self {
-        Self {
-            threads: vec![1, 2],
-            iters: 20,
-            warmup: 3,
-            onnxruntime: true,
-        }
+        Self { threads: vec![1, 2], iters: 20, warmup: 3, onnxruntime: true }
     }
 }
 
@@ -357,32 +352,28 @@ pub struct QuantReport {
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> QuantizeError {
     let path = path.to_path_buf();
-    move |source| QuantizeError::Io {
-        action,
-        path,
-        source,
-    }
+    move |source| QuantizeError::Io { action, path, source }
 }
 
 /// Reads and decodes an ONNX file.
 pub fn read_model(path: &Path) -> Result<ModelProto, QuantizeError> {
     let bytes = std::fs::read(path).map_err(io("reading", path))?;
-    ModelProto::decode(&bytes[..]).map_err(|source| QuantizeError::Decode {
-        path: path.to_path_buf(),
-        source,
-    })
+    ModelProto::decode(&bytes[..])
+        .map_err(|source| QuantizeError::Decode { path: path.to_path_buf(), source })
 }
 
 /// The model's input shape `[1, 3, H, W]`: `size` or the file's declared one.
-fn input_shape(model: &ModelProto, size: Option<(usize, usize)>) -> Result<[usize; 4], QuantizeError> {
+fn input_shape(
+    model: &ModelProto,
+    size: Option<(usize, usize)>,
+) -> Result<[usize; 4], QuantizeError> {
     if let Some((h, w)) = size {
         return Ok([1, 3, h, w]);
     }
     use tract_onnx::pb::{tensor_shape_proto::dimension::Value, type_proto};
     let graph = model.graph.as_ref();
-    let inits: Vec<&str> = graph
-        .map(|g| g.initializer.iter().map(|t| t.name.as_str()).collect())
-        .unwrap_or_default();
+    let inits: Vec<&str> =
+        graph.map(|g| g.initializer.iter().map(|t| t.name.as_str()).collect()).unwrap_or_default();
     let input = graph.and_then(|g| g.input.iter().find(|i| !inits.contains(&i.name.as_str())));
     let dims: Option<Vec<usize>> = input
         .and_then(|i| i.r#type.as_ref())
@@ -404,7 +395,9 @@ fn input_shape(model: &ModelProto, size: Option<(usize, usize)>) -> Result<[usiz
         other => Err(QuantizeError::Unsupported {
             node: input.map_or("<input>".into(), |i| i.name.clone()),
             op: "<graph input>".into(),
-            reason: format!("input shape {other:?} is not a fixed [1, 3, H, W]; pass an input size"),
+            reason: format!(
+                "input shape {other:?} is not a fixed [1, 3, H, W]; pass an input size"
+            ),
         }),
     }
 }
@@ -433,21 +426,15 @@ pub fn quantize_model(
     )?;
     let ranges: graph::Ranges = names.iter().cloned().zip(ranges).collect();
     let (int8, n) = graph::rewrite(model, &layers, &ranges, options.format)?;
-    let kept = layers
-        .iter()
-        .filter(|l| !l.quantize)
-        .map(|l| format!("{} ({})", l.name, l.op))
-        .collect();
+    let kept =
+        layers.iter().filter(|l| !l.quantize).map(|l| format!("{} ({})", l.name, l.op)).collect();
     Ok((int8, n, kept))
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so
 /// `path` is either untouched or complete.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), QuantizeError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -538,12 +525,17 @@ pub fn quantize_file(
 
 /// COCO AP of `fp32` and `int8` on `set`; `None` when the model has no detection head.
 #[cfg(feature = "eval")]
-fn detection_delta(fp32: &Path, int8: &Path, set: &DetectionSet) -> Result<Option<DetectionDelta>, QuantizeError> {
+fn detection_delta(
+    fp32: &Path,
+    int8: &Path,
+    set: &DetectionSet,
+) -> Result<Option<DetectionDelta>, QuantizeError> {
     use crate::detect::{DetectOptions, Detector, DetectorScratch};
     use crate::eval::{CocoDet, CocoGt, evaluate};
     let bad = |reason: String| QuantizeError::Calibration { dir: set.gt.clone(), reason };
     let text = std::fs::read_to_string(&set.gt).map_err(io("reading", &set.gt))?;
-    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let gt = CocoGt::from_value(&doc, Some(&set.gt)).map_err(|e| bad(e.to_string()))?;
     let files: Vec<(i64, PathBuf)> = doc["images"]
         .as_array()
@@ -554,7 +546,8 @@ fn detection_delta(fp32: &Path, int8: &Path, set: &DetectionSet) -> Result<Optio
                     // carry a directory prefix such as `images/`).
                     let name = Path::new(i["file_name"].as_str()?);
                     let direct = set.images.join(name);
-                    let path = if direct.is_file() { direct } else { set.images.join(name.file_name()?) };
+                    let path =
+                        if direct.is_file() { direct } else { set.images.join(name.file_name()?) };
                     Some((i["id"].as_i64()?, path))
                 })
                 .filter(|(_, p)| p.is_file())
@@ -575,11 +568,18 @@ fn detection_delta(fp32: &Path, int8: &Path, set: &DetectionSet) -> Result<Optio
         }
         let mut dets = Vec::new();
         for (id, path) in &files {
-            let img = image::open(path).map_err(|source| QuantizeError::Image { path: path.clone(), source })?.to_rgb8();
+            let img = image::open(path)
+                .map_err(|source| QuantizeError::Image { path: path.clone(), source })?
+                .to_rgb8();
             for d in detector.process(&img)?.detections {
                 let Some(&category_id) = gt.categories.get(usize::from(d.class)) else { continue };
                 let [x0, y0, x1, y1] = d.bbox.map(f64::from);
-                dets.push(CocoDet { image_id: *id, category_id, bbox: [x0, y0, x1 - x0, y1 - y0], score: f64::from(d.score) });
+                dets.push(CocoDet {
+                    image_id: *id,
+                    category_id,
+                    bbox: [x0, y0, x1 - x0, y1 - y0],
+                    score: f64::from(d.score),
+                });
             }
         }
         stats.push(evaluate(&gt, &dets).map_err(|e| bad(e.to_string()))?.to_array());
@@ -588,8 +588,15 @@ fn detection_delta(fp32: &Path, int8: &Path, set: &DetectionSet) -> Result<Optio
 }
 
 #[cfg(not(feature = "eval"))]
-fn detection_delta(_: &Path, _: &Path, set: &DetectionSet) -> Result<Option<DetectionDelta>, QuantizeError> {
-    Err(QuantizeError::Calibration { dir: set.gt.clone(), reason: "the detection AP comparison needs flsl-runtime's `eval` feature".into() })
+fn detection_delta(
+    _: &Path,
+    _: &Path,
+    set: &DetectionSet,
+) -> Result<Option<DetectionDelta>, QuantizeError> {
+    Err(QuantizeError::Calibration {
+        dir: set.gt.clone(),
+        reason: "the detection AP comparison needs flsl-runtime's `eval` feature".into(),
+    })
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -600,18 +607,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
         aa += x * x;
         bb += y * y;
     }
-    if aa == 0.0 && bb == 0.0 {
-        1.0
-    } else {
-        ab / (aa.sqrt() * bb.sqrt()).max(1e-30)
-    }
+    if aa == 0.0 && bb == 0.0 { 1.0 } else { ab / (aa.sqrt() * bb.sqrt()).max(1e-30) }
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
 /// Feature cosine and prototype agreement of `int8` vs `fp32` on `images` (tract, 1 thread).
@@ -634,11 +634,7 @@ pub fn compare(
     let (mut img_sum, mut img_worst) = (0.0, f64::INFINITY);
     let (mut agree, mut assigned) = (0usize, 0usize);
     for (i, path) in images.iter().enumerate() {
-        progress(Progress {
-            stage: Stage::Evaluation,
-            done: i,
-            total: images.len(),
-        });
+        progress(Progress { stage: Stage::Evaluation, done: i, total: images.len() });
         let x = load_image(path, h, w, &options.normalization)?;
         a.run_tensor(&x)?;
         let fa = a.outputs().expect("outputs after a run");
@@ -700,14 +696,8 @@ pub fn latency(
         .map(|i| ((i * 2_654_435_761) >> 13) as u8 as f32 / 64.0 - 2.0)
         .collect();
     for (ti, &t) in b.threads.iter().enumerate() {
-        progress(Progress {
-            stage: Stage::Benchmark,
-            done: ti,
-            total: b.threads.len(),
-        });
-        let mo = ModelOptions::new()
-            .with_threads(t)
-            .with_input_size(shape[2], shape[3]);
+        progress(Progress { stage: Stage::Benchmark, done: ti, total: b.threads.len() });
+        let mo = ModelOptions::new().with_threads(t).with_input_size(shape[2], shape[3]);
         let mut models = [OnnxModel::load(fp32, mo)?, OnnxModel::load(int8, mo)?];
         for m in &mut models {
             m.input_mut()?.copy_from_slice(&input);
@@ -758,7 +748,8 @@ pub fn latency(
 /// [`PatchEmbed`](crate::ops::PatchEmbed) (a QDQ patch-embedding `Conv`) and tract's own
 /// `OptMatMul` with an `i32` kernel (the `QLinearMatMul` form).
 pub fn tract_ops(bytes: &[u8], shape: [usize; 4]) -> Result<TractOps, QuantizeError> {
-    let model = OnnxModel::from_bytes(bytes, ModelOptions::new().with_input_size(shape[2], shape[3]))?;
+    let model =
+        OnnxModel::from_bytes(bytes, ModelOptions::new().with_input_size(shape[2], shape[3]))?;
     let mut ops: Vec<(String, usize)> = Vec::new();
     let (mut integer, mut float) = (0, 0);
     for (_, name, info) in model.plan_info() {
@@ -780,11 +771,7 @@ pub fn tract_ops(bytes: &[u8], shape: [usize; 4]) -> Result<TractOps, QuantizeEr
         }
     }
     ops.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    Ok(TractOps {
-        ops,
-        integer_matmuls: integer,
-        float_matmuls: float,
-    })
+    Ok(TractOps { ops, integer_matmuls: integer, float_matmuls: float })
 }
 
 /// The report as Markdown (what `flsl quantize` prints and writes beside the model).

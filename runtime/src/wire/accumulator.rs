@@ -54,11 +54,7 @@ impl<const N: usize> Default for Accumulator<N> {
 impl<const N: usize> Accumulator<N> {
     /// An empty accumulator.
     pub const fn new() -> Self {
-        Self {
-            buf: [0; N],
-            len: 0,
-            overflowed: false,
-        }
+        Self { buf: [0; N], len: 0, overflowed: false }
     }
 
     /// Bytes of the current, incomplete chunk held so far.
@@ -84,9 +80,7 @@ impl<const N: usize> Accumulator<N> {
             };
             // `at` indexes the delimiter: `chunk` is before it, `remaining` after it.
             let (chunk, rest) = input.split_at_checked(at).unwrap_or((input, &[]));
-            let remaining = rest
-                .split_first()
-                .map_or(&[][..], |(_delimiter, tail)| tail);
+            let remaining = rest.split_first().map_or(&[][..], |(_delimiter, tail)| tail);
             self.extend(chunk);
             match self.finish_chunk() {
                 None => input = remaining,
@@ -153,11 +147,7 @@ mod tests {
     }
 
     fn frame(seq: u32, n: u32) -> Message {
-        Message::frame(
-            seq,
-            u64::from(seq) * 33_000,
-            Frame::from_objects((0..n).map(object)),
-        )
+        Message::frame(seq, u64::from(seq) * 33_000, Frame::from_objects((0..n).map(object)))
     }
 
     #[test]
@@ -198,13 +188,7 @@ mod tests {
 
         let mut stream = [0u8; 3 * MAX_ENCODED_LEN + 16];
         let mut len = 0;
-        for part in [
-            &[0xAB, 0xCD, 0x01][..],
-            &corrupt[..na],
-            &[7, 7, 7],
-            &ea[..na],
-            &eb[..nb],
-        ] {
+        for part in [&[0xAB, 0xCD, 0x01][..], &corrupt[..na], &[7, 7, 7], &ea[..na], &eb[..nb]] {
             stream[len..len + part.len()].copy_from_slice(part);
             len += part.len();
         }
@@ -242,10 +226,9 @@ mod tests {
         let mut acc = Accumulator::<24>::new();
         assert!(matches!(acc.feed(&[1u8; 40]), FeedResult::Consumed));
         match acc.feed(&[0]) {
-            FeedResult::Error {
-                error: DecodeError::Overflow,
-                remaining,
-            } => assert!(remaining.is_empty()),
+            FeedResult::Error { error: DecodeError::Overflow, remaining } => {
+                assert!(remaining.is_empty())
+            }
             other => panic!("{other:?}"),
         }
         let hb = Message::heartbeat(9, 9);
@@ -259,10 +242,7 @@ mod tests {
         let (e, n) = encoded(&frame(3, 2));
         assert!(matches!(
             acc.feed(&e[..n]),
-            FeedResult::Error {
-                error: DecodeError::Overflow,
-                ..
-            }
+            FeedResult::Error { error: DecodeError::Overflow, .. }
         ));
     }
 

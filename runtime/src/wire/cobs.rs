@@ -32,11 +32,7 @@ impl<'a> Encoder<'a> {
         if out.is_empty() {
             return Err(OutOfSpace);
         }
-        Ok(Self {
-            out,
-            code_at: 0,
-            pos: 1,
-        })
+        Ok(Self { out, code_at: 0, pos: 1 })
     }
 
     /// Encodes one input byte.
@@ -144,11 +140,7 @@ mod tests {
     fn round_trip(input: &[u8]) {
         let mut out = [0u8; 1200];
         let n = encode(input, &mut out).unwrap();
-        assert!(
-            n <= max_encoded_len(input.len()),
-            "len {n} for {}",
-            input.len()
-        );
+        assert!(n <= max_encoded_len(input.len()), "len {n} for {}", input.len());
         assert!(!out[..n].contains(&0), "encoded data contains a zero");
         let m = decode_in_place(&mut out[..n]).unwrap();
         assert_eq!(&out[..m], input);

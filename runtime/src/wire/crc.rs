@@ -23,11 +23,7 @@ const fn make_table() -> [u32; 256] {
         let mut crc = i as u32;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 1 != 0 {
-                POLY ^ (crc >> 1)
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { POLY ^ (crc >> 1) } else { crc >> 1 };
             bit += 1;
         }
         table[i] = crc;
@@ -48,10 +44,7 @@ impl Crc32 {
 
     /// Adds one byte.
     #[inline]
-    #[allow(
-        clippy::indexing_slicing,
-        reason = "a u8 index into a 256-entry table cannot panic"
-    )]
+    #[allow(clippy::indexing_slicing, reason = "a u8 index into a 256-entry table cannot panic")]
     pub(crate) fn update_byte(&mut self, byte: u8) {
         // The index is a `u8`, so it is always inside the 256-entry table.
         self.0 = TABLE[usize::from(self.0 as u8 ^ byte)] ^ (self.0 >> 8);

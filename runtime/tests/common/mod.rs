@@ -10,7 +10,10 @@ use safetensors::{Dtype, SafeTensors};
 
 /// `tests/fixtures/reference/micro` of the workspace (copied from the reference set).
 pub fn micro_dir() -> PathBuf {
-    std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())).join("../tests/fixtures/reference/micro")
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../tests/fixtures/reference/micro")
 }
 
 /// Every F32 tensor of a safetensors file under `micro/`, keys prefixed with `prefix`.
@@ -35,10 +38,7 @@ pub fn load_safetensors(file: &str, prefix: &str) -> HostTensors {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// A process-unique scratch directory under the system temp dir.

@@ -47,7 +47,10 @@ pub fn micro_model(dir: &std::path::Path, with_det: bool) -> PathBuf {
     // A small FLSL head: 32 -> 48 -> 48 -> 16, then 24 prototypes.
     let mut put = |k: &str, shape: Vec<usize>| {
         let n: usize = shape.iter().product();
-        w.insert(k.to_string(), (shape, (0..n).map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5) * 0.2).collect()));
+        w.insert(
+            k.to_string(),
+            (shape, (0..n).map(|i| ((i * 7919 % 997) as f32 / 997.0 - 0.5) * 0.2).collect()),
+        );
     };
     put("head.mlp.0.weight", vec![48, 32]);
     put("head.mlp.0.bias", vec![48]);
@@ -80,4 +83,3 @@ pub fn frames(dir: &std::path::Path, n: usize) -> PathBuf {
     std::fs::write(f.join("broken.png"), b"not a png").unwrap();
     f
 }
-

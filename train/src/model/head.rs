@@ -36,9 +36,17 @@ impl FlslHeadConfig {
     /// Checks the configuration; the error names the offending key.
     pub fn validate(&self) -> crate::error::Result<()> {
         if self.nlayers < 2 {
-            return Err(Error::Config { key: "nlayers".into(), reason: format!("{} < 2 is not supported", self.nlayers) });
+            return Err(Error::Config {
+                key: "nlayers".into(),
+                reason: format!("{} < 2 is not supported", self.nlayers),
+            });
         }
-        for (key, v) in [("in_dim", self.in_dim), ("out_dim", self.out_dim), ("hidden_dim", self.hidden_dim), ("bottleneck_dim", self.bottleneck_dim)] {
+        for (key, v) in [
+            ("in_dim", self.in_dim),
+            ("out_dim", self.out_dim),
+            ("hidden_dim", self.hidden_dim),
+            ("bottleneck_dim", self.bottleneck_dim),
+        ] {
             if v == 0 {
                 return Err(Error::Config { key: key.into(), reason: "must be positive".into() });
             }
@@ -54,11 +62,16 @@ impl FlslHeadConfig {
         }
         mlp.push(Linear::new(self.hidden_dim, self.bottleneck_dim, true, device));
         // nn.Linear's default init for weight_v; its scale does not matter after normalisation.
-        let v = trunc_normal::<B, 2>([self.out_dim, self.bottleneck_dim], 1.0 / (self.bottleneck_dim as f64).sqrt(), device);
+        let v = trunc_normal::<B, 2>(
+            [self.out_dim, self.bottleneck_dim],
+            1.0 / (self.bottleneck_dim as f64).sqrt(),
+            device,
+        );
         FlslHead {
             mlp,
             last_layer: WeightNormLinear {
-                weight_g: Param::from_tensor(Tensor::ones([self.out_dim, 1], device)).set_require_grad(!self.norm_last_layer),
+                weight_g: Param::from_tensor(Tensor::ones([self.out_dim, 1], device))
+                    .set_require_grad(!self.norm_last_layer),
                 weight_v: Param::from_tensor(v),
             },
         }
@@ -122,7 +135,8 @@ impl<B: Backend> FlslHead<B> {
         let k = self.out_dim();
         let rows: usize = dims[..D - 1].iter().product();
         let bottleneck = dims[D - 1];
-        let out = z.reshape([rows, bottleneck]).matmul(self.last_layer.effective_weight().transpose());
+        let out =
+            z.reshape([rows, bottleneck]).matmul(self.last_layer.effective_weight().transpose());
         let mut shape = dims;
         shape[D - 1] = k;
         out.reshape(shape)

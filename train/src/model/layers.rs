@@ -120,7 +120,10 @@ pub fn with_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
 }
 
 /// `n` draws from the thread's seeded stream, if [`with_seed`] is active.
-fn host_draws(n: usize, mut f: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> f32) -> Option<Vec<f32>> {
+fn host_draws(
+    n: usize,
+    mut f: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> f32,
+) -> Option<Vec<f32>> {
     HOST_RNG.with(|r| r.borrow_mut().as_mut().map(|rng| (0..n).map(|_| f(rng)).collect()))
 }
 
@@ -133,12 +136,17 @@ fn normal(rng: &mut rand_chacha::ChaCha8Rng) -> f32 {
 }
 
 /// Truncated normal in `[-2 std, 2 std]` (timm's `trunc_normal_` with its default bounds).
-pub fn trunc_normal<B: Backend, const D: usize>(shape: [usize; D], std: f64, device: &B::Device) -> Tensor<B, D> {
+pub fn trunc_normal<B: Backend, const D: usize>(
+    shape: [usize; D],
+    std: f64,
+    device: &B::Device,
+) -> Tensor<B, D> {
     // Draw N(0, std) and clamp to the bounds. The initial values only matter statistically
     // (the reference's RNG stream cannot be reproduced anyway).
     let n: usize = shape.iter().product();
     match host_draws(n, normal) {
-        Some(v) => Tensor::<B, D>::from_data(burn::tensor::TensorData::new(v, shape), device).mul_scalar(std),
+        Some(v) => Tensor::<B, D>::from_data(burn::tensor::TensorData::new(v, shape), device)
+            .mul_scalar(std),
         None => Tensor::random(shape, Distribution::Normal(0.0, std), device),
     }
     .clamp(-2.0 * std, 2.0 * std)

@@ -132,7 +132,12 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
         let expected = tensor.dims().to_vec();
         // A 0-d or [1]-shaped source for a 1-element parameter is accepted as is.
         if src.shape != expected {
-            self.errors.push(Error::ShapeMismatch { name, path: self.file.to_path_buf(), expected, found: src.shape.clone() });
+            self.errors.push(Error::ShapeMismatch {
+                name,
+                path: self.file.to_path_buf(),
+                expected,
+                found: src.shape.clone(),
+            });
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let require_grad = tensor.is_require_grad();
@@ -157,7 +162,15 @@ pub fn load_state_dict<B: Backend, M: Module<B>>(
     file: &Path,
     missing: Missing,
 ) -> Result<M> {
-    let mut loader = Loader { path: PathStack::default(), src, prefix, file, missing, errors: Vec::new(), loaded: 0 };
+    let mut loader = Loader {
+        path: PathStack::default(),
+        src,
+        prefix,
+        file,
+        missing,
+        errors: Vec::new(),
+        loaded: 0,
+    };
     let module = module.map(&mut loader);
     match loader.errors.into_iter().next() {
         Some(e) => Err(e),

@@ -93,13 +93,22 @@ impl VitConfig {
     pub fn validate(&self) -> crate::error::Result<()> {
         let bad = |key: &str, reason: String| Err(Error::Config { key: key.into(), reason });
         if self.embed_dim == 0 || self.embed_dim % 4 != 0 {
-            return bad("embed_dim", format!("{} must be a positive multiple of 4 (2-D sin-cos table)", self.embed_dim));
+            return bad(
+                "embed_dim",
+                format!("{} must be a positive multiple of 4 (2-D sin-cos table)", self.embed_dim),
+            );
         }
         if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
-            return bad("num_heads", format!("{} must divide embed_dim {}", self.num_heads, self.embed_dim));
+            return bad(
+                "num_heads",
+                format!("{} must divide embed_dim {}", self.num_heads, self.embed_dim),
+            );
         }
         if self.patch_size == 0 || self.img_size < self.patch_size {
-            return bad("patch_size", format!("{} must be in 1..=img_size ({})", self.patch_size, self.img_size));
+            return bad(
+                "patch_size",
+                format!("{} must be in 1..=img_size ({})", self.patch_size, self.img_size),
+            );
         }
         if self.depth == 0 {
             return bad("depth", "must be at least 1".into());
@@ -126,7 +135,11 @@ impl VitConfig {
             .reshape([d, self.in_chans, p, p]);
         let blocks = (0..self.depth)
             .map(|i| {
-                let dpr = if self.depth > 1 { self.drop_path_rate * i as f64 / (self.depth - 1) as f64 } else { 0.0 };
+                let dpr = if self.depth > 1 {
+                    self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+                } else {
+                    0.0
+                };
                 Block {
                     norm1: LayerNorm::new(d, self.layer_norm_eps, device),
                     attn: Attention {
@@ -147,7 +160,10 @@ impl VitConfig {
             cls_token: Param::from_tensor(Tensor::zeros([1, 1, d], device)).set_require_grad(false),
             pos_embed: Param::from_tensor(pos_embed).set_require_grad(!self.sincos_pos),
             patch_embed: PatchEmbed {
-                proj: Conv { weight: Param::from_tensor(conv_w), bias: Param::from_tensor(Tensor::zeros([d], device)) },
+                proj: Conv {
+                    weight: Param::from_tensor(conv_w),
+                    bias: Param::from_tensor(Tensor::zeros([d], device)),
+                },
                 patch_size: p,
             },
             blocks,
@@ -185,7 +201,11 @@ impl<B: Backend> PatchEmbed<B> {
         let p = self.patch_size;
         let [b, c, h, w] = x.dims();
         let (gh, gw) = (h / p, w / p);
-        let x = if gh * p != h || gw * p != w { x.slice([0..b, 0..c, 0..gh * p, 0..gw * p]) } else { x };
+        let x = if gh * p != h || gw * p != w {
+            x.slice([0..b, 0..c, 0..gh * p, 0..gw * p])
+        } else {
+            x
+        };
         let patches = x
             .reshape([b, c, gh, p, gw, p])
             .permute([0, 2, 4, 1, 3, 5]) // [B, gh, gw, C, p, p]
@@ -314,7 +334,8 @@ impl<B: Backend> Vit<B> {
         if self.pos_embed.is_require_grad() {
             // A learnable table: the same bicubic resize as a product with its (linear)
             // interpolation matrix, so that the gradient reaches the table from every crop size.
-            let identity: Vec<f32> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+            let identity: Vec<f32> =
+                (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
             let m = interpolate_pos_embed(&identity, g, n, gh, gw); // [gh*gw, n]
             let m = Tensor::<B, 2>::from_data(TensorData::new(m, [gh * gw, n]), &device);
             return m.matmul(self.pos_embed.val().reshape([n, d])).reshape([1, gh * gw, d]);
@@ -368,7 +389,8 @@ impl<B: Backend> Vit<B> {
 /// half is `[sin(p w_k)..., cos(p w_k)...]` with `w_k = 1 / 10000^(k / (D/4))`.
 pub fn sincos_pos_embed_2d(d: usize, g: usize) -> Vec<f64> {
     let quarter = d / 4;
-    let omega: Vec<f64> = (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
+    let omega: Vec<f64> =
+        (0..quarter).map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64)).collect();
     let mut out = vec![0.0; g * g * d];
     for i in 0..g {
         for j in 0..g {
@@ -424,7 +446,10 @@ pub fn interpolate_pos_embed(table: &[f32], g: usize, d: usize, gh: usize, gw: u
                     let at = |x: usize| table[(y * g + x) * d + c];
                     at(xi[0]) * xw[0] + at(xi[1]) * xw[1] + at(xi[2]) * xw[2] + at(xi[3]) * xw[3]
                 };
-                o[c] = row(yi[0]) * yw[0] + row(yi[1]) * yw[1] + row(yi[2]) * yw[2] + row(yi[3]) * yw[3];
+                o[c] = row(yi[0]) * yw[0]
+                    + row(yi[1]) * yw[1]
+                    + row(yi[2]) * yw[2]
+                    + row(yi[3]) * yw[3];
             }
         }
     }

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "flsl", version, about = "FLSL: feature-level self-supervised ViTs, from training to drones")]
+#[command(
+    name = "flsl",
+    version,
+    about = "FLSL: feature-level self-supervised ViTs, from training to drones"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

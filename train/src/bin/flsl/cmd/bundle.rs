@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use flsl_runtime::onboard::bundle::{BundleOptions, DetectionConfig, LinkConfig, MODEL_FILE, write_bundle};
+use flsl_runtime::onboard::bundle::{
+    BundleOptions, DetectionConfig, LinkConfig, MODEL_FILE, write_bundle,
+};
 use flsl_runtime::onboard::mavlink::{GimbalConfig, MavlinkConfig};
 
 use crate::args::BundleArgs;
@@ -9,7 +11,11 @@ use crate::args::BundleArgs;
 pub fn run(a: BundleArgs) -> anyhow::Result<ExitCode> {
     let opts = BundleOptions {
         classes: a.classes,
-        detection: DetectionConfig { score_threshold: a.score, kmeans_k: a.kmeans_k, meanshift: a.meanshift },
+        detection: DetectionConfig {
+            score_threshold: a.score,
+            kmeans_k: a.kmeans_k,
+            meanshift: a.meanshift,
+        },
         threads: a.threads,
         link: LinkConfig { serial: a.serial, baud: a.baud, udp: a.udp },
         input_size: a.size.as_deref().map(super::parse_size).transpose()?,
@@ -24,7 +30,8 @@ pub fn run(a: BundleArgs) -> anyhow::Result<ExitCode> {
             ..MavlinkConfig::default()
         },
     };
-    let b = write_bundle(&a.model, &a.out, &opts).with_context(|| format!("bundling {}", a.model.display()))?;
+    let b = write_bundle(&a.model, &a.out, &opts)
+        .with_context(|| format!("bundling {}", a.model.display()))?;
     let c = &b.config;
     let size = std::fs::metadata(b.model_path()).map(|m| m.len()).unwrap_or(0);
     println!(
@@ -36,6 +43,9 @@ pub fn run(a: BundleArgs) -> anyhow::Result<ExitCode> {
         c.outputs,
         c.classes
     );
-    println!("run it: flsl-onboard --bundle {} --input FRAMES_DIR|VIDEO|-|/dev/videoN", b.dir.display());
+    println!(
+        "run it: flsl-onboard --bundle {} --input FRAMES_DIR|VIDEO|-|/dev/videoN",
+        b.dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,12 @@ use flsl_train::demo::{DemoOptions, render_markdown, run_demo};
 use crate::args::DemoArgs;
 
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
-    let opts = DemoOptions { out: a.out, steps: a.steps, data: a.data.unwrap_or_else(flsl_train::demo::default_data), ..DemoOptions::default() };
+    let opts = DemoOptions {
+        out: a.out,
+        steps: a.steps,
+        data: a.data.unwrap_or_else(flsl_train::demo::default_data),
+        ..DemoOptions::default()
+    };
     run_on(&super::cpu(), Demo(opts))?
 }
 

@@ -8,7 +8,8 @@ use crate::args::ExportArgs;
 pub fn run(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let size = super::parse_size(&a.size)?;
     let part = if a.student { Part::Student } else { Part::Teacher };
-    let opts = ExportOptions { size, with_head: a.with_head, part, heads: a.heads, detector: a.detector };
+    let opts =
+        ExportOptions { size, with_head: a.with_head, part, heads: a.heads, detector: a.detector };
     let s = export_checkpoint(&a.checkpoint, &a.out, &opts)?.spec;
     let (gh, gw) = s.grid();
     println!(

@@ -41,7 +41,11 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 /// `224` or `224x320` (height x width).
 pub fn parse_size(s: &str) -> anyhow::Result<(usize, usize)> {
-    let parse = |t: &str| t.trim().parse::<usize>().with_context(|| format!("--size `{s}`: `{t}` is not a number of pixels"));
+    let parse = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .with_context(|| format!("--size `{s}`: `{t}` is not a number of pixels"))
+    };
     match s.split_once(['x', 'X']) {
         Some((h, w)) => Ok((parse(h)?, parse(w)?)),
         None => {

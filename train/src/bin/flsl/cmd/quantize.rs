@@ -5,7 +5,10 @@ use anyhow::Context;
 use crate::args::QuantizeArgs;
 
 pub fn run(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
-    use flsl_runtime::quantize::{BenchOptions, Calibration, DetectionSet, QuantFormat, QuantizeOptions, quantize_file, report_markdown};
+    use flsl_runtime::quantize::{
+        BenchOptions, Calibration, DetectionSet, QuantFormat, QuantizeOptions, quantize_file,
+        report_markdown,
+    };
     let format = match a.format.as_str() {
         "tract" => QuantFormat::Tract,
         "qdq" => QuantFormat::Qdq,
@@ -15,8 +18,13 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         None if a.calibration == "minmax" => Calibration::MinMax,
         None if a.calibration == "mse" => Calibration::Mse,
         None if a.calibration == "percentile" => Calibration::Percentile(99.99),
-        Some(("percentile", p)) => Calibration::Percentile(p.parse().with_context(|| format!("--calibration percentile=`{p}` is not a number"))?),
-        _ => anyhow::bail!("--calibration `{}`: expected minmax, percentile[=P] or mse", a.calibration),
+        Some(("percentile", p)) => Calibration::Percentile(
+            p.parse().with_context(|| format!("--calibration percentile=`{p}` is not a number"))?,
+        ),
+        _ => anyhow::bail!(
+            "--calibration `{}`: expected minmax, percentile[=P] or mse",
+            a.calibration
+        ),
     };
     let opts = QuantizeOptions {
         format,
@@ -26,12 +34,19 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         float_ops: a.float_ops,
         quantize_conv: !a.float_conv,
         quantize_head_output: a.quantize_head_output,
-        bench: (!a.threads.is_empty()).then(|| BenchOptions { threads: a.threads, ..BenchOptions::default() }),
-        detection: a.det_gt.zip(a.det_images).map(|(gt, images)| DetectionSet { gt, images, score_threshold: a.det_score }),
+        bench: (!a.threads.is_empty())
+            .then(|| BenchOptions { threads: a.threads, ..BenchOptions::default() }),
+        detection: a.det_gt.zip(a.det_images).map(|(gt, images)| DetectionSet {
+            gt,
+            images,
+            score_threshold: a.det_score,
+        }),
         ..QuantizeOptions::default()
     };
     let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     let report = quantize_file(&a.model, &a.calib, &a.out, &opts, &mut |p| {

@@ -49,16 +49,27 @@ impl BackendTask for Train {
         let latest = checkpoints_dir(&cfg.output_dir).join("latest");
         let run = if latest.exists() && !fresh {
             tracing::info!("resuming from {}", latest.display());
-            let run = Run::<B>::load(&latest, device).with_context(|| format!("resuming from {}", latest.display()))?;
+            let run = Run::<B>::load(&latest, device)
+                .with_context(|| format!("resuming from {}", latest.display()))?;
             if run.cfg != cfg {
-                tracing::warn!("the configuration differs from the checkpoint's; continuing with the checkpoint's");
+                tracing::warn!(
+                    "the configuration differs from the checkpoint's; continuing with the checkpoint's"
+                );
             }
             run
         } else {
             Run::<B>::new(cfg, device)?
         };
-        let run = flsl_train::trainer::train_on_devices(run, replicas, &TrainOptions { max_steps, progress: true })?;
-        println!("trained {} steps; checkpoints in {}", run.state.step, checkpoints_dir(&run.cfg.output_dir).display());
+        let run = flsl_train::trainer::train_on_devices(
+            run,
+            replicas,
+            &TrainOptions { max_steps, progress: true },
+        )?;
+        println!(
+            "trained {} steps; checkpoints in {}",
+            run.state.step,
+            checkpoints_dir(&run.cfg.output_dir).display()
+        );
         Ok(ExitCode::SUCCESS)
     }
 }
