@@ -53,9 +53,12 @@ aarch64() {
   local bin="$A64_DIR/$target/release/flsl-onboard"
   echo "flsl-onboard aarch64 release binary: $(stat -c %s "$bin") bytes"
   # The runtime's tests with the host-tooling feature (they export their models), one profile.
+  # serial_pty is left to the x86-64 run: qemu-user does not emulate the termios2 ioctls
+  # (TCGETS2/TCSETS2) serialport sets the baud rate with (ENOSYS, measured), a limit of the
+  # emulator, not of the code.
   # onboard_e2e spawns the flsl-onboard binary, which qemu-user cannot exec without binfmt_misc;
   # the binary itself is run under qemu below instead.
-  local tests=(--lib --test onnx_parity --test quantize --test alloc_audit --test detect_e2e --test coco_eval --test cluster_miou --test perception_props --test perception_alloc --test wire_props --test serial_pty)
+  local tests=(--lib --test onnx_parity --test quantize --test alloc_audit --test detect_e2e --test coco_eval --test cluster_miou --test perception_props --test perception_alloc --test wire_props)
   a64 test --release --target $target -p flsl-runtime --features tools "${tests[@]}" --no-run
   for cpu in cortex-a76 cortex-a57; do
     echo "== runtime tests under qemu-aarch64 -cpu $cpu"

@@ -145,6 +145,11 @@ fn assert_matches_fake_quantization(out: &Path, what: &str) {
 
 #[test]
 fn micro_model_quantized_runs_in_tract_close_to_fp32() {
+    // `.ci/run` repeats this test per CPU class (FLSL_INT8_KERNEL=avx2, portable): the kernel
+    // asked for must be the one that runs, not a silent fallback.
+    if let Ok(k) = std::env::var("FLSL_INT8_KERNEL") {
+        assert_eq!(flsl_runtime::ops::int8_matmul::Kernel::selected().name(), k);
+    }
     let dir = scratch("micro");
     let (calib, heldout) = (dir.join("calib"), dir.join("heldout"));
     std::fs::create_dir_all(&calib).unwrap();
