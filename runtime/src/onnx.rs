@@ -225,7 +225,7 @@ impl Profile {
                 None => roles.push((role, n.per_frame)),
             }
         }
-        roles.sort_by(|a, b| b.1.cmp(&a.1));
+        roles.sort_by_key(|r| std::cmp::Reverse(r.1));
         roles
     }
 }

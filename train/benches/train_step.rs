@@ -5,6 +5,7 @@
 //!   clipping, AdamW, EMA) of the `tiny` preset on a batch of 16 images;
 //! - `augment_tiny_preset`: multi-crop augmentation of one image (samples/s of the loader
 //!   per thread).
+//!
 //! Run: `cargo bench -p flsl-train --bench train_step`.
 
 use burn::module::AutodiffModule;

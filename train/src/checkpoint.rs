@@ -78,10 +78,10 @@ pub fn load_vit<B: Backend>(vit: Vit<B>, map: &TensorMap, file: &Path) -> Result
     let (map, prefix) = backbone_view(map);
     let mut map = map;
     let cls = format!("{prefix}cls_token");
-    if !map.contains_key(&cls) {
+    map.entry(cls).or_insert_with(|| {
         let d = vit.embed_dim();
-        map.insert(cls, tensors::HostTensor::f32(vec![1, 1, d], vec![0.0; d]));
-    }
+        tensors::HostTensor::f32(vec![1, 1, d], vec![0.0; d])
+    });
     named::load_state_dict(vit, &map, prefix, file, Missing::Error)
 }
 

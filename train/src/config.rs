@@ -408,8 +408,8 @@ impl TrainConfig {
                 ),
             );
         }
-        if a.global_resize as usize % self.patch_size != 0
-            || a.local_resize as usize % self.patch_size != 0
+        if !(a.global_resize as usize).is_multiple_of(self.patch_size)
+            || !(a.local_resize as usize).is_multiple_of(self.patch_size)
         {
             return bad(
                 "global_resize",

@@ -218,6 +218,8 @@ pub struct Loader {
 impl Loader {
     /// Starts `workers` threads augmenting the epoch's samples; `skip_batches` full batches
     /// are skipped (resume in the middle of an epoch).
+    // The loader's settings, one argument each (a settings struct is issue 22's layout work).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dataset: Arc<ImageFolder>,
         cfg: AugmentConfig,

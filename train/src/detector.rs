@@ -467,13 +467,12 @@ fn dihedral(
     (im, bx)
 }
 
+/// A training tile and its boxes (`[x0, y0, x1, y1]` pixels, class).
+type Tile = (RgbImage, Vec<([f32; 4], usize)>);
+
 /// Tiles of `img` (side `t`, stride `t/2`, the last one flush with the border) with the boxes
 /// that keep at least half their area inside, clipped.
-fn tiles(
-    img: &RgbImage,
-    boxes: &[([f32; 4], usize)],
-    t: u32,
-) -> Vec<(RgbImage, Vec<([f32; 4], usize)>)> {
+fn tiles(img: &RgbImage, boxes: &[([f32; 4], usize)], t: u32) -> Vec<Tile> {
     let starts = |len: u32| -> Vec<u32> {
         if len <= t {
             return vec![0];
@@ -663,7 +662,7 @@ pub fn train_detector<B: AutodiffBackend>(
 
     // Cache the frozen backbone's features of every tile in the 8 orientations.
     let t0 = std::time::Instant::now();
-    let mut samples: Vec<(RgbImage, Vec<([f32; 4], usize)>)> = Vec::new();
+    let mut samples: Vec<Tile> = Vec::new();
     for a in &train_imgs {
         let img = scaled(&open_rgb(&a.image)?, opts.scale);
         let boxes: Vec<([f32; 4], usize)> = a

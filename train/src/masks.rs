@@ -70,8 +70,11 @@ pub fn sampling_mask<R: Rng + ?Sized>(
     let choices: Vec<usize> = (0..grid * grid)
         .map(|_| if random_sampling { rng.random_range(0..ws * ws) } else { 0 })
         .collect();
-    let corner =
-        if fs % ws != 0 { Corner::from_uniform(rng.random::<f64>()) } else { Corner::TopLeft };
+    let corner = if !fs.is_multiple_of(ws) {
+        Corner::from_uniform(rng.random::<f64>())
+    } else {
+        Corner::TopLeft
+    };
     mask_from_choices(fs, ws, corner, &choices)
 }
 
@@ -94,7 +97,7 @@ pub fn check_mask(
     if selected != grid * grid {
         return Err(format!("{selected} tokens selected, expected {}", grid * grid));
     }
-    let corners = if fs % ws == 0 {
+    let corners = if fs.is_multiple_of(ws) {
         vec![Corner::TopLeft]
     } else {
         vec![Corner::TopLeft, Corner::TopRight, Corner::BottomLeft, Corner::BottomRight]

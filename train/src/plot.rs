@@ -36,6 +36,7 @@ pub fn loss_plot(path: &Path, history: &[(usize, LossTerms)]) -> Result<()> {
         let root = BitMapBackend::new(&tmp, (1000, 700)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
         let panels = root.split_evenly((2, 2));
+        #[allow(clippy::type_complexity)] // (label, getter, colour): a table, read once
         let series: [(&str, fn(&LossTerms) -> f64, RGBColor); 4] = [
             ("total", |l| l.total, BLACK),
             ("mean shift (intra-view)", |l| l.mean_shift, BLUE),

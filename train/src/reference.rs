@@ -115,7 +115,10 @@ impl Check {
         for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
             let d = (a - b).abs();
             let allowed = tol.atol + tol.rtol * if tol.of_max_abs { scale } else { b.abs() };
-            if !(d <= allowed) {
+            // Negated on purpose: a NaN difference must fail the check.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+            let within = d <= allowed;
+            if !within {
                 return Err(format!(
                     "{what}[{i}]: ours {a:.9e} reference {b:.9e} |diff| {d:.3e} > {allowed:.3e}"
                 ));
@@ -547,11 +550,11 @@ fn vit_config_for(
             if p.extension().is_some_and(|e| e == "json") {
                 let Ok(text) = std::fs::read_to_string(&p) else { continue };
                 let Ok(m) = serde_json::from_str::<Value>(&text) else { continue };
-                if m.get("weights_file").and_then(Value::as_str) == Some(weights_file) {
-                    if let Some(c) = m.get("params").and_then(from_params) {
-                        cfg = Some(c);
-                        break;
-                    }
+                if m.get("weights_file").and_then(Value::as_str) == Some(weights_file)
+                    && let Some(c) = m.get("params").and_then(from_params)
+                {
+                    cfg = Some(c);
+                    break;
                 }
             }
         }

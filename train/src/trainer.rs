@@ -392,6 +392,8 @@ fn replica_step<B: AutodiffBackend>(
 }
 
 /// A data-parallel replica on its own device, driven by [`Job`]s from rank 0.
+// Everything a replica thread owns, moved in at spawn.
+#[allow(clippy::too_many_arguments)]
 fn replica_worker<B: AutodiffBackend>(
     mut student: FlslModel<B>,
     mut teacher: FlslModel<B::InnerBackend>,
@@ -787,7 +789,9 @@ fn train_loop<B: AutodiffBackend>(
                 ));
                 b.inc(1);
             }
-            if cfg.checkpoint_every_steps > 0 && run.state.step % cfg.checkpoint_every_steps == 0 {
+            if cfg.checkpoint_every_steps > 0
+                && run.state.step.is_multiple_of(cfg.checkpoint_every_steps)
+            {
                 run.save(false)?;
             }
         }
@@ -824,7 +828,7 @@ fn train_loop<B: AutodiffBackend>(
         run.state.epochs.push(summary);
         run.state.epoch += 1;
         run.state.batch_in_epoch = 0;
-        let keep = cfg.saveckp_freq > 0 && run.state.epoch % cfg.saveckp_freq == 0;
+        let keep = cfg.saveckp_freq > 0 && run.state.epoch.is_multiple_of(cfg.saveckp_freq);
         run.save(false)?;
         if keep {
             run.save(true)?;

@@ -410,10 +410,10 @@ impl MavlinkOutput {
             (self.gimbal.as_mut(), locked.map(|(_, _, e, de)| (e, de)))
         {
             g.correct(e, de);
-        } else if let Some(g) = self.gimbal.as_mut() {
-            if locked.is_none() {
-                g.rest();
-            }
+        } else if let Some(g) = self.gimbal.as_mut()
+            && locked.is_none()
+        {
+            g.rest();
         }
         let period = Duration::from_nanos((1e9 / f64::from(self.config.rate_hz)) as u64);
         if self.last_status.is_some_and(|t| now.saturating_duration_since(t) < period) {
@@ -435,7 +435,6 @@ impl MavlinkOutput {
                     rec_top_y: rect[1],
                     rec_bottom_x: rect[2],
                     rec_bottom_y: rect[3],
-                    ..CAMERA_TRACKING_IMAGE_STATUS_DATA::DEFAULT
                 },
                 TrackingReport {
                     seq: status_seq,
@@ -457,7 +456,6 @@ impl MavlinkOutput {
                     rec_top_y: nan,
                     rec_bottom_x: nan,
                     rec_bottom_y: nan,
-                    ..CAMERA_TRACKING_IMAGE_STATUS_DATA::DEFAULT
                 },
                 TrackingReport {
                     seq: status_seq,

@@ -130,6 +130,8 @@ impl Geometry {
     /// row-major, the rows of A as strides: `(m, row stride, k axes outer to inner as
     /// (size, stride))`, the k axes enumerating W's rows in order. The attention output
     /// projection reads A as `[heads, m, head_dim]` (two k axes); plain linears have one.
+    // (rows, row stride, k axes): named where it is documented, used once.
+    #[allow(clippy::type_complexity)]
     pub(crate) fn linear_rows(
         &self,
         k: usize,

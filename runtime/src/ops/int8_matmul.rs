@@ -120,6 +120,8 @@ fn code(v: f32, scale: f32, off: f32) -> u8 {
     // round_half_even(x / scale) first (the zero point is added after rounding, as ONNX
     // does), then saturate; NaN ends at code 0 through `max`.
     let t = (v / scale).clamp(-512.0, 512.0);
+    // max/min rather than clamp: clamp keeps a NaN, max turns it into the low bound.
+    #[allow(clippy::manual_clamp)]
     let y = ((t + MAGIC) + off).max(MAGIC).min(MAGIC + 255.0);
     (y.to_bits() & 0xff) as u8
 }
@@ -1173,6 +1175,8 @@ impl TypedOp for Int8MatMul {
 mod tests {
     use super::*;
 
+    // The reference takes every operand of the op it checks, one argument each.
+    #[allow(clippy::too_many_arguments)]
     fn reference(
         x: &[f32],
         m: usize,

@@ -78,7 +78,7 @@ fn raw_or<T: Copy>(
         return None;
     }
     if !t.raw_data.is_empty() {
-        if t.raw_data.len() % width != 0 {
+        if !t.raw_data.len().is_multiple_of(width) {
             return None;
         }
         return Some(t.raw_data.chunks_exact(width).map(from).collect());

@@ -291,7 +291,7 @@ pub(crate) fn find_layers(
 /// The f32 values of an initializer (raw_data or float_data); `None` for other encodings.
 pub(crate) fn f32_data(t: &TensorProto) -> Option<Vec<f32>> {
     if !t.raw_data.is_empty() {
-        if t.raw_data.len() % 4 != 0 {
+        if !t.raw_data.len().is_multiple_of(4) {
             return None;
         }
         return Some(

@@ -162,7 +162,7 @@ pub fn drop_path<B: Backend>(x: Tensor<B, 3>, p: f64) -> Tensor<B, 3> {
     let keep = 1.0 - p;
     let [b, _, _] = x.dims();
     let device = x.device();
-    let uniform = match host_draws(b, |r| rand::Rng::random::<f32>(r)) {
+    let uniform = match host_draws(b, rand::Rng::random::<f32>) {
         Some(v) => Tensor::<B, 3>::from_data(burn::tensor::TensorData::new(v, [b, 1, 1]), &device),
         None => Tensor::<B, 3>::random([b, 1, 1], Distribution::Uniform(0.0, 1.0), &device),
     };

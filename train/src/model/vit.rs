@@ -92,13 +92,13 @@ impl VitConfig {
     /// Checks the configuration; the error names the offending key.
     pub fn validate(&self) -> crate::error::Result<()> {
         let bad = |key: &str, reason: String| Err(Error::Config { key: key.into(), reason });
-        if self.embed_dim == 0 || self.embed_dim % 4 != 0 {
+        if self.embed_dim == 0 || !self.embed_dim.is_multiple_of(4) {
             return bad(
                 "embed_dim",
                 format!("{} must be a positive multiple of 4 (2-D sin-cos table)", self.embed_dim),
             );
         }
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(
                 "num_heads",
                 format!("{} must divide embed_dim {}", self.num_heads, self.embed_dim),
@@ -235,8 +235,12 @@ impl<B: Backend> Attention<B> {
         let h = self.num_heads;
         let hd = d / h;
         let qkv = self.qkv.forward(x).reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, B, H, N, hd]
+        // burn's slice takes one range per leading dimension: a one-element array is right here.
+        #[allow(clippy::single_range_in_vec_init)]
         let q = qkv.clone().slice([0..1]).reshape([b, h, n, hd]);
+        #[allow(clippy::single_range_in_vec_init)]
         let k = qkv.clone().slice([1..2]).reshape([b, h, n, hd]);
+        #[allow(clippy::single_range_in_vec_init)]
         let v = qkv.slice([2..3]).reshape([b, h, n, hd]);
         let scale = (hd as f64).powf(-0.5);
         let attn = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B, H, N, N]
