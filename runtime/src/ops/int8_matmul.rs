@@ -405,15 +405,28 @@ unsafe fn store_tile<const R: usize>(
     }
 }
 
-/// Calls `tile::<R>` over row blocks of at most 4 rows.
-#[cfg(target_arch = "aarch64")]
-macro_rules! row_blocks {
-    ($m:expr, |$r:ident, $rows:ident| $body:expr) => {{
-        let mut $r = 0;
-        while $r < $m {
-            let $rows = ($m - $r).min(4);
-            $body;
-            $r += $rows;
+/// The kernels' outer loops: for each panel of `$panels` and each block of at most `$max`
+/// rows, `$tile::<R>(a, r0, w, p, epi, out)` with `R` the block's row count (a const generic,
+/// so each tile keeps its accumulators in registers). Expands inside an `unsafe fn` whose
+/// caller guarantees the kernel's CPU features and [`run_panels`]'s bounds.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! for_tiles {
+    ($panels:expr, $m:expr, $tile:ident($a:expr, $w:expr, $epi:expr, $out:expr); $max:literal $(, $n:literal)*) => {{
+        for p in $panels {
+            let mut r = 0;
+            while r < $m {
+                let rows = ($m - r).min($max);
+                // Safety: rows r..r+rows exist; the panel exists; the caller's features and
+                // output contract.
+                unsafe {
+                    match rows {
+                        $max => $tile::<$max>($a, r, $w, p, $epi, $out),
+                        $($n => $tile::<$n>($a, r, $w, p, $epi, $out),)*
+                        _ => $tile::<1>($a, r, $w, p, $epi, $out),
+                    }
+                }
+                r += rows;
+            }
         }
     }};
 }
@@ -440,24 +453,7 @@ mod avx2 {
         out: *mut f32,
         panels: std::ops::Range<usize>,
     ) {
-        for p in panels {
-            let mut r = 0;
-            while r < m {
-                let rows = (m - r).min(6);
-                // Safety: rows r..r+rows exist; the panel exists; the caller's output contract.
-                unsafe {
-                    match rows {
-                        6 => tile::<6>(a, r, w, p, epi, out),
-                        5 => tile::<5>(a, r, w, p, epi, out),
-                        4 => tile::<4>(a, r, w, p, epi, out),
-                        3 => tile::<3>(a, r, w, p, epi, out),
-                        2 => tile::<2>(a, r, w, p, epi, out),
-                        _ => tile::<1>(a, r, w, p, epi, out),
-                    }
-                }
-                r += rows;
-            }
-        }
+        for_tiles!(panels, m, tile(a, w, epi, out); 6, 5, 4, 3, 2);
     }
 
     #[target_feature(enable = "avx2")]
@@ -516,24 +512,7 @@ mod avx2 {
         out: *mut f32,
         panels: std::ops::Range<usize>,
     ) {
-        for p in panels {
-            let mut r = 0;
-            while r < m {
-                let rows = (m - r).min(6);
-                // Safety: rows r..r+rows exist; the panel exists; the caller's output contract.
-                unsafe {
-                    match rows {
-                        6 => tile_vnni::<6>(a, r, w, p, epi, out),
-                        5 => tile_vnni::<5>(a, r, w, p, epi, out),
-                        4 => tile_vnni::<4>(a, r, w, p, epi, out),
-                        3 => tile_vnni::<3>(a, r, w, p, epi, out),
-                        2 => tile_vnni::<2>(a, r, w, p, epi, out),
-                        _ => tile_vnni::<1>(a, r, w, p, epi, out),
-                    }
-                }
-                r += rows;
-            }
-        }
+        for_tiles!(panels, m, tile_vnni(a, w, epi, out); 6, 5, 4, 3, 2);
     }
 
     #[target_feature(enable = "avx2,avxvnni")]
@@ -676,22 +655,10 @@ mod arm {
         out: *mut f32,
         panels: std::ops::Range<usize>,
     ) {
-        for p in panels {
-            row_blocks!(m, |r, rows| {
-                // Safety: rows r..r+rows exist; the panel exists; the features are the caller's.
-                unsafe {
-                    match (dot, rows) {
-                        (true, 4) => tile_dot::<4>(a, r, w, p, epi, out),
-                        (true, 3) => tile_dot::<3>(a, r, w, p, epi, out),
-                        (true, 2) => tile_dot::<2>(a, r, w, p, epi, out),
-                        (true, _) => tile_dot::<1>(a, r, w, p, epi, out),
-                        (false, 4) => tile_neon::<4>(a, r, w, p, epi, out),
-                        (false, 3) => tile_neon::<3>(a, r, w, p, epi, out),
-                        (false, 2) => tile_neon::<2>(a, r, w, p, epi, out),
-                        (false, _) => tile_neon::<1>(a, r, w, p, epi, out),
-                    }
-                }
-            });
+        if dot {
+            for_tiles!(panels, m, tile_dot(a, w, epi, out); 4, 3, 2);
+        } else {
+            for_tiles!(panels, m, tile_neon(a, w, epi, out); 4, 3, 2);
         }
     }
 
@@ -848,7 +815,7 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::super::simd::avx512::gelu16;
-    use super::{Epilogue, MR, NR, PackedWeights};
+    use super::{Epilogue, NR, PackedWeights};
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI; [`super::run_panels`]'s contract.
@@ -861,30 +828,8 @@ mod vnni {
         out: *mut f32,
         panels: std::ops::Range<usize>,
     ) {
-        for p in panels {
-            let mut r = 0;
-            while r < m {
-                let rows = (m - r).min(MR);
-                // Safety: rows r..r+rows exist; the panel exists; the caller's output contract.
-                unsafe {
-                    match rows {
-                        12 => tile::<12>(a, r, w, p, epi, out),
-                        11 => tile::<11>(a, r, w, p, epi, out),
-                        10 => tile::<10>(a, r, w, p, epi, out),
-                        9 => tile::<9>(a, r, w, p, epi, out),
-                        8 => tile::<8>(a, r, w, p, epi, out),
-                        7 => tile::<7>(a, r, w, p, epi, out),
-                        6 => tile::<6>(a, r, w, p, epi, out),
-                        5 => tile::<5>(a, r, w, p, epi, out),
-                        4 => tile::<4>(a, r, w, p, epi, out),
-                        3 => tile::<3>(a, r, w, p, epi, out),
-                        2 => tile::<2>(a, r, w, p, epi, out),
-                        _ => tile::<1>(a, r, w, p, epi, out),
-                    }
-                }
-                r += rows;
-            }
-        }
+        const _: () = assert!(super::MR == 12, "the row blocks below are MR rows");
+        for_tiles!(panels, m, tile(a, w, epi, out); 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2);
     }
 
     /// Rows `r0..r0 + R` times panel `p`.
