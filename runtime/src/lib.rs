@@ -76,6 +76,8 @@ pub mod eval;
 pub mod detect;
 #[cfg(feature = "onboard")]
 pub mod error;
+#[cfg(feature = "std")]
+pub mod fsio;
 #[cfg(feature = "onboard")]
 pub mod onboard;
 #[cfg(feature = "onboard")]

@@ -29,20 +29,36 @@ pub fn read_npy(path: &Path) -> Result<NpyArray, ModelError> {
     parse_npy(&bytes).map_err(|reason| ModelError::Npy { path: path.into(), reason })
 }
 
-/// Parses the bytes of a `.npy` file (see [`read_npy`]).
-pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
+/// The header of a `.npy` file: dtype descriptor, shape, element count and where the data
+/// starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyHeader {
+    /// The dtype descriptor (`<f4`, `<f8`, `|u1`, `<i8`, ...), quotes removed.
+    pub descr: String,
+    /// Dimensions (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// `shape`'s product (checked against overflow).
+    pub count: usize,
+    /// Offset of the first data byte.
+    pub data_start: usize,
+}
+
+/// Parses and checks a `.npy` header (versions 1-3, C order); every length and product is
+/// checked, so no header can make a reader index out of range or overflow.
+pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not an .npy file (bad magic)".into());
     }
     let major = bytes[6];
-    let (header_len, start) = match major {
+    let (header_len, start): (usize, usize) = match major {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
         2 | 3 if bytes.len() >= 12 => {
             (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
         }
         _ => return Err(format!("unsupported .npy version {major}")),
     };
-    let header = bytes.get(start..start + header_len).ok_or("truncated header")?;
+    let data_start = start.checked_add(header_len).ok_or("truncated header")?;
+    let header = bytes.get(start..data_start).ok_or("truncated header")?;
     let header = std::str::from_utf8(header).map_err(|_| "header is not UTF-8")?;
     let descr = dict_value(header, "descr").ok_or("header has no 'descr'")?;
     let fortran = dict_value(header, "fortran_order").ok_or("header has no 'fortran_order'")?;
@@ -50,7 +66,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
     if fortran.starts_with("True") {
         return Err("Fortran-ordered arrays are not supported".into());
     }
-    let shape_body = shape.trim_start_matches('(');
+    let shape_body = shape.strip_prefix('(').ok_or("shape is not a tuple")?;
     let shape_body = &shape_body[..shape_body.find(')').ok_or("malformed shape")?];
     let shape = shape_body
         .split(',')
@@ -58,16 +74,31 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| format!("bad dimension `{s}`")))
         .collect::<Result<Vec<_>, _>>()?;
-    let count: usize = shape.iter().product();
-    let body = &bytes[start + header_len..];
-    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
-    let data = match descr {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} overflows"))?;
+    let descr = descr.trim_matches(|c| c == '\'' || c == '"').to_string();
+    Ok(NpyHeader { descr, shape, count, data_start })
+}
+
+/// Parses the bytes of a `.npy` file (see [`read_npy`]).
+pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
+    let NpyHeader { descr, shape, count, data_start } = parse_header(bytes)?;
+    let body = &bytes[data_start..];
+    let data = match descr.as_str() {
         "<f4" => {
-            let raw = body.get(..count * 4).ok_or("data shorter than the shape says")?;
+            let raw = count
+                .checked_mul(4)
+                .and_then(|n| body.get(..n))
+                .ok_or("data shorter than the shape says")?;
             raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
         }
         "<f8" => {
-            let raw = body.get(..count * 8).ok_or("data shorter than the shape says")?;
+            let raw = count
+                .checked_mul(8)
+                .and_then(|n| body.get(..n))
+                .ok_or("data shorter than the shape says")?;
             raw.chunks_exact(8)
                 .map(|b| {
                     f64::from_le_bytes(b.try_into().expect("chunks_exact(8) yields 8 bytes")) as f32
@@ -111,7 +142,7 @@ pub fn encode_npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
 
 /// Writes an f32 array as `.npy` (see [`encode_npy`]).
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), ModelError> {
-    std::fs::write(path, encode_npy(shape, data)).map_err(|source| ModelError::Io {
+    crate::fsio::write_atomic(path, &encode_npy(shape, data)).map_err(|source| ModelError::Io {
         action: "writing",
         path: path.into(),
         source,

@@ -271,6 +271,34 @@ impl OnnxModel {
     /// Lowers the QDQ linear layers for the integer op and parses LayerNormalization into one
     /// op (gemm engine only), then parses.
     fn from_proto(
+        proto: tract_onnx::pb::ModelProto,
+        dir: Option<&str>,
+        name: String,
+        options: ModelOptions,
+    ) -> Result<Self, ModelError> {
+        if let Err(reason) = check_proto(&proto) {
+            return Err(ModelError::Load { model: name, source: TractError::msg(reason) });
+        }
+        // tract's analysis of an inconsistent graph can panic (an index out of range in a
+        // shape rule): a malformed file is an error of its own, not the end of the process.
+        let what = name.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            Self::from_checked_proto(proto, dir, name, options)
+        }))
+        .unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(ModelError::Load {
+                model: what,
+                source: TractError::msg(format!("the graph is inconsistent (tract: {msg})")),
+            })
+        })
+    }
+
+    fn from_checked_proto(
         mut proto: tract_onnx::pb::ModelProto,
         dir: Option<&str>,
         name: String,
@@ -329,6 +357,11 @@ impl OnnxModel {
                 }
             }
         };
+        if h == 0 || w == 0 || h > MAX_INPUT_SIDE || w > MAX_INPUT_SIDE {
+            return Err(unsupported(format!(
+                "input {h}x{w}: expected 1..={MAX_INPUT_SIDE} pixels per side"
+            )));
+        }
         let shape = [1, 3, h, w];
         let optimize = |source| ModelError::Optimize { model: name.clone(), shape, source };
         model.set_input_fact(0, f32::fact(shape).into()).map_err(optimize)?;
@@ -618,4 +651,120 @@ fn token_map(t: &TValue) -> Option<TokenMap<'_>> {
     let channels = *t.shape().last()?;
     let tokens = data.len().checked_div(channels).unwrap_or(0);
     Some(TokenMap { data, tokens, channels })
+}
+
+/// The reader stage of [`OnnxModel::from_bytes`] on its own: decodes the protobuf, checks it
+/// ([`check_proto`]) and builds tract's graph, without shape analysis or optimisation; returns
+/// the node count. For validation and fuzzing (`tests/readers_fuzz.rs`).
+pub fn read_graph(bytes: &[u8]) -> Result<usize, ModelError> {
+    let load = |source| ModelError::Load { model: "<memory>".into(), source };
+    let proto = tract_onnx::onnx().proto_model_for_read(&mut &bytes[..]).map_err(load)?;
+    check_proto(&proto).map_err(|r| load(TractError::msg(r)))?;
+    let parsed = std::panic::catch_unwind(|| tract_onnx::onnx().parse(&proto, None))
+        .map_err(|_| load(TractError::msg("the graph is inconsistent (tract panicked)")))?
+        .map_err(load)?;
+    Ok(parsed.model.nodes.len())
+}
+
+/// The largest input side a model may declare (the onboard bundle's limit too).
+pub const MAX_INPUT_SIDE: usize = 8192;
+/// The most elements a stored tensor may declare (2^31: 8 GiB of f32, beyond any backbone).
+pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 31;
+
+/// Size sanity of a decoded ONNX file before tract sees it: every stored tensor (initializers,
+/// `Constant` attributes, subgraphs) declares dimensions >= 0 whose product fits
+/// [`MAX_TENSOR_ELEMENTS`] and, unless its data is external, holds exactly that many elements,
+/// so tract never allocates for data the file does not contain.
+pub fn check_proto(proto: &tract_onnx::pb::ModelProto) -> Result<(), String> {
+    match &proto.graph {
+        Some(g) => check_graph(g, 0, &std::collections::HashSet::new()),
+        None => Err("the file has no graph".into()),
+    }
+}
+
+fn check_graph(
+    g: &tract_onnx::pb::GraphProto,
+    depth: usize,
+    outer: &std::collections::HashSet<&str>,
+) -> Result<(), String> {
+    if depth > 8 {
+        return Err("subgraphs nest deeper than 8".into());
+    }
+    // Every graph output is made by something (tract indexes its name table without a check).
+    let mut known: std::collections::HashSet<&str> = outer.clone();
+    known.extend(g.input.iter().map(|i| i.name.as_str()));
+    known.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    known.extend(g.node.iter().flat_map(|n| n.output.iter().map(String::as_str)));
+    if let Some(o) = g.output.iter().find(|o| !known.contains(o.name.as_str())) {
+        return Err(format!("graph output `{}` is made by no node, input or initializer", o.name));
+    }
+    for t in &g.initializer {
+        check_tensor(t).map_err(|e| format!("initializer `{}`: {e}", t.name))?;
+    }
+    for n in &g.node {
+        for a in &n.attribute {
+            let at = |e: String| {
+                format!("node `{}` ({}), attribute `{}`: {e}", n.name, n.op_type, a.name)
+            };
+            for t in a.t.iter().chain(&a.tensors) {
+                check_tensor(t).map_err(at)?;
+            }
+            for sub in a.g.iter().chain(&a.graphs) {
+                check_graph(sub, depth + 1, &known).map_err(at)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_tensor(t: &tract_onnx::pb::TensorProto) -> Result<(), String> {
+    use tract_onnx::pb::tensor_proto::DataType as D;
+    let mut numel: u64 = 1;
+    for &d in &t.dims {
+        let d = u64::try_from(d).map_err(|_| format!("negative dimension in {:?}", t.dims))?;
+        numel = numel.checked_mul(d).filter(|&n| n <= MAX_TENSOR_ELEMENTS).ok_or_else(|| {
+            format!("dimensions {:?} exceed {MAX_TENSOR_ELEMENTS} elements", t.dims)
+        })?;
+    }
+    if t.data_location == Some(1) || !t.external_data.is_empty() {
+        return Ok(()); // external data: tract reads and checks the side file
+    }
+    let elem: u64 = match D::try_from(t.data_type) {
+        Ok(D::Float | D::Int32 | D::Uint32) => 4,
+        Ok(D::Double | D::Int64 | D::Uint64 | D::Complex64) => 8,
+        Ok(D::Uint8 | D::Int8 | D::Bool) => 1,
+        Ok(D::Uint16 | D::Int16 | D::Float16 | D::Bfloat16) => 2,
+        Ok(D::Complex128) => 16,
+        _ => 0, // strings and the rest: no fixed size, tract decides
+    };
+    let held = if !t.raw_data.is_empty() {
+        if elem == 0 {
+            return Ok(());
+        }
+        t.raw_data.len() as u64 / elem
+    } else {
+        [
+            t.float_data.len(),
+            t.int32_data.len(),
+            t.string_data.len(),
+            t.int64_data.len(),
+            t.double_data.len(),
+            t.uint64_data.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0) as u64
+    };
+    // Complex values take two entries of the typed fields.
+    let held = if matches!(D::try_from(t.data_type), Ok(D::Complex64 | D::Complex128))
+        && t.raw_data.is_empty()
+    {
+        held / 2
+    } else {
+        held
+    };
+    if held != numel {
+        return Err(format!("dimensions {:?} say {numel} elements, the file holds {held}", t.dims));
+    }
+    Ok(())
 }

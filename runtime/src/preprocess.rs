@@ -175,6 +175,35 @@ pub fn preprocess_rgb8(
     Ok(())
 }
 
+/// The largest image side any of our readers decodes (frames, calibration and training images).
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// The most a decoder may allocate for one image (the decoded pixels included).
+pub const MAX_IMAGE_ALLOC: u64 = 512 << 20;
+
+/// The decoder limits of every image we read: sides checked from the header before any pixel
+/// is decoded, and the decoder's allocations capped.
+pub fn image_limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(MAX_IMAGE_SIDE);
+    l.max_image_height = Some(MAX_IMAGE_SIDE);
+    l.max_alloc = Some(MAX_IMAGE_ALLOC);
+    l
+}
+
+/// Decodes an image file (PNG or JPEG, format from its content) within [`image_limits`].
+pub fn decode_image_file(path: &std::path::Path) -> image::ImageResult<image::DynamicImage> {
+    let mut r = image::ImageReader::open(path)?.with_guessed_format()?;
+    r.limits(image_limits());
+    r.decode()
+}
+
+/// Decodes image bytes (PNG or JPEG, format from the content) within [`image_limits`].
+pub fn decode_image_bytes(bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
+    let mut r = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    r.limits(image_limits());
+    r.decode()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

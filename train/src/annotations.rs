@@ -138,7 +138,13 @@ fn missing_image(anchor: &Path, name: &str) -> Error {
 /// COCO detection JSON.
 pub fn read_coco(path: &Path, images_dir: Option<&Path>) -> Result<Vec<Annotated>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    parse_coco(&text, path, images_dir)
+}
+
+/// Parses the text of [`read_coco`]'s file; `path` names it in errors and anchors the image
+/// search.
+pub fn parse_coco(text: &str, path: &Path, images_dir: Option<&Path>) -> Result<Vec<Annotated>> {
+    let v: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| Error::malformed("coco json", path, e.to_string()))?;
     let bad = |what: String| Error::malformed("coco json", path, what);
     let cats: std::collections::BTreeMap<i64, String> = v["categories"]
@@ -209,8 +215,14 @@ fn tag<'a>(s: &'a str, t: &str) -> Option<&'a str> {
 /// Pascal VOC XML (one image).
 pub fn read_voc(path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+    parse_voc(&text, path, images_dir)
+}
+
+/// Parses the text of [`read_voc`]'s file; `path` names it in errors and anchors the image
+/// search.
+pub fn parse_voc(text: &str, path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
     let name =
-        tag(&text, "filename").ok_or_else(|| Error::malformed("voc xml", path, "no <filename>"))?;
+        tag(text, "filename").ok_or_else(|| Error::malformed("voc xml", path, "no <filename>"))?;
     let image = find_image(name, path, images_dir).ok_or_else(|| missing_image(path, name))?;
     let mut boxes = Vec::new();
     for (i, obj) in text.split("<object>").skip(1).enumerate() {
@@ -245,6 +257,12 @@ pub fn read_voc(path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
 /// VisDrone evaluation does; the class name is the category number.
 pub fn read_visdrone(path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+    parse_visdrone(&text, path, images_dir)
+}
+
+/// Parses the text of [`read_visdrone`]'s file; `path` names it in errors and anchors the image
+/// search.
+pub fn parse_visdrone(text: &str, path: &Path, images_dir: Option<&Path>) -> Result<Annotated> {
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     let image = find_image(&format!("{stem}.jpg"), path, images_dir)
         .ok_or_else(|| missing_image(path, &stem))?;

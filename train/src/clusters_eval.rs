@@ -90,9 +90,10 @@ pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<
             (0..frames.min(files.len())).map(|i| &files[(i as f64 * step) as usize]).collect();
         for f in picks {
             let mask_path = adir.join(f.file_stem().unwrap_or_default()).with_extension("png");
-            let img =
-                image::open(f).map_err(|e| Error::malformed("image", f, e.to_string()))?.to_rgb8();
-            let mask = image::open(&mask_path)
+            let img = flsl_runtime::preprocess::decode_image_file(f)
+                .map_err(|e| Error::malformed("image", f, e.to_string()))?
+                .to_rgb8();
+            let mask = flsl_runtime::preprocess::decode_image_file(&mask_path)
                 .map_err(|e| Error::malformed("mask", &mask_path, e.to_string()))?
                 .to_luma8();
             let frame =

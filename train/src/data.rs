@@ -134,11 +134,7 @@ impl ImageFolder {
     pub fn load(&self, i: usize) -> std::result::Result<RgbImage, String> {
         let item = self.items.get(i).ok_or_else(|| format!("item {i} out of range"))?;
         let decode = || -> std::result::Result<RgbImage, String> {
-            let img = image::ImageReader::open(&item.path)
-                .map_err(|e| e.to_string())?
-                .with_guessed_format()
-                .map_err(|e| e.to_string())?
-                .decode()
+            let img = flsl_runtime::preprocess::decode_image_file(&item.path)
                 .map_err(|e| e.to_string())?;
             Ok(img.to_rgb8())
         };
@@ -165,6 +161,30 @@ impl ImageFolder {
             None => (*full).clone(),
         })
     }
+}
+
+/// Writes `n` square PNGs of `side` pixels, `scene00.png`...: two-colour scenes (a disc on a
+/// background) with colours and positions derived from the index. Data for tests and examples
+/// that must train without a dataset.
+pub fn write_synthetic_scenes(dir: &Path, n: usize, side: u32) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    let s = side as f32 / 48.0;
+    for i in 0..n {
+        let (cx, cy, r) = (
+            (12.0 + (i * 7 % 24) as f32) * s,
+            (14.0 + (i * 5 % 20) as f32) * s,
+            (9.0 + (i % 4) as f32) * s,
+        );
+        let fg = [(40 + i * 37 % 200) as u8, (200 - i * 23 % 150) as u8, 60];
+        let bg = [120, (90 + i * 11 % 100) as u8, (200 - i * 17 % 120) as u8];
+        let img = RgbImage::from_fn(side, side, |x, y| {
+            let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
+            image::Rgb(if d < r { fg } else { bg })
+        });
+        let path = dir.join(format!("scene{i:02}.png"));
+        img.save(&path).map_err(|e| Error::malformed("png", &path, e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// A batch of augmented samples, teacher view first.

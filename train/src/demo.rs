@@ -196,7 +196,7 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
     let mut held = Vec::new();
     for name in &opts.held_out {
         let path = opts.data.join(name);
-        let img = image::open(&path)
+        let img = flsl_runtime::preprocess::decode_image_file(&path)
             .map_err(|e| Error::malformed("image", &path, e.to_string()))?
             .to_rgb8();
         let (proto, km, feats, d_feat) = maps(&teacher, &img, &device);

@@ -520,7 +520,9 @@ fn scaled(img: &RgbImage, scale: f32) -> RgbImage {
 }
 
 fn open_rgb(path: &Path) -> Result<RgbImage> {
-    Ok(image::open(path).map_err(|e| Error::malformed("image", path, e.to_string()))?.to_rgb8())
+    Ok(flsl_runtime::preprocess::decode_image_file(path)
+        .map_err(|e| Error::malformed("image", path, e.to_string()))?
+        .to_rgb8())
 }
 
 /// Backbone features of one normalised image `[3, h, w]` -> `[N * D]` host.

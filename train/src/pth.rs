@@ -30,23 +30,54 @@ pub enum Value {
     Str(Rc<str>),
     /// Bytes.
     Bytes(Rc<[u8]>),
-    /// A tuple.
-    Tuple(Rc<Vec<Value>>),
-    /// A list.
-    List(Rc<Vec<Value>>),
-    /// A dict (insertion order kept).
-    Dict(Rc<Vec<(Value, Value)>>),
+    /// A tuple, and its nesting depth.
+    Tuple(Rc<Vec<Value>>, u32),
+    /// A list, and its nesting depth.
+    List(Rc<Vec<Value>>, u32),
+    /// A dict (insertion order kept), and its nesting depth.
+    Dict(Rc<Vec<(Value, Value)>>, u32),
     /// A global reference `module.name`.
     Global(Rc<str>, Rc<str>),
     /// A storage reference from a persistent id.
     Storage(Rc<StorageRef>),
     /// A rebuilt tensor.
     Tensor(Rc<TensorRef>),
-    /// Any other object: the callable and its arguments, plus state set by BUILD.
-    Object(Rc<(Value, Value, Option<Value>)>),
+    /// Any other object: the callable and its arguments, plus state set by BUILD; and its
+    /// nesting depth.
+    Object(Rc<(Value, Value, Option<Value>)>, u32),
     /// The MARK sentinel on the stack.
     Mark,
 }
+
+impl Value {
+    /// Nesting depth: 0 for a leaf, 1 for an empty container.
+    fn depth(&self) -> u32 {
+        match self {
+            Value::Tuple(_, d) | Value::List(_, d) | Value::Dict(_, d) | Value::Object(_, d) => *d,
+            _ => 0,
+        }
+    }
+}
+
+/// How deep containers may nest in a pickle. `torch.save` state dicts and training checkpoints
+/// nest fewer than 10 levels; the bound keeps every walk of the tree, and its drop, within a
+/// small stack (a pickle of 200 000 nested lists overflowed it).
+pub const MAX_DEPTH: u32 = 256;
+/// What a file may make us hold, in bytes: [`OUTPUT_PER_INPUT_BYTE`] per byte of the file plus
+/// [`OUTPUT_EXTRA`], counting tensor names and materialised tensors (memo references can make
+/// a DAG whose tree is exponential in the pickle's size: a list holding the previous list twice,
+/// 64 times over, or one tensor referenced a million times).
+pub const OUTPUT_PER_INPUT_BYTE: u64 = 16;
+/// See [`OUTPUT_PER_INPUT_BYTE`].
+pub const OUTPUT_EXTRA: u64 = 1 << 20;
+/// The largest tensor rank accepted.
+const MAX_RANK: usize = 16;
+/// A tensor view may read each storage element at most this many times (stride-0 broadcast
+/// views are legal); with [`MAX_VIEW_EXTRA`] it bounds what a view materialises against what
+/// the file holds.
+pub const MAX_VIEW_EXPANSION: usize = 16;
+/// Elements any view may materialise beyond [`MAX_VIEW_EXPANSION`] times its storage.
+const MAX_VIEW_EXTRA: usize = 4096;
 
 /// A storage named by a persistent id.
 #[derive(Debug)]
@@ -155,6 +186,16 @@ impl<'a> Vm<'a> {
         })
     }
 
+    /// The depth of a container holding `items`: one more than the deepest item. Fails above
+    /// [`MAX_DEPTH`], so that no later walk (nor the drop of the tree) recurses without bound.
+    fn depth_of(&self, items: &[Value]) -> Result<u32> {
+        let d = 1 + items.iter().map(Value::depth).max().unwrap_or(0);
+        if d > MAX_DEPTH {
+            return Err(self.err(format!("containers nested deeper than {MAX_DEPTH}")));
+        }
+        Ok(d)
+    }
+
     fn str_value(&mut self, n: usize) -> Result<Value> {
         let b = self.take(n)?;
         Ok(Value::Str(Rc::from(String::from_utf8_lossy(b).as_ref())))
@@ -172,9 +213,9 @@ impl<'a> Vm<'a> {
                 }
                 b'.' => return self.pop(),
                 b'(' => self.stack.push(Value::Mark),
-                b'}' => self.stack.push(Value::Dict(Rc::new(Vec::new()))),
-                b']' => self.stack.push(Value::List(Rc::new(Vec::new()))),
-                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                b'}' => self.stack.push(Value::Dict(Rc::new(Vec::new()), 1)),
+                b']' => self.stack.push(Value::List(Rc::new(Vec::new()), 1)),
+                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()), 1)),
                 b'N' => self.stack.push(Value::None),
                 0x88 => self.stack.push(Value::Bool(true)),
                 0x89 => self.stack.push(Value::Bool(false)),
@@ -277,7 +318,8 @@ impl<'a> Vm<'a> {
                 }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let d = self.depth_of(&items)?;
+                    self.stack.push(Value::Tuple(Rc::new(items), d));
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
@@ -285,11 +327,13 @@ impl<'a> Vm<'a> {
                         return Err(self.err("stack underflow in TUPLEn"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let d = self.depth_of(&items)?;
+                    self.stack.push(Value::Tuple(Rc::new(items), d));
                 }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(items)));
+                    let d = self.depth_of(&items)?;
+                    self.stack.push(Value::List(Rc::new(items), d));
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
@@ -298,48 +342,53 @@ impl<'a> Vm<'a> {
                         .filter(|c| c.len() == 2)
                         .map(|c| (c[0].clone(), c[1].clone()))
                         .collect();
-                    self.stack.push(Value::Dict(Rc::new(pairs)));
+                    let d = self.depth_of(&items)?;
+                    self.stack.push(Value::Dict(Rc::new(pairs), d));
                 }
                 b'a' => {
                     let v = self.pop()?;
-                    if let Value::List(l) = self.top_mut()? {
+                    let d = self.depth_of(std::slice::from_ref(&v))?;
+                    if let Value::List(l, depth) = self.top_mut()? {
                         Rc::make_mut(l).push(v);
+                        *depth = (*depth).max(d);
                     }
                 }
-                b'e' => {
+                b'e' | 0x90 => {
+                    // APPENDS, ADDITEMS
                     let items = self.pop_mark()?;
-                    if let Value::List(l) = self.top_mut()? {
+                    let d = self.depth_of(&items)?;
+                    if let Value::List(l, depth) = self.top_mut()? {
                         Rc::make_mut(l).extend(items);
+                        *depth = (*depth).max(d);
                     }
                 }
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
-                    if let Value::Dict(d) = self.top_mut()? {
-                        Rc::make_mut(d).push((k, v));
+                    let d = self.depth_of(&[k.clone(), v.clone()])?;
+                    if let Value::Dict(m, depth) = self.top_mut()? {
+                        Rc::make_mut(m).push((k, v));
+                        *depth = (*depth).max(d);
                     }
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
-                    if let Value::Dict(d) = self.top_mut()? {
-                        let d = Rc::make_mut(d);
+                    let d = self.depth_of(&items)?;
+                    if let Value::Dict(m, depth) = self.top_mut()? {
+                        let m = Rc::make_mut(m);
                         for c in items.chunks(2) {
                             if let [k, v] = c {
-                                d.push((k.clone(), v.clone()));
+                                m.push((k.clone(), v.clone()));
                             }
                         }
+                        *depth = (*depth).max(d);
                     }
                 }
-                0x8f => self.stack.push(Value::List(Rc::new(Vec::new()))), // EMPTY_SET
-                0x90 => {
-                    let items = self.pop_mark()?; // ADDITEMS
-                    if let Value::List(l) = self.top_mut()? {
-                        Rc::make_mut(l).extend(items);
-                    }
-                }
+                0x8f => self.stack.push(Value::List(Rc::new(Vec::new()), 1)), // EMPTY_SET
                 0x91 => {
                     let items = self.pop_mark()?; // FROZENSET
-                    self.stack.push(Value::List(Rc::new(items)));
+                    let d = self.depth_of(&items)?;
+                    self.stack.push(Value::List(Rc::new(items), d));
                 }
                 b'Q' => {
                     let pid = self.pop()?;
@@ -357,19 +406,23 @@ impl<'a> Vm<'a> {
                     let _kw = self.pop()?;
                     let args = self.pop()?;
                     let cls = self.pop()?;
-                    self.stack.push(Value::Object(Rc::new((cls, args, None))));
+                    let d = self.depth_of(&[cls.clone(), args.clone()])?;
+                    self.stack.push(Value::Object(Rc::new((cls, args, None)), d));
                 }
                 b'b' => {
                     let state = self.pop()?;
+                    let d = self.depth_of(std::slice::from_ref(&state))?;
                     let top = self.top_mut()?;
                     match top {
-                        Value::Object(o) => {
+                        Value::Object(o, depth) => {
                             let (c, a, _) = (**o).clone();
-                            *top = Value::Object(Rc::new((c, a, Some(state))));
+                            *top = Value::Object(Rc::new((c, a, Some(state))), (*depth).max(d));
                         }
-                        Value::Dict(d) => {
-                            if let Value::Dict(s) = state {
-                                Rc::make_mut(d).extend(s.iter().cloned());
+                        Value::Dict(m, depth) => {
+                            if let Value::Dict(s, _) = state {
+                                Rc::make_mut(m).extend(s.iter().cloned());
+                                // The state's items are one level below the state: same depth.
+                                *depth = (*depth).max(d - 1);
                             }
                         }
                         _ => {}
@@ -388,7 +441,7 @@ impl<'a> Vm<'a> {
     }
 
     fn persistent_load(&self, pid: Value) -> Result<Value> {
-        let Value::Tuple(t) = pid else {
+        let Value::Tuple(t, _) = pid else {
             return Err(self.err("persistent id is not a tuple"));
         };
         match t.as_slice() {
@@ -407,12 +460,13 @@ impl<'a> Vm<'a> {
     }
 
     fn reduce(&self, callable: Value, args: Value) -> Result<Value> {
+        let depth = self.depth_of(&[callable.clone(), args.clone()])?;
         let name = match &callable {
             Value::Global(m, n) => format!("{m}.{n}"),
             _ => String::new(),
         };
         let a = match &args {
-            Value::Tuple(t) => t.clone(),
+            Value::Tuple(t, _) => t.clone(),
             _ => Rc::new(Vec::new()),
         };
         match name.as_str() {
@@ -427,7 +481,15 @@ impl<'a> Vm<'a> {
                 };
                 let ints = |v: Option<&Value>| -> Result<Vec<usize>> {
                     match v {
-                        Some(Value::Tuple(t)) => t.iter().map(|x| int(Some(x))).collect(),
+                        Some(Value::Tuple(t, _)) => {
+                            if t.len() > MAX_RANK {
+                                return Err(self.err(format!(
+                                    "_rebuild_tensor: rank {} is above {MAX_RANK}",
+                                    t.len()
+                                )));
+                            }
+                            t.iter().map(|x| int(Some(x))).collect()
+                        }
                         _ => Err(self.err("_rebuild_tensor: size/stride is not a tuple")),
                     }
                 };
@@ -442,8 +504,8 @@ impl<'a> Vm<'a> {
             "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
                 a.first().cloned().ok_or_else(|| self.err("_rebuild_parameter without data"))
             }
-            "collections.OrderedDict" => Ok(Value::Dict(Rc::new(Vec::new()))),
-            _ => Ok(Value::Object(Rc::new((callable, args, None)))),
+            "collections.OrderedDict" => Ok(Value::Dict(Rc::new(Vec::new()), 1)),
+            _ => Ok(Value::Object(Rc::new((callable, args, None)), depth)),
         }
     }
 }
@@ -458,10 +520,27 @@ pub struct PthFile {
 }
 
 /// Reads a `torch.save` zip checkpoint.
+///
+/// Bounded by the file's size: an archive entry is read only if its declared size is at most
+/// the archive's (`torch.save` stores entries uncompressed) and no more than declared is read;
+/// a tensor view materialises at most [`MAX_VIEW_EXPANSION`] elements per storage element
+/// (+4096); pickles nest at most [`MAX_DEPTH`] deep. Anything else is a [`Error::Malformed`]
+/// naming the file.
 pub fn read_pth(path: &Path) -> Result<PthFile> {
     let file =
         std::fs::File::open(path).map_err(|e| Error::io("cannot open checkpoint", path, e))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| {
+    let file_len =
+        file.metadata().map_err(|e| Error::io("cannot read the size of", path, e))?.len();
+    parse_pth(std::io::BufReader::new(file), file_len, path)
+}
+
+/// Parses a `torch.save` archive from memory; `path` only names the source in errors.
+pub fn parse_pth_bytes(bytes: &[u8], path: &Path) -> Result<PthFile> {
+    parse_pth(std::io::Cursor::new(bytes), bytes.len() as u64, path)
+}
+
+fn parse_pth<R: Read + std::io::Seek>(reader: R, file_len: u64, path: &Path) -> Result<PthFile> {
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| {
         Error::malformed(
             "pth",
             path,
@@ -476,11 +555,22 @@ pub fn read_pth(path: &Path) -> Result<PthFile> {
         .ok_or_else(|| Error::malformed("pth", path, "no data.pkl in the archive"))?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     let mut read_entry = |name: &str| -> Result<Vec<u8>> {
-        let mut f = zip
+        let f = zip
             .by_name(name)
             .map_err(|e| Error::malformed("pth", path, format!("archive entry `{name}`: {e}")))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).map_err(|e| {
+        let size = f.size();
+        if size > file_len {
+            return Err(Error::malformed(
+                "pth",
+                path,
+                format!(
+                    "archive entry `{name}` declares {size} bytes, more than the whole file \
+                     ({file_len} bytes; torch.save stores entries uncompressed)"
+                ),
+            ));
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        f.take(size).read_to_end(&mut buf).map_err(|e| {
             Error::malformed("pth", path, format!("archive entry `{name}` is corrupt: {e}"))
         })?;
         Ok(buf)
@@ -490,7 +580,23 @@ pub fn read_pth(path: &Path) -> Result<PthFile> {
 
     let mut found: Vec<(String, Rc<TensorRef>)> = Vec::new();
     let mut scalars = Vec::new();
-    collect(&root, String::new(), &mut found, &mut scalars, 0);
+    let limit = file_len.saturating_mul(OUTPUT_PER_INPUT_BYTE).saturating_add(OUTPUT_EXTRA);
+    let over = |what: &str| {
+        Error::malformed(
+            "pth",
+            path,
+            format!(
+                "{what} would take more than {limit} bytes ({OUTPUT_PER_INPUT_BYTE}x the \
+                 file's {file_len} bytes + 1 MiB): memo references repeat it too often"
+            ),
+        )
+    };
+    // Every visited node costs at least a byte; a name costs its length.
+    let mut budget = limit;
+    collect(&root, String::new(), &mut found, &mut scalars, 0, &mut budget);
+    if budget == 0 {
+        return Err(over("the pickle's object tree"));
+    }
 
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let mut tensors = TensorMap::new();
@@ -500,7 +606,10 @@ pub fn read_pth(path: &Path) -> Result<PthFile> {
             storages.insert(t.storage.key.clone(), bytes);
         }
         let raw = &storages[&t.storage.key];
-        tensors.insert(name.clone(), materialise(&t, raw, path, &name)?);
+        let numel = check_view(&t, raw, path, &name)?;
+        let cost = (numel as u64).saturating_mul(8);
+        budget = budget.checked_sub(cost).ok_or_else(|| over(&format!("tensor `{name}`")))?;
+        tensors.insert(name.clone(), materialise(&t, raw, numel));
     }
     Ok(PthFile { tensors, scalars })
 }
@@ -511,26 +620,35 @@ fn collect(
     out: &mut Vec<(String, Rc<TensorRef>)>,
     scalars: &mut Vec<(String, String)>,
     depth: usize,
+    budget: &mut u64,
 ) {
-    if depth > 64 {
+    // A node costs its name's length (at least 1); an exhausted budget stops the walk and is
+    // reported by the caller.
+    let cost = prefix.len().max(1) as u64;
+    if *budget < cost {
+        *budget = 0;
         return;
     }
+    if depth > 64 {
+        return; // no state dict nests this deep: not a tensor of ours
+    }
+    *budget -= cost;
     let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
     match v {
         Value::Tensor(t) => out.push((prefix, t.clone())),
-        Value::Dict(d) => {
+        Value::Dict(d, _) => {
             for (k, v) in d.iter() {
                 let key = match k {
                     Value::Str(s) => s.to_string(),
                     Value::Int(i) => i.to_string(),
                     _ => continue,
                 };
-                collect(v, join(&key), out, scalars, depth + 1);
+                collect(v, join(&key), out, scalars, depth + 1, budget);
             }
         }
-        Value::List(l) | Value::Tuple(l) => {
+        Value::List(l, _) | Value::Tuple(l, _) => {
             for (i, v) in l.iter().enumerate() {
-                collect(v, join(&i.to_string()), out, scalars, depth + 1);
+                collect(v, join(&i.to_string()), out, scalars, depth + 1, budget);
             }
         }
         Value::Int(i) if depth == 1 => scalars.push((prefix, i.to_string())),
@@ -539,22 +657,48 @@ fn collect(
     }
 }
 
-fn materialise(t: &TensorRef, raw: &[u8], path: &Path, name: &str) -> Result<HostTensor> {
+/// Checks a view against its storage: shape product without overflow, at most
+/// [`MAX_VIEW_EXPANSION`] elements per stored one (+[`MAX_VIEW_EXTRA`]), every index in range.
+/// Returns the element count.
+fn check_view(t: &TensorRef, raw: &[u8], path: &Path, name: &str) -> Result<usize> {
+    let bad = |r: String| Error::malformed("pth", path, format!("tensor `{name}`: {r}"));
     let es = elem_size(t.storage.dtype);
     let n_storage = raw.len() / es;
-    let numel: usize = t.shape.iter().product();
-    // Largest element index touched by this view.
-    let max_index = t.offset
-        + t.shape.iter().zip(&t.stride).map(|(&s, &st)| s.saturating_sub(1) * st).sum::<usize>();
-    if numel > 0 && max_index >= n_storage {
-        return Err(Error::malformed(
-            "pth",
-            path,
-            format!(
-                "tensor `{name}` reads element {max_index} of a storage of {n_storage} (truncated file?)"
-            ),
-        ));
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(format!("shape {:?} overflows", t.shape)))?;
+    if numel > n_storage.saturating_mul(MAX_VIEW_EXPANSION).saturating_add(MAX_VIEW_EXTRA) {
+        return Err(bad(format!(
+            "shape {:?} has {numel} elements over a storage of {n_storage}: more than \
+             {MAX_VIEW_EXPANSION}x (+{MAX_VIEW_EXTRA}) reuse of its elements",
+            t.shape
+        )));
     }
+    // Largest element index touched by this view, computed without overflow.
+    let reach = t.shape.iter().zip(&t.stride).try_fold(t.offset, |acc, (&s, &st)| {
+        s.saturating_sub(1).checked_mul(st).and_then(|x| acc.checked_add(x))
+    });
+    match reach {
+        _ if numel == 0 => {}
+        Some(max_index) if max_index < n_storage => {}
+        _ => {
+            return Err(bad(format!(
+                "the view (offset {}, shape {:?}, stride {:?}) reads past a storage of {n_storage} \
+                 elements (truncated file?)",
+                t.offset, t.shape, t.stride
+            )));
+        }
+    }
+    if t.shape.is_empty() && t.offset >= n_storage {
+        return Err(bad(format!("offset {} past a storage of {n_storage}", t.offset)));
+    }
+    Ok(numel)
+}
+
+/// Gathers a view checked by [`check_view`] (`numel` elements) into a host tensor.
+fn materialise(t: &TensorRef, raw: &[u8], numel: usize) -> HostTensor {
     // Element indices of the view in row-major order.
     let mut idx = Vec::with_capacity(numel);
     let rank = t.shape.len();
@@ -605,7 +749,7 @@ fn materialise(t: &TensorRef, raw: &[u8], path: &Path, name: &str) -> Result<Hos
         "I8" => HostData::I64(gather(1).iter().map(|b| i64::from(b[0] as i8)).collect()),
         _ => HostData::U8(gather(1).iter().map(|b| b[0]).collect()),
     };
-    Ok(HostTensor { shape: t.shape.clone(), data })
+    HostTensor { shape: t.shape.clone(), data }
 }
 
 /// Extracts a model state dict from a `.pth` file's tensors.

@@ -142,26 +142,7 @@ impl Bundle {
             ));
         }
         let sums = read_text(dir, SUMS_FILE)?;
-        let mut listed = Vec::new();
-        for (i, line) in sums.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let (hex, name) =
-                line.split_once("  ").or_else(|| line.split_once(" *")).ok_or_else(|| {
-                    bad(format!("{SUMS_FILE} line {}: expected `<sha256 hex>  <file>`", i + 1))
-                })?;
-            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad(format!(
-                    "{SUMS_FILE} line {}: `{hex}` is not a SHA-256 in hex",
-                    i + 1
-                )));
-            }
-            if name.contains('/') || name.contains('\\') || name == ".." {
-                return Err(bad(format!(
-                    "{SUMS_FILE} line {}: `{name}` is not a file of the bundle folder",
-                    i + 1
-                )));
-            }
-            listed.push((hex.to_ascii_lowercase(), name.to_string()));
-        }
+        let listed = parse_sums(&sums).map_err(bad)?;
         for need in [MODEL_FILE, CONFIG_FILE] {
             if !listed.iter().any(|(_, n)| n == need) {
                 return Err(bad(format!("{SUMS_FILE} does not list {need}")));
@@ -179,14 +160,42 @@ impl Bundle {
             }
         }
         let text = read_text(dir, CONFIG_FILE)?;
-        let config: BundleConfig =
-            toml::from_str(&text).map_err(|e| bad(format!("{CONFIG_FILE}: {e}")))?;
-        config.validate().map_err(|e| bad(format!("{CONFIG_FILE}: {e}")))?;
+        let config = BundleConfig::parse(&text).map_err(|e| bad(format!("{CONFIG_FILE}: {e}")))?;
         Ok(Self { dir: dir.to_path_buf(), config })
     }
 }
 
+/// Parses a `SHA256SUMS` file (`sha256sum` format): `(lowercase hex, file name)` per line, each
+/// name a plain file of the bundle folder.
+pub fn parse_sums(sums: &str) -> Result<Vec<(String, String)>, String> {
+    let mut listed = Vec::new();
+    for (i, line) in sums.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let (hex, name) =
+            line.split_once("  ").or_else(|| line.split_once(" *")).ok_or_else(|| {
+                format!("{SUMS_FILE} line {}: expected `<sha256 hex>  <file>`", i + 1)
+            })?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{SUMS_FILE} line {}: `{hex}` is not a SHA-256 in hex", i + 1));
+        }
+        if name.contains('/') || name.contains('\\') || name == ".." || name.is_empty() {
+            return Err(format!(
+                "{SUMS_FILE} line {}: `{name}` is not a file of the bundle folder",
+                i + 1
+            ));
+        }
+        listed.push((hex.to_ascii_lowercase(), name.to_string()));
+    }
+    Ok(listed)
+}
+
 impl BundleConfig {
+    /// Parses and validates the text of `onboard.toml`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Checks the values (not only their types); the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.format != FORMAT {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use super::OnboardError;
 
 /// Largest frame side accepted from any source (a larger image is refused before decoding).
-pub const MAX_SIDE: u32 = 16_384;
+pub const MAX_SIDE: u32 = crate::preprocess::MAX_IMAGE_SIDE;
 
 /// One RGB8 frame, reused from frame to frame (its `data` keeps its capacity).
 #[derive(Debug, Clone)]
@@ -168,22 +168,10 @@ impl FolderSource {
     }
 }
 
-/// Decodes an image file into `buf`, refusing dimensions above [`MAX_SIDE`] before decoding.
+/// Decodes an image file into `buf` within [`crate::preprocess::image_limits`] (sides up to
+/// [`MAX_SIDE`], checked from the header before any pixel is decoded).
 fn decode_file(path: &Path, buf: &mut FrameBuf) -> Result<(), String> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?;
-    let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
-    if w == 0 || h == 0 || w > MAX_SIDE || h > MAX_SIDE {
-        return Err(format!("{w}x{h} pixels is outside 1..={MAX_SIDE} per side"));
-    }
-    let img = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .decode()
-        .map_err(|e| e.to_string())?;
+    let img = crate::preprocess::decode_image_file(path).map_err(|e| e.to_string())?;
     let rgb = img.into_rgb8();
     buf.width = rgb.width();
     buf.height = rgb.height();
@@ -474,7 +462,7 @@ mod v4l2 {
                     buf.height = h;
                     return Ok(Ok(()));
                 }
-                match image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg) {
+                match crate::preprocess::decode_image_bytes(bytes) {
                     Ok(img) => {
                         let rgb = img.into_rgb8();
                         buf.width = rgb.width();

@@ -54,7 +54,7 @@ pub fn load_image(
     w: usize,
     norm: &Normalization,
 ) -> Result<Vec<f32>, QuantizeError> {
-    let img = image::open(path)
+    let img = crate::preprocess::decode_image_file(path)
         .map_err(|source| QuantizeError::Image { path: path.to_path_buf(), source })?
         .to_rgb8();
     let (iw, ih) = img.dimensions();

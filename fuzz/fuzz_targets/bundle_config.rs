@@ -1,0 +1,9 @@
+//! Fuzzes the `bundle_config` reader: any bytes get a value or an error, never a panic or an abort.
+#![no_main]
+
+#[path = "../../tests/readers/mod.rs"]
+mod readers;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = readers::bundle_config(data);
+});

@@ -1,0 +1,69 @@
+//! Durable file writes shared by every crate that writes models, checkpoints and reports: a
+//! file replaced in one step (temporary file in the same folder, flushed, renamed over the
+//! target, folder flushed), so that a crash or a full disk leaves the old file or the new one,
+//! never a torn one, and a power loss does not undo the rename.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The folder `path` lives in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// A temporary name next to `path` for this process: `.{name}.{pid}.tmp`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    parent_dir(path).join(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Flushes a folder's entries (a rename or a new file in it) to disk.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Renames the complete file `tmp` over `path` and flushes the folder.
+pub fn commit(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, path)?;
+    sync_dir(parent_dir(path))
+}
+
+/// Writes `bytes` to `path` atomically and durably (creating the folder if needed). On error
+/// the temporary file is removed and `path` is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(parent_dir(path))?;
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        commit(&tmp, path)
+    })();
+    if result.is_err() {
+        // The temporary file is ours and garbage now; the original error is what matters.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_file_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("flsl-fsio-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = dir.join("sub/a.bin");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(dir.join("sub")).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // A folder in the way: an error, nothing left behind.
+        std::fs::create_dir_all(dir.join("sub/d")).unwrap();
+        assert!(write_atomic(&dir.join("sub/d"), b"x").is_err());
+        assert!(!temp_path(&dir.join("sub/d")).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
