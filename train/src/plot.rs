@@ -31,7 +31,10 @@ pub fn loss_plot(path: &Path, history: &[(usize, LossTerms)]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
     }
-    let tmp = path.with_extension("tmp.png");
+    // `.loss.<pid>.tmp.png`: plotters picks the encoder from the extension.
+    let stem = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = flsl_runtime::fsio::parent_dir(path)
+        .join(format!(".{stem}.{}.tmp.png", std::process::id()));
     {
         let root = BitMapBackend::new(&tmp, (1000, 700)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
@@ -75,5 +78,5 @@ pub fn loss_plot(path: &Path, history: &[(usize, LossTerms)]) -> Result<()> {
         }
         root.present().map_err(|e| plot_err(path, e))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot write", path, e))
+    flsl_runtime::fsio::commit(&tmp, path).map_err(|e| Error::io("cannot write", path, e))
 }

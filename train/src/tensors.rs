@@ -4,7 +4,6 @@
 //! It is what checkpoints, golden files and `.pth` imports produce before a tensor goes to a device.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
@@ -219,9 +218,39 @@ pub fn safetensors_bytes(
                 })
             })
             .collect::<Result<_>>()?;
-    let meta = metadata.map(|m| m.into_iter().collect());
-    safetensors::serialize(views, meta)
-        .map_err(|e| Error::Shape { op: "safetensors", reason: e.to_string() })
+    let meta = metadata.clone().map(|m| m.into_iter().collect());
+    let mut bytes = safetensors::serialize(views, meta)
+        .map_err(|e| Error::Shape { op: "safetensors", reason: e.to_string() })?;
+    if let Some(m) = metadata.filter(|m| m.len() > 1) {
+        sort_metadata(&mut bytes, &m);
+    }
+    Ok(bytes)
+}
+
+/// The safetensors crate writes metadata from a `HashMap`, so its key order (and the file's
+/// bytes) change from process to process. Rewrites the `__metadata__` object with its keys
+/// sorted: the same pairs in the same compact JSON, so the same length, and equal tensors give
+/// equal files (checksums, bit-exact comparisons of checkpoints).
+fn sort_metadata(bytes: &mut [u8], metadata: &BTreeMap<String, String>) {
+    let sorted = match serde_json::to_string(metadata) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let Some(n) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))) else {
+        return;
+    };
+    let end = (8 + n as usize).min(bytes.len());
+    let key = b"\"__metadata__\":";
+    let Some(at) = bytes[8..end].windows(key.len()).position(|w| w == key) else { return };
+    let start = 8 + at + key.len();
+    let span = start..start + sorted.len();
+    // Only when the object there holds exactly these pairs (in some order) and has this length.
+    let same = bytes
+        .get(span.clone())
+        .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(b).ok());
+    if same.as_ref() == Some(metadata) {
+        bytes[span].copy_from_slice(sorted.as_bytes());
+    }
 }
 
 /// Writes tensors to a safetensors file atomically.
@@ -238,22 +267,60 @@ pub fn write_safetensors(
 ///
 /// A crash at any point leaves either the old file or the new one, never a torn file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create folder", dir, e))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        // The temporary file is garbage now; failing to remove it changes nothing for the caller.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io("cannot write", path, e));
+    flsl_runtime::fsio::write_atomic(path, bytes).map_err(|e| Error::io("cannot write", path, e))
+}
+
+/// Flushes a folder's entries (a rename or a new file in it) to disk.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    flsl_runtime::fsio::sync_dir(dir).map_err(|e| Error::io("cannot flush folder", dir, e))
+}
+
+/// Puts the complete folder `src` at `dst` in one atomic step and flushes the parent: a
+/// reader (or a crash) sees the old `dst` or the new one, never none. An existing `dst` is
+/// swapped with `src` (`renameat2(RENAME_EXCHANGE)`) and the old content, now at `src`, removed.
+pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
+    let parent = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if std::fs::symlink_metadata(dst).is_ok() {
+        exchange(src, dst).map_err(|e| Error::io("cannot swap in", dst, e))?;
+        sync_dir(parent)?;
+        std::fs::remove_dir_all(src).map_err(|e| Error::io("cannot remove", src, e))?;
+    } else {
+        std::fs::rename(src, dst).map_err(|e| Error::io("cannot move into place", dst, e))?;
+        sync_dir(parent)?;
     }
     Ok(())
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD resolves them relative
+    // to the working directory like std::fs does.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Without an atomic exchange: move the old folder aside, then the new one in (a crash between
+/// the two renames leaves the old one aside, under `b`'s name plus `.old`).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let aside = b.with_extension("old");
+    std::fs::rename(b, &aside)?;
+    std::fs::rename(a, b)?;
+    std::fs::rename(&aside, a)
 }
 
 /// Reads a `.npy` file (little-endian f32/f64/u8/i64, C order).
@@ -265,78 +332,30 @@ pub fn read_npy(path: &Path) -> Result<HostTensor> {
 /// Parses `.npy` bytes.
 pub fn parse_npy(bytes: &[u8], path: &Path) -> Result<HostTensor> {
     let bad = |r: &str| Error::malformed("npy", path, r.to_string());
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("missing the \\x93NUMPY magic"));
-    }
-    let major = bytes[6];
-    let (hlen, hstart) = if major == 1 {
-        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
-    } else {
-        if bytes.len() < 12 {
-            return Err(bad("truncated header"));
-        }
-        (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
-    };
-    let header = bytes.get(hstart..hstart + hlen).ok_or_else(|| bad("truncated header"))?;
-    let header = std::str::from_utf8(header).map_err(|_| bad("header is not text"))?;
-    let field = |key: &str| -> Option<&str> {
-        let i = header.find(key)? + key.len();
-        Some(header[i..].trim_start_matches([' ', ':', '\'', '"']))
-    };
-    let descr = field("'descr'").ok_or_else(|| bad("no descr"))?;
-    let descr: String = descr.chars().take_while(|c| *c != '\'' && *c != '"').collect();
-    if field("'fortran_order'").is_some_and(|f| f.starts_with("True")) {
-        return Err(bad("fortran_order arrays are not supported"));
-    }
-    let shape_txt = field("'shape'").ok_or_else(|| bad("no shape"))?;
-    let open = shape_txt.find('(').ok_or_else(|| bad("shape is not a tuple"))?;
-    let close = shape_txt.find(')').ok_or_else(|| bad("shape is not a tuple"))?;
-    let shape: Vec<usize> = shape_txt[open + 1..close]
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| bad("shape entry is not an integer")))
-        .collect::<Result<_>>()?;
-    let raw = &bytes[hstart + hlen..];
-    let n: usize = shape.iter().product();
-    let data = match descr.as_str() {
-        "<f4" => HostData::F32(le_chunks::<4, f32>(raw, f32::from_le_bytes)),
-        "<f8" => HostData::F64(le_chunks::<8, f64>(raw, f64::from_le_bytes)),
-        "|u1" | "|b1" => HostData::U8(raw.to_vec()),
-        "<i8" => HostData::I64(le_chunks::<8, i64>(raw, i64::from_le_bytes)),
+    let h = flsl_runtime::npy::parse_header(bytes).map_err(|r| bad(&r))?;
+    let (descr, shape, n) = (h.descr, h.shape, h.count);
+    let size = match descr.as_str() {
+        "<f4" => 4,
+        "<f8" | "<i8" => 8,
+        "|u1" | "|b1" => 1,
         other => return Err(bad(&format!("unsupported dtype {other}"))),
     };
-    let t = HostTensor { shape, data };
-    let got = match &t.data {
-        HostData::F32(v) => v.len(),
-        HostData::F64(v) => v.len(),
-        HostData::U8(v) => v.len(),
-        HostData::I64(v) => v.len(),
+    let body = &bytes[h.data_start..];
+    let raw = n.checked_mul(size).and_then(|len| body.get(..len)).ok_or_else(|| {
+        bad(&format!("{} data bytes for shape {shape:?} ({n} elements of {size})", body.len()))
+    })?;
+    let data = match size {
+        4 => HostData::F32(le_chunks::<4, f32>(raw, f32::from_le_bytes)),
+        8 if descr == "<f8" => HostData::F64(le_chunks::<8, f64>(raw, f64::from_le_bytes)),
+        8 => HostData::I64(le_chunks::<8, i64>(raw, i64::from_le_bytes)),
+        _ => HostData::U8(raw.to_vec()),
     };
-    if got < n {
-        return Err(bad(&format!("{got} elements for shape {:?} ({n} expected)", t.shape)));
-    }
-    Ok(t)
+    Ok(HostTensor { shape, data })
 }
 
 /// Serialises an f32 tensor as `.npy` bytes.
 pub fn npy_bytes_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
-    let shape_txt = match shape.len() {
-        1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for x in data {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
+    flsl_runtime::npy::encode_npy(shape, data)
 }
 
 #[cfg(test)]
@@ -353,6 +372,23 @@ mod tests {
         write_safetensors(&p, &m, None).unwrap();
         assert_eq!(read_safetensors(&p).unwrap(), m);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn equal_tensors_and_metadata_give_equal_bytes() {
+        let mut m = TensorMap::new();
+        m.insert("w".into(), HostTensor::f32(vec![2], vec![1., 2.]));
+        let meta: BTreeMap<String, String> =
+            (0..6).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+        let first = safetensors_bytes(&m, Some(meta.clone())).unwrap();
+        for _ in 0..20 {
+            // Each HashMap inside the safetensors crate gets its own random order.
+            assert_eq!(safetensors_bytes(&m, Some(meta.clone())).unwrap(), first);
+        }
+        let st = SafeTensors::read_metadata(&first).unwrap().1;
+        let back: BTreeMap<String, String> =
+            st.metadata().clone().unwrap_or_default().into_iter().collect();
+        assert_eq!(back, meta);
     }
 
     #[test]

@@ -240,18 +240,22 @@ impl<B: AutodiffBackend> Run<B> {
         Ok(run)
     }
 
-    /// Writes a checkpoint folder atomically: everything goes to a temporary folder that is
-    /// renamed into place, then `latest` is re-pointed with an atomic symlink swap.
+    /// Writes a checkpoint folder atomically: everything goes to a temporary folder (each file
+    /// and the folder flushed) that is swapped into place in one step ([`tensors::replace_dir`]),
+    /// then `latest` is re-pointed with an atomic symlink swap and the folder flushed. A kill at
+    /// any moment leaves `latest` on a complete checkpoint; what a kill leaves half-written is
+    /// named `.tmp-*`, `.latest-*` or `.trash-*` and removed by the next save
+    /// ([`clean_checkpoints`]).
     pub fn save(&self, keep: bool) -> Result<PathBuf> {
         let root = checkpoints_dir(&self.cfg.output_dir);
         std::fs::create_dir_all(&root).map_err(|e| Error::io("cannot create", &root, e))?;
+        clean_checkpoints(&root)?;
         let name = if keep {
             format!("epoch-{:04}", self.state.epoch)
         } else {
             format!("step-{:08}", self.state.step)
         };
         let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp); // A leftover from a crash is garbage.
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
         let meta = |what: &str| {
             Some(
@@ -270,16 +274,15 @@ impl<B: AutodiffBackend> Run<B> {
             meta("teacher"),
         )?;
         tensors::write_safetensors(&tmp.join("optimizer.safetensors"), &self.adam.to_host(), None)?;
-        let cfg = serde_json::to_vec_pretty(&self.cfg).expect("config serialises");
+        let json = |what: &str, v: serde_json::Result<Vec<u8>>| {
+            v.map_err(|e| Error::malformed("json", tmp.join(what), e.to_string()))
+        };
+        let cfg = json("config.json", serde_json::to_vec_pretty(&self.cfg))?;
         tensors::write_atomic(&tmp.join("config.json"), &cfg)?;
-        let st = serde_json::to_vec(&self.state).expect("state serialises");
+        let st = json("state.json", serde_json::to_vec(&self.state))?;
         tensors::write_atomic(&tmp.join("state.json"), &st)?;
         let dst = root.join(&name);
-        if dst.exists() {
-            std::fs::remove_dir_all(&dst).map_err(|e| Error::io("cannot replace", &dst, e))?;
-        }
-        std::fs::rename(&tmp, &dst)
-            .map_err(|e| Error::io("cannot move checkpoint into place", &dst, e))?;
+        tensors::replace_dir(&tmp, &dst)?;
         let previous = std::fs::read_link(root.join("latest")).ok();
         let link_tmp = root.join(format!(".latest-{}", std::process::id()));
         let _ = std::fs::remove_file(&link_tmp);
@@ -287,15 +290,52 @@ impl<B: AutodiffBackend> Run<B> {
             .map_err(|e| Error::io("cannot link", &link_tmp, e))?;
         std::fs::rename(&link_tmp, root.join("latest"))
             .map_err(|e| Error::io("cannot update", root.join("latest"), e))?;
+        tensors::sync_dir(&root)?;
         // The previous rolling checkpoint is no longer needed (kept epochs stay).
         if let Some(prev) = previous {
             let prev_name = prev.to_string_lossy();
             if prev_name.starts_with("step-") && *prev_name != name {
-                let _ = std::fs::remove_dir_all(root.join(&prev));
+                discard(&root, &prev_name)?;
             }
         }
         Ok(dst)
     }
+}
+
+/// Removes what an interrupted [`Run::save`] leaves in a checkpoints folder: temporary folders
+/// and links (`.tmp-*`, `.latest-*`), folders being deleted (`.trash-*`), and rolling `step-*`
+/// checkpoints that `latest` no longer names. Kept `epoch-*` checkpoints and `latest`'s target
+/// are never touched.
+pub fn clean_checkpoints(root: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(()) };
+    let latest = std::fs::read_link(root.join("latest")).ok();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with(".tmp-")
+            || name.starts_with(".latest-")
+            || name.starts_with(".trash-")
+            || (name.starts_with("step-") && latest.as_deref() != Some(Path::new(&name)));
+        if !stale {
+            continue;
+        }
+        let path = e.path();
+        let r = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        r.map_err(|err| Error::io("cannot remove a leftover of an interrupted save", &path, err))?;
+    }
+    Ok(())
+}
+
+/// Deletes a checkpoint folder so that a kill mid-way leaves no half-deleted checkpoint under
+/// its name: rename it to `.trash-*` first (atomic), then remove.
+fn discard(root: &Path, name: &str) -> Result<()> {
+    let trash = root.join(format!(".trash-{name}-{}", std::process::id()));
+    std::fs::rename(root.join(name), &trash)
+        .map_err(|e| Error::io("cannot move aside", root.join(name), e))?;
+    std::fs::remove_dir_all(&trash).map_err(|e| Error::io("cannot remove", &trash, e))
 }
 
 fn log_line(log: &mut std::fs::File, value: serde_json::Value) -> Result<()> {

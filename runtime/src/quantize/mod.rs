@@ -431,23 +431,9 @@ pub fn quantize_model(
     Ok((int8, n, kept))
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so
-/// `path` is either untouched or complete.
+/// Writes `bytes` to `path` atomically ([`crate::fsio::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), QuantizeError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = std::fs::write(&tmp, bytes)
-        .map_err(io("writing", &tmp))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(io("renaming into", path)));
-    if result.is_err() {
-        // Best effort: the temporary file is ours; the original error is what matters.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::fsio::write_atomic(path, bytes).map_err(io("writing", path))
 }
 
 /// Quantizes the fp32 ONNX file `input` with calibration images from `calib_dir` and
@@ -568,7 +554,7 @@ fn detection_delta(
         }
         let mut dets = Vec::new();
         for (id, path) in &files {
-            let img = image::open(path)
+            let img = crate::preprocess::decode_image_file(path)
                 .map_err(|source| QuantizeError::Image { path: path.clone(), source })?
                 .to_rgb8();
             for d in detector.process(&img)?.detections {
