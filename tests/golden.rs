@@ -73,12 +73,17 @@ fn a_perturbed_golden_tensor_fails() {
         &micro().join("meanshift_intra_g6w2_fixed.safetensors"),
     )
     .unwrap();
-    if let Some(flsl_train::tensors::HostTensor {
-        data: flsl_train::tensors::HostData::F32(v),
-        ..
-    }) = t.get_mut("mode")
-    {
-        v[3] += 1e-3;
+    // The float32 reference and its float64 twin, perturbed alike: a wrong reference. (The
+    // float32 value alone perturbed passes: we are then within tolerance of the float64
+    // result, which the checker trusts over PyTorch's float32 rounding; see the next test.)
+    use flsl_train::tensors::{HostData, HostTensor};
+    match t.get_mut("mode") {
+        Some(HostTensor { data: HostData::F32(v), .. }) => v[3] += 1e-3,
+        _ => panic!("no f32 `mode`"),
+    }
+    match t.get_mut("mode_f64") {
+        Some(HostTensor { data: HostData::F64(v), .. }) => v[3] += 1e-3,
+        _ => panic!("no f64 `mode_f64`"),
     }
     flsl_train::tensors::write_safetensors(
         &dir.join("meanshift_intra_g6w2_fixed.safetensors"),
@@ -90,4 +95,35 @@ fn a_perturbed_golden_tensor_fails() {
     std::fs::remove_dir_all(&dir).unwrap();
     let why = r.outcome.expect_err("a perturbed mode must fail");
     assert!(why.contains("mode[3]"), "{why}");
+}
+
+/// Where a case has a float64 twin, a float32 reference value that is off (PyTorch's rounding,
+/// or here a perturbation) while ours matches the float64 result passes, and is counted.
+#[test]
+fn a_float32_reference_off_the_float64_result_is_judged_by_the_float64_one() {
+    let dir = std::env::temp_dir().join(format!("flsl-golden-f64-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["meanshift_intra_g6w2_fixed.json", "index.json"] {
+        std::fs::copy(micro().join(f), dir.join(f)).unwrap();
+    }
+    let mut t = flsl_train::tensors::read_safetensors(
+        &micro().join("meanshift_intra_g6w2_fixed.safetensors"),
+    )
+    .unwrap();
+    use flsl_train::tensors::{HostData, HostTensor};
+    match t.get_mut("mode") {
+        Some(HostTensor { data: HostData::F32(v), .. }) => v[3] += 1e-3,
+        _ => panic!("no f32 `mode`"),
+    }
+    flsl_train::tensors::write_safetensors(
+        &dir.join("meanshift_intra_g6w2_fixed.safetensors"),
+        &t,
+        None,
+    )
+    .unwrap();
+    let r = reference::run_case(&dir, "meanshift_intra_g6w2_fixed");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let e = r.outcome.expect("ours matches the float64 result");
+    assert_eq!(e.judged_by_f64, 1, "{e:?}");
+    assert!(e.max_abs_f64 < 1e-6, "{e:?}");
 }

@@ -8,20 +8,9 @@ use flsl_train::config::TrainConfig;
 use flsl_train::model::named;
 use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir, train, train_on_devices};
 
-/// Writes `n` 48x48 PNGs: two-colour scenes (disc on a background) with seeded colours.
+/// Writes `n` 48x48 two-colour scenes.
 fn synthetic_images(dir: &Path, n: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    for i in 0..n {
-        let (cx, cy, r) =
-            (12.0 + (i * 7 % 24) as f32, 14.0 + (i * 5 % 20) as f32, 9.0 + (i % 4) as f32);
-        let fg = [(40 + i * 37 % 200) as u8, (200 - i * 23 % 150) as u8, 60];
-        let bg = [120, (90 + i * 11 % 100) as u8, (200 - i * 17 % 120) as u8];
-        let img = image::RgbImage::from_fn(48, 48, |x, y| {
-            let d = ((x as f32 - cx).powi(2) + (y as f32 - cy).powi(2)).sqrt();
-            image::Rgb(if d < r { fg } else { bg })
-        });
-        img.save(dir.join(format!("scene{i:02}.png"))).unwrap();
-    }
+    flsl_train::data::write_synthetic_scenes(dir, n, 48).unwrap();
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -312,4 +301,110 @@ fn a_learnable_position_table_is_resized_like_the_fixed_one_and_gets_gradients()
         .expect("the learnable table gets a gradient from a resized crop");
     let norm: f32 = g.abs().sum().into_scalar();
     assert!(norm > 0.0);
+}
+
+#[test]
+fn a_grid_with_the_tables_token_count_but_another_shape_is_resized() {
+    use flsl_train::model::vit::{VitConfig, interpolate_pos_embed};
+    let device = cpu_device();
+    // A 4x4 table (32 px, patch 8); a 16x64-px crop has a 2x8 grid: 16 tokens like the table,
+    // but the reference (`npatch == N and w == h`) resizes it, and so must we.
+    let vit =
+        VitConfig::new(16, 1, 2).with_patch_size(8).with_img_size(32).init::<CpuTrain>(&device);
+    let table: Vec<f32> = vit.pos_embed.val().into_data().convert::<f32>().to_vec().unwrap();
+    let ours: Vec<f32> = vit.pos_embed_for(2, 8).into_data().convert::<f32>().to_vec().unwrap();
+    let expected = interpolate_pos_embed(&table, 4, 16, 2, 8);
+    assert_eq!(ours, expected);
+    assert_ne!(ours, table, "the 4x4 table itself is wrong for a 2x8 grid");
+    // The same grid keeps the table exactly.
+    let same: Vec<f32> = vit.pos_embed_for(4, 4).into_data().convert::<f32>().to_vec().unwrap();
+    assert_eq!(same, table);
+    // The exporter resizes the same way: a 16x64 export carries the 2x8 table.
+    let root = tmp("nonsquare");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("vit.safetensors");
+    flsl_train::tensors::write_safetensors(&file, &named::state_dict::<CpuTrain, _>(&vit), None)
+        .unwrap();
+    let opts =
+        flsl_train::export::ExportOptions { size: (16, 64), heads: Some(2), ..Default::default() };
+    let src = flsl_train::export::load_source(&file, &opts).unwrap();
+    assert_eq!(src.pos_embed, expected);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// Deterministic values in [-1, 1).
+fn wave(n: usize, phase: f64) -> Vec<f64> {
+    (0..n).map(|i| ((i as f64 * 0.913 + phase).sin() * 1.3).clamp(-1.0, 0.999)).collect()
+}
+
+#[test]
+fn the_multi_stage_mixture_equals_a_hand_computation() {
+    use burn::tensor::{Tensor, TensorData};
+    use flsl_train::meanshift::{TokenSelection, meanshift_mixed, sharpened_attention_map};
+    let (b, ns, nt, c) = (2, 5, 6, 4);
+    let (temp, prev_temp, sharpness, mix) = (0.7, 1.3, 3.0, 0.3);
+    let src = wave(b * ns * c, 0.1);
+    let tgt = wave(b * nt * c, 1.7);
+    let prev_src = wave(b * ns * c, 2.9);
+    let prev_tgt = wave(b * nt * c, 4.2);
+    let rows = vec![vec![0, 3], vec![1, 4]];
+    let sel = TokenSelection::new(rows.clone(), ns).unwrap();
+    let dev = cpu_device();
+    let t = |v: &[f64], n: usize| {
+        Tensor::<CpuTrain, 3>::from_data(
+            TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), [b, n, c]),
+            &dev,
+        )
+    };
+    let prev =
+        sharpened_attention_map(t(&prev_src, ns), t(&prev_tgt, nt), &sel, prev_temp, sharpness);
+    let (_, mode) = meanshift_mixed(t(&src, ns), t(&tgt, nt), &sel, temp, prev.clone(), mix);
+    let prev: Vec<f32> = prev.into_data().convert::<f32>().to_vec().unwrap();
+    let mode: Vec<f32> = mode.into_data().convert::<f32>().to_vec().unwrap();
+
+    // By hand, in f64: softmax(temp * q.k) over keys; the previous map sigmoid-sharpened around
+    // its mean and renormalised; mixed, renormalised, applied to the target tokens.
+    let softmax_row = |q: &[f64], keys: &[f64], temp: f64| -> Vec<f64> {
+        let logits: Vec<f64> =
+            (0..nt).map(|k| temp * (0..c).map(|j| q[j] * keys[k * c + j]).sum::<f64>()).collect();
+        let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|x| x / s).collect()
+    };
+    for (bi, row) in rows.iter().enumerate() {
+        for (mi, &n) in row.iter().enumerate() {
+            let q = &src[(bi * ns + n) * c..][..c];
+            let pq = &prev_src[(bi * ns + n) * c..][..c];
+            let keys = &tgt[bi * nt * c..][..nt * c];
+            let pkeys = &prev_tgt[bi * nt * c..][..nt * c];
+            let pa = softmax_row(pq, pkeys, prev_temp);
+            let mean = pa.iter().sum::<f64>() / nt as f64;
+            let sig: Vec<f64> =
+                pa.iter().map(|a| 1.0 / (1.0 + (-(sharpness * (a - mean))).exp())).collect();
+            let ssum: f64 = sig.iter().sum();
+            let pmap: Vec<f64> = sig.iter().map(|s| s / ssum).collect();
+            let a = softmax_row(q, keys, temp);
+            let mixed: Vec<f64> =
+                a.iter().zip(&pmap).map(|(a, p)| mix * a + (1.0 - mix) * p).collect();
+            let msum: f64 = mixed.iter().sum();
+            for k in 0..nt {
+                let got = f64::from(prev[(bi * 2 + mi) * nt + k]);
+                assert!(
+                    (got - pmap[k]).abs() < 1e-6,
+                    "previous map [{bi},{mi},{k}]: {got} vs {}",
+                    pmap[k]
+                );
+            }
+            for j in 0..c {
+                let want: f64 = (0..nt).map(|k| mixed[k] / msum * keys[k * c + j]).sum();
+                let got = f64::from(mode[(bi * 2 + mi) * c + j]);
+                assert!((got - want).abs() < 1e-5, "mode [{bi},{mi},{j}]: {got} vs {want}");
+            }
+            // The mixture matters here: the unmixed mode differs by more than the tolerance.
+            let plain: f64 = (0..nt).map(|k| a[k] * keys[k * c]).sum();
+            let want0: f64 = (0..nt).map(|k| mixed[k] / msum * keys[k * c]).sum();
+            assert!((plain - want0).abs() > 1e-3, "the test would not see a missing mixture");
+        }
+    }
 }

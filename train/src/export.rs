@@ -184,8 +184,10 @@ pub fn load_source(checkpoint: &Path, opts: &ExportOptions) -> Result<ExportSour
         },
     };
     let (gh, gw) = spec.grid();
+    // The reference keeps the table only for the same grid (`npatch == N and w == h`): a
+    // 7x28 grid has the token count of 14x14 and still needs the resize.
     let pos_embed =
-        if gh * gw == g * g { table } else { interpolate_pos_embed(&table, g, d, gh, gw) };
+        if gh == g && gw == g { table } else { interpolate_pos_embed(&table, g, d, gh, gw) };
 
     let has_head = map.contains_key("head.mlp.0.weight");
     let weights: HostTensors = map

@@ -38,7 +38,20 @@ impl std::fmt::Display for CaseResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.outcome {
             Ok(e) => {
-                write!(f, "PASS {} max_abs={:.3e} max_rel={:.3e}", self.case, e.max_abs, e.max_rel)
+                write!(
+                    f,
+                    "PASS {} max_abs={:.3e} max_rel={:.3e}",
+                    self.case, e.max_abs, e.max_rel
+                )?;
+                if e.judged_by_f64 > 0 {
+                    write!(
+                        f,
+                        " ({} values beyond the float32 tolerance passed against the float64 \
+                         result: max |ours - f64| {:.3e})",
+                        e.judged_by_f64, e.max_abs_f64
+                    )?;
+                }
+                Ok(())
             }
             Err(why) => write!(f, "FAIL {} {}", self.case, why),
         }
@@ -52,7 +65,32 @@ pub struct Errors {
     pub max_abs: f64,
     /// max over compared tensors of max|ours - ref| / max|ref|.
     pub max_rel: f64,
+    /// Values outside the tolerance of PyTorch's float32 result but within it of the float64
+    /// result plus [`F32_NOISE_FACTOR`] times PyTorch's own float32 error on that tensor.
+    pub judged_by_f64: usize,
+    /// The largest `|ours - float64|` among those values.
+    pub max_abs_f64: f64,
 }
+
+/// Float32 machine epsilon (one ulp of 1.0).
+pub const EPS32: f64 = f32::EPSILON as f64;
+
+/// Where a case carries the float64 twin of a tensor (`<name>_f64`), a value that misses the
+/// float32 reference's tolerance still passes if its distance to the float64 result is within
+/// the tolerance plus this many times PyTorch's own float32 error on the tensor: we are then
+/// about as close to the exact value as PyTorch's float32 computation is, and the difference
+/// is two float32 roundings, not a wrong formula. PyTorch's error is measured on the tensor
+/// (max |f32 - f64|) and clamped to [`NOISE_ULPS_MIN`, `NOISE_ULPS_MAX`] ulps of the tensor's
+/// largest value, so that a reference that happens to land on the exact value does not make
+/// the check stricter than float32 allows, and a corrupted reference value cannot widen it.
+/// Measured by scripts/torch_crosscheck.py on 100 random seeds per case kind: our distance to
+/// float64 over PyTorch's, median about 1, worst 1.83 (head), 2.20 (mean shift), 2.51 (ViT);
+/// PyTorch's own float32 error at most about 10 ulps of the tensor's largest value.
+pub const F32_NOISE_FACTOR: f64 = 4.0;
+/// See [`F32_NOISE_FACTOR`].
+pub const NOISE_ULPS_MIN: f64 = 4.0;
+/// See [`F32_NOISE_FACTOR`].
+pub const NOISE_ULPS_MAX: f64 = 16.0;
 
 /// A tolerance `|a - b| <= atol + rtol * scale`.
 #[derive(Debug, Clone, Copy)]
@@ -63,17 +101,20 @@ pub struct Tol {
     pub rtol: f64,
     /// `rtol` multiplies the reference tensor's max-abs instead of each element.
     pub of_max_abs: bool,
+    /// Added on top: this times the reference tensor's max-abs (a float32 noise floor, in
+    /// units of the tensor's scale, where a sum cancels to values far below it).
+    pub extra_of_max: f64,
 }
 
 impl Tol {
     /// Element-wise `atol + rtol*|b|` (numpy `allclose`).
     pub const fn elementwise(atol: f64, rtol: f64) -> Self {
-        Self { atol, rtol, of_max_abs: false }
+        Self { atol, rtol, of_max_abs: false, extra_of_max: 0.0 }
     }
 
     /// `atol + rtol * max|b|`.
     pub const fn of_max_abs(atol: f64, rtol: f64) -> Self {
-        Self { atol, rtol, of_max_abs: true }
+        Self { atol, rtol, of_max_abs: true, extra_of_max: 0.0 }
     }
 
     /// The manifest's `tolerances[key]` (atol/rtol), else `default`.
@@ -83,6 +124,7 @@ impl Tol {
                 atol: t.get("atol").and_then(Value::as_f64).unwrap_or(0.0),
                 rtol: t.get("rtol").and_then(Value::as_f64).unwrap_or(0.0),
                 of_max_abs: default.of_max_abs,
+                extra_of_max: default.extra_of_max,
             },
             None => default,
         }
@@ -93,6 +135,8 @@ impl Tol {
 #[derive(Debug, Default)]
 struct Check {
     errors: Errors,
+    /// The case's float64 twins (`<name>_f64`) by base name.
+    truths: std::collections::HashMap<String, Vec<f64>>,
 }
 
 impl Check {
@@ -111,20 +155,47 @@ impl Check {
             ));
         }
         let scale = reference.iter().fold(0f64, |a, b| a.max(b.abs()));
+        let truth = self.truths.get(what).filter(|t| t.len() == reference.len());
+        // PyTorch's own float32 error on this tensor, where the case has the float64 result
+        // (clamped: see F32_NOISE_FACTOR).
+        let noise = truth.map(|t| {
+            let ulp = EPS32 * t.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let measured = reference.iter().zip(t).fold(0f64, |m, (r, t)| m.max((r - t).abs()));
+            measured.clamp(NOISE_ULPS_MIN * ulp, NOISE_ULPS_MAX * ulp)
+        });
         let mut worst = 0f64;
+        let mut judged = 0;
         for (i, (a, b)) in ours.iter().zip(reference).enumerate() {
             let d = (a - b).abs();
-            let allowed = tol.atol + tol.rtol * if tol.of_max_abs { scale } else { b.abs() };
+            let allowed = tol.atol
+                + tol.rtol * if tol.of_max_abs { scale } else { b.abs() }
+                + tol.extra_of_max * scale;
             // Negated on purpose: a NaN difference must fail the check.
             #[allow(clippy::neg_cmp_op_on_partial_ord)]
             let within = d <= allowed;
             if !within {
+                if let (Some(t), Some(noise)) = (truth, noise) {
+                    let d64 = (a - t[i]).abs();
+                    let allowed64 = allowed + F32_NOISE_FACTOR * noise;
+                    if d64 <= allowed64 {
+                        judged += 1;
+                        self.errors.max_abs_f64 = self.errors.max_abs_f64.max(d64);
+                        continue;
+                    }
+                    return Err(format!(
+                        "{what}[{i}]: ours {a:.9e} reference {b:.9e} |diff| {d:.3e} > \
+                         {allowed:.3e}; float64 {:.9e}: ours off by {d64:.3e} > {allowed64:.3e} \
+                         (tolerance + {F32_NOISE_FACTOR} x PyTorch's float32 error {noise:.3e})",
+                        t[i]
+                    ));
+                }
                 return Err(format!(
                     "{what}[{i}]: ours {a:.9e} reference {b:.9e} |diff| {d:.3e} > {allowed:.3e}"
                 ));
             }
             worst = worst.max(d);
         }
+        self.errors.judged_by_f64 += judged;
         self.errors.max_abs = self.errors.max_abs.max(worst);
         if scale > 0.0 {
             self.errors.max_rel = self.errors.max_rel.max(worst / scale);
@@ -252,7 +323,12 @@ pub fn run_case(dir: &Path, name: &str) -> CaseResult {
         Some(kind) => match Case::load(dir, name) {
             Err(e) => Err(e.to_string()),
             Ok(case) => {
-                let mut check = Check::default();
+                let truths = case
+                    .tensors
+                    .iter()
+                    .filter_map(|(k, t)| Some((k.strip_suffix("_f64")?.to_string(), t.to_f64())))
+                    .collect();
+                let mut check = Check { truths, ..Check::default() };
                 let r = match kind {
                     "meanshift_" => check_meanshift(&case, &mut check),
                     "sampling_masks" => check_masks(&case, &mut check),
@@ -401,7 +477,13 @@ fn check_loss(case: &Case, check: &mut Check) -> R {
     }
     let rt = |k: &str| case.tol(k, Tol::elementwise(0.0, 1e-5));
     check.scalar("total", terms.total, case.scalar("total")?, rt("total"))?;
-    check.scalar("ms_loss", terms.mean_shift, case.scalar("ms_loss")?, rt("ms_loss"))?;
+    // ms = 2 - 2 mean cos: the subtraction from 2 leaves an ulp of 2 (2.4e-7) of rounding in
+    // any float32 implementation, so a small ms cannot meet a purely relative tolerance
+    // (ours and PyTorch's measured at most 1.0 and 1.5 of eps32 * 2 from float64,
+    // scripts/torch_crosscheck.py); 8 ulps of 2 covers both.
+    let mut ms_tol = rt("ms_loss");
+    ms_tol.atol = ms_tol.atol.max(8.0 * EPS32 * 2.0);
+    check.scalar("ms_loss", terms.mean_shift, case.scalar("ms_loss")?, ms_tol)?;
     check.scalar("kmeans_loss", terms.kmeans, case.scalar("kmeans_loss")?, rt("kmeans_loss"))?;
     check.scalar(
         "vmr",
@@ -436,12 +518,26 @@ fn check_vmr(case: &Case, check: &mut Check) -> R {
     let v = vmr(s.clone(), &prior);
     let value: f64 = v.clone().into_scalar().into();
     let grads = v.backward();
-    check.scalar(
-        "value",
-        value,
-        case.scalar("value")?,
-        case.tol("value", Tol::elementwise(2e-6, 0.0)),
-    )?;
+    // `sum xbar log xbar + log K` (or `- sum xbar log prior`) cancels: near a uniform mean the
+    // two sums are large and the value small, so its float32 error scales with their sizes
+    // S, not with the value. Floor: 8 ulps of S (ours measured at most 0.8 eps32 * S from
+    // float64 over 100 random cases, PyTorch's up to 4.6; scripts/torch_crosscheck.py).
+    let host_s = case.t("s")?;
+    let k = host_s.shape.last().copied().unwrap_or(1).max(1);
+    let rows = (host_s.numel() / k).max(1);
+    let sv = host_s.to_f64();
+    let xbar: Vec<f64> =
+        (0..k).map(|j| (0..rows).map(|i| sv[i * k + j]).sum::<f64>() / rows as f64).collect();
+    let entropy: f64 = xbar.iter().filter(|&&x| x > 0.0).map(|x| (x * x.ln()).abs()).sum();
+    let against = match &prior {
+        VmrPrior::Given(p) => {
+            xbar.iter().zip(p).map(|(x, &q)| (x * f64::from(q).max(1e-38).ln()).abs()).sum()
+        }
+        VmrPrior::Uniform => (k as f64).ln(),
+    };
+    let mut tol = case.tol("value", Tol::elementwise(2e-6, 0.0));
+    tol.atol = tol.atol.max(8.0 * EPS32 * (entropy + against));
+    check.scalar("value", value, case.scalar("value")?, tol)?;
     check.cmp_t(
         "grad_s",
         &host(s.grad(&grads).ok_or("no grad for s")?),
@@ -698,7 +794,14 @@ fn check_head(case: &Case, check: &mut Check) -> R {
     check.cmp_t("out", &host(out.clone()), case.t("out")?, tol_out)?;
     let r: Tensor<CpuTrain, 3> = case.t("R")?.to_device(&d);
     let grads = (out * r).sum().backward();
-    let tg = case.tol("grads", Tol::elementwise(1e-6, 1e-3));
+    // Gradients through the head sum 1,000-term products that cancel to values far below the
+    // tensor's scale; their float32 error is set by that scale, not by each value: PyTorch's own
+    // float32 gradient of the last MLP bias is up to 4e-5 from float64 on
+    // FLSLhead(192, 1024, 1024, 128) (about 4 ulps of the tensor's largest value; 200 random
+    // heads), which fails `1e-6 + 1e-3 |ref|` on small elements. So 16 ulps of the tensor's
+    // largest value are added: two float32 implementations at PyTorch's measured worst
+    // (about 10 ulps over 23 head shapes, scripts/torch_crosscheck.py).
+    let tg = Tol { extra_of_max: 16.0 * EPS32, ..case.tol("grads", Tol::elementwise(1e-6, 1e-3)) };
     check.cmp_t("grad_x", &host(x.grad(&grads).ok_or("no grad for x")?), case.t("grad_x")?, tg)?;
     let gv = head.last_layer.weight_v.val().grad(&grads).ok_or("no grad for weight_v")?;
     check.cmp_t("grad_last_layer_weight_v", &host(gv), case.t("grad_last_layer_weight_v")?, tg)?;
@@ -711,7 +814,7 @@ fn check_head(case: &Case, check: &mut Check) -> R {
         .grad(&grads)
         .ok_or("no grad for the last mlp bias")?;
     check.cmp_t(
-        "grad_mlp_4_bias",
+        &format!("grad_mlp_{}_bias", 2 * last),
         &host(g4),
         case.t(&format!("grad_mlp_{}_bias", 2 * last))?,
         tg,
