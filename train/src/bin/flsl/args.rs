@@ -114,7 +114,8 @@ pub struct GpuCheckArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub cuda: usize,
-    /// Largest accepted relative difference of the first step's loss.
+    /// Largest accepted difference of every loss term at every step, relative to the CPU's
+    /// value (absolute below 1e-3).
     #[arg(long, default_value_t = 1e-3)]
     pub tolerance: f64,
 }
