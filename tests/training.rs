@@ -82,7 +82,7 @@ fn resuming_gives_the_same_weights_as_an_uninterrupted_run() {
     b.epochs = 3;
     let half = train(
         Run::<CpuTrain>::new(b, cpu_device()).unwrap(),
-        &TrainOptions { max_steps: Some(3), progress: false },
+        &TrainOptions { max_steps: Some(3), ..Default::default() },
     )
     .unwrap();
     assert_eq!(half.state.step, 3);

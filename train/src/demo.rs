@@ -30,8 +30,8 @@ pub struct DemoOptions {
     pub steps: usize,
     /// Held-out images (file names in `data`).
     pub held_out: Vec<String>,
-    /// Show a progress bar.
-    pub progress: bool,
+    /// Where training progress goes (nowhere by default; the CLI draws a bar).
+    pub progress: crate::progress::Reporter,
 }
 
 /// The repository's embedded demo images.
@@ -49,7 +49,7 @@ impl Default for DemoOptions {
             out: PathBuf::from("out/demo"),
             steps: 240,
             held_out: vec!["OSBS_029.png".into(), "SOAP_031.png".into()],
-            progress: true,
+            progress: Default::default(),
         }
     }
 }
@@ -182,7 +182,7 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
     let t0 = Instant::now();
     let run = train(
         Run::<B>::new(cfg.clone(), device.clone())?,
-        &TrainOptions { max_steps: Some(opts.steps), progress: opts.progress },
+        &TrainOptions { max_steps: Some(opts.steps), progress: opts.progress.clone() },
     )?;
     let train_seconds = t0.elapsed().as_secs_f64();
     let hist = &run.state.history;

@@ -327,8 +327,8 @@ pub struct DetectorOptions {
     pub seed: u64,
     /// Score threshold for the evaluation detections.
     pub score_threshold: f32,
-    /// Progress bar.
-    pub progress: bool,
+    /// Where progress goes (nowhere by default; the CLI draws bars).
+    pub progress: crate::progress::Reporter,
 }
 
 impl DetectorOptions {
@@ -353,7 +353,7 @@ impl DetectorOptions {
             lr: 2e-3,
             seed: 0,
             score_threshold: 0.05,
-            progress: true,
+            progress: Default::default(),
         }
     }
 }
@@ -394,20 +394,6 @@ pub struct DetectorReport {
     pub holdout_files: Option<(PathBuf, PathBuf)>,
     /// Seconds spent caching backbone features and training.
     pub seconds: (f64, f64),
-}
-
-/// A bar with a message, or a hidden one.
-fn progress_bar(len: u64, what: &str, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
-        "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what}  {{msg}}"
-    )) {
-        b.set_style(style.progress_chars("=> "));
-    }
-    b
 }
 
 /// Loads the backbone (teacher) of a checkpoint for inference.
@@ -606,14 +592,8 @@ fn write_coco(
     let gt_path = dir.join("holdout.gt.json");
     let dt_path = dir.join("holdout.dt.json");
     let gtv = serde_json::json!({"images": images, "annotations": anns, "categories": cats});
-    crate::tensors::write_atomic(
-        &gt_path,
-        serde_json::to_string(&gtv).unwrap_or_default().as_bytes(),
-    )?;
-    crate::tensors::write_atomic(
-        &dt_path,
-        serde_json::to_string(&results).unwrap_or_default().as_bytes(),
-    )?;
+    write_json(&gt_path, &gtv, false)?;
+    write_json(&dt_path, &results, false)?;
     Ok((gt_path, dt_path))
 }
 
@@ -680,7 +660,9 @@ pub fn train_detector<B: AutodiffBackend>(
     }
     let g = tile / p;
     let (hs, ws) = (2 * g, 2 * g);
-    let bar = progress_bar(samples.len() as u64, "backbone features", opts.progress);
+    let n_samples = samples.len() as u64;
+    let mut cached = 0u64;
+    opts.progress.report("backbone features", 0, n_samples, String::new);
     let mut cache: Vec<(Vec<f32>, Targets)> = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(8) {
         let imgs: Vec<&RgbImage> = chunk.iter().map(|(i, _)| i).collect();
@@ -691,9 +673,9 @@ pub fn train_detector<B: AutodiffBackend>(
                 make_targets(b, classes, hs, ws, stride),
             ));
         }
-        bar.inc(chunk.len() as u64);
+        cached += chunk.len() as u64;
+        opts.progress.report("backbone features", cached, n_samples, String::new);
     }
-    bar.finish_and_clear();
     let cache_s = t0.elapsed().as_secs_f64();
     tracing::info!(tiles = cache.len(), seconds = cache_s, "backbone features cached");
 
@@ -702,7 +684,8 @@ pub fn train_detector<B: AutodiffBackend>(
     let mut head: DetHead<B> = head_cfg.init(&device, opts.seed);
     let mut optim = AdamConfig::new().init::<B, DetHead<B>>();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let bar = progress_bar(opts.steps as u64, "detector", opts.progress);
+    let n_steps = opts.steps as u64;
+    opts.progress.report("detector", 0, n_steps, String::new);
     let mut losses: Vec<DetLoss> = Vec::with_capacity(opts.steps);
     for step in 0..opts.steps {
         let idx: Vec<usize> = (0..opts.batch).map(|_| rng.random_range(0..cache.len())).collect();
@@ -756,7 +739,8 @@ pub fn train_detector<B: AutodiffBackend>(
             opts.lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()) + 1e-6
         };
         head = optim.step(lr, head, grads);
-        bar.set_message(format!("loss {:.3}", l.total));
+        opts.progress
+            .report("detector", step as u64 + 1, n_steps, || format!("loss {:.3}", l.total));
         if step % 50 == 0 || step + 1 == opts.steps {
             tracing::info!(
                 step,
@@ -767,9 +751,7 @@ pub fn train_detector<B: AutodiffBackend>(
                 "detector training"
             );
         }
-        bar.inc(1);
     }
-    bar.finish_and_clear();
     let train_s = t1.elapsed().as_secs_f64();
     let mean = |ls: &[DetLoss]| {
         let n = ls.len().max(1) as f64;
@@ -789,10 +771,7 @@ pub fn train_detector<B: AutodiffBackend>(
         &head.state_dict(),
         None,
     )?;
-    crate::tensors::write_atomic(
-        &opts.out.join("detector.json"),
-        serde_json::to_string_pretty(&meta).unwrap_or_default().as_bytes(),
-    )?;
+    write_json(&opts.out.join("detector.json"), &meta, true)?;
 
     // Evaluate on the held-out images.
     let (mut holdout_stats, mut holdout_files) = (None, None);
@@ -819,11 +798,16 @@ pub fn train_detector<B: AutodiffBackend>(
         holdout_files,
         seconds: (cache_s, train_s),
     };
-    crate::tensors::write_atomic(
-        &opts.out.join("report.json"),
-        serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes(),
-    )?;
+    write_json(&opts.out.join("report.json"), &report, true)?;
     Ok(report)
+}
+
+/// Serialises `v` and writes it atomically; a value that does not serialise (a non-finite
+/// float in a map key, say) is an error naming the file, never an empty file.
+fn write_json(path: &Path, v: &impl Serialize, pretty: bool) -> Result<()> {
+    let text = if pretty { serde_json::to_vec_pretty(v) } else { serde_json::to_vec(v) }
+        .map_err(|e| Error::malformed("json", path, format!("cannot serialise: {e}")))?;
+    crate::tensors::write_atomic(path, &text)
 }
 
 /// Loads a trained detector folder (`detector.json` + `det_head.safetensors`).

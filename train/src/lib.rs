@@ -39,6 +39,7 @@ pub mod model;
 pub mod multistage;
 pub mod parallel;
 pub mod plot;
+pub mod progress;
 pub mod pth;
 pub mod reference;
 pub mod schedule;

@@ -365,8 +365,8 @@ pub fn assignment_stats(hist: &[u64]) -> (usize, f64) {
 pub struct TrainOptions {
     /// Stop after this many global steps (tests and time-boxed demos).
     pub max_steps: Option<usize>,
-    /// Show a progress bar.
-    pub progress: bool,
+    /// Where step progress goes (nowhere by default; the CLI draws a bar).
+    pub progress: crate::progress::Reporter,
 }
 
 /// Trains (or resumes `run`) to the end of the configuration or `max_steps` on `run.device`.
@@ -689,26 +689,8 @@ fn train_loop<B: AutodiffBackend>(
     opts: &TrainOptions,
 ) -> Result<()> {
     let world = workers.len() + 1;
-    let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(total_steps as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} step  {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        b.set_position(run.state.step as u64);
-        Some(b)
-    } else {
-        None
-    };
-    let abandon = |e: Error| {
-        if let Some(b) = &bar {
-            b.abandon();
-        }
-        e
-    };
+    let progress = &opts.progress;
+    progress.report("step", run.state.step as u64, total_steps as u64, String::new);
     'epochs: while run.state.epoch < cfg.epochs {
         let epoch = run.state.epoch;
         // Multi-stage: the previous stage sees each crop before the photometric transforms.
@@ -761,11 +743,7 @@ fn train_loop<B: AutodiffBackend>(
             let own = shares.remove(0);
             for ((tx, _), share) in workers.iter().zip(shares) {
                 tx.send(Job::Step { batch: share, hyper, seed: step_seed }).map_err(|_| {
-                    abandon(Error::Collective {
-                        op: "step",
-                        peer: 0,
-                        reason: "a replica stopped".into(),
-                    })
+                    Error::Collective { op: "step", peer: 0, reason: "a replica stopped".into() }
                 })?;
             }
             let result = replica_step(
@@ -794,9 +772,9 @@ fn train_loop<B: AutodiffBackend>(
                     }
                 }
             }
-            let (student, report) = result.map_err(abandon)?;
+            let (student, report) = result?;
             if let Some(e) = replica_error {
-                return Err(abandon(e));
+                return Err(e);
             }
             run.student = student;
             for a in &report.teacher_assign {
@@ -822,13 +800,12 @@ fn train_loop<B: AutodiffBackend>(
                     "lr": hyper.lr, "wd": hyper.weight_decay, "momentum": hyper.momentum, "images_per_s": ips,
                 }),
             )?;
-            if let Some(b) = &bar {
-                b.set_message(format!(
+            progress.report("step", run.state.step as u64, total_steps as u64, || {
+                format!(
                     "loss {:.4} (ms {:.3} km {:.3} vmr {:.3})  lr {:.2e}  {:.1} img/s",
                     l.total, l.mean_shift, l.kmeans, l.vmr, hyper.lr, ips
-                ));
-                b.inc(1);
-            }
+                )
+            });
             if cfg.checkpoint_every_steps > 0
                 && run.state.step.is_multiple_of(cfg.checkpoint_every_steps)
             {
@@ -874,9 +851,7 @@ fn train_loop<B: AutodiffBackend>(
             run.save(true)?;
         }
     }
-    if let Some(b) = &bar {
-        b.finish();
-    }
+    progress.report("step", total_steps as u64, total_steps as u64, String::new);
     if run.state.batch_in_epoch > 0 {
         run.save(false)?;
     }

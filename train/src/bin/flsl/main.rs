@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod args;
 mod cmd;
+mod progress;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

@@ -11,6 +11,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         out: a.out,
         steps: a.steps,
         data: a.data.unwrap_or_else(flsl_train::demo::default_data),
+        progress: crate::progress::bars(),
         ..DemoOptions::default()
     };
     run_on(&super::cpu(), Demo(opts))?

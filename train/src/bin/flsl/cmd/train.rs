@@ -63,7 +63,7 @@ impl BackendTask for Train {
         let run = flsl_train::trainer::train_on_devices(
             run,
             replicas,
-            &TrainOptions { max_steps, progress: true },
+            &TrainOptions { max_steps, progress: crate::progress::bars() },
         )?;
         println!(
             "trained {} steps; checkpoints in {}",

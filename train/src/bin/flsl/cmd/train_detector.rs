@@ -21,6 +21,7 @@ pub fn run(a: TrainDetectorArgs) -> anyhow::Result<ExitCode> {
     opts.steps = a.steps;
     opts.scale = a.scale;
     opts.tile = a.tile;
+    opts.progress = crate::progress::bars();
     run_on(&super::cpu(), TrainDetector(opts))??;
     let size = super::parse_size(&a.export_size)?;
     let onnx = a.out.join("model.onnx");
