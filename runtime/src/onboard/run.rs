@@ -252,6 +252,7 @@ pub fn run_loop(
         summary.frames += 1;
         if opts.stats_every > 0 && summary.frames % opts.stats_every == 0 {
             fill_counters(&mut summary, &h, start);
+            summary.rss_bytes = super::rss_bytes();
             on_stats(&summary);
         }
     };
