@@ -17,9 +17,12 @@ pub struct Progress<'a> {
     pub message: &'a str,
 }
 
+/// The callback behind a [`Reporter`].
+type Sink = Arc<dyn Fn(&Progress<'_>) + Send + Sync>;
+
 /// Where reports go; cheap to clone, shared by threads. `Reporter::default()` drops them.
 #[derive(Clone, Default)]
-pub struct Reporter(Option<Arc<dyn Fn(&Progress<'_>) + Send + Sync>>);
+pub struct Reporter(Option<Sink>);
 
 impl Reporter {
     /// Sends reports to `f`.
