@@ -61,38 +61,46 @@ fn every_indexed_case_has_a_test_and_passes() {
     assert_eq!((passed, failed), (listed.len(), 0));
 }
 
-/// The checker is not a rubber stamp: a perturbed golden value makes its case fail.
+/// Runs the micro case `meanshift_intra_g6w2_fixed` with its tensors edited by `edit`.
+fn edited_meanshift_case(
+    tag: &str,
+    edit: impl FnOnce(&mut flsl_train::tensors::TensorMap),
+) -> reference::CaseResult {
+    let case = "meanshift_intra_g6w2_fixed";
+    let dir = std::env::temp_dir().join(format!("flsl-golden-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [format!("{case}.json"), "index.json".into()] {
+        std::fs::copy(micro().join(&f), dir.join(&f)).unwrap();
+    }
+    let file = format!("{case}.safetensors");
+    let mut t = flsl_train::tensors::read_safetensors(&micro().join(&file)).unwrap();
+    edit(&mut t);
+    flsl_train::tensors::write_safetensors(&dir.join(&file), &t, None).unwrap();
+    let r = reference::run_case(&dir, case);
+    std::fs::remove_dir_all(&dir).unwrap();
+    r
+}
+
+/// Adds `delta` to element 3 of tensor `name` (f32 or f64).
+fn nudge(t: &mut flsl_train::tensors::TensorMap, name: &str, delta: f64) {
+    use flsl_train::tensors::HostData;
+    match t.get_mut(name).map(|t| &mut t.data) {
+        Some(HostData::F32(v)) => v[3] += delta as f32,
+        Some(HostData::F64(v)) => v[3] += delta,
+        _ => panic!("no float tensor `{name}`"),
+    }
+}
+
+/// The checker is not a rubber stamp: a perturbed golden value makes its case fail. The
+/// float32 reference and its float64 twin are perturbed alike: a wrong reference. (The float32
+/// value alone perturbed passes: we are then within tolerance of the float64 result, which the
+/// checker trusts over PyTorch's float32 rounding; see the next test.)
 #[test]
 fn a_perturbed_golden_tensor_fails() {
-    let dir = std::env::temp_dir().join(format!("flsl-golden-perturbed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["meanshift_intra_g6w2_fixed.json", "index.json"] {
-        std::fs::copy(micro().join(f), dir.join(f)).unwrap();
-    }
-    let mut t = flsl_train::tensors::read_safetensors(
-        &micro().join("meanshift_intra_g6w2_fixed.safetensors"),
-    )
-    .unwrap();
-    // The float32 reference and its float64 twin, perturbed alike: a wrong reference. (The
-    // float32 value alone perturbed passes: we are then within tolerance of the float64
-    // result, which the checker trusts over PyTorch's float32 rounding; see the next test.)
-    use flsl_train::tensors::{HostData, HostTensor};
-    match t.get_mut("mode") {
-        Some(HostTensor { data: HostData::F32(v), .. }) => v[3] += 1e-3,
-        _ => panic!("no f32 `mode`"),
-    }
-    match t.get_mut("mode_f64") {
-        Some(HostTensor { data: HostData::F64(v), .. }) => v[3] += 1e-3,
-        _ => panic!("no f64 `mode_f64`"),
-    }
-    flsl_train::tensors::write_safetensors(
-        &dir.join("meanshift_intra_g6w2_fixed.safetensors"),
-        &t,
-        None,
-    )
-    .unwrap();
-    let r = reference::run_case(&dir, "meanshift_intra_g6w2_fixed");
-    std::fs::remove_dir_all(&dir).unwrap();
+    let r = edited_meanshift_case("perturbed", |t| {
+        nudge(t, "mode", 1e-3);
+        nudge(t, "mode_f64", 1e-3);
+    });
     let why = r.outcome.expect_err("a perturbed mode must fail");
     assert!(why.contains("mode[3]"), "{why}");
 }
@@ -101,28 +109,7 @@ fn a_perturbed_golden_tensor_fails() {
 /// or here a perturbation) while ours matches the float64 result passes, and is counted.
 #[test]
 fn a_float32_reference_off_the_float64_result_is_judged_by_the_float64_one() {
-    let dir = std::env::temp_dir().join(format!("flsl-golden-f64-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["meanshift_intra_g6w2_fixed.json", "index.json"] {
-        std::fs::copy(micro().join(f), dir.join(f)).unwrap();
-    }
-    let mut t = flsl_train::tensors::read_safetensors(
-        &micro().join("meanshift_intra_g6w2_fixed.safetensors"),
-    )
-    .unwrap();
-    use flsl_train::tensors::{HostData, HostTensor};
-    match t.get_mut("mode") {
-        Some(HostTensor { data: HostData::F32(v), .. }) => v[3] += 1e-3,
-        _ => panic!("no f32 `mode`"),
-    }
-    flsl_train::tensors::write_safetensors(
-        &dir.join("meanshift_intra_g6w2_fixed.safetensors"),
-        &t,
-        None,
-    )
-    .unwrap();
-    let r = reference::run_case(&dir, "meanshift_intra_g6w2_fixed");
-    std::fs::remove_dir_all(&dir).unwrap();
+    let r = edited_meanshift_case("f64", |t| nudge(t, "mode", 1e-3));
     let e = r.outcome.expect("ours matches the float64 result");
     assert_eq!(e.judged_by_f64, 1, "{e:?}");
     assert!(e.max_abs_f64 < 1e-6, "{e:?}");
