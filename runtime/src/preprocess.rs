@@ -179,28 +179,42 @@ pub fn preprocess_rgb8(
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
 /// The most a decoder may allocate for one image (the decoded pixels included).
 pub const MAX_IMAGE_ALLOC: u64 = 512 << 20;
+/// Decoded bytes per byte of the file a decoder may allocate (plus [`IMAGE_ALLOC_EXTRA`]):
+/// above what real images reach. Deflate (PNG) expands at most 1032:1; a baseline JPEG's
+/// cheapest block (DC only, 1-bit codes) is about 2 bits per 8x8 block and component, at most
+/// ~512:1 with 4:2:0 chroma. So a small file cannot declare a huge image and make us allocate
+/// for it.
+pub const IMAGE_ALLOC_PER_BYTE: u64 = 1100;
+/// See [`IMAGE_ALLOC_PER_BYTE`].
+pub const IMAGE_ALLOC_EXTRA: u64 = 1 << 20;
 
-/// The decoder limits of every image we read: sides checked from the header before any pixel
-/// is decoded, and the decoder's allocations capped.
-pub fn image_limits() -> image::Limits {
+/// The decoder limits for a file of `len` bytes: sides checked from the header before any
+/// pixel is decoded, and the decoder's allocations capped at
+/// `min(IMAGE_ALLOC_PER_BYTE * len + IMAGE_ALLOC_EXTRA, MAX_IMAGE_ALLOC)`.
+pub fn image_limits(len: u64) -> image::Limits {
     let mut l = image::Limits::default();
     l.max_image_width = Some(MAX_IMAGE_SIDE);
     l.max_image_height = Some(MAX_IMAGE_SIDE);
-    l.max_alloc = Some(MAX_IMAGE_ALLOC);
+    l.max_alloc = Some(
+        len.saturating_mul(IMAGE_ALLOC_PER_BYTE)
+            .saturating_add(IMAGE_ALLOC_EXTRA)
+            .min(MAX_IMAGE_ALLOC),
+    );
     l
 }
 
 /// Decodes an image file (PNG or JPEG, format from its content) within [`image_limits`].
 pub fn decode_image_file(path: &std::path::Path) -> image::ImageResult<image::DynamicImage> {
+    let len = std::fs::metadata(path)?.len();
     let mut r = image::ImageReader::open(path)?.with_guessed_format()?;
-    r.limits(image_limits());
+    r.limits(image_limits(len));
     r.decode()
 }
 
 /// Decodes image bytes (PNG or JPEG, format from the content) within [`image_limits`].
 pub fn decode_image_bytes(bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
     let mut r = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
-    r.limits(image_limits());
+    r.limits(image_limits(bytes.len() as u64));
     r.decode()
 }
 

@@ -40,9 +40,9 @@ pub fn all() -> Vec<Reader> {
         Reader { name: "npy_runtime", read: npy_runtime, per_byte: 4, extra: MIB },
         // prost's decoded message and tract's graph, plus tract's operator registry.
         Reader { name: "onnx", read: onnx, per_byte: 32, extra: 32 * MIB },
-        // Not a multiple: PNG compresses a flat image 1000x. Bounded by the decoder limits
-        // (preprocess::image_limits: sides <= 16384, 512 MiB).
-        Reader { name: "image", read: image, per_byte: 0, extra: 512 * MIB + 16 * MIB },
+        // The decoder's cap (preprocess::image_limits: 1100 bytes per byte of the file + 1 MiB,
+        // at most 512 MiB) plus the decoder's own working memory.
+        Reader { name: "image", read: image, per_byte: 1100, extra: 8 * MIB },
         Reader { name: "coco", read: coco, per_byte: 64, extra: MIB },
         Reader { name: "coco_eval", read: coco_eval, per_byte: 64, extra: MIB },
         Reader { name: "voc", read: voc, per_byte: 16, extra: MIB },
