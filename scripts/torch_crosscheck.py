@@ -44,13 +44,14 @@ NOT part of the project's test command; it is a tool for hunting numerical devia
 Usage
 -----
     python scripts/torch_crosscheck.py [--seeds 20] [--seed0 0] [--out DIR]
-        [--flsl /root/.cache/flsl-target/release/flsl] [--kinds head,meanshift,loss,vmr,sincos,vit]
+        [--flsl $CARGO_TARGET_DIR/release/flsl] [--kinds head,meanshift,loss,vmr,sincos,vit]
         [--no-issue-cases] [--no-run] [--max-ratio R] [--threads 2]
     python scripts/torch_crosscheck.py --validate-golden ../shared/reference/micro
         (self-test: re-computes the official golden cases with these definitions; with the
         reference's torch version and 2 threads every value is bit-identical)
 
-e.g. `/root/.cache/flsl-torch-venv/bin/python scripts/torch_crosscheck.py --seeds 20`.
+e.g. `python3 scripts/torch_crosscheck.py --seeds 20` from a venv with CPU torch; the checker
+defaults to `$CARGO_TARGET_DIR/release/flsl` (`~/.cache/flsl-target`, the target folder .ci/run uses).
 A failing case is kept on disk (the folder is printed) so that it can be re-run with
 `flsl reference-check OUT/strict`.
 """
@@ -72,7 +73,9 @@ import torch.nn.functional as F
 from safetensors.numpy import save_file
 
 F32, F64 = torch.float32, torch.float64
-DEFAULT_FLSL = "/root/.cache/flsl-target/release/flsl"
+DEFAULT_FLSL = os.path.join(
+    os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/flsl-target")), "release", "flsl"
+)
 TAU_SA = 0.1 / math.sqrt(384)
 TAU_CA = 0.2 / math.sqrt(384)
 
