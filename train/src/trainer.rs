@@ -111,6 +111,23 @@ pub struct RunState {
     pub history: Vec<(usize, LossTerms)>,
     /// Per-epoch prototype usage.
     pub epochs: Vec<EpochSummary>,
+    /// What the current epoch has measured so far, so that an epoch resumed in the middle
+    /// reports all of its batches (absent in checkpoints written before it existed: zero).
+    #[serde(default)]
+    pub epoch_progress: EpochProgress,
+}
+
+/// The running sums of the current epoch (the inputs of its [`EpochSummary`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EpochProgress {
+    /// Batches done.
+    pub batches: usize,
+    /// Summed loss terms.
+    pub sums: LossTerms,
+    /// Teacher assignments per prototype.
+    pub hist: Vec<u64>,
+    /// Unreadable images the loader skipped.
+    pub skipped: usize,
 }
 
 /// What an epoch measured.
@@ -544,6 +561,9 @@ pub fn train_on_devices<B: AutodiffBackend>(
     }
     std::fs::create_dir_all(&cfg.output_dir)
         .map_err(|e| Error::io("cannot create", &cfg.output_dir, e))?;
+    // What a killed run left half-done goes now, not at the next save: a run resumed at its
+    // end saves nothing.
+    clean_checkpoints(&checkpoints_dir(&cfg.output_dir))?;
     tensors::write_atomic(
         &cfg.output_dir.join("config.json"),
         &serde_json::to_vec_pretty(&cfg).expect("config serialises"),
@@ -706,9 +726,11 @@ fn train_loop<B: AutodiffBackend>(
             cfg.num_workers,
             run.state.batch_in_epoch,
         );
-        let mut hist = vec![0u64; cfg.out_dim];
-        let mut sums = LossTerms { total: 0.0, mean_shift: 0.0, kmeans: 0.0, vmr: 0.0 };
-        let mut n_batches = 0usize;
+        // The epoch's sums so far (carried over when this epoch is resumed in the middle).
+        let EpochProgress { batches: mut n_batches, mut sums, mut hist, skipped: skipped_before } =
+            run.state.epoch_progress.clone();
+        hist.resize(cfg.out_dim, 0);
+        let batches_before = n_batches;
         let epoch_start = Instant::now();
         let mut exhausted = false;
         while run.state.batch_in_epoch < niter {
@@ -792,6 +814,12 @@ fn train_loop<B: AutodiffBackend>(
             run.state.batch_in_epoch += 1;
             run.state.history.push((it, l));
             run.state.center = loss_fn.centering.as_ref().map(|c| c.center.clone());
+            run.state.epoch_progress = EpochProgress {
+                batches: n_batches,
+                sums,
+                hist: hist.clone(),
+                skipped: skipped_before + loader.stats.skipped.len(),
+            };
             let ips = (cfg.batch_size_per_gpu * world) as f64 / t0.elapsed().as_secs_f64();
             log_line(
                 log,
@@ -812,11 +840,12 @@ fn train_loop<B: AutodiffBackend>(
                 run.save(false)?;
             }
         }
-        let skipped = loader.stats.skipped.len();
+        let skipped = skipped_before + loader.stats.skipped.len();
         drop(loader);
         if run.state.batch_in_epoch < niter && !exhausted {
             break; // max_steps reached inside the epoch
         }
+        run.state.epoch_progress = EpochProgress::default();
         let (used, entropy) = assignment_stats(&hist);
         let n = n_batches.max(1) as f64;
         let summary = EpochSummary {
@@ -829,7 +858,7 @@ fn train_loop<B: AutodiffBackend>(
             }),
             prototypes_used: used,
             assignment_entropy: entropy,
-            images_per_s: (n_batches * cfg.batch_size_per_gpu * world) as f64
+            images_per_s: ((n_batches - batches_before) * cfg.batch_size_per_gpu * world) as f64
                 / epoch_start.elapsed().as_secs_f64(),
             skipped_images: skipped + dataset.skipped.len(),
         };
@@ -845,11 +874,10 @@ fn train_loop<B: AutodiffBackend>(
         run.state.epochs.push(summary);
         run.state.epoch += 1;
         run.state.batch_in_epoch = 0;
+        // One save: a kept epoch checkpoint becomes `latest` itself. (Two saves, rolling then
+        // kept, lose the kept one to a kill between them: the resumed run starts after it.)
         let keep = cfg.saveckp_freq > 0 && run.state.epoch.is_multiple_of(cfg.saveckp_freq);
-        run.save(false)?;
-        if keep {
-            run.save(true)?;
-        }
+        run.save(keep)?;
     }
     progress.report("step", total_steps as u64, total_steps as u64, String::new);
     if run.state.batch_in_epoch > 0 {
