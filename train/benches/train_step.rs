@@ -1,4 +1,5 @@
-//! One training step on the CPU backend (burn-ndarray), two configurations:
+//! One training step on each CPU backend compiled in (burn-flex, burn-ndarray; groups
+//! `train_step_flex` and `train_step_ndarray`, run one after the other in one process):
 //! - `vit_tiny16_backbone`: the ViT-Ti/16 backbone on 2 global 224x224 and 8 local 96x96
 //!   crops, forward + backward + AdamW (the configuration of `../shared/anchors.md`);
 //! - `flsl_full_tiny_preset`: the complete FLSL iteration (teacher, mean shift, heads, loss,
@@ -6,13 +7,14 @@
 //! - `augment_tiny_preset`: multi-crop augmentation of one image (samples/s of the loader
 //!   per thread).
 //!
-//! Run: `cargo bench -p flsl-train --bench train_step`.
+//! Run: `cargo bench -p flsl-train --features ndarray --bench train_step` (both backends).
 
 use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
 use flsl_train::augment::augment;
-use flsl_train::backend::{CpuTrain, cpu_device};
+use flsl_train::backend::{CpuBackendVisitor, each_cpu_backend};
 use flsl_train::config::TrainConfig;
 use flsl_train::loss::{FlslLoss, VmrPrior};
 use flsl_train::masks::sampling_mask;
@@ -41,14 +43,13 @@ fn hyper() -> StepHyper {
     }
 }
 
-fn backbone_step(c: &mut Criterion) {
-    let device = cpu_device();
-    let mut vit = VitConfig::vit_tiny(16).init::<CpuTrain>(&device);
+fn steps<B: AutodiffBackend>(c: &mut Criterion, backend: &str) {
+    let device = B::Device::default();
+    let mut vit = VitConfig::vit_tiny(16).init::<B>(&device);
     let mut adam = AdamState::default();
-    let g =
-        Tensor::<CpuTrain, 4>::random([2, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
-    let l = Tensor::<CpuTrain, 4>::random([8, 3, 96, 96], Distribution::Normal(0.0, 1.0), &device);
-    let mut group = c.benchmark_group("train_step_ndarray");
+    let g = Tensor::<B, 4>::random([2, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
+    let l = Tensor::<B, 4>::random([8, 3, 96, 96], Distribution::Normal(0.0, 1.0), &device);
+    let mut group = c.benchmark_group(format!("train_step_{backend}"));
     group.sample_size(10);
     group.bench_function("vit_tiny16_backbone_2x224_8x96", |b| {
         b.iter(|| {
@@ -69,7 +70,7 @@ fn backbone_step(c: &mut Criterion) {
 
     let cfg = TrainConfig::tiny();
     let vcfg = cfg.vit_config().unwrap();
-    let mut student = FlslModel::<CpuTrain>::init(&vcfg, &cfg.head_config(), &device);
+    let mut student = FlslModel::<B>::init(&vcfg, &cfg.head_config(), &device);
     let mut teacher = student.valid();
     let mut adam = AdamState::default();
     let mut loss = FlslLoss {
@@ -82,11 +83,8 @@ fn backbone_step(c: &mut Criterion) {
     let bt = cfg.batch_size_per_gpu;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut view = |size: usize, ws: Option<usize>| {
-        let images = Tensor::<CpuTrain, 4>::random(
-            [bt, 3, size, size],
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        );
+        let images =
+            Tensor::<B, 4>::random([bt, 3, size, size], Distribution::Normal(0.0, 1.0), &device);
         let mask = ws.map(|ws| {
             let fs = size / cfg.patch_size;
             let m: Vec<u8> = (0..bt).flat_map(|_| sampling_mask(fs, ws, false, &mut rng)).collect();
@@ -113,15 +111,33 @@ fn backbone_step(c: &mut Criterion) {
         })
     });
 
+    group.finish();
+}
+
+struct Steps<'a>(&'a mut Criterion);
+
+impl CpuBackendVisitor for Steps<'_> {
+    fn visit<B: AutodiffBackend>(&mut self, name: &str) {
+        steps::<B>(self.0, name);
+    }
+}
+
+fn train_steps(c: &mut Criterion) {
+    each_cpu_backend(&mut Steps(c));
+}
+
+fn augmentation(c: &mut Criterion) {
+    let cfg = TrainConfig::tiny();
     let img = image::RgbImage::from_fn(256, 256, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 256) as u8])
     });
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut group = c.benchmark_group("augment");
     group.bench_function("augment_tiny_preset_one_image", |b| {
         b.iter(|| augment(&img, &cfg.augment, cfg.patch_size, &mut rng))
     });
     group.finish();
 }
 
-criterion_group!(benches, backbone_step);
+criterion_group!(benches, train_steps, augmentation);
 criterion_main!(benches);

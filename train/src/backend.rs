@@ -3,25 +3,62 @@
 //! Everything else in this crate is generic over `B: Backend`.
 //! Moving to a newer burn, or adding a backend, is a change to this file only.
 
-#[cfg(not(any(feature = "ndarray", feature = "cuda")))]
-compile_error!("flsl-train needs a backend: enable the `ndarray` (CPU) or `cuda` (GPU) feature");
+#[cfg(not(any(feature = "ndarray", feature = "flex", feature = "cuda")))]
+compile_error!(
+    "flsl-train needs a backend: enable `flex` or `ndarray` (CPU) or `cuda` (GPU) as a feature"
+);
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 
-/// The CPU backend (burn-ndarray).
+/// burn-ndarray (the CPU backend the project started on; kept for comparison).
 #[cfg(feature = "ndarray")]
-pub type Cpu = burn::backend::NdArray<f32>;
+pub type NdArrayCpu = burn::backend::NdArray<f32>;
+
+/// burn-flex (burn 0.21's newer CPU backend: strided views, gemm products, SIMD).
+#[cfg(feature = "flex")]
+pub type FlexCpu = burn::backend::Flex;
+
+/// The CPU backend: burn-flex when it is compiled in, burn-ndarray otherwise (see
+/// docs/PERFORMANCE.md, "CPU training backends", for why flex is the default).
+#[cfg(feature = "flex")]
+pub type Cpu = FlexCpu;
+/// The CPU backend: burn-flex when it is compiled in, burn-ndarray otherwise.
+#[cfg(all(feature = "ndarray", not(feature = "flex")))]
+pub type Cpu = NdArrayCpu;
+
+/// The name of the CPU backend in this build, for logs and reports.
+#[cfg(feature = "flex")]
+pub const CPU_BACKEND: &str = "burn-flex";
+/// The name of the CPU backend in this build, for logs and reports.
+#[cfg(all(feature = "ndarray", not(feature = "flex")))]
+pub const CPU_BACKEND: &str = "burn-ndarray";
 
 /// The CPU device.
-#[cfg(feature = "ndarray")]
-pub fn cpu_device() -> burn::backend::ndarray::NdArrayDevice {
-    burn::backend::ndarray::NdArrayDevice::Cpu
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+pub fn cpu_device() -> burn::tensor::Device<Cpu> {
+    Default::default()
 }
 
 /// The CPU backend with automatic differentiation (training).
-#[cfg(feature = "ndarray")]
+#[cfg(any(feature = "ndarray", feature = "flex"))]
 pub type CpuTrain = Autodiff<Cpu>;
+
+/// Work run once per CPU backend compiled into this build (see [`each_cpu_backend`]).
+pub trait CpuBackendVisitor {
+    /// Runs on the training backend `B` (its `InnerBackend` is the plain one) named `name`.
+    fn visit<B: AutodiffBackend>(&mut self, name: &str);
+}
+
+/// Runs `v` on every CPU backend compiled in, burn-flex first: the benchmarks compare them
+/// in one process without a backend `cfg` of their own.
+pub fn each_cpu_backend(v: &mut impl CpuBackendVisitor) {
+    #[cfg(feature = "flex")]
+    v.visit::<Autodiff<FlexCpu>>("flex");
+    #[cfg(feature = "ndarray")]
+    v.visit::<Autodiff<NdArrayCpu>>("ndarray");
+    let _ = v;
+}
 
 /// The CUDA backend (burn-cuda).
 #[cfg(feature = "cuda")]
@@ -40,7 +77,7 @@ pub fn cuda_device(index: usize) -> burn::backend::cuda::CudaDevice {
 /// Which device a command should run on, parsed from `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
-    /// burn-ndarray on the host CPU.
+    /// The CPU backend ([`Cpu`]) on the host.
     Cpu,
     /// burn-cuda on the GPU with this ordinal.
     Cuda(usize),
@@ -96,8 +133,8 @@ impl DeviceChoice {
     /// Fails with a clear message when the chosen backend was not compiled in.
     pub fn check_available(self) -> Result<Self, String> {
         match self {
-            Self::Cpu if !cfg!(feature = "ndarray") => {
-                Err("the CPU backend is not compiled in: rebuild with `--features ndarray`".into())
+            Self::Cpu if !cfg!(any(feature = "ndarray", feature = "flex")) => {
+                Err("the CPU backend is not compiled in: rebuild with `--features flex`".into())
             }
             Self::Cuda(_) if !cfg!(feature = "cuda") => {
                 Err("the CUDA backend is not compiled in: rebuild with `--features cuda`".into())
@@ -128,16 +165,16 @@ pub fn run_on<T: BackendTask>(devices: &[DeviceChoice], task: T) -> crate::Resul
     };
     match first {
         DeviceChoice::Cpu => {
-            #[cfg(feature = "ndarray")]
+            #[cfg(any(feature = "ndarray", feature = "flex"))]
             {
                 Ok(task.run::<CpuTrain>(devices.iter().map(|_| cpu_device()).collect()))
             }
-            #[cfg(not(feature = "ndarray"))]
+            #[cfg(not(any(feature = "ndarray", feature = "flex")))]
             {
                 let _ = task;
                 Err(crate::Error::Device {
                     device: "cpu".into(),
-                    reason: "the CPU backend is not compiled in: rebuild with `--features ndarray`"
+                    reason: "the CPU backend is not compiled in: rebuild with `--features flex`"
                         .into(),
                 })
             }

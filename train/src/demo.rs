@@ -282,10 +282,11 @@ pub fn render_markdown(r: &DemoReport) -> String {
         c.augment.local_crops_number, c.batch_size_per_gpu
     ));
     s.push_str(&format!(
-        "Training: {} steps in {:.0} s ({:.2} s/step) on the CPU backend.\n\n",
+        "Training: {} steps in {:.0} s ({:.2} s/step) on the CPU backend ({}).\n\n",
         r.steps,
         r.train_seconds,
-        r.train_seconds / r.steps.max(1) as f64
+        r.train_seconds / r.steps.max(1) as f64,
+        crate::backend::CPU_BACKEND
     ));
     s.push_str(&format!(
         "Loss: {:.4} at the first step, {:.4} over the last 10 steps.\n\n",

@@ -234,14 +234,26 @@ impl<B: Backend> Attention<B> {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         let hd = d / h;
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, B, H, N, hd]
-        // burn's slice takes one range per leading dimension: a one-element array is right here.
-        #[allow(clippy::single_range_in_vec_init)]
-        let q = qkv.clone().slice([0..1]).reshape([b, h, n, hd]);
-        #[allow(clippy::single_range_in_vec_init)]
-        let k = qkv.clone().slice([1..2]).reshape([b, h, n, hd]);
-        #[allow(clippy::single_range_in_vec_init)]
-        let v = qkv.slice([2..3]).reshape([b, h, n, hd]);
+        // q, k and v as three products with row blocks of the `qkv` weight (views, no copy),
+        // heads as a batch axis by a strided view: the backend's products take strided
+        // operands, so no permuted copy of q/k/v is made, forward or backward (the single
+        // product + permute + slices this replaces copied each of them twice). The dot
+        // products are the reference's one product's, element by element.
+        let x2 = x.reshape([b * n, d]);
+        let w = self.qkv.weight.val(); // [3D, D]
+        let bias = self.qkv.bias.as_ref().map(|p| p.val()); // [3D]
+        let part = |i: usize| {
+            let rows = i * d..(i + 1) * d;
+            #[allow(clippy::single_range_in_vec_init)] // one range: a row block of a matrix
+            let y = x2.clone().matmul(w.clone().slice([rows.clone()]).transpose());
+            #[allow(clippy::single_range_in_vec_init)] // one range: a block of a vector
+            let y = match &bias {
+                Some(bv) => y + bv.clone().slice([rows]).unsqueeze_dim(0),
+                None => y,
+            };
+            y.reshape([b, n, h, hd]).swap_dims(1, 2) // [B, H, N, hd], strided
+        };
+        let (q, k, v) = (part(0), part(1), part(2));
         let scale = (hd as f64).powf(-0.5);
         let attn = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B, H, N, N]
         let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]);
