@@ -726,11 +726,11 @@ fn train_loop<B: AutodiffBackend>(
             cfg.num_workers,
             run.state.batch_in_epoch,
         );
-        // The epoch's sums so far (carried over when this epoch is resumed in the middle).
-        let EpochProgress { batches: mut n_batches, mut sums, mut hist, skipped: skipped_before } =
-            run.state.epoch_progress.clone();
-        hist.resize(cfg.out_dim, 0);
-        let batches_before = n_batches;
+        // The epoch's sums live in the run state (carried over when this epoch is resumed in
+        // the middle, saved with every checkpoint).
+        run.state.epoch_progress.hist.resize(cfg.out_dim, 0);
+        let (batches_before, skipped_before) =
+            (run.state.epoch_progress.batches, run.state.epoch_progress.skipped);
         let epoch_start = Instant::now();
         let mut exhausted = false;
         while run.state.batch_in_epoch < niter {
@@ -799,27 +799,23 @@ fn train_loop<B: AutodiffBackend>(
                 return Err(e);
             }
             run.student = student;
+            let l = report.loss;
+            let p = &mut run.state.epoch_progress;
             for a in &report.teacher_assign {
-                if let Some(h) = hist.get_mut(*a as usize) {
+                if let Some(h) = p.hist.get_mut(*a as usize) {
                     *h += 1;
                 }
             }
-            let l = report.loss;
-            sums.total += l.total;
-            sums.mean_shift += l.mean_shift;
-            sums.kmeans += l.kmeans;
-            sums.vmr += l.vmr;
-            n_batches += 1;
+            p.sums.total += l.total;
+            p.sums.mean_shift += l.mean_shift;
+            p.sums.kmeans += l.kmeans;
+            p.sums.vmr += l.vmr;
+            p.batches += 1;
+            p.skipped = skipped_before + loader.stats.skipped.len();
             run.state.step += 1;
             run.state.batch_in_epoch += 1;
             run.state.history.push((it, l));
             run.state.center = loss_fn.centering.as_ref().map(|c| c.center.clone());
-            run.state.epoch_progress = EpochProgress {
-                batches: n_batches,
-                sums,
-                hist: hist.clone(),
-                skipped: skipped_before + loader.stats.skipped.len(),
-            };
             let ips = (cfg.batch_size_per_gpu * world) as f64 / t0.elapsed().as_secs_f64();
             log_line(
                 log,
@@ -845,7 +841,8 @@ fn train_loop<B: AutodiffBackend>(
         if run.state.batch_in_epoch < niter && !exhausted {
             break; // max_steps reached inside the epoch
         }
-        run.state.epoch_progress = EpochProgress::default();
+        let EpochProgress { batches: n_batches, sums, hist, .. } =
+            std::mem::take(&mut run.state.epoch_progress);
         let (used, entropy) = assignment_stats(&hist);
         let n = n_batches.max(1) as f64;
         let summary = EpochSummary {
