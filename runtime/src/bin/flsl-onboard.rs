@@ -21,11 +21,17 @@ use std::time::Instant;
 use clap::{Parser, ValueEnum};
 use flsl_runtime::detect::{DetectOptions, Detector, DetectorScratch, StageTimes};
 use flsl_runtime::onboard::bundle::Bundle;
+use flsl_runtime::onboard::heap::CountingAlloc;
 use flsl_runtime::onboard::mavlink::MavlinkOutput;
 use flsl_runtime::onboard::output::{LinkOutput, LinkTarget, frame_record, wire_frame};
 use flsl_runtime::onboard::run::{FramePolicy, LoopOptions, run_loop};
 use flsl_runtime::onboard::{OnboardError, source};
 use flsl_runtime::preprocess::Normalization;
+
+/// Counts live heap bytes and allocations for the stats line (two relaxed atomic adds per
+/// allocation; see `flsl_runtime::onboard::heap`).
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 #[derive(Parser)]
 #[command(

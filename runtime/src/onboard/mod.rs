@@ -15,6 +15,8 @@
 //!   faster than the model loses stale frames (counted) instead of queueing them; clean stop
 //!   on a flag (SIGINT/SIGTERM in the binary); a stats line every N frames.
 //! - [`output`]: the JSON-lines record of a frame and the link output (wire frames).
+//! - [`heap`]: the counting global allocator of `flsl-onboard` (live heap bytes and
+//!   allocations per frame in the stats line).
 //! - [`mavlink`]: HEARTBEAT, CAMERA_TRACKING_IMAGE_STATUS and GIMBAL_MANAGER_SET_PITCHYAW for
 //!   PX4 / ArduPilot / ground stations.
 
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 use crate::error::ModelError;
 
 pub mod bundle;
+pub mod heap;
 pub mod mavlink;
 pub mod output;
 pub mod run;

@@ -73,18 +73,30 @@ pub struct LoopSummary {
     pub interrupted: bool,
     /// Resident memory at the end (bytes), where `/proc` has it.
     pub rss_bytes: Option<u64>,
+    /// Heap bytes live at the end, where the binary counts them ([`super::heap`]).
+    pub heap_live_bytes: Option<u64>,
+    /// Allocations per processed frame since the first frame (whole process, capture thread
+    /// included), where the binary counts them.
+    pub allocations_per_frame: Option<f64>,
 }
 
 impl LoopSummary {
-    /// One line: frames, frames/s, per-stage ms per frame, drops, skips, RSS.
+    /// One line: frames, frames/s, per-stage ms per frame, drops, skips, RSS, and the heap
+    /// where it is counted.
     pub fn line(&self) -> String {
         let n = self.frames.max(1) as f64;
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
         let fps = self.frames as f64 / self.wall.as_secs_f64().max(1e-9);
         let rss =
             self.rss_bytes.map_or_else(|| "n/a".into(), |b| format!("{:.1} MB", b as f64 / 1e6));
+        let heap = match (self.heap_live_bytes, self.allocations_per_frame) {
+            (Some(live), Some(per)) => {
+                format!("; heap {} kB live, {per:.1} allocations/frame", live / 1000)
+            }
+            _ => String::new(),
+        };
         format!(
-            "{} frames, {:.1} frames/s; ms per frame: decode {:.2}, preprocess {:.2}, model {:.2}, post-process {:.3}, output {:.2}; dropped {}, skipped {}, worst latency {:.1} ms; RSS {rss}",
+            "{} frames, {:.1} frames/s; ms per frame: decode {:.2}, preprocess {:.2}, model {:.2}, post-process {:.3}, output {:.2}; dropped {}, skipped {}, worst latency {:.1} ms; RSS {rss}{heap}",
             self.frames,
             fps,
             ms(self.times.decode),
@@ -206,6 +218,7 @@ pub fn run_loop(
     };
     let mut summary = LoopSummary::default();
     let mut start: Option<Instant> = None;
+    let mut heap_start: Option<super::heap::HeapStats> = None;
     let result = loop {
         if opts.max_frames.is_some_and(|m| summary.frames >= m) {
             break Ok(());
@@ -238,6 +251,9 @@ pub fn run_loop(
             Some(Ok(f)) => f,
         };
         start.get_or_insert_with(Instant::now);
+        if summary.frames == 0 {
+            heap_start = super::heap::snapshot();
+        }
         let r = process(&frame);
         let latency = frame.captured.elapsed();
         let decode = frame.decode;
@@ -251,8 +267,7 @@ pub fn run_loop(
         summary.max_latency = summary.max_latency.max(latency);
         summary.frames += 1;
         if opts.stats_every > 0 && summary.frames % opts.stats_every == 0 {
-            fill_counters(&mut summary, &h, start);
-            summary.rss_bytes = super::rss_bytes();
+            fill_counters(&mut summary, &h, start, heap_start);
             on_stats(&summary);
         }
     };
@@ -261,7 +276,7 @@ pub fn run_loop(
         s.closed = true;
         h.free.notify_all();
     }
-    fill_counters(&mut summary, &h, start);
+    fill_counters(&mut summary, &h, start, heap_start);
     // The capture thread ends at its next hand-over; one blocked in a read (a quiet pipe or
     // camera) is left to end with the process rather than hold up the summary.
     if worker.is_finished() {
@@ -270,7 +285,12 @@ pub fn run_loop(
     result.map(|()| summary)
 }
 
-fn fill_counters(summary: &mut LoopSummary, h: &Handoff, start: Option<Instant>) {
+fn fill_counters(
+    summary: &mut LoopSummary,
+    h: &Handoff,
+    start: Option<Instant>,
+    heap_start: Option<super::heap::HeapStats>,
+) {
     let s = h.lock();
     summary.dropped = s.dropped;
     summary.skipped = s.skipped;
@@ -278,6 +298,12 @@ fn fill_counters(summary: &mut LoopSummary, h: &Handoff, start: Option<Instant>)
     drop(s);
     summary.wall = start.map_or(Duration::ZERO, |t| t.elapsed());
     summary.rss_bytes = super::rss_bytes();
+    if let (Some(now), Some(first)) = (super::heap::snapshot(), heap_start) {
+        summary.heap_live_bytes = Some(now.live_bytes);
+        summary.allocations_per_frame = Some(
+            now.allocations.saturating_sub(first.allocations) as f64 / summary.frames.max(1) as f64,
+        );
+    }
 }
 
 #[cfg(test)]
