@@ -100,6 +100,7 @@ fn steps<B: AutodiffBackend>(c: &mut Criterion, backend: &str) {
                 student.clone(),
                 &mut teacher,
                 None,
+                None,
                 &mut loss,
                 &mut adam,
                 &views,

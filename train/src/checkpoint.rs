@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 
 use crate::error::{Error, Result};
 use crate::model::named::{self, Missing};
-use crate::model::{FlslHead, Vit};
+use crate::model::{FlslHead, FlslHeadConfig, Vit};
 use crate::pth;
 use crate::tensors::{self, TensorMap};
 
@@ -83,6 +83,32 @@ pub fn load_vit<B: Backend>(vit: Vit<B>, map: &TensorMap, file: &Path) -> Result
         tensors::HostTensor::f32(vec![1, 1, d], vec![0.0; d])
     });
     named::load_state_dict(vit, &map, prefix, file, Missing::Error)
+}
+
+/// A head's architecture from its tensor shapes under `prefix` (`head.` or empty): input and
+/// hidden width from `mlp.0`, bottleneck and prototypes from `last_layer.weight_v`, layers by
+/// counting `mlp.{0,2,4..}` (the reference's indices skip the GELUs).
+pub fn head_config(
+    map: &TensorMap,
+    prefix: &str,
+    norm_last_layer: bool,
+    file: &Path,
+) -> Result<FlslHeadConfig> {
+    let shape = |k: &str| {
+        map.get(&format!("{prefix}{k}"))
+            .map(|t| t.shape.clone())
+            .filter(|s| s.len() == 2)
+            .ok_or_else(|| Error::MissingTensor { name: format!("{prefix}{k}"), path: file.into() })
+    };
+    let w0 = shape("mlp.0.weight")?;
+    let v = shape("last_layer.weight_v")?;
+    let nlayers =
+        (0..).take_while(|i| map.contains_key(&format!("{prefix}mlp.{}.weight", 2 * i))).count();
+    Ok(FlslHeadConfig::new(w0[1], v[0])
+        .with_hidden_dim(w0[0])
+        .with_bottleneck_dim(v[1])
+        .with_nlayers(nlayers)
+        .with_norm_last_layer(norm_last_layer))
 }
 
 /// Loads head weights into `head` (keys `head.*` or bare).

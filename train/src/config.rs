@@ -22,6 +22,27 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
+/// Distillation from a frozen teacher (`flsl distill`; `docs/DISTILL.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The teacher: a run or checkpoint folder of ours (its `config.json` gives the
+    /// architecture) or a weights file beside such a `config.json`.
+    pub teacher: PathBuf,
+    /// SHA-256 of the teacher's weights file, recorded when the run starts and checked on
+    /// resume (a changed teacher cannot resume exactly).
+    #[serde(default)]
+    pub teacher_sha256: Option<String>,
+    /// Weight of the feature-alignment term `1 - cos(P x_s, x_t)` (0: no projection `P`,
+    /// prototype and mean-shift terms only).
+    #[serde(default = "default_feature_weight")]
+    pub feature_weight: f64,
+}
+
+fn default_feature_weight() -> f64 {
+    1.0
+}
+
 /// The full training configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -118,6 +139,10 @@ pub struct TrainConfig {
     pub map_sharpness: f64,
     /// Fixed sin-cos position table (reference default); `false`: a learnable one.
     pub sin_cos_pos_emb: bool,
+    // Distillation (`flsl distill`).
+    /// A frozen teacher whose prototype assignments (and features) the student learns
+    /// (the `[distill]` table; see `docs/DISTILL.md`). `None`: self-supervised pretraining.
+    pub distill: Option<DistillConfig>,
     // Data and run.
     /// Image folder (recursive).
     pub data_path: PathBuf,
@@ -188,6 +213,7 @@ impl Default for TrainConfig {
             mixture_bias: 1.0,
             map_sharpness: 1e4,
             sin_cos_pos_emb: true,
+            distill: None,
             data_path: PathBuf::from("data"),
             holdout: Vec::new(),
             tile_size: None,
@@ -377,6 +403,21 @@ impl TrainConfig {
             }
             if self.attention_level == 0 {
                 return bad("attention_level", "must be at least 1".into());
+            }
+        }
+        if let Some(d) = &self.distill {
+            if !(d.feature_weight >= 0.0 && d.feature_weight.is_finite()) {
+                return bad(
+                    "distill.feature_weight",
+                    format!("{} must be a finite number >= 0", d.feature_weight),
+                );
+            }
+            if self.model_previous_stage.is_some() {
+                return bad(
+                    "distill",
+                    "distillation and multi-stage training (model_previous_stage) do not combine"
+                        .into(),
+                );
             }
         }
         let a = &self.augment;

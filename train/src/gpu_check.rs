@@ -92,6 +92,7 @@ pub fn run_steps<B: AutodiffBackend>(
                 student.clone(),
                 &mut teacher,
                 None,
+                None,
                 &mut loss,
                 &mut adam,
                 &views,

@@ -15,6 +15,7 @@
 //! - [`annotations`], [`detector`]: COCO/VOC/VisDrone boxes and the CenterNet-style head
 //!   trained on a frozen backbone (`flsl train-detector`).
 //! - [`multistage`]: the previous-stage model of multi-stage training.
+//! - [`distill`]: a frozen teacher of another size for `flsl distill` (grid alignment, targets).
 //! - [`parallel`]: data-parallel replicas (burn-collective all-reduce of gradients).
 //! - [`backend`]: the one module that names concrete backends.
 #![warn(missing_docs)]
@@ -29,6 +30,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod detector;
+pub mod distill;
 pub mod error;
 pub mod export;
 pub mod gpu_check;

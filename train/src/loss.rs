@@ -43,6 +43,10 @@ pub struct LossTerms {
     pub kmeans: f64,
     /// VMR term.
     pub vmr: f64,
+    /// Distillation feature-alignment term `1 - mean cos` (unweighted; 0 when not
+    /// distilling, and in logs written before it existed).
+    #[serde(default)]
+    pub feature: f64,
 }
 
 impl LossTerms {
@@ -52,6 +56,7 @@ impl LossTerms {
             && self.mean_shift.is_finite()
             && self.kmeans.is_finite()
             && self.vmr.is_finite()
+            && self.feature.is_finite()
     }
 }
 
@@ -61,7 +66,11 @@ impl std::fmt::Display for LossTerms {
             f,
             "total={:.6} mean_shift={:.6} kmeans={:.6} vmr={:.6}",
             self.total, self.mean_shift, self.kmeans, self.vmr
-        )
+        )?;
+        if self.feature != 0.0 {
+            write!(f, " feature={:.6}", self.feature)?;
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +83,7 @@ impl<B: Backend> FlslLossOutput<B> {
             mean_shift: s(&self.mean_shift),
             kmeans: s(&self.kmeans),
             vmr: s(&self.vmr),
+            feature: 0.0,
         }
     }
 }

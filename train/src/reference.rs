@@ -752,20 +752,8 @@ fn head_config(
     prefix: &str,
     norm_last_layer: bool,
 ) -> std::result::Result<FlslHeadConfig, String> {
-    let shape = |k: &str| {
-        map.get(&format!("{prefix}{k}"))
-            .map(|t| t.shape.clone())
-            .ok_or(format!("`{prefix}{k}` missing"))
-    };
-    let w0 = shape("mlp.0.weight")?;
-    let v = shape("last_layer.weight_v")?;
-    let nlayers =
-        (0..).take_while(|i| map.contains_key(&format!("{prefix}mlp.{}.weight", 2 * i))).count();
-    Ok(FlslHeadConfig::new(w0[1], v[0])
-        .with_hidden_dim(w0[0])
-        .with_bottleneck_dim(v[1])
-        .with_nlayers(nlayers)
-        .with_norm_last_layer(norm_last_layer))
+    checkpoint::head_config(map, prefix, norm_last_layer, Path::new("the case's head weights"))
+        .map_err(|e| e.to_string())
 }
 
 fn check_head(case: &Case, check: &mut Check) -> R {
@@ -889,6 +877,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
             .map_err(|e| e.to_string())?,
         head: named::load_state_dict(student.head, &head_map, "", &head_path, Missing::Error)
             .map_err(|e| e.to_string())?,
+        distill_proj: None,
     };
     let initial = named::state_dict::<CpuTrain, _>(&student);
     let mut teacher = student.valid();
@@ -930,6 +919,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     let (student, report) = train_step(
         student,
         &mut teacher,
+        None,
         None,
         &mut loss,
         &mut adam,

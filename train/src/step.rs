@@ -10,12 +10,15 @@ use burn::tensor::{
     ElementConversion, Tensor, TensorData, backend::AutodiffBackend, backend::Backend,
 };
 
+use crate::distill::{DistillTeacher, HeadInput};
 use crate::error::{Error, Result};
 use crate::loss::{FlslLoss, LossTerms};
 use crate::meanshift::{
-    TokenSelection, meanshift, meanshift_mixed, repeat_views, sharpened_attention_map,
+    TokenSelection, meanshift, meanshift_mixed, repeat_views, select_tokens,
+    sharpened_attention_map,
 };
 use crate::model::FlslModel;
+use crate::model::layers::l2_normalize;
 use crate::model::named::reference_name;
 use crate::multistage::PreviousStage;
 use crate::parallel::{self, Peer};
@@ -178,8 +181,12 @@ pub struct Forward<B: Backend> {
     pub student_pred: Tensor<B, 2>,
     /// Teacher head on the inter-view modes `[M, K]` (constant).
     pub teacher_pred: Tensor<B, 2>,
-    /// Teacher features of the teacher view.
-    pub enc_t: Tensor<B, 3>,
+    /// Teacher features of the teacher view (`None` when distilling: the frozen teacher sees
+    /// the student views instead).
+    pub enc_t: Option<Tensor<B, 3>>,
+    /// Distillation feature term inputs: the projected student tokens `P x` and the teacher's
+    /// region features, both `[M, D_t]` (the latter constant). `None` without a projection.
+    pub feature: Option<(Tensor<B, 2>, Tensor<B, 2>)>,
 }
 
 fn plain_crops<B: AutodiffBackend>(views: &[View<B>]) -> Result<Tensor<B::InnerBackend, 4>> {
@@ -197,7 +204,9 @@ fn plain_crops<B: AutodiffBackend>(views: &[View<B>]) -> Result<Tensor<B::InnerB
 
 /// Runs the teacher and the student on the views (`views[0]` is the teacher's); `prev` is the
 /// previous-stage model and this iteration's attention mixture in multi-stage training
-/// ([`crate::multistage`]), `None` otherwise.
+/// ([`crate::multistage`]), `None` otherwise. With `distill`, the frozen teacher gives the
+/// targets of each student view itself ([`crate::distill`]) and `teacher` is not used.
+#[allow(clippy::too_many_arguments)]
 pub fn forward<B: AutodiffBackend>(
     student: &FlslModel<B>,
     teacher: &FlslModel<B::InnerBackend>,
@@ -205,13 +214,17 @@ pub fn forward<B: AutodiffBackend>(
     sa_temp: f64,
     ca_temp: f64,
     prev: Option<(&PreviousStage<B::InnerBackend>, f64)>,
+    distill: Option<&DistillTeacher<B::InnerBackend>>,
 ) -> Result<Forward<B>> {
     let (teacher_view, student_views) =
         views.split_first().ok_or(Error::Shape { op: "train_step", reason: "no views".into() })?;
     if student_views.is_empty() {
         return Err(Error::Shape { op: "train_step", reason: "no student views".into() });
     }
-    let enc_t = teacher.backbone.forward(teacher_view.images.clone().inner()); // [bt, Nt, C]
+    let enc_t = match distill {
+        Some(_) => None,
+        None => Some(teacher.backbone.forward(teacher_view.images.clone().inner())), // [bt, Nt, C]
+    };
     // Previous stage: its features of the teacher's plain crop are the keys of its map.
     let prev_k = match prev {
         Some((p, _)) => Some(p.features(plain_crops(std::slice::from_ref(teacher_view))?)),
@@ -219,6 +232,7 @@ pub fn forward<B: AutodiffBackend>(
     };
     let widths: Vec<usize> = student_views.iter().map(|v| v.images.dims()[3]).collect();
     let (mut xs, mut modes, mut ps, mut pts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut projected, mut feat_targets) = (Vec::new(), Vec::new());
     for group in view_groups(&widths) {
         let vs = &student_views[group];
         let b = vs.len();
@@ -233,6 +247,14 @@ pub fn forward<B: AutodiffBackend>(
             .collect::<Result<_>>()?;
         let sel = TokenSelection::concat(&sels)?;
         let images = Tensor::cat(vs.iter().map(|v| v.images.clone()).collect(), 0);
+        let targets = match distill {
+            Some(d) => Some(d.targets(
+                images.clone().inner(),
+                student.backbone.patch_size(),
+                HeadInput::Modes,
+            )?),
+            None => None,
+        };
         let enc_s = student.backbone.forward(images); // [b*bt, Ns, C]
         let [rows, ns, c] = enc_s.dims();
         if sel.batch() != rows || sel.tokens != ns {
@@ -246,25 +268,47 @@ pub fn forward<B: AutodiffBackend>(
             });
         }
         let (x_sel, mode_s) = meanshift(enc_s.clone(), enc_s.clone(), &sel, sa_temp);
-        let tgt = repeat_views(enc_t.clone(), b);
-        let mode_t = match (prev, &prev_k) {
-            (Some((p, mix)), Some(keys)) => {
-                let q = p.features(plain_crops(vs)?);
-                let a_prev = sharpened_attention_map(
-                    q,
-                    repeat_views(keys.clone(), b),
-                    &sel,
-                    p.temp,
-                    p.sharpness,
-                );
-                meanshift_mixed(enc_s.inner(), tgt, &sel, ca_temp, a_prev, mix).1
+        let pred_t = match (&targets, &enc_t) {
+            (Some(t), _) => {
+                if t.logits.dims()[1] != ns {
+                    return Err(Error::Shape {
+                        op: "distill",
+                        reason: format!(
+                            "the teacher's aligned grid has {} tokens, the student's {ns}",
+                            t.logits.dims()[1]
+                        ),
+                    });
+                }
+                select_tokens(t.logits.clone(), &sel)
             }
-            _ => meanshift(enc_s.inner(), tgt, &sel, ca_temp).1,
+            (None, Some(enc_t)) => {
+                let tgt = repeat_views(enc_t.clone(), b);
+                let mode_t = match (prev, &prev_k) {
+                    (Some((p, mix)), Some(keys)) => {
+                        let q = p.features(plain_crops(vs)?);
+                        let a_prev = sharpened_attention_map(
+                            q,
+                            repeat_views(keys.clone(), b),
+                            &sel,
+                            p.temp,
+                            p.sharpness,
+                        );
+                        meanshift_mixed(enc_s.inner(), tgt, &sel, ca_temp, a_prev, mix).1
+                    }
+                    _ => meanshift(enc_s.inner(), tgt, &sel, ca_temp).1,
+                };
+                teacher.head.forward(mode_t)
+            }
+            (None, None) => unreachable!("enc_t is computed whenever there is no distill teacher"),
         };
-        let pred_s = student.head.forward(mode_s.clone());
-        let pred_t = teacher.head.forward(mode_t);
-        let k = pred_s.dims()[2];
         let m = sel.batch() * sel.per_row();
+        if let (Some(t), Some(proj)) = (&targets, &student.distill_proj) {
+            let dt = t.features.dims()[2];
+            projected.push(proj.forward(x_sel.clone()).reshape([m, dt]));
+            feat_targets.push(select_tokens(t.features.clone(), &sel).reshape([m, dt]));
+        }
+        let pred_s = student.head.forward(mode_s.clone());
+        let k = pred_s.dims()[2];
         xs.push(x_sel.reshape([m, c]));
         modes.push(mode_s.reshape([m, c]));
         ps.push(pred_s.reshape([m, k]));
@@ -275,7 +319,9 @@ pub fn forward<B: AutodiffBackend>(
         mode: Tensor::cat(modes, 0),
         student_pred: Tensor::cat(ps, 0),
         teacher_pred: Tensor::from_inner(Tensor::cat(pts, 0)),
-        enc_t: Tensor::from_inner(enc_t),
+        enc_t: enc_t.map(Tensor::from_inner),
+        feature: (!projected.is_empty())
+            .then(|| (Tensor::cat(projected, 0), Tensor::from_inner(Tensor::cat(feat_targets, 0)))),
     })
 }
 
@@ -287,6 +333,7 @@ pub fn train_step<B: AutodiffBackend>(
     student: FlslModel<B>,
     teacher: &mut FlslModel<B::InnerBackend>,
     prev: Option<&PreviousStage<B::InnerBackend>>,
+    distill: Option<&DistillTeacher<B::InnerBackend>>,
     loss_fn: &mut FlslLoss,
     adam: &mut AdamState<B::InnerBackend>,
     views: &[View<B>],
@@ -300,6 +347,7 @@ pub fn train_step<B: AutodiffBackend>(
         hyper.sa_temp,
         hyper.ca_temp,
         prev.map(|p| (p, hyper.mixture)),
+        distill,
     )?;
     let mut recorded = TensorMap::new();
     if opts.record {
@@ -313,7 +361,9 @@ pub fn train_step<B: AutodiffBackend>(
             "loss_in_teacher_pred".into(),
             HostTensor::from_tensor(fwd.teacher_pred.clone()),
         );
-        recorded.insert("enc_t".into(), HostTensor::from_tensor(fwd.enc_t.clone()));
+        if let Some(enc_t) = &fwd.enc_t {
+            recorded.insert("enc_t".into(), HostTensor::from_tensor(enc_t.clone()));
+        }
     }
     let assign = fwd.teacher_pred.clone().argmax(1).into_data().convert::<i64>();
     let teacher_assign: Vec<u32> =
@@ -331,7 +381,7 @@ pub fn train_step<B: AutodiffBackend>(
         }
         _ => None,
     };
-    let out = loss_fn.forward(
+    let mut out = loss_fn.forward(
         fwd.x,
         fwd.mode,
         fwd.student_pred,
@@ -339,13 +389,30 @@ pub fn train_step<B: AutodiffBackend>(
         hyper.epoch,
         replica_mean,
     );
+    let mut feature_term = None;
+    if let (Some((p, t)), Some(d)) = (fwd.feature, distill) {
+        // 1 - mean cos(P x_s, x_t): the teacher side is a constant.
+        let cos = (l2_normalize(p, 1e-12) * l2_normalize(t, 1e-12)).sum_dim(1);
+        let term = (cos.mean() * -1.0) + 1.0;
+        out.total = out.total + term.clone() * d.feature_weight;
+        feature_term = Some(term);
+    }
     let mut terms = out.terms();
+    if let Some(t) = feature_term {
+        terms.feature = t.into_scalar().elem::<f64>();
+    }
     if let Some(peer) = opts.peer {
         // Every replica sees the same (mean) terms, so a non-finite loss anywhere stops all.
-        let local = [terms.total, terms.mean_shift, terms.kmeans, terms.vmr];
+        let local = [terms.total, terms.mean_shift, terms.kmeans, terms.vmr, terms.feature];
         let mean =
             parallel::all_reduce_mean_host::<B::InnerBackend>(peer, &local, &out.total.device())?;
-        terms = LossTerms { total: mean[0], mean_shift: mean[1], kmeans: mean[2], vmr: mean[3] };
+        terms = LossTerms {
+            total: mean[0],
+            mean_shift: mean[1],
+            kmeans: mean[2],
+            vmr: mean[3],
+            feature: mean[4],
+        };
     }
     if !terms.is_finite() {
         // Nothing is updated: the caller keeps its last good state.

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::AugmentConfig;
 use crate::config::TrainConfig;
 use crate::data::{Batch, ImageFolder, Loader};
+use crate::distill::DistillTeacher;
 use crate::error::{Error, Result};
 use crate::loss::{Centering, FlslLoss, LossTerms, VmrPrior};
 use crate::meanshift::TokenSelection;
@@ -207,8 +208,17 @@ impl<B: AutodiffBackend> Run<B> {
     pub fn new(cfg: TrainConfig, device: B::Device) -> Result<Self> {
         cfg.validate()?;
         let (vit, head) = (cfg.vit_config()?, cfg.head_config());
-        let student = crate::model::layers::with_seed(cfg.seed, || {
-            FlslModel::<B>::init(&vit, &head, &device)
+        // Distillation with the feature term: the student also has the projection onto the
+        // frozen teacher's width.
+        let teacher_dim = match &cfg.distill {
+            Some(d) if d.feature_weight > 0.0 => {
+                Some(crate::distill::teacher_source(&d.teacher)?.vit.embed_dim)
+            }
+            _ => None,
+        };
+        let student = crate::model::layers::with_seed(cfg.seed, || match teacher_dim {
+            Some(dt) => FlslModel::<B>::init_with_projection(&vit, &head, dt, &device),
+            None => FlslModel::<B>::init(&vit, &head, &device),
         });
         let teacher = student.valid();
         let center = cfg.teacher_centering.then(|| vec![0.0; cfg.out_dim]);
@@ -415,6 +425,7 @@ fn replica_step<B: AutodiffBackend>(
     student: FlslModel<B>,
     teacher: &mut FlslModel<B::InnerBackend>,
     prev: Option<&PreviousStage<B::InnerBackend>>,
+    distill: Option<&DistillTeacher<B::InnerBackend>>,
     adam: &mut AdamState<B::InnerBackend>,
     loss_fn: &mut FlslLoss,
     device: &B::Device,
@@ -431,6 +442,7 @@ fn replica_step<B: AutodiffBackend>(
             student,
             teacher,
             prev,
+            distill,
             loss_fn,
             adam,
             &views,
@@ -455,6 +467,7 @@ fn replica_worker<B: AutodiffBackend>(
     mut student: FlslModel<B>,
     mut teacher: FlslModel<B::InnerBackend>,
     prev: Option<PreviousStage<B::InnerBackend>>,
+    distill: Option<DistillTeacher<B::InnerBackend>>,
     mut adam: AdamState<B::InnerBackend>,
     mut loss_fn: FlslLoss,
     device: B::Device,
@@ -473,6 +486,7 @@ fn replica_worker<B: AutodiffBackend>(
                     student.clone(),
                     &mut teacher,
                     prev.as_ref(),
+                    distill.as_ref(),
                     &mut adam,
                     &mut loss_fn,
                     &device,
@@ -595,6 +609,15 @@ pub fn train_on_devices<B: AutodiffBackend>(
     if let Some(p) = &prev {
         tracing::info!(blocks = p.vit.blocks.len(), "previous stage loaded: multi-stage training");
     }
+    let distill = DistillTeacher::<B::InnerBackend>::load(&cfg, &run.device)?;
+    if let Some(d) = &distill {
+        tracing::info!(
+            width = d.embed_dim(),
+            patch = d.model.backbone.patch_size(),
+            blocks = d.model.backbone.blocks.len(),
+            "frozen teacher loaded: distillation"
+        );
+    }
 
     std::thread::scope(|scope| -> Result<Run<B>> {
         // Replicas start as copies of rank 0 (fresh or resumed), each on its own device.
@@ -607,12 +630,14 @@ pub fn train_on_devices<B: AutodiffBackend>(
             let teacher = run.teacher.clone().fork(device);
             let adam = run.adam.to_device(device);
             let replica_prev = prev.as_ref().map(|p| p.to_device(device));
+            let replica_distill = distill.as_ref().map(|d| d.to_device(device));
             let (loss, device) = (loss_fn.clone(), device.clone());
             scope.spawn(move || {
                 replica_worker::<B>(
                     student,
                     teacher,
                     replica_prev,
+                    replica_distill,
                     adam,
                     loss,
                     device,
@@ -629,6 +654,7 @@ pub fn train_on_devices<B: AutodiffBackend>(
         let result = train_loop(
             &mut run,
             prev.as_ref(),
+            distill.as_ref(),
             &cfg,
             &dataset,
             &sched,
@@ -696,6 +722,7 @@ type Workers = [(std::sync::mpsc::Sender<Job>, std::sync::mpsc::Receiver<Reply>)
 fn train_loop<B: AutodiffBackend>(
     run: &mut Run<B>,
     prev: Option<&PreviousStage<B::InnerBackend>>,
+    distill: Option<&DistillTeacher<B::InnerBackend>>,
     cfg: &TrainConfig,
     dataset: &Arc<ImageFolder>,
     sched: &Schedules,
@@ -772,6 +799,7 @@ fn train_loop<B: AutodiffBackend>(
                 run.student.clone(),
                 &mut run.teacher,
                 prev,
+                distill,
                 &mut run.adam,
                 loss_fn,
                 &run.device,
@@ -810,6 +838,7 @@ fn train_loop<B: AutodiffBackend>(
             p.sums.mean_shift += l.mean_shift;
             p.sums.kmeans += l.kmeans;
             p.sums.vmr += l.vmr;
+            p.sums.feature += l.feature;
             p.batches += 1;
             p.skipped = skipped_before + loader.stats.skipped.len();
             run.state.step += 1;
@@ -852,6 +881,7 @@ fn train_loop<B: AutodiffBackend>(
                 mean_shift: sums.mean_shift / n,
                 kmeans: sums.kmeans / n,
                 vmr: sums.vmr / n,
+                feature: sums.feature / n,
             }),
             prototypes_used: used,
             assignment_entropy: entropy,

@@ -22,6 +22,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// FLSL pretraining on a folder of images.
     Train(TrainArgs),
+    /// Distils a frozen FLSL teacher (a run of ours or the official `.pth`) into a smaller
+    /// student with FLSL's objective, then reports agreement, feature cosine, cluster-map mIoU
+    /// and the 1-thread latency of both exports (report.md + report.json in the run folder).
+    Distill(DistillArgs),
     /// Runs the same training steps on the CPU and on a CUDA device (same weights, same batch)
     /// and compares the losses; prints each backend's images/s.
     GpuCheck(GpuCheckArgs),
@@ -97,6 +101,34 @@ pub struct TrainArgs {
     /// Ignore an existing checkpoint in the output folder and start over.
     #[arg(long)]
     pub fresh: bool,
+}
+
+/// `flsl distill`.
+#[derive(Args)]
+pub struct DistillArgs {
+    /// The teacher: a run or checkpoint folder of ours, or a weights file (`.safetensors`,
+    /// the official `.pth`).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Weight of the feature-alignment term (0: prototype and mean-shift terms only).
+    #[arg(long, default_value_t = 1.0)]
+    pub feature_weight: f64,
+    /// Held-out images for the report: file names under the data folder, left out of training
+    /// (repeat the flag).
+    #[arg(long = "holdout", value_name = "NAME")]
+    pub holdout: Vec<String>,
+    /// Held-out images for the report from another folder (instead of `--holdout`).
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Side in pixels the report's images and exports use.
+    #[arg(long, default_value_t = 224)]
+    pub report_size: usize,
+    /// Skip the exports and latency of the report.
+    #[arg(long)]
+    pub no_latency: bool,
+    /// The student's configuration and the run (as `flsl train`).
+    #[command(flatten)]
+    pub train: TrainArgs,
 }
 
 /// `flsl gpu-check`.

@@ -10,6 +10,7 @@ mod bench;
 mod bundle;
 mod demo;
 mod detect;
+mod distill;
 mod eval_clusters;
 mod eval_detections;
 mod export;
@@ -25,6 +26,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Demo(a) => demo::run(a),
         Command::Train(a) => train::run(a),
+        Command::Distill(a) => distill::run(a),
         Command::GpuCheck(a) => gpu_check::run(a),
         Command::Export(a) => export::run(a),
         Command::TrainDetector(a) => train_detector::run(a),

@@ -9,6 +9,14 @@ use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir};
 use crate::args::TrainArgs;
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
+    let cfg = config_from_args(&a)?;
+    let devices = flsl_train::backend::parse_devices(&cfg.device).map_err(anyhow::Error::msg)?;
+    run_on(&devices, Train { cfg, fresh: a.fresh, max_steps: a.max_steps })?
+}
+
+/// The configuration `flsl train`'s (and `flsl distill`'s) arguments describe: preset, then
+/// `--config`, then `--set`, `--data`, `--out`, `--device`.
+pub fn config_from_args(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let mut cfg = match &a.preset {
         Some(p) => TrainConfig::preset(p)?,
         None => TrainConfig::default(),
@@ -16,19 +24,17 @@ pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &a.config {
         cfg = TrainConfig::from_toml_file(path, Some(cfg))?;
     }
-    let mut set = a.set;
-    if let Some(d) = a.data {
+    let mut set = a.set.clone();
+    if let Some(d) = &a.data {
         set.push(format!("data_path={:?}", d.display().to_string()));
     }
-    if let Some(o) = a.out {
+    if let Some(o) = &a.out {
         set.push(format!("output_dir={:?}", o.display().to_string()));
     }
-    if let Some(d) = a.device {
+    if let Some(d) = &a.device {
         set.push(format!("device={d:?}"));
     }
-    let cfg = cfg.with_overrides(&set)?;
-    let devices = flsl_train::backend::parse_devices(&cfg.device).map_err(anyhow::Error::msg)?;
-    run_on(&devices, Train { cfg, fresh: a.fresh, max_steps: a.max_steps })?
+    Ok(cfg.with_overrides(&set)?)
 }
 
 /// Trains on the given devices (the first is rank 0; more than one: data-parallel replicas).
