@@ -87,27 +87,25 @@ impl BackendTask for Distill {
 
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output {
         let Self { cfg, fresh, max_steps, eval_images, side, latency } = self;
-        let mut devices = devices.into_iter();
-        let device = devices.next().context("no device")?;
-        let replicas: Vec<B::Device> = devices.collect();
-        let latest = checkpoints_dir(&cfg.output_dir).join("latest");
-        let run = if latest.exists() && !fresh {
-            tracing::info!("resuming from {}", latest.display());
-            let run = Run::<B>::load(&latest, device)
-                .with_context(|| format!("resuming from {}", latest.display()))?;
-            if run.cfg.distill.is_none() {
-                bail!(
-                    "{} holds a pretraining run, not a distillation: choose another --out, or --fresh to start over there",
-                    cfg.output_dir.display()
-                );
-            }
-            run
-        } else {
-            let mut cfg = cfg;
-            let teacher = distill::prepare(&mut cfg)?;
-            tracing::info!("{teacher}");
-            Run::<B>::new(cfg, device)?
-        };
+        let (run, replicas) = super::train::open_run::<B>(
+            cfg,
+            devices,
+            fresh,
+            |run, cfg| {
+                if run.cfg.distill.is_none() {
+                    bail!(
+                        "{} holds a pretraining run, not a distillation: choose another --out, or --fresh to start over there",
+                        cfg.output_dir.display()
+                    );
+                }
+                Ok(())
+            },
+            |mut cfg, device| {
+                let teacher = distill::prepare(&mut cfg)?;
+                tracing::info!("{teacher}");
+                Ok(Run::<B>::new(cfg, device)?)
+            },
+        )?;
         let (t0, steps_before) = (Instant::now(), run.state.step);
         let run = flsl_train::trainer::train_on_devices(
             run,

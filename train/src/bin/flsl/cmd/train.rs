@@ -49,23 +49,20 @@ impl BackendTask for Train {
 
     fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output {
         let Self { cfg, fresh, max_steps } = self;
-        let mut devices = devices.into_iter();
-        let device = devices.next().context("no device")?;
-        let replicas: Vec<B::Device> = devices.collect();
-        let latest = checkpoints_dir(&cfg.output_dir).join("latest");
-        let run = if latest.exists() && !fresh {
-            tracing::info!("resuming from {}", latest.display());
-            let run = Run::<B>::load(&latest, device)
-                .with_context(|| format!("resuming from {}", latest.display()))?;
-            if run.cfg != cfg {
-                tracing::warn!(
-                    "the configuration differs from the checkpoint's; continuing with the checkpoint's"
-                );
-            }
-            run
-        } else {
-            Run::<B>::new(cfg, device)?
-        };
+        let (run, replicas) = open_run::<B>(
+            cfg,
+            devices,
+            fresh,
+            |run, cfg| {
+                if run.cfg != *cfg {
+                    tracing::warn!(
+                        "the configuration differs from the checkpoint's; continuing with the checkpoint's"
+                    );
+                }
+                Ok(())
+            },
+            |cfg, device| Ok(Run::<B>::new(cfg, device)?),
+        )?;
         let run = flsl_train::trainer::train_on_devices(
             run,
             replicas,
@@ -78,4 +75,30 @@ impl BackendTask for Train {
         );
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Rank 0's run and the replicas' devices (the first device is rank 0's): resumed from the
+/// output folder's `checkpoints/latest` unless `fresh` (then `on_resume` sees the checkpoint's
+/// run and the configuration asked for), else made by `new`.
+pub fn open_run<B: AutodiffBackend>(
+    cfg: TrainConfig,
+    devices: Vec<B::Device>,
+    fresh: bool,
+    on_resume: impl FnOnce(&Run<B>, &TrainConfig) -> anyhow::Result<()>,
+    new: impl FnOnce(TrainConfig, B::Device) -> anyhow::Result<Run<B>>,
+) -> anyhow::Result<(Run<B>, Vec<B::Device>)> {
+    let mut devices = devices.into_iter();
+    let device = devices.next().context("no device")?;
+    let replicas: Vec<B::Device> = devices.collect();
+    let latest = checkpoints_dir(&cfg.output_dir).join("latest");
+    let run = if latest.exists() && !fresh {
+        tracing::info!("resuming from {}", latest.display());
+        let run = Run::<B>::load(&latest, device)
+            .with_context(|| format!("resuming from {}", latest.display()))?;
+        on_resume(&run, &cfg)?;
+        run
+    } else {
+        new(cfg, device)?
+    };
+    Ok((run, replicas))
 }
