@@ -249,3 +249,54 @@ fn a_bare_weights_file_gives_the_same_teacher_as_its_run_folder() {
     assert_eq!(targets(&a), targets(&b));
     std::fs::remove_dir_all(&f.root).unwrap();
 }
+
+#[test]
+fn two_data_parallel_replicas_distil_as_one_device_on_the_whole_batch() {
+    // Each replica gets its own copy of the frozen teacher (`DistillTeacher::to_device`): two
+    // replicas with 2 samples each apply the same updates as one device with the 4 samples.
+    let f = fixture("ddp");
+    let run = |out: &str, device: &str, per_device: usize, replicas: usize| {
+        let mut c = student_config(&f.root.join("img"), &f.root.join(out), Some(&f.teacher));
+        c.batch_size_per_gpu = per_device;
+        c.device = device.into();
+        c.epochs = 2;
+        // Smaller steps than the other tests' (peak 0.5 * 4 / 256 ~ 8e-3, as tests/training.rs):
+        // AdamW turns float32 summation-order noise into differences that grow with the step.
+        c.lr = 0.5;
+        distill::prepare(&mut c).unwrap();
+        flsl_train::trainer::train_on_devices(
+            Run::<CpuTrain>::new(c, cpu_device()).unwrap(),
+            vec![cpu_device(); replicas],
+            &TrainOptions::default(),
+        )
+        .unwrap()
+    };
+    let one = run("one", "cpu", 4, 0);
+    let two = run("two", "cpu,cpu", 2, 1);
+    assert_eq!((one.state.step, two.state.step), (4, 4));
+    let (w1, w2) = (
+        named::state_dict::<CpuTrain, _>(&one.student),
+        named::state_dict::<CpuTrain, _>(&two.student),
+    );
+    let width = 16; // the student's embed_dim
+    for (name, t) in &w1 {
+        // The key bias has a zero true gradient (see tests/training.rs): left out.
+        let key_bias =
+            |i: usize| name.ends_with("attn.qkv.bias") && (width..2 * width).contains(&i);
+        let d = t
+            .to_f32()
+            .iter()
+            .zip(w2[name].to_f32())
+            .enumerate()
+            .filter(|(i, _)| !key_bias(*i))
+            .map(|(_, (p, q))| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-5, "{name} differs by {d:e} between 2 replicas and 1 device");
+    }
+    for ((sa, la), (sb, lb)) in one.state.history.iter().zip(&two.state.history) {
+        assert_eq!(sa, sb);
+        assert!((la.feature - lb.feature).abs() < 1e-4, "step {sa}: {la} vs {lb}");
+        assert!((la.total - lb.total).abs() < 1e-4, "step {sa}: {la} vs {lb}");
+    }
+    std::fs::remove_dir_all(&f.root).unwrap();
+}

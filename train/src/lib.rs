@@ -1,52 +1,39 @@
 //! # flsl-train
 //!
-//! FLSL (Feature-Level Self-supervised Learning, Su et al., NeurIPS 2023) in burn.
+//! FLSL (Feature-Level Self-supervised Learning, Su et al., NeurIPS 2023) in burn. Folders
+//! follow the method and the pipeline:
 //!
 //! - [`model`]: the no-class ViT backbone, the FLSL head, reference-named parameters.
-//! - [`meanshift`]: the mean-shift operator (intra- and inter-view).
-//! - [`loss`]: the FLSL loss with every term.
-//! - [`masks`]: token sampling masks.
-//! - [`schedule`]: cosine and temperature schedules.
-//! - [`step`]: one training iteration (AdamW, per-parameter clipping, EMA teacher).
-//! - [`tensors`], [`pth`], [`checkpoint`]: host tensors, safetensors, PyTorch `.pth` import.
-//! - [`reference`]: the golden-vector checker behind `flsl reference-check`.
-//! - [`augment`], [`data`], [`config`], [`trainer`], [`plot`]: the pretraining pipeline.
-//! - [`export`]: checkpoints -> ONNX (through `flsl_runtime::export`, no burn involved).
-//! - [`annotations`], [`detector`]: COCO/VOC/VisDrone boxes and the CenterNet-style head
-//!   trained on a frozen backbone (`flsl train-detector`).
-//! - [`multistage`]: the previous-stage model of multi-stage training.
-//! - [`distill`]: a frozen teacher of another size for `flsl distill` (grid alignment, targets).
-//! - [`parallel`]: data-parallel replicas (burn-collective all-reduce of gradients).
-//! - [`backend`]: the one module that names concrete backends.
+//! - [`method`]: mean shift, the loss, masks, schedules.
+//! - [`pretrain`]: configuration, augmentation and data, the step, the trainer, data-parallel
+//!   replicas, multi-stage training.
+//! - [`distill`]: a frozen teacher of another size for `flsl distill`.
+//! - [`io`]: host tensors, safetensors, PyTorch `.pth` import, checkpoints.
+//! - [`detector`]: COCO/VOC/VisDrone boxes and the CenterNet-style head trained on a frozen
+//!   backbone (`flsl train-detector`).
+//! - [`tools`]: export to ONNX, the demo, cluster maps, plots, the golden checker, the GPU check.
+//! - [`backend`]: the one module that names concrete backends; [`progress`]: the progress
+//!   callback the library reports through.
+//!
+//! Each module is also re-exported at the crate root under its own name
+//! (`flsl_train::trainer`, `flsl_train::loss`, ...), the paths the CLI and the tests use.
 #![warn(missing_docs)]
 
-pub mod annotations;
-pub mod augment;
 pub mod backend;
-pub mod checkpoint;
-pub mod cluster;
-pub mod clusters_eval;
-pub mod config;
-pub mod data;
-pub mod demo;
 pub mod detector;
 pub mod distill;
 pub mod error;
-pub mod export;
-pub mod gpu_check;
-pub mod loss;
-pub mod masks;
-pub mod meanshift;
+pub mod io;
+pub mod method;
 pub mod model;
-pub mod multistage;
-pub mod parallel;
-pub mod plot;
+pub mod pretrain;
 pub mod progress;
-pub mod pth;
-pub mod reference;
-pub mod schedule;
-pub mod step;
-pub mod tensors;
-pub mod trainer;
+pub mod tools;
+
+pub use detector::annotations;
+pub use io::{checkpoint, pth, tensors};
+pub use method::{loss, masks, meanshift, schedule};
+pub use pretrain::{augment, config, data, multistage, parallel, step, trainer};
+pub use tools::{cluster, clusters_eval, demo, export, gpu_check, plot, reference};
 
 pub use error::{Error, Result};

@@ -81,7 +81,7 @@ pub struct TeacherSource {
 /// heads `D / 64` where no `config.json` is beside it). The teacher network of a checkpoint is
 /// read (the EMA teacher, what the reference evaluates).
 pub fn teacher_source(path: &Path) -> Result<TeacherSource> {
-    let (file, cfg_path) = crate::export::resolve_checkpoint(path, Part::Teacher)?;
+    let (file, cfg_path) = crate::checkpoint::resolve_checkpoint(path, Part::Teacher)?;
     let weights = checkpoint::read_weights(&file, Part::Teacher)?;
     if let Some(c) = cfg_path {
         let text = std::fs::read_to_string(&c).map_err(|e| Error::io("cannot read", &c, e))?;

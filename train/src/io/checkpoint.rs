@@ -3,7 +3,7 @@
 //! Sources: our safetensors files, the official code's `.pth` training checkpoints
 //! (`student`/`teacher` dicts with `module.`/`backbone.`/`head.` prefixes) and plain state dicts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 
@@ -109,6 +109,32 @@ pub fn head_config(
         .with_bottleneck_dim(v[1])
         .with_nlayers(nlayers)
         .with_norm_last_layer(norm_last_layer))
+}
+
+/// Resolves a checkpoint argument to `(weights file, optional config.json)`.
+///
+/// Accepts a weights file, a checkpoint folder, a run's output folder (its
+/// `checkpoints/latest`), or a `checkpoints` folder.
+pub fn resolve_checkpoint(path: &Path, part: Part) -> Result<(PathBuf, Option<PathBuf>)> {
+    if path.is_file() {
+        let cfg = path.parent().map(|p| p.join("config.json")).filter(|c| c.is_file());
+        return Ok((path.to_path_buf(), cfg));
+    }
+    let file = match part {
+        Part::Teacher => "teacher.safetensors",
+        Part::Student => "student.safetensors",
+    };
+    for dir in [path.to_path_buf(), path.join("latest"), path.join("checkpoints").join("latest")] {
+        if dir.join(file).is_file() {
+            let cfg = dir.join("config.json");
+            return Ok((dir.join(file), cfg.is_file().then_some(cfg)));
+        }
+    }
+    Err(Error::io(
+        "no checkpoint (a weights file, or a folder with teacher.safetensors, latest/ or checkpoints/latest/)",
+        path,
+        std::io::Error::from(std::io::ErrorKind::NotFound),
+    ))
 }
 
 /// Loads head weights into `head` (keys `head.*` or bare).

@@ -7,7 +7,7 @@ use plotters::prelude::*;
 use crate::error::{Error, Result};
 use crate::loss::LossTerms;
 
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -14,6 +14,8 @@
 //! sizes at the centres. Held-out images are detected whole and scored with the COCO
 //! evaluator (`flsl_runtime::eval`), the same code as `flsl eval-detections`.
 
+pub mod annotations;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, Module, Param};
@@ -401,7 +403,7 @@ pub fn load_backbone<B: Backend>(
     checkpoint: &Path,
     device: &B::Device,
 ) -> Result<(Vit<B>, PathBuf)> {
-    let (file, cfg) = crate::export::resolve_checkpoint(checkpoint, Part::Teacher)?;
+    let (file, cfg) = crate::checkpoint::resolve_checkpoint(checkpoint, Part::Teacher)?;
     let map = checkpoint::read_weights(&file, Part::Teacher)?;
     let vit_cfg = match cfg {
         Some(c) => {

@@ -50,12 +50,10 @@ impl<B: Backend> PreviousStage<B> {
                 ),
             });
         }
-        let (file, _) =
-            crate::export::resolve_checkpoint(Path::new(path), Part::Teacher).map_err(|e| {
-                Error::Config {
-                    key: "model_previous_stage".into(),
-                    reason: format!("{}: {e}", path.display()),
-                }
+        let (file, _) = crate::checkpoint::resolve_checkpoint(Path::new(path), Part::Teacher)
+            .map_err(|e| Error::Config {
+                key: "model_previous_stage".into(),
+                reason: format!("{}: {e}", path.display()),
             })?;
         let map = checkpoint::read_weights(&file, Part::Teacher)?;
         let mut vit = checkpoint::load_vit(vit_cfg.init::<B>(device), &map, &file)?;

@@ -69,31 +69,7 @@ pub struct ExportSource {
     pub path: PathBuf,
 }
 
-/// Resolves a checkpoint argument to `(weights file, optional config.json)`.
-///
-/// Accepts a weights file, a checkpoint folder, a run's output folder (its
-/// `checkpoints/latest`), or a `checkpoints` folder.
-pub fn resolve_checkpoint(path: &Path, part: Part) -> Result<(PathBuf, Option<PathBuf>)> {
-    if path.is_file() {
-        let cfg = path.parent().map(|p| p.join("config.json")).filter(|c| c.is_file());
-        return Ok((path.to_path_buf(), cfg));
-    }
-    let file = match part {
-        Part::Teacher => "teacher.safetensors",
-        Part::Student => "student.safetensors",
-    };
-    for dir in [path.to_path_buf(), path.join("latest"), path.join("checkpoints").join("latest")] {
-        if dir.join(file).is_file() {
-            let cfg = dir.join("config.json");
-            return Ok((dir.join(file), cfg.is_file().then_some(cfg)));
-        }
-    }
-    Err(Error::io(
-        "no checkpoint (a weights file, or a folder with teacher.safetensors, latest/ or checkpoints/latest/)",
-        path,
-        std::io::Error::from(std::io::ErrorKind::NotFound),
-    ))
-}
+pub use crate::checkpoint::resolve_checkpoint;
 
 fn shape_of<'a>(map: &'a TensorMap, name: &str, path: &Path) -> Result<&'a [usize]> {
     map.get(name)
