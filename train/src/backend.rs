@@ -125,11 +125,6 @@ pub fn parse_devices(s: &str) -> Result<Vec<DeviceChoice>, String> {
 }
 
 impl DeviceChoice {
-    /// The default device: cuda:0 when the `cuda` feature is compiled in, else the CPU.
-    pub fn default_device() -> Self {
-        if cfg!(feature = "cuda") { Self::Cuda(0) } else { Self::Cpu }
-    }
-
     /// Fails with a clear message when the chosen backend was not compiled in.
     pub fn check_available(self) -> Result<Self, String> {
         match self {

@@ -4,7 +4,6 @@
 //! copy the reference's state-dict keys, so the path is the reference name, except for the
 //! head's `mlp` list whose reference indices skip the GELUs (`mlp.1` here is `mlp.2` there).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
@@ -70,28 +69,6 @@ pub fn named_parameters<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Ho
 /// Every float parameter by reference name.
 pub fn state_dict<B: Backend, M: Module<B>>(module: &M) -> TensorMap {
     named_parameters::<B, M>(module).into_iter().map(|(n, t, _)| (n, t)).collect()
-}
-
-/// Names and shapes of the parameters, in module order.
-pub fn parameter_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<(String, Vec<usize>)> {
-    struct Shapes {
-        path: PathStack,
-        out: Vec<(String, Vec<usize>)>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Shapes {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.out.push((self.path.name(), param.val().dims().to_vec()));
-        }
-    }
-    let mut s = Shapes { path: PathStack::default(), out: Vec::new() };
-    module.visit(&mut s);
-    s.out
 }
 
 /// How [`load_state_dict`] treats names absent from the file.
@@ -176,9 +153,4 @@ pub fn load_state_dict<B: Backend, M: Module<B>>(
         Some(e) => Err(e),
         None => Ok(module),
     }
-}
-
-/// Prefixes every key of a map.
-pub fn with_prefix(map: TensorMap, prefix: &str) -> TensorMap {
-    map.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)).collect::<BTreeMap<_, _>>()
 }

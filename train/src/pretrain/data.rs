@@ -230,7 +230,6 @@ pub struct Loader {
     dataset: Arc<ImageFolder>,
     /// Skipped items so far.
     pub stats: EpochStats,
-    skip_batches: usize,
     consumed: Arc<AtomicUsize>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -311,15 +310,9 @@ impl Loader {
             order,
             dataset,
             stats: EpochStats::default(),
-            skip_batches,
             consumed,
             workers: handles,
         }
-    }
-
-    /// Batches already skipped at the start.
-    pub fn skipped_batches(&self) -> usize {
-        self.skip_batches
     }
 
     fn next_sample(&mut self) -> Option<(usize, Sample)> {

@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{
-    ElementConversion, Tensor, TensorData, backend::AutodiffBackend, backend::Backend,
-};
+use burn::tensor::{ElementConversion, Tensor, backend::AutodiffBackend, backend::Backend};
 
 use crate::distill::{DistillTeacher, HeadInput};
 use crate::error::{Error, Result};
@@ -624,9 +622,4 @@ pub fn ema_update<B: Backend>(teacher: &mut FlslModel<B>, student: &FlslModel<B>
     let mut e = Ema { path: Vec::new(), src: g.out, m: momentum };
     let t = std::mem::replace(teacher, teacher.clone());
     *teacher = t.map(&mut e);
-}
-
-/// Helper for tests and tools: host images `[n, 3, h, w]` to a device tensor.
-pub fn images_to_device<B: Backend>(t: &HostTensor, device: &B::Device) -> Tensor<B, 4> {
-    Tensor::from_data(TensorData::new(t.to_f32(), t.shape.clone()), device)
 }
