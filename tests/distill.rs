@@ -4,6 +4,8 @@
 //! without the teacher; a resumed distillation equals an uninterrupted one; the run exports
 //! like any other; a changed teacher refuses to resume.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
@@ -17,33 +19,16 @@ use flsl_train::model::named;
 use flsl_train::trainer::{Run, TrainOptions, checkpoints_dir, train};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flsl-distill-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::tmp("distill", name)
 }
 
 /// The micro teacher's configuration: width 64, one block with one head (the `D / 64` heads
 /// that a weights file without `config.json` is read with), patch 8, 16 prototypes.
 fn teacher_config(data: &Path, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::tiny();
-    c.embed_dim = 64;
-    c.depth = 1;
-    c.num_heads = 1;
-    c.patch_size = 8;
-    c.out_dim = 16;
-    c.head_hidden_dim = 32;
-    c.head_bottleneck_dim = 16;
-    c.batch_size_per_gpu = 4;
-    c.augment.global_resize = 64;
-    c.augment.local_resize = 32;
-    c.augment.sampling_window_size_g = 2;
-    c.augment.sampling_window_size_l = 1;
+    let mut c = common::micro_config(data, out, 64, 1, 1, 16, 32, 64);
     c.epochs = 4;
     c.epoch_len = Some(8);
-    c.num_workers = 2;
     c.drop_path_rate = 0.0;
-    c.data_path = data.to_path_buf();
-    c.output_dir = out.to_path_buf();
     c.validate().unwrap();
     c
 }

@@ -3,37 +3,26 @@
 //! prototype logits must match burn's forward within 1e-4, at the training size and at a
 //! non-square size that needs the position table resized.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Tensor, TensorData};
 use flsl_runtime::onnx::{ModelOptions, OnnxModel};
 use flsl_train::backend::{Cpu, CpuTrain, cpu_device};
-use flsl_train::config::TrainConfig;
 use flsl_train::export::{ExportOptions, export_checkpoint};
 use flsl_train::trainer::Run;
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flsl-export-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = common::tmp("export", name);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
 fn micro_run(out: &Path) -> Run<CpuTrain> {
-    let mut c = TrainConfig::tiny();
-    c.embed_dim = 64;
-    c.depth = 2;
-    c.num_heads = 2;
-    c.patch_size = 8;
+    // Initialised only (no training, so no data folder).
+    let mut c = common::micro_config(Path::new("unused"), out, 64, 2, 2, 32, 64, 32);
     c.mlp_ratio = 2.0;
-    c.out_dim = 32;
-    c.head_hidden_dim = 64;
-    c.head_bottleneck_dim = 16;
-    c.augment.global_resize = 32;
-    c.augment.local_resize = 16;
-    c.augment.sampling_window_size_g = 2;
-    c.augment.sampling_window_size_l = 1;
-    c.output_dir = out.to_path_buf();
     c.seed = 7;
     Run::<CpuTrain>::new(c, cpu_device()).unwrap()
 }

@@ -1,6 +1,8 @@
 //! End-to-end pretraining on tiny synthetic images: the loss goes down, prototypes stay in use,
 //! a resumed run equals an uninterrupted one, unreadable images are skipped.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use flsl_train::backend::{CpuTrain, cpu_device};
@@ -14,31 +16,14 @@ fn synthetic_images(dir: &Path, n: usize) {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flsl-training-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::tmp("training", name)
 }
 
 fn micro_config(data: &Path, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::tiny();
-    c.embed_dim = 32;
-    c.depth = 1;
-    c.num_heads = 2;
-    c.patch_size = 8;
-    c.out_dim = 16;
-    c.head_hidden_dim = 32;
-    c.head_bottleneck_dim = 16;
-    c.batch_size_per_gpu = 4;
-    c.augment.global_resize = 32;
-    c.augment.local_resize = 16;
-    c.augment.sampling_window_size_g = 2;
-    c.augment.sampling_window_size_l = 1;
+    let mut c = common::micro_config(data, out, 32, 1, 2, 16, 32, 32);
     c.epochs = 6;
     c.epoch_len = Some(8);
-    c.num_workers = 2;
     c.drop_path_rate = 0.1;
-    c.data_path = data.to_path_buf();
-    c.output_dir = out.to_path_buf();
     c.validate().unwrap();
     c
 }
