@@ -92,10 +92,18 @@ impl BackendTask for Distill {
             devices,
             fresh,
             |run, cfg| {
-                if run.cfg.distill.is_none() {
+                let Some(d) = &run.cfg.distill else {
                     bail!(
                         "{} holds a pretraining run, not a distillation: choose another --out, or --fresh to start over there",
                         cfg.output_dir.display()
+                    );
+                };
+                let asked = cfg.distill.as_ref().map(|a| (&a.teacher, a.feature_weight));
+                if asked != Some((&d.teacher, d.feature_weight)) {
+                    tracing::warn!(
+                        "the teacher or feature weight differs from the checkpoint's ({}, {}); continuing with the checkpoint's",
+                        d.teacher.display(),
+                        d.feature_weight
                     );
                 }
                 Ok(())
