@@ -84,15 +84,18 @@ pub enum DeviceChoice {
 }
 
 impl std::str::FromStr for DeviceChoice {
-    type Err = String;
+    type Err = crate::Error;
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
+    fn from_str(s: &str) -> crate::Result<Self> {
         match s {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => Err(format!("unknown device `{s}`: expected `cpu`, `cuda` or `cuda:N`")),
+                _ => Err(crate::Error::Device {
+                    device: s.into(),
+                    reason: "unknown device: expected `cpu`, `cuda` or `cuda:N`".into(),
+                }),
             },
         }
     }
@@ -102,7 +105,7 @@ impl std::str::FromStr for DeviceChoice {
 /// for data-parallel training (`cuda:0,cuda:1`; `cuda:0,1` is accepted as a short form).
 /// All entries must use the same backend; a CUDA ordinal may appear once. `cpu,cpu` runs two
 /// replicas on the host (it proves the data-parallel path without a GPU; it is not faster).
-pub fn parse_devices(s: &str) -> Result<Vec<DeviceChoice>, String> {
+pub fn parse_devices(s: &str) -> crate::Result<Vec<DeviceChoice>> {
     let mut out: Vec<DeviceChoice> = Vec::new();
     for part in s.split(',').map(str::trim) {
         let d = match (part.parse::<usize>(), out.last()) {
@@ -111,32 +114,23 @@ pub fn parse_devices(s: &str) -> Result<Vec<DeviceChoice>, String> {
         };
         if let Some(first) = out.first() {
             if std::mem::discriminant(first) != std::mem::discriminant(&d) {
-                return Err(format!(
-                    "`{s}` mixes CPU and CUDA devices: data-parallel replicas must share one backend"
-                ));
+                return Err(crate::Error::Device {
+                    device: s.into(),
+                    reason:
+                        "mixes CPU and CUDA devices: data-parallel replicas must share one backend"
+                            .into(),
+                });
             }
             if matches!(d, DeviceChoice::Cuda(_)) && out.contains(&d) {
-                return Err(format!("`{s}` names {part} twice"));
+                return Err(crate::Error::Device {
+                    device: s.into(),
+                    reason: format!("names {part} twice"),
+                });
             }
         }
         out.push(d);
     }
     Ok(out)
-}
-
-impl DeviceChoice {
-    /// Fails with a clear message when the chosen backend was not compiled in.
-    pub fn check_available(self) -> Result<Self, String> {
-        match self {
-            Self::Cpu if !cfg!(any(feature = "ndarray", feature = "flex")) => {
-                Err("the CPU backend is not compiled in: rebuild with `--features flex`".into())
-            }
-            Self::Cuda(_) if !cfg!(feature = "cuda") => {
-                Err("the CUDA backend is not compiled in: rebuild with `--features cuda`".into())
-            }
-            other => Ok(other),
-        }
-    }
 }
 
 /// Work generic over the training backend, run by [`run_on`] on the backend of a device list.

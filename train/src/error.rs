@@ -62,7 +62,8 @@ pub enum Error {
         /// What does not fit.
         reason: String,
     },
-    /// The device names a backend this build does not have, or no device was given.
+    /// A device list that does not parse, names a backend this build does not have, or is
+    /// empty.
     #[error("device `{device}`: {reason}")]
     Device {
         /// The device as given (`cpu`, `cuda:1`).

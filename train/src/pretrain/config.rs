@@ -476,15 +476,10 @@ impl TrainConfig {
                 format!("{} must be in 1..={lfs}", a.sampling_window_size_l),
             );
         }
-        if let Some(d) = self.device_choice_err() {
-            return bad("device", d);
-        }
+        // The device list parses (an error names the list and what is wrong with it).
+        crate::backend::parse_devices(&self.device)?;
         self.vit_config()?.validate()?;
         self.head_config().validate()
-    }
-
-    fn device_choice_err(&self) -> Option<String> {
-        crate::backend::parse_devices(&self.device).err()
     }
 
     /// The backbone configuration.

@@ -45,7 +45,7 @@ pub fn run(a: DistillArgs) -> anyhow::Result<ExitCode> {
             cfg.patch_size
         );
     }
-    let devices = flsl_train::backend::parse_devices(&cfg.device).map_err(anyhow::Error::msg)?;
+    let devices = flsl_train::backend::parse_devices(&cfg.device)?;
     run_on(
         &devices,
         Distill {

@@ -10,7 +10,7 @@ use crate::args::TrainArgs;
 
 pub fn run(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let cfg = config_from_args(&a)?;
-    let devices = flsl_train::backend::parse_devices(&cfg.device).map_err(anyhow::Error::msg)?;
+    let devices = flsl_train::backend::parse_devices(&cfg.device)?;
     run_on(&devices, Train { cfg, fresh: a.fresh, max_steps: a.max_steps })?
 }
 
