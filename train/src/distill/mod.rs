@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Tensor, backend::Backend};
-use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, Part};
 use crate::config::TrainConfig;
@@ -50,6 +49,10 @@ pub struct DistillTeacher<B: Backend> {
     pub sa_temp: f64,
     /// Weight of the feature-alignment term.
     pub feature_weight: f64,
+    /// The weights file it was read from.
+    pub file: PathBuf,
+    /// Its architecture in one line ([`describe`]).
+    pub arch: String,
 }
 
 /// What the teacher's head is applied to in [`DistillTeacher::targets`].
@@ -101,52 +104,37 @@ pub fn teacher_source(path: &Path) -> Result<TeacherSource> {
     Ok(TeacherSource { file, weights, vit, head, sa_temp })
 }
 
-/// Backbone and head architecture from tensor shapes (no `config.json`): width, patch, depth,
-/// MLP width from the backbone; hidden, bottleneck, prototypes and layers from the head.
+/// Backbone and head architecture from tensor shapes (no `config.json`): the backbone's
+/// ([`checkpoint::backbone_shape`], heads `D / 64`, the position table's grid as the image
+/// size) and the head's ([`checkpoint::head_config`]).
 fn architecture_from_shapes(map: &TensorMap, file: &Path) -> Result<(VitConfig, FlslHeadConfig)> {
     let prefix = if map.keys().any(|k| k.starts_with("backbone.")) { "backbone." } else { "" };
-    let shape = |k: &str| {
-        map.get(k)
-            .map(|t| t.shape.clone())
-            .ok_or_else(|| Error::MissingTensor { name: k.into(), path: file.into() })
-    };
-    let pe = shape(&format!("{prefix}patch_embed.proj.weight"))?;
-    if pe.len() != 4 || pe[2] != pe[3] {
-        return Err(Error::ShapeMismatch {
-            name: format!("{prefix}patch_embed.proj.weight"),
-            path: file.into(),
-            expected: vec![0, 3, 0, 0],
-            found: pe,
-        });
-    }
-    let (d, p) = (pe[0], pe[2]);
-    let depth = (0..)
-        .take_while(|i| map.contains_key(&format!("{prefix}blocks.{i}.attn.qkv.weight")))
-        .count();
-    let hidden = shape(&format!("{prefix}blocks.0.mlp.fc1.weight"))?[0];
-    // The position table's grid (a class row, where there is one, dropped) gives the size the
-    // teacher was trained at; other sizes interpolate it as in training.
-    let rows = shape(&format!("{prefix}pos_embed"))?.get(1).copied().unwrap_or(0);
-    let square = |n: usize| {
-        let g = (n as f64).sqrt().round() as usize;
-        (g > 0 && g * g == n).then_some(g)
-    };
-    let grid = square(rows).or_else(|| square(rows.saturating_sub(1))).unwrap_or(14);
-    let vit = VitConfig::new(d, depth, (d / 64).max(1))
-        .with_patch_size(p)
-        .with_img_size(grid * p)
-        .with_mlp_ratio(hidden as f64 / d as f64)
+    let b = checkpoint::backbone_shape(map, prefix, file)?;
+    let vit = VitConfig::new(b.dim, b.depth, (b.dim / 64).max(1))
+        .with_patch_size(b.patch)
+        .with_img_size(b.grid * b.patch)
+        .with_mlp_ratio(b.mlp_hidden as f64 / b.dim as f64)
         .with_drop_path_rate(0.0);
     let head = checkpoint::head_config(map, "head.", true, file)?;
     Ok((vit, head))
 }
 
-/// SHA-256 of a file, lowercase hex.
+/// SHA-256 of the teacher's weights file (the bundles' hash, `flsl_runtime::onboard::bundle`).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io("cannot read", path, e))?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    flsl_runtime::onboard::bundle::sha256_file(path).map_err(|e| match e {
+        flsl_runtime::onboard::OnboardError::Io { source, .. } => {
+            Error::io("cannot read", path, source)
+        }
+        other => Error::malformed("weights", path, other.to_string()),
+    })
+}
+
+/// One line for logs and reports: `ViT D=.. depth=.. heads=.. patch=.., K prototypes`.
+pub fn describe(vit: &VitConfig, prototypes: usize) -> String {
+    format!(
+        "ViT D={} depth={} heads={} patch={}, {prototypes} prototypes",
+        vit.embed_dim, vit.depth, vit.num_heads, vit.patch_size
+    )
 }
 
 /// Prepares a distillation configuration before a fresh run: the student's prototype count
@@ -159,15 +147,7 @@ pub fn prepare(cfg: &mut TrainConfig) -> Result<String> {
     let src = teacher_source(&d.teacher)?;
     d.teacher_sha256 = Some(sha256_file(&src.file)?);
     cfg.out_dim = src.head.out_dim;
-    Ok(format!(
-        "teacher {}: ViT D={} depth={} heads={} patch={}, {} prototypes",
-        src.file.display(),
-        src.vit.embed_dim,
-        src.vit.depth,
-        src.vit.num_heads,
-        src.vit.patch_size,
-        src.head.out_dim
-    ))
+    Ok(format!("teacher {}: {}", src.file.display(), describe(&src.vit, src.head.out_dim)))
 }
 
 /// Grid factor between student and teacher patches: `max(1, round(p_s / p_t))`.
@@ -220,7 +200,13 @@ impl<B: Backend> DistillTeacher<B> {
         let backbone = checkpoint::load_vit(model.backbone, &src.weights, &src.file)?;
         let head = checkpoint::load_head(model.head, &src.weights, &src.file)?;
         let model = FlslModel { backbone, head, distill_proj: None }.no_grad();
-        Ok(Some(Self { model, sa_temp: src.sa_temp, feature_weight: d.feature_weight }))
+        Ok(Some(Self {
+            model,
+            sa_temp: src.sa_temp,
+            feature_weight: d.feature_weight,
+            arch: describe(&src.vit, src.head.out_dim),
+            file: src.file,
+        }))
     }
 
     /// Teacher width `D_t`.

@@ -85,6 +85,73 @@ pub fn load_vit<B: Backend>(vit: Vit<B>, map: &TensorMap, file: &Path) -> Result
     named::load_state_dict(vit, &map, prefix, file, Missing::Error)
 }
 
+/// A ViT backbone's architecture as its tensor shapes give it (what a weights file without
+/// `config.json` says of itself; the head count is not among them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackboneShape {
+    /// Width `D` (`patch_embed.proj.weight` is `[D, 3, p, p]`).
+    pub dim: usize,
+    /// Patch side `p`.
+    pub patch: usize,
+    /// Blocks (`blocks.{i}.attn.qkv.weight` counted).
+    pub depth: usize,
+    /// MLP width (`blocks.0.mlp.fc1.weight` rows).
+    pub mlp_hidden: usize,
+    /// Side of the square grid of `pos_embed`, the size the backbone was trained at.
+    pub grid: usize,
+    /// `pos_embed` has a class row in front of the grid's rows.
+    pub class_row: bool,
+}
+
+/// Reads a [`BackboneShape`] from the backbone tensors under `prefix` (`backbone.` or empty).
+/// Errors name the tensor and the file.
+pub fn backbone_shape(map: &TensorMap, prefix: &str, file: &Path) -> Result<BackboneShape> {
+    let shape = |k: &str| {
+        map.get(&format!("{prefix}{k}"))
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| Error::MissingTensor { name: format!("{prefix}{k}"), path: file.into() })
+    };
+    let pe = shape("patch_embed.proj.weight")?;
+    if pe.len() != 4 || pe[1] != 3 || pe[2] != pe[3] {
+        return Err(Error::ShapeMismatch {
+            name: format!("{prefix}patch_embed.proj.weight"),
+            path: file.into(),
+            expected: vec![0, 3, 0, 0],
+            found: pe,
+        });
+    }
+    let (dim, patch) = (pe[0], pe[2]);
+    let depth = (0..)
+        .take_while(|i| map.contains_key(&format!("{prefix}blocks.{i}.attn.qkv.weight")))
+        .count();
+    if depth == 0 {
+        return Err(Error::MissingTensor {
+            name: format!("{prefix}blocks.0.attn.qkv.weight"),
+            path: file.into(),
+        });
+    }
+    let mlp_hidden = shape("blocks.0.mlp.fc1.weight")?[0];
+    let pos = shape("pos_embed")?;
+    let rows = pos.iter().product::<usize>() / dim.max(1);
+    let square = |n: usize| {
+        let g = (n as f64).sqrt().round() as usize;
+        (g > 0 && g * g == n).then_some(g)
+    };
+    let (grid, class_row) = match (square(rows), square(rows.saturating_sub(1))) {
+        (Some(g), _) => (g, false),
+        (None, Some(g)) => (g, true),
+        (None, None) => {
+            return Err(Error::ShapeMismatch {
+                name: format!("{prefix}pos_embed"),
+                path: file.into(),
+                expected: vec![1, 0, dim],
+                found: pos,
+            });
+        }
+    };
+    Ok(BackboneShape { dim, patch, depth, mlp_hidden, grid, class_row })
+}
+
 /// A head's architecture from its tensor shapes under `prefix` (`head.` or empty): input and
 /// hidden width from `mlp.0`, bottleneck and prototypes from `last_layer.weight_v`, layers by
 /// counting `mlp.{0,2,4..}` (the reference's indices skip the GELUs).

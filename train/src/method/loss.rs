@@ -30,6 +30,9 @@ pub struct FlslLossOutput<B: Backend> {
     pub kmeans: Tensor<B, 1>,
     /// Volume-maximisation KL (unweighted; zero when disabled).
     pub vmr: Tensor<B, 1>,
+    /// Distillation feature alignment (unweighted; `None` outside distillation), added by
+    /// [`FlslLossOutput::add_feature_alignment`].
+    pub feature: Option<Tensor<B, 1>>,
 }
 
 /// The scalar values of a loss evaluation, for logs.
@@ -75,7 +78,7 @@ impl std::fmt::Display for LossTerms {
 }
 
 impl<B: Backend> FlslLossOutput<B> {
-    /// Reads the four scalars back to the host.
+    /// Reads the scalars back to the host.
     pub fn terms(&self) -> LossTerms {
         let s = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
         LossTerms {
@@ -83,8 +86,23 @@ impl<B: Backend> FlslLossOutput<B> {
             mean_shift: s(&self.mean_shift),
             kmeans: s(&self.kmeans),
             vmr: s(&self.vmr),
-            feature: 0.0,
+            feature: self.feature.as_ref().map_or(0.0, s),
         }
+    }
+
+    /// Adds distillation's feature term `weight * (1 - mean_rows cos(projected, target))`
+    /// (`[M, D_t]` each; the target, the frozen teacher's features, is a constant).
+    pub fn add_feature_alignment(
+        &mut self,
+        projected: Tensor<B, 2>,
+        target: Tensor<B, 2>,
+        weight: f64,
+    ) {
+        let cos =
+            (l2_normalize(projected, 1e-12) * l2_normalize(target.detach(), 1e-12)).sum_dim(1);
+        let term = (cos.mean() * -1.0) + 1.0;
+        self.total = self.total.clone() + term.clone() * weight;
+        self.feature = Some(term);
     }
 }
 
@@ -186,7 +204,7 @@ impl FlslLoss {
         };
         let [ups, eta, gam] = self.coefficients;
         let total = mean_shift.clone() * ups + kmeans.clone() * eta + vmr.clone() * gam;
-        FlslLossOutput { total, mean_shift, kmeans, vmr }
+        FlslLossOutput { total, mean_shift, kmeans, vmr, feature: None }
     }
 }
 

@@ -16,7 +16,6 @@ use crate::meanshift::{
     sharpened_attention_map,
 };
 use crate::model::FlslModel;
-use crate::model::layers::l2_normalize;
 use crate::model::named::reference_name;
 use crate::multistage::PreviousStage;
 use crate::parallel::{self, Peer};
@@ -200,6 +199,14 @@ fn plain_crops<B: AutodiffBackend>(views: &[View<B>]) -> Result<Tensor<B::InnerB
     Ok(Tensor::cat(crops, 0).inner())
 }
 
+/// The source of an iteration's k-means targets.
+enum TeacherSide<'a, B: Backend> {
+    /// The EMA teacher's features of the teacher view (pretraining).
+    Ema(Tensor<B, 3>),
+    /// A frozen teacher that sees each student view (distillation).
+    Frozen(&'a DistillTeacher<B>),
+}
+
 /// Runs the teacher and the student on the views (`views[0]` is the teacher's); `prev` is the
 /// previous-stage model and this iteration's attention mixture in multi-stage training
 /// ([`crate::multistage`]), `None` otherwise. With `distill`, the frozen teacher gives the
@@ -219,9 +226,11 @@ pub fn forward<B: AutodiffBackend>(
     if student_views.is_empty() {
         return Err(Error::Shape { op: "train_step", reason: "no student views".into() });
     }
-    let enc_t = match distill {
-        Some(_) => None,
-        None => Some(teacher.backbone.forward(teacher_view.images.clone().inner())), // [bt, Nt, C]
+    // Where the k-means targets come from: the EMA teacher's features of the teacher view
+    // (`[bt, Nt, C]`, inter-view mean shift), or the frozen teacher on each student view.
+    let side = match distill {
+        Some(d) => TeacherSide::Frozen(d),
+        None => TeacherSide::Ema(teacher.backbone.forward(teacher_view.images.clone().inner())),
     };
     // Previous stage: its features of the teacher's plain crop are the keys of its map.
     let prev_k = match prev {
@@ -245,14 +254,7 @@ pub fn forward<B: AutodiffBackend>(
             .collect::<Result<_>>()?;
         let sel = TokenSelection::concat(&sels)?;
         let images = Tensor::cat(vs.iter().map(|v| v.images.clone()).collect(), 0);
-        let targets = match distill {
-            Some(d) => Some(d.targets(
-                images.clone().inner(),
-                student.backbone.patch_size(),
-                HeadInput::Modes,
-            )?),
-            None => None,
-        };
+        let plain_images = images.clone().inner();
         let enc_s = student.backbone.forward(images); // [b*bt, Ns, C]
         let [rows, ns, c] = enc_s.dims();
         if sel.batch() != rows || sel.tokens != ns {
@@ -266,8 +268,9 @@ pub fn forward<B: AutodiffBackend>(
             });
         }
         let (x_sel, mode_s) = meanshift(enc_s.clone(), enc_s.clone(), &sel, sa_temp);
-        let pred_t = match (&targets, &enc_t) {
-            (Some(t), _) => {
+        let (pred_t, targets) = match &side {
+            TeacherSide::Frozen(d) => {
+                let t = d.targets(plain_images, student.backbone.patch_size(), HeadInput::Modes)?;
                 if t.logits.dims()[1] != ns {
                     return Err(Error::Shape {
                         op: "distill",
@@ -277,9 +280,9 @@ pub fn forward<B: AutodiffBackend>(
                         ),
                     });
                 }
-                select_tokens(t.logits.clone(), &sel)
+                (select_tokens(t.logits.clone(), &sel), Some(t))
             }
-            (None, Some(enc_t)) => {
+            TeacherSide::Ema(enc_t) => {
                 let tgt = repeat_views(enc_t.clone(), b);
                 let mode_t = match (prev, &prev_k) {
                     (Some((p, mix)), Some(keys)) => {
@@ -295,9 +298,8 @@ pub fn forward<B: AutodiffBackend>(
                     }
                     _ => meanshift(enc_s.inner(), tgt, &sel, ca_temp).1,
                 };
-                teacher.head.forward(mode_t)
+                (teacher.head.forward(mode_t), None)
             }
-            (None, None) => unreachable!("enc_t is computed whenever there is no distill teacher"),
         };
         let m = sel.batch() * sel.per_row();
         if let (Some(t), Some(proj)) = (&targets, &student.distill_proj) {
@@ -317,7 +319,10 @@ pub fn forward<B: AutodiffBackend>(
         mode: Tensor::cat(modes, 0),
         student_pred: Tensor::cat(ps, 0),
         teacher_pred: Tensor::from_inner(Tensor::cat(pts, 0)),
-        enc_t: enc_t.map(Tensor::from_inner),
+        enc_t: match side {
+            TeacherSide::Ema(enc_t) => Some(Tensor::from_inner(enc_t)),
+            TeacherSide::Frozen(_) => None,
+        },
         feature: (!projected.is_empty())
             .then(|| (Tensor::cat(projected, 0), Tensor::from_inner(Tensor::cat(feat_targets, 0)))),
     })
@@ -387,18 +392,10 @@ pub fn train_step<B: AutodiffBackend>(
         hyper.epoch,
         replica_mean,
     );
-    let mut feature_term = None;
-    if let (Some((p, t)), Some(d)) = (fwd.feature, distill) {
-        // 1 - mean cos(P x_s, x_t): the teacher side is a constant.
-        let cos = (l2_normalize(p, 1e-12) * l2_normalize(t, 1e-12)).sum_dim(1);
-        let term = (cos.mean() * -1.0) + 1.0;
-        out.total = out.total + term.clone() * d.feature_weight;
-        feature_term = Some(term);
+    if let (Some((projected, target)), Some(d)) = (fwd.feature, distill) {
+        out.add_feature_alignment(projected, target, d.feature_weight);
     }
     let mut terms = out.terms();
-    if let Some(t) = feature_term {
-        terms.feature = t.into_scalar().elem::<f64>();
-    }
     if let Some(peer) = opts.peer {
         // Every replica sees the same (mean) terms, so a non-finite loss anywhere stops all.
         let local = [terms.total, terms.mean_shift, terms.kmeans, terms.vmr, terms.feature];

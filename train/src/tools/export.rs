@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use flsl_runtime::export::{HeadSpec, HostTensors, VitSpec};
 
-use crate::checkpoint::{Part, read_weights};
+use crate::checkpoint::{Part, backbone_shape, read_weights};
 use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::model::vit::interpolate_pos_embed;
@@ -71,12 +71,6 @@ pub struct ExportSource {
 
 pub use crate::checkpoint::resolve_checkpoint;
 
-fn shape_of<'a>(map: &'a TensorMap, name: &str, path: &Path) -> Result<&'a [usize]> {
-    map.get(name)
-        .map(|t| t.shape.as_slice())
-        .ok_or_else(|| Error::MissingTensor { name: name.into(), path: path.into() })
-}
-
 /// Reads a checkpoint and prepares it for [`export_onnx`].
 pub fn load_source(checkpoint: &Path, opts: &ExportOptions) -> Result<ExportSource> {
     let (file, cfg_path) = resolve_checkpoint(checkpoint, opts.part)?;
@@ -91,22 +85,8 @@ pub fn load_source(checkpoint: &Path, opts: &ExportOptions) -> Result<ExportSour
             map.insert(k, v);
         }
     }
-    let pe = shape_of(&map, "patch_embed.proj.weight", &file)?.to_vec();
-    if pe.len() != 4 || pe[1] != 3 || pe[2] != pe[3] {
-        return Err(Error::ShapeMismatch {
-            name: "patch_embed.proj.weight".into(),
-            path: file,
-            expected: vec![0, 3, 0, 0],
-            found: pe,
-        });
-    }
-    let (d, p) = (pe[0], pe[2]);
-    let depth =
-        (0..).take_while(|i| map.contains_key(&format!("blocks.{i}.attn.qkv.weight"))).count();
-    if depth == 0 {
-        return Err(Error::MissingTensor { name: "blocks.0.attn.qkv.weight".into(), path: file });
-    }
-    let mlp_hidden = shape_of(&map, "blocks.0.mlp.fc1.weight", &file)?[0];
+    let shape = backbone_shape(&map, "", &file)?;
+    let (d, p) = (shape.dim, shape.patch);
     let heads = match (&cfg_path, opts.heads) {
         (_, Some(h)) => h,
         (Some(c), None) => {
@@ -130,35 +110,17 @@ pub fn load_source(checkpoint: &Path, opts: &ExportOptions) -> Result<ExportSour
             reason: format!("{h}x{w} is not a positive multiple of the patch size {p}"),
         });
     }
-    let spec = VitSpec::new(d, depth, heads, p, mlp_hidden, 1e-6, h, w);
+    let spec = VitSpec::new(d, shape.depth, heads, p, shape.mlp_hidden, 1e-6, h, w);
 
     // Position table: drop a class row if the source has one, then resize as training does.
     let pos = map
         .get("pos_embed")
         .ok_or_else(|| Error::MissingTensor { name: "pos_embed".into(), path: file.clone() })?;
-    let n_src = pos.numel() / d.max(1);
     let mut table = pos.to_f32();
-    let g_sq = |n: usize| {
-        let g = (n as f64).sqrt().round() as usize;
-        (g * g == n).then_some(g)
-    };
-    let g = match g_sq(n_src) {
-        Some(g) => g,
-        None => match g_sq(n_src.saturating_sub(1)) {
-            Some(g) => {
-                table.drain(..d);
-                g
-            }
-            None => {
-                return Err(Error::ShapeMismatch {
-                    name: "pos_embed".into(),
-                    path: file,
-                    expected: vec![1, 0, d],
-                    found: pos.shape.clone(),
-                });
-            }
-        },
-    };
+    if shape.class_row {
+        table.drain(..d);
+    }
+    let g = shape.grid;
     let (gh, gw) = spec.grid();
     // The reference keeps the table only for the same grid (`npatch == N and w == h`): a
     // 7x28 grid has the token count of 14x14 and still needs the resize.

@@ -70,10 +70,7 @@ struct Distill {
 
 fn arch(cfg: &TrainConfig) -> String {
     match cfg.vit_config() {
-        Ok(v) => format!(
-            "ViT D={} depth={} heads={} patch={}, {} prototypes",
-            v.embed_dim, v.depth, v.num_heads, v.patch_size, cfg.out_dim
-        ),
+        Ok(v) => distill::describe(&v, cfg.out_dim),
         Err(e) => e.to_string(),
     }
 }
@@ -163,17 +160,9 @@ impl BackendTask for Distill {
         } else {
             None
         };
-        let teacher_src = distill::teacher_source(&teacher_path)?;
         let r = DistillReport {
-            teacher: teacher_src.file.clone(),
-            teacher_arch: format!(
-                "ViT D={} depth={} heads={} patch={}, {} prototypes",
-                teacher_src.vit.embed_dim,
-                teacher_src.vit.depth,
-                teacher_src.vit.num_heads,
-                teacher_src.vit.patch_size,
-                teacher_src.head.out_dim
-            ),
+            teacher: teacher.file.clone(),
+            teacher_arch: teacher.arch.clone(),
             student_arch: arch(&cfg),
             steps: run.state.step,
             steps_now: run.state.step - steps_before,
