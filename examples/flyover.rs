@@ -16,51 +16,44 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use clap::Parser;
 use image::RgbImage;
 
+/// A camera flying over an aerial image: raw RGB24 frames on stdout, or PNGs in `--out`.
+#[derive(Parser)]
 struct Args {
+    /// The image flown over.
+    #[arg(long, default_value_os_t = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/neon-aerial-trees/images/2019_YELL_2_541000_4977000_image_crop.png"))]
     world: PathBuf,
+    /// Frames to render (at least 1).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
     frames: u32,
+    /// Pixels the camera moves per frame (>= 0).
+    #[arg(long, default_value_t = 4.0)]
     step: f32,
+    /// Frame size, WxH (at least 16x16).
+    #[arg(long, default_value = "400x300", value_parser = parse_size)]
     size: (u32, u32),
+    /// Write PNGs into this folder instead of raw frames on stdout.
+    #[arg(long)]
     out: Option<PathBuf>,
 }
 
-fn parse() -> anyhow::Result<Args> {
-    let mut a = Args {
-        world: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../data/neon-aerial-trees/images/2019_YELL_2_541000_4977000_image_crop.png"),
-        frames: 60,
-        step: 4.0,
-        size: (400, 300),
-        out: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--world" => a.world = value()?.into(),
-            "--frames" => a.frames = value()?.parse().context("--frames: a number")?,
-            "--step" => a.step = value()?.parse().context("--step: pixels per frame")?,
-            "--size" => {
-                let v = value()?;
-                let (w, h) =
-                    v.split_once('x').with_context(|| format!("--size {v}: expected WxH"))?;
-                a.size =
-                    (w.parse().context("--size: width")?, h.parse().context("--size: height")?);
-            }
-            "--out" => a.out = Some(value()?.into()),
-            "-h" | "--help" => {
-                println!(
-                    "flyover [--world IMAGE] [--frames N] [--step PX] [--size WxH] [--out DIR]\nRaw RGB24 frames on stdout, or PNGs in DIR."
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other} (see --help)"),
-        }
+fn parse_size(v: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{v}: expected WxH, each at least 16");
+    let (w, h) = v.split_once('x').ok_or_else(bad)?;
+    let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    if w < 16 || h < 16 {
+        return Err(bad());
     }
-    if a.frames == 0 || a.size.0 < 16 || a.size.1 < 16 || !(a.step.is_finite() && a.step >= 0.0) {
-        bail!("--frames >= 1, --size at least 16x16, --step >= 0");
+    Ok((w, h))
+}
+
+fn parse() -> anyhow::Result<Args> {
+    let a = Args::parse();
+    if !(a.step.is_finite() && a.step >= 0.0) {
+        bail!("--step {}: a finite number of pixels >= 0", a.step);
     }
     Ok(a)
 }

@@ -39,11 +39,13 @@ use std::convert::Infallible;
 use std::f32::consts::TAU;
 use std::process::ExitCode;
 
+use clap::Parser;
 use embedded_hal::digital::{self, OutputPin};
 use embedded_hal::pwm::{self, SetDutyCycle};
 use embedded_io::{ErrorType, Read, ReadReady};
 use flsl_firmware::control::{ControllerConfig, LinkState, Status};
 use flsl_firmware::{Controller, Follower, LinkReceiver};
+use flsl_runtime::rng::SplitMix64;
 use flsl_runtime::wire::{Frame, MAX_ENCODED_LEN, Message, Object, Selection, encode};
 
 /// Simulated time, milliseconds.
@@ -63,25 +65,16 @@ const VFOV_DEG: f32 = 45.0;
 const TARGET_TRACK: u32 = 7;
 const TARGET_CLASS: u16 = 1;
 
-/// SplitMix64: a small, seedable, deterministic generator (no dependency needed).
-struct Rng(u64);
+/// The link's noise source: the runtime's SplitMix64, seeded from `--seed`.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.next_u64()
     }
 
     fn chance(&mut self, p: f64) -> bool {
-        self.unit() < p
+        self.0.next_f64() < p
     }
 }
 
@@ -146,7 +139,7 @@ struct Line {
 impl Line {
     fn new(seed: u64) -> Self {
         Self {
-            rng: Rng(seed),
+            rng: Rng(SplitMix64(seed)),
             in_flight: VecDeque::new(),
             rx: VecDeque::new(),
             budget: 0,
@@ -291,39 +284,39 @@ struct RealArgs {
     score: f32,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args { seed: 7, real: None };
-    let (mut model, mut world, mut fps, mut score) = (None, None, 10u32, 0.15f32);
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut value = || it.next().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
-            "--model" => model = Some(std::path::PathBuf::from(value()?)),
-            "--world" => world = Some(std::path::PathBuf::from(value()?)),
-            "--fps" => fps = value()?.parse().map_err(|e| format!("--fps: {e}"))?,
-            "--score" => score = value()?.parse().map_err(|e| format!("--score: {e}"))?,
-            "-h" | "--help" => {
-                return Err("usage: link_sim [--seed N] [--model M.onnx [--world IMAGE] [--fps 10] [--score 0.15]]".into())
-            }
-            // The old form: a bare seed.
-            seed if seed.parse::<u64>().is_ok() => args.seed = seed.parse().unwrap_or(7),
-            other => return Err(format!("unknown argument {other} (try --help)")),
-        }
-    }
-    if !(1..=30).contains(&fps) {
-        return Err(format!("--fps {fps}: use 1 to 30 camera frames per second"));
-    }
-    if let Some(model) = model {
-        let world = world.unwrap_or_else(|| {
+/// The command line.
+#[derive(Parser)]
+#[command(about = "Detections -> wire frames -> lossy serial link -> firmware (mock peripherals)")]
+struct Cli {
+    /// Seed of the link's noise.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// A detector ONNX file: real detection on a camera flying over `--world`.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// The image the camera flies over (needs --model).
+    #[arg(long, requires = "model")]
+    world: Option<std::path::PathBuf>,
+    /// Camera frames per second, 1 to 30.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=30))]
+    fps: u32,
+    /// Detection score threshold.
+    #[arg(long, default_value_t = 0.15)]
+    score: f32,
+}
+
+fn parse_args() -> Args {
+    let cli = Cli::parse();
+    let real = cli.model.map(|model| RealArgs {
+        model,
+        world: cli.world.unwrap_or_else(|| {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../data/neon-aerial-trees/images/2019_YELL_2_541000_4977000_image_crop.png")
-        });
-        args.real = Some(RealArgs { model, world, fps, score });
-    } else if world.is_some() {
-        return Err("--world needs --model (the real-detection camera)".into());
-    }
-    Ok(args)
+        }),
+        fps: cli.fps,
+        score: cli.score,
+    });
+    Args { seed: cli.seed, real }
 }
 
 /// One camera frame as the companion computer saw it.
@@ -676,13 +669,7 @@ mod real {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("link_sim: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let args = parse_args();
     match &args.real {
         None => run(args.seed, &mut SyntheticCamera),
         #[cfg(feature = "onnx")]

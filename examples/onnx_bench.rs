@@ -22,82 +22,60 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use flsl_runtime::bench::{bench_with, ort_bench, peak_rss_bytes};
 use flsl_runtime::export::{VitSpec, export_vit, random_vit_weights};
 use flsl_runtime::onnx::{MatMulEngine, ModelOptions, OnnxModel};
 
+/// Times random-weight ViT exports (and any `--onnx` files) in tract and onnxruntime.
+#[derive(Parser)]
 struct Args {
+    /// Folder for the exported models.
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("flsl-onnx-bench"))]
     out: PathBuf,
+    /// Random-weight backbones to export (`tiny`, `small`); `none`: only the `--onnx` files.
+    #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
     models: Vec<String>,
+    /// Thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
+    /// Timed runs per measurement.
+    #[arg(long, default_value_t = 30)]
     iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 5)]
     warmup: usize,
+    /// Time every node of each engine's plan at 1 thread.
+    #[arg(long)]
     profile: bool,
+    /// Print tract's optimized plan of the first engine.
+    #[arg(long)]
     plan: bool,
+    /// Skip onnxruntime.
+    #[arg(long = "no-ort", action = clap::ArgAction::SetFalse)]
     ort: bool,
+    /// Matmul engines to time (`gemm`, `tract`).
+    #[arg(long, value_delimiter = ',', default_value = "gemm,tract", value_parser = parse_engine)]
     engines: Vec<MatMulEngine>,
-    blocks: usize,
+    /// Repeat the whole set of measurements this many times, interleaved.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    blocks: u64,
+    /// Further ONNX files to time.
+    #[arg(long = "onnx")]
     extra: Vec<PathBuf>,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        out: std::env::temp_dir().join("flsl-onnx-bench"),
-        models: vec!["tiny".into(), "small".into()],
-        threads: vec![1, 2],
-        iters: 30,
-        warmup: 5,
-        profile: false,
-        plan: false,
-        ort: true,
-        engines: vec![MatMulEngine::Gemm, MatMulEngine::Tract],
-        blocks: 1,
-        extra: Vec::new(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--out" => a.out = value()?.into(),
-            "--models" => {
-                // `none`: only the files given with --onnx.
-                a.models = value()?
-                    .split(',')
-                    .filter(|m| !m.is_empty() && *m != "none")
-                    .map(str::to_string)
-                    .collect()
-            }
-            "--threads" => {
-                a.threads = value()?
-                    .split(',')
-                    .map(|t| t.parse().context("--threads"))
-                    .collect::<Result<_>>()?
-            }
-            "--iters" => a.iters = value()?.parse().context("--iters")?,
-            "--warmup" => a.warmup = value()?.parse().context("--warmup")?,
-            "--profile" => a.profile = true,
-            "--plan" => a.plan = true,
-            "--blocks" => a.blocks = value()?.parse::<usize>().context("--blocks")?.max(1),
-            "--engines" => {
-                a.engines = value()?
-                    .split(',')
-                    .map(|e| match e {
-                        "gemm" => Ok(MatMulEngine::Gemm),
-                        "tract" => Ok(MatMulEngine::Tract),
-                        other => bail!("unknown engine {other} (gemm, tract)"),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--no-ort" => a.ort = false,
-            "--onnx" => a.extra.push(value()?.into()),
-            other => bail!("unknown argument {other}"),
-        }
+fn parse_engine(e: &str) -> Result<MatMulEngine, String> {
+    match e {
+        "gemm" => Ok(MatMulEngine::Gemm),
+        "tract" => Ok(MatMulEngine::Tract),
+        other => Err(format!("unknown engine {other} (gemm, tract)")),
     }
-    Ok(a)
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
+    let mut args = Args::parse();
+    args.models.retain(|m| !m.is_empty() && m != "none");
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut files = Vec::new();

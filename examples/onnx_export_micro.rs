@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use flsl_runtime::bench::infer_npy;
-use flsl_runtime::export::{HeadSpec, HostTensors, VitSpec, export_vit};
+use flsl_runtime::export::{
+    HeadSpec, HostTensors, VitSpec, export_vit, host_tensors_from_safetensors,
+};
 use flsl_runtime::npy::{read_npy, write_npy};
 
 fn micro_dir() -> PathBuf {
@@ -32,21 +34,8 @@ fn micro_dir() -> PathBuf {
 /// Every F32 tensor of a safetensors file, keys prefixed with `prefix`.
 fn load(path: &Path, prefix: &str) -> Result<HostTensors> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("parsing {}", path.display()))?;
-    let mut out = HostTensors::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            continue;
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        out.insert(format!("{prefix}{name}"), (view.shape().to_vec(), data));
-    }
-    Ok(out)
+    host_tensors_from_safetensors(&bytes, prefix)
+        .with_context(|| format!("parsing {}", path.display()))
 }
 
 fn main() -> Result<()> {

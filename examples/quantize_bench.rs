@@ -23,6 +23,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use flsl_runtime::bench::{bench, ort_bench};
 use flsl_runtime::export::{VitSpec, export_vit, random_vit_weights};
 use flsl_runtime::onnx::{ModelOptions, OnnxModel};
@@ -30,100 +31,77 @@ use flsl_runtime::quantize::{
     BenchOptions, Calibration, QuantFormat, QuantizeOptions, quantize_file, report_markdown,
 };
 
+/// Int8 quantization of ViT backbones: accuracy and latency against fp32.
+#[derive(Parser)]
 struct Args {
+    /// Folder for the models, calibration copies and reports.
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("flsl-quantize-bench"))]
     out: PathBuf,
+    /// Random-weight backbones to export (`tiny`, `small`); `none`: only the `--onnx` files.
+    #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
     models: Vec<String>,
+    /// Further (trained) fp32 ONNX files.
+    #[arg(long)]
     onnx: Vec<PathBuf>,
+    /// Calibration images (default: DAVIS frames under ../shared/data).
+    #[arg(long)]
     calib: Option<PathBuf>,
+    /// Held-out images (default: the calibration folder with --calib, else other sequences).
+    #[arg(long)]
     heldout: Option<PathBuf>,
+    /// Calibration frames taken for the default folders.
+    #[arg(long, default_value_t = 64)]
     calib_images: usize,
+    /// Held-out frames taken for the default folders.
+    #[arg(long, default_value_t = 32)]
     heldout_images: usize,
+    /// Int8 file formats (`tract`, `qdq`).
+    #[arg(long, value_delimiter = ',', default_value = "tract,qdq", value_parser = parse_format)]
     formats: Vec<QuantFormat>,
+    /// `minmax`, `mse`, `percentile` or `percentile=P`.
+    #[arg(long, default_value = "percentile", value_parser = parse_calibration)]
     calibration: Calibration,
+    /// Thread counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     threads: Vec<usize>,
+    /// Timed runs per measurement.
+    #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Skip onnxruntime.
+    #[arg(long = "no-ort", action = clap::ArgAction::SetFalse)]
     ort: bool,
+    /// Also onnxruntime's own `quantize_dynamic` file, in both runtimes.
+    #[arg(long)]
     ort_dynamic: bool,
+    /// Keep the patch embedding in float.
+    #[arg(long)]
     float_conv: bool,
+    /// tract's per-op profile of the int8 model.
+    #[arg(long)]
     profile: bool,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        out: std::env::temp_dir().join("flsl-quantize-bench"),
-        models: vec!["tiny".into(), "small".into()],
-        onnx: Vec::new(),
-        calib: None,
-        heldout: None,
-        calib_images: 64,
-        heldout_images: 32,
-        formats: vec![QuantFormat::Tract, QuantFormat::Qdq],
-        calibration: Calibration::Percentile(99.99),
-        threads: vec![1, 2],
-        iters: 20,
-        warmup: 3,
-        ort: true,
-        ort_dynamic: false,
-        float_conv: false,
-        profile: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--out" => a.out = value()?.into(),
-            "--models" => {
-                a.models = value()?
-                    .split(',')
-                    .filter(|m| !m.is_empty() && *m != "none")
-                    .map(str::to_string)
-                    .collect()
-            }
-            "--onnx" => a.onnx.push(value()?.into()),
-            "--calib" => a.calib = Some(value()?.into()),
-            "--heldout" => a.heldout = Some(value()?.into()),
-            "--calib-images" => a.calib_images = value()?.parse().context("--calib-images")?,
-            "--heldout-images" => {
-                a.heldout_images = value()?.parse().context("--heldout-images")?
-            }
-            "--formats" => {
-                a.formats = value()?
-                    .split(',')
-                    .map(|f| match f {
-                        "tract" => Ok(QuantFormat::Tract),
-                        "qdq" => Ok(QuantFormat::Qdq),
-                        other => bail!("unknown format {other} (tract, qdq)"),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--calibration" => {
-                a.calibration = match value()?.as_str() {
-                    "minmax" => Calibration::MinMax,
-                    "mse" => Calibration::Mse,
-                    "percentile" => Calibration::Percentile(99.99),
-                    other => match other.strip_prefix("percentile=") {
-                        Some(p) => Calibration::Percentile(p.parse().context("percentile")?),
-                        None => bail!("unknown calibration {other}"),
-                    },
-                }
-            }
-            "--threads" => {
-                a.threads = value()?
-                    .split(',')
-                    .map(|t| t.parse().context("--threads"))
-                    .collect::<Result<_>>()?
-            }
-            "--iters" => a.iters = value()?.parse().context("--iters")?,
-            "--warmup" => a.warmup = value()?.parse().context("--warmup")?,
-            "--no-ort" => a.ort = false,
-            "--ort-dynamic" => a.ort_dynamic = true,
-            "--float-conv" => a.float_conv = true,
-            "--profile" => a.profile = true,
-            other => bail!("unknown argument {other}"),
-        }
+fn parse_format(f: &str) -> Result<QuantFormat, String> {
+    match f {
+        "tract" => Ok(QuantFormat::Tract),
+        "qdq" => Ok(QuantFormat::Qdq),
+        other => Err(format!("unknown format {other} (tract, qdq)")),
     }
-    Ok(a)
+}
+
+fn parse_calibration(c: &str) -> Result<Calibration, String> {
+    match c {
+        "minmax" => Ok(Calibration::MinMax),
+        "mse" => Ok(Calibration::Mse),
+        "percentile" => Ok(Calibration::Percentile(99.99)),
+        other => match other.strip_prefix("percentile=") {
+            Some(p) => p.parse().map(Calibration::Percentile).map_err(|e| format!("{other}: {e}")),
+            None => Err(format!("unknown calibration {other} (minmax, mse, percentile[=P])")),
+        },
+    }
 }
 
 fn shared_data() -> PathBuf {
@@ -196,7 +174,8 @@ fn default_folders(out: &Path, calib_n: usize, heldout_n: usize) -> Result<(Path
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
+    let mut args = Args::parse();
+    args.models.retain(|m| !m.is_empty() && m != "none");
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let (calib, heldout) = match (&args.calib, &args.heldout) {

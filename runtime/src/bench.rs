@@ -111,7 +111,7 @@ pub fn bench_with(
         input_shape = m.input_shape();
         let [_, _, h, w] = input_shape;
         // A fixed, non-constant frame of the model's size.
-        let frame: Vec<u8> = (0..h * w * 3).map(|i| ((i * 2_654_435_761) >> 13) as u8).collect();
+        let frame: Vec<u8> = (0..h * w * 3).map(synthetic_byte).collect();
         let frame = Rgb8Frame::new(&frame, w, h)?;
         let norm = m.options().normalization;
         let mut pre = Vec::with_capacity(iters);
@@ -254,12 +254,17 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn ms(d: Duration) -> f64 {
+/// Byte `i` of the fixed, non-constant synthetic input every timing here uses.
+pub(crate) fn synthetic_byte(i: usize) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// Nearest-rank percentile (`q` in `[0, 1]`) of a non-empty sample; sorts it in place.
-fn percentile(samples: &mut [Duration], q: f64) -> Duration {
+pub(crate) fn percentile(samples: &mut [Duration], q: f64) -> Duration {
     samples.sort_unstable();
     let ix = ((samples.len() - 1) as f64 * q).round() as usize;
     samples[ix.min(samples.len() - 1)]

@@ -154,10 +154,40 @@ impl DetectSummary {
     }
 }
 
-/// The colour of cluster `label`.
+/// The colour of label `label` (a cluster or a track): golden-ratio hues at saturation 0.85
+/// and value 0.95, so that neighbouring ids get distant colours.
 pub fn palette(label: u32) -> [u8; 3] {
-    let h = label.wrapping_mul(2_654_435_761);
-    [(h >> 24) as u8 | 0x40, (h >> 16) as u8 | 0x40, (h >> 8) as u8 | 0x40]
+    let h = (label as f32 * 0.618_034).fract();
+    let (s, v) = (0.85f32, 0.95f32);
+    let i = (h * 6.0).floor();
+    let f = h * 6.0 - i;
+    let (p, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
+    let (r, g, b) = match i as i32 % 6 {
+        0 => (v, t, p),
+        1 => (q, v, p),
+        2 => (p, v, t),
+        3 => (p, q, v),
+        4 => (t, p, v),
+        _ => (v, p, q),
+    };
+    [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8]
+}
+
+/// Blends each pixel with the [`palette`] colour of its patch's label (`alpha` of the colour):
+/// the `gh x gw` label grid (row-major) stretched over the image, nearest patch.
+pub fn tint_labels(img: &mut RgbImage, labels: &[u32], gh: usize, gw: usize, alpha: f32) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if gh == 0 || gw == 0 {
+        return;
+    }
+    for (x, y, p) in img.enumerate_pixels_mut() {
+        let (gx, gy) =
+            ((x as usize * gw / w.max(1)).min(gw - 1), (y as usize * gh / h.max(1)).min(gh - 1));
+        let c = palette(labels.get(gy * gw + gx).copied().unwrap_or(0));
+        for k in 0..3 {
+            p[k] = (f32::from(p[k]) * (1.0 - alpha) + f32::from(c[k]) * alpha) as u8;
+        }
+    }
 }
 
 fn draw_rect(img: &mut RgbImage, b: [f32; 4], color: [u8; 3]) {
@@ -187,15 +217,7 @@ fn overlay(
     boxes: &[([f32; 4], u32)],
 ) -> RgbImage {
     let mut img = frame.clone();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    for (x, y, p) in img.enumerate_pixels_mut() {
-        let (gx, gy) =
-            ((x as usize * gw / w.max(1)).min(gw - 1), (y as usize * gh / h.max(1)).min(gh - 1));
-        let c = palette(labels.get(gy * gw + gx).copied().unwrap_or(0));
-        for k in 0..3 {
-            p[k] = ((f32::from(p[k]) * 0.55) + f32::from(c[k]) * 0.45) as u8;
-        }
-    }
+    tint_labels(&mut img, labels, gh, gw, 0.45);
     for &(b, id) in boxes {
         draw_rect(&mut img, b, if id == 0 { [255, 255, 0] } else { palette(id ^ 0x5555) });
     }

@@ -98,3 +98,24 @@ pub enum ModelError {
         source: std::io::Error,
     },
 }
+
+/// Content that does not meet its format or range: a header, a configuration field, a link
+/// target. `reason` names the field (or the part of the header) and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Invalid {
+    /// What is wrong, naming the field.
+    pub reason: String,
+}
+
+impl From<String> for Invalid {
+    fn from(reason: String) -> Self {
+        Self { reason }
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(reason: &str) -> Self {
+        Self { reason: reason.to_string() }
+    }
+}

@@ -432,6 +432,28 @@ fn last_layer_weight(
     Ok((k, eff))
 }
 
+/// Every F32 tensor of a safetensors file's `bytes` as [`HostTensors`], keys prefixed with
+/// `prefix` (tensors of other dtypes are skipped: a checkpoint's step counters, for example).
+pub fn host_tensors_from_safetensors(
+    bytes: &[u8],
+    prefix: &str,
+) -> Result<HostTensors, safetensors::SafeTensorError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
+    let mut out = HostTensors::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            continue;
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(format!("{prefix}{name}"), (view.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
 /// Seeded random weights for `spec` under the reference keys (for speed benchmarks and
 /// tests that need no trained model): linear and conv weights uniform with the reference
 /// init's standard deviation 0.02, biases 0, LayerNorms identity, and a `pos_embed
@@ -439,7 +461,7 @@ fn last_layer_weight(
 pub fn random_vit_weights(spec: &VitSpec, seed: u64) -> HostTensors {
     let d = spec.embed_dim;
     let p = spec.patch_size;
-    let mut rng = SplitMix64(seed);
+    let mut rng = crate::rng::SplitMix64(seed);
     let mut w = HostTensors::new();
     let mut rand = |w: &mut HostTensors, name: String, shape: Vec<usize>| {
         let len = shape.iter().product();
@@ -471,24 +493,6 @@ pub fn random_vit_weights(spec: &VitSpec, seed: u64) -> HostTensors {
     fill(&mut w, "norm.weight".into(), d, 1.0);
     fill(&mut w, "norm.bias".into(), d, 0.0);
     w
-}
-
-/// SplitMix64: a tiny seeded generator, enough for benchmark weights.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform on `[0, 1)`.
-    fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
 }
 
 fn check_spec(spec: &VitSpec) -> Result<(), ExportError> {

@@ -66,6 +66,7 @@
 
 pub mod contract;
 pub mod perception;
+pub mod rng;
 pub mod wire;
 
 /// Offline evaluation: COCO bbox metrics (pycocotools-exact) and cluster-map mIoU.

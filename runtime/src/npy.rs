@@ -4,6 +4,7 @@
 //! Reads format versions 1-3 with dtype `<f4` (or `<f8`, converted to f32) in C order;
 //! writes version 1, `<f4`, C order.
 
+use crate::error::Invalid;
 use std::path::Path;
 
 use crate::error::ModelError;
@@ -26,7 +27,7 @@ pub fn read_npy(path: &Path) -> Result<NpyArray, ModelError> {
         path: path.into(),
         source,
     })?;
-    parse_npy(&bytes).map_err(|reason| ModelError::Npy { path: path.into(), reason })
+    parse_npy(&bytes).map_err(|e| ModelError::Npy { path: path.into(), reason: e.reason })
 }
 
 /// The header of a `.npy` file: dtype descriptor, shape, element count and where the data
@@ -45,9 +46,9 @@ pub struct NpyHeader {
 
 /// Parses and checks a `.npy` header (versions 1-3, C order); every length and product is
 /// checked, so no header can make a reader index out of range or overflow.
-pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, String> {
+pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, Invalid> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
-        return Err("not an .npy file (bad magic)".into());
+        return Err(Invalid::from("not an .npy file (bad magic)"));
     }
     let major = bytes[6];
     let (header_len, start): (usize, usize) = match major {
@@ -55,7 +56,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, String> {
         2 | 3 if bytes.len() >= 12 => {
             (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
         }
-        _ => return Err(format!("unsupported .npy version {major}")),
+        _ => return Err(Invalid::from(format!("unsupported .npy version {major}"))),
     };
     let data_start = start.checked_add(header_len).ok_or("truncated header")?;
     let header = bytes.get(start..data_start).ok_or("truncated header")?;
@@ -64,7 +65,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, String> {
     let fortran = dict_value(header, "fortran_order").ok_or("header has no 'fortran_order'")?;
     let shape = dict_value(header, "shape").ok_or("header has no 'shape'")?;
     if fortran.starts_with("True") {
-        return Err("Fortran-ordered arrays are not supported".into());
+        return Err(Invalid::from("Fortran-ordered arrays are not supported"));
     }
     let shape_body = shape.strip_prefix('(').ok_or("shape is not a tuple")?;
     let shape_body = &shape_body[..shape_body.find(')').ok_or("malformed shape")?];
@@ -83,7 +84,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<NpyHeader, String> {
 }
 
 /// Parses the bytes of a `.npy` file (see [`read_npy`]).
-pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
+pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, Invalid> {
     let NpyHeader { descr, shape, count, data_start } = parse_header(bytes)?;
     let body = &bytes[data_start..];
     let data = match descr.as_str() {
@@ -105,7 +106,9 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
                 })
                 .collect()
         }
-        other => return Err(format!("dtype {other} is not supported (only <f4, <f8)")),
+        other => {
+            return Err(Invalid::from(format!("dtype {other} is not supported (only <f4, <f8)")));
+        }
     };
     Ok(NpyArray { shape, data })
 }

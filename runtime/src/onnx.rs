@@ -45,6 +45,7 @@
 //! - Work below tract's thresholds (64 matmul panels, 2^21 multiply-adds, 32768 elements;
 //!   `tract_linalg::multithread::set_threading_*`) stays on one thread.
 
+use crate::error::Invalid;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -675,10 +676,10 @@ pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 31;
 /// `Constant` attributes, subgraphs) declares dimensions >= 0 whose product fits
 /// [`MAX_TENSOR_ELEMENTS`] and, unless its data is external, holds exactly that many elements,
 /// so tract never allocates for data the file does not contain.
-pub fn check_proto(proto: &tract_onnx::pb::ModelProto) -> Result<(), String> {
+pub fn check_proto(proto: &tract_onnx::pb::ModelProto) -> Result<(), Invalid> {
     match &proto.graph {
-        Some(g) => check_graph(g, 0, &std::collections::HashSet::new()),
-        None => Err("the file has no graph".into()),
+        Some(g) => Ok(check_graph(g, 0, &std::collections::HashSet::new())?),
+        None => Err(Invalid::from("the file has no graph")),
     }
 }
 

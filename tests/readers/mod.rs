@@ -81,7 +81,7 @@ pub fn npy_train(b: &[u8]) -> Result<(), String> {
 }
 
 pub fn npy_runtime(b: &[u8]) -> Result<(), String> {
-    flsl_runtime::npy::parse_npy(b).map(drop)
+    flsl_runtime::npy::parse_npy(b).map(drop).map_err(|e| e.reason)
 }
 
 pub fn onnx(b: &[u8]) -> Result<(), String> {
@@ -126,7 +126,7 @@ pub fn train_config(b: &[u8]) -> Result<(), String> {
 }
 
 pub fn bundle_config(b: &[u8]) -> Result<(), String> {
-    flsl_runtime::onboard::bundle::BundleConfig::parse(text(b)?).map(drop)
+    flsl_runtime::onboard::bundle::BundleConfig::parse(text(b)?).map(drop).map_err(|e| e.reason)
 }
 
 pub fn bundle_sums(b: &[u8]) -> Result<(), String> {

@@ -79,6 +79,16 @@ pub enum Error {
         /// All loss terms, formatted.
         terms: String,
     },
+    /// An operation of flsl-runtime (ONNX model, export, evaluation, clustering) failed; its
+    /// error is kept as the source.
+    #[error("{what}: {source}")]
+    Runtime {
+        /// What was being done.
+        what: String,
+        /// flsl-runtime's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// A data-parallel collective operation failed (burn-collective).
     #[error("data-parallel {op} on replica {peer}: {reason}")]
     Collective {
@@ -97,6 +107,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { what, path: path.into(), source }
+    }
+
+    /// An flsl-runtime error `source` met while doing `what`.
+    pub fn runtime(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Runtime { what: what.into(), source: Box::new(source) }
     }
 
     pub(crate) fn malformed(

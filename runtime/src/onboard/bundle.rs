@@ -11,6 +11,7 @@
 //! [`Bundle::load`] verifies every checksum before it parses anything else, then parses
 //! `onboard.toml` strictly (an unknown or missing field is named), and checks its values.
 
+use crate::error::Invalid;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -190,51 +191,59 @@ pub fn parse_sums(sums: &str) -> Result<Vec<(String, String)>, String> {
 
 impl BundleConfig {
     /// Parses and validates the text of `onboard.toml`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
         let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks the values (not only their types); the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.format != FORMAT {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "format = {}: this flsl-onboard reads format {FORMAT}",
                 self.format
-            ));
+            )));
         }
         let i = &self.input;
         if i.height == 0 || i.width == 0 || i.height > 8192 || i.width > 8192 {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "input.height x input.width = {} x {}: expected 1..=8192 each",
                 i.height, i.width
-            ));
+            )));
         }
         if !i.mean.iter().all(|m| m.is_finite()) {
-            return Err(format!("input.mean = {:?}: not finite", i.mean));
+            return Err(Invalid::from(format!("input.mean = {:?}: not finite", i.mean)));
         }
         if !i.std.iter().all(|s| s.is_finite() && *s > 0.0) {
-            return Err(format!("input.std = {:?}: expected finite values > 0", i.std));
+            return Err(Invalid::from(format!(
+                "input.std = {:?}: expected finite values > 0",
+                i.std
+            )));
         }
         if self.outputs.is_empty() {
-            return Err("outputs is empty: a model has at least its features output".into());
+            return Err(Invalid::from(
+                "outputs is empty: a model has at least its features output",
+            ));
         }
         let d = &self.detection;
         if !(0.0..=1.0).contains(&d.score_threshold) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "detection.score_threshold = {}: expected 0..=1",
                 d.score_threshold
-            ));
+            )));
         }
         if d.kmeans_k == 0 || d.kmeans_k > 64 {
-            return Err(format!("detection.kmeans_k = {}: expected 1..=64", d.kmeans_k));
+            return Err(Invalid::from(format!(
+                "detection.kmeans_k = {}: expected 1..=64",
+                d.kmeans_k
+            )));
         }
         if self.threads == 0 || self.threads > 256 {
-            return Err(format!("threads = {}: expected 1..=256", self.threads));
+            return Err(Invalid::from(format!("threads = {}: expected 1..=256", self.threads)));
         }
         if self.link.baud == Some(0) {
-            return Err("link.baud = 0".into());
+            return Err(Invalid::from("link.baud = 0"));
         }
         self.mavlink.validate()
     }
@@ -370,7 +379,9 @@ pub fn write_bundle(
         link: opts.link.clone(),
         mavlink: opts.mavlink.clone(),
     };
-    config.validate().map_err(|e| OnboardError::Bundle { dir: out.to_path_buf(), reason: e })?;
+    config
+        .validate()
+        .map_err(|e| OnboardError::Bundle { dir: out.to_path_buf(), reason: e.reason })?;
     let io = |action: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |e| OnboardError::Io { action, path, source: e }

@@ -17,6 +17,7 @@
 //! CRC extra per message, v2 framing, no signing. Every message is one unit on the
 //! [`Transport`]: one UDP datagram, or a contiguous write on a serial device.
 
+use crate::error::Invalid;
 use std::time::{Duration, Instant};
 
 use mavlink::MavHeader;
@@ -90,27 +91,32 @@ impl Default for MavlinkConfig {
 
 impl MavlinkConfig {
     /// Checks the values; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if !(self.rate_hz.is_finite() && self.rate_hz > 0.0 && self.rate_hz <= 100.0) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "mavlink.rate_hz = {}: expected more than 0 and at most 100",
                 self.rate_hz
-            ));
+            )));
         }
         if self.system_id == 0 {
-            return Err("mavlink.system_id = 0: 0 is the broadcast id, use 1..=255".into());
+            return Err(Invalid::from("mavlink.system_id = 0: 0 is the broadcast id, use 1..=255"));
         }
         if self.component_id == 0 {
-            return Err("mavlink.component_id = 0: 0 is the broadcast id, use 1..=255 (100 is MAV_COMP_ID_CAMERA)".into());
+            return Err(Invalid::from(
+                "mavlink.component_id = 0: 0 is the broadcast id, use 1..=255 (100 is MAV_COMP_ID_CAMERA)",
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_score) {
-            return Err(format!("mavlink.min_score = {}: expected 0..=1", self.min_score));
+            return Err(Invalid::from(format!(
+                "mavlink.min_score = {}: expected 0..=1",
+                self.min_score
+            )));
         }
         if !(self.lock_timeout_s.is_finite() && self.lock_timeout_s > 0.0) {
-            return Err(format!(
+            return Err(Invalid::from(format!(
                 "mavlink.lock_timeout_s = {}: expected a positive number of seconds",
                 self.lock_timeout_s
-            ));
+            )));
         }
         if let Some(t) = &self.target {
             parse_target(t).map_err(|e| format!("mavlink.target: {e}"))?;
@@ -213,12 +219,14 @@ impl GimbalAxis {
 
 /// Parses a MAVLink target: `udpout:HOST:PORT` or `serial:DEVICE[:BAUD]` (57600 baud, the
 /// autopilots' usual TELEM setting, when none is given).
-pub fn parse_target(s: &str) -> Result<LinkTarget, String> {
+pub fn parse_target(s: &str) -> Result<LinkTarget, Invalid> {
     if let Some(addr) = s.strip_prefix("udpout:") {
         let (host, port) =
             addr.rsplit_once(':').ok_or_else(|| format!("`{s}`: expected udpout:HOST:PORT"))?;
         if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(format!("`{s}`: expected udpout:HOST:PORT with a port number 0..=65535"));
+            return Err(Invalid::from(format!(
+                "`{s}`: expected udpout:HOST:PORT with a port number 0..=65535"
+            )));
         }
         return Ok(LinkTarget::Udp(addr.to_string()));
     }
@@ -230,11 +238,11 @@ pub fn parse_target(s: &str) -> Result<LinkTarget, String> {
             _ => (rest, 57_600),
         };
         if path.is_empty() || baud == 0 {
-            return Err(format!("`{s}`: expected serial:DEVICE[:BAUD]"));
+            return Err(Invalid::from(format!("`{s}`: expected serial:DEVICE[:BAUD]")));
         }
         return Ok(LinkTarget::Serial { path: path.to_string(), baud });
     }
-    Err(format!("`{s}`: expected udpout:HOST:PORT or serial:DEVICE[:BAUD]"))
+    Err(Invalid::from(format!("`{s}`: expected udpout:HOST:PORT or serial:DEVICE[:BAUD]")))
 }
 
 /// What one processed frame sent, for the JSON-lines record (`"mavlink"`).
@@ -601,10 +609,10 @@ mod tests {
             LinkTarget::Serial { path: "/dev/ttyUSB0".into(), baud: 57_600 }
         );
         for bad in ["udp:1.2.3.4:5", "udpout:1.2.3.4", "udpout:host:99999", "serial:", "tcp:x:1"] {
-            assert!(parse_target(bad).unwrap_err().contains(bad), "{bad}");
+            assert!(parse_target(bad).unwrap_err().reason.contains(bad), "{bad}");
         }
         let mut c = MavlinkConfig { rate_hz: 0.0, ..MavlinkConfig::default() };
-        assert!(c.validate().unwrap_err().contains("mavlink.rate_hz"));
+        assert!(c.validate().unwrap_err().reason.contains("mavlink.rate_hz"));
         c = MavlinkConfig {
             gimbal: Some(GimbalConfig {
                 tilt: GimbalAxis { min_deg: 10.0, max_deg: -10.0, ..GimbalAxis::tilt() },
@@ -612,7 +620,7 @@ mod tests {
             }),
             ..MavlinkConfig::default()
         };
-        assert!(c.validate().unwrap_err().contains("mavlink.gimbal.tilt.min_deg"));
+        assert!(c.validate().unwrap_err().reason.contains("mavlink.gimbal.tilt.min_deg"));
     }
 
     /// Every datagram decodes as MAVLink v2 (CRC checked by the decoder), in sequence, with

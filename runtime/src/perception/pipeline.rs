@@ -424,11 +424,6 @@ impl<'a, const S: usize, const M: usize, const T: usize> Perception<'a, S, M, T>
         self.labels
     }
 
-    /// Segment id of every patch of the last frame (`N`; ids `>= S` did not fit).
-    pub fn segment_ids(&self) -> &[u32] {
-        self.seg_of
-    }
-
     /// Segments of the last frame.
     pub fn segments(&self) -> &[Segment] {
         self.segments.get(..self.n_segments).unwrap_or_default()

@@ -188,15 +188,6 @@ impl<'a, const T: usize> Tracker<'a, T> {
         self.slots.iter().flatten()
     }
 
-    /// The feature of the live track with id `id` (confirmed tracks only), if it has one.
-    pub fn feature_of(&self, id: u32) -> Option<&[f32]> {
-        if id == Object::UNTRACKED || self.d == 0 {
-            return None;
-        }
-        let s = self.slots.iter().position(|t| t.is_some_and(|t| t.id == id && t.has_feature))?;
-        self.features.get(s * self.d..(s + 1) * self.d)
-    }
-
     /// Advances one frame with `dets` (see the [module docs](self)). `det_features`, when
     /// given, holds one feature row per detection (`dets.len() * d` values, any scale) and
     /// needs a tracker built [`with_features`](Self::with_features).

@@ -42,7 +42,7 @@ mod graph;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prost::Message;
 use tract_onnx::pb::ModelProto;
@@ -662,12 +662,6 @@ pub fn compare(
     })
 }
 
-fn median_min(v: &mut [Duration]) -> (f64, f64) {
-    v.sort_unstable();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    (ms(v[v.len() / 2]), ms(v[0]))
-}
-
 /// tract latency of `fp32` and `int8`, interleaved run by run at each thread count, then
 /// onnxruntime's on both files when `b.onnxruntime` and python3 can import it.
 pub fn latency(
@@ -679,7 +673,7 @@ pub fn latency(
 ) -> Result<Vec<Latency>, QuantizeError> {
     let mut rows = Vec::new();
     let input: Vec<f32> = (0..shape.iter().product::<usize>())
-        .map(|i| ((i * 2_654_435_761) >> 13) as u8 as f32 / 64.0 - 2.0)
+        .map(|i| f32::from(crate::bench::synthetic_byte(i)) / 64.0 - 2.0)
         .collect();
     for (ti, &t) in b.threads.iter().enumerate() {
         progress(Progress { stage: Stage::Benchmark, done: ti, total: b.threads.len() });
@@ -700,7 +694,8 @@ pub fn latency(
             }
         }
         for (name, t_) in ["fp32", "int8"].iter().zip(&mut times) {
-            let (median_ms, min_ms) = median_min(t_);
+            use crate::bench::{ms, percentile};
+            let (median_ms, min_ms) = (ms(percentile(t_, 0.5)), ms(percentile(t_, 0.0)));
             rows.push(Latency {
                 runtime: "tract".into(),
                 model: (*name).into(),

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 pub mod models;
 
-use flsl_runtime::export::HostTensors;
-use safetensors::{Dtype, SafeTensors};
+use flsl_runtime::export::{HostTensors, host_tensors_from_safetensors};
 
 /// `tests/fixtures/reference/micro` of the workspace (copied from the reference set).
 pub fn micro_dir() -> PathBuf {
@@ -20,20 +19,7 @@ pub fn micro_dir() -> PathBuf {
 pub fn load_safetensors(file: &str, prefix: &str) -> HostTensors {
     let path = micro_dir().join(file);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).expect("fixture should be valid safetensors");
-    let mut out = HostTensors::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            continue;
-        }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        out.insert(format!("{prefix}{name}"), (view.shape().to_vec(), data));
-    }
-    out
+    host_tensors_from_safetensors(&bytes, prefix).expect("fixture should be valid safetensors")
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -336,7 +336,7 @@ pub struct DetectorOptions {
 impl DetectorOptions {
     /// The defaults for `checkpoint` and `out`: the embedded NEON tree crowns, OSBS_029 held out.
     pub fn neon(checkpoint: PathBuf, out: PathBuf) -> Self {
-        let data = crate::demo::default_data().parent().map(Path::to_path_buf).unwrap_or_default();
+        let data = crate::data::default_data().parent().map(Path::to_path_buf).unwrap_or_default();
         Self {
             checkpoint,
             annotations: vec![
@@ -555,7 +555,7 @@ pub fn detect_image<B: Backend>(
     let dims = HeadDims::new(meta.head.classes, 2 * gh, 2 * gw, meta.stride);
     let mut out = vec![Detection::EMPTY; 300];
     let count = decode(&heat, &boxes, &dims, threshold, &mut out)
-        .map_err(|e| Error::Shape { op: "decode", reason: format!("{e:?}") })?;
+        .map_err(|e| Error::runtime("decoding the detection head", e))?;
     out.truncate(count.written);
     let kept = nms(&mut out, 0.5);
     out.truncate(kept);
@@ -787,7 +787,7 @@ pub fn train_detector<B: AutodiffBackend>(
         }
         let (g, dt) = write_coco(&opts.out, &ds.classes, &gt, &dets)?;
         let stats = flsl_runtime::eval::evaluate_files(&g, &dt)
-            .map_err(|e| Error::Shape { op: "coco evaluation", reason: e.to_string() })?;
+            .map_err(|e| Error::runtime("coco evaluation", e))?;
         holdout_stats = serde_json::from_str(&stats.to_json()).ok();
         holdout_files = Some((g, dt));
     }
@@ -810,21 +810,6 @@ fn write_json(path: &Path, v: &impl Serialize, pretty: bool) -> Result<()> {
     let text = if pretty { serde_json::to_vec_pretty(v) } else { serde_json::to_vec(v) }
         .map_err(|e| Error::malformed("json", path, format!("cannot serialise: {e}")))?;
     crate::tensors::write_atomic(path, &text)
-}
-
-/// Loads a trained detector folder (`detector.json` + `det_head.safetensors`).
-pub fn load_detector<B: Backend>(
-    dir: &Path,
-    device: &B::Device,
-) -> Result<(DetHead<B>, DetectorMeta)> {
-    let mp = dir.join("detector.json");
-    let text = std::fs::read_to_string(&mp).map_err(|e| Error::io("cannot read", &mp, e))?;
-    let meta: DetectorMeta =
-        serde_json::from_str(&text).map_err(|e| Error::malformed("json", &mp, e.to_string()))?;
-    let wp = dir.join("det_head.safetensors");
-    let map = crate::tensors::read_safetensors(&wp)?;
-    let head = meta.head.init::<B>(device, 0).load(&map, &wp, device)?;
-    Ok((head, meta))
 }
 
 #[cfg(test)]

@@ -210,11 +210,8 @@ pub fn model_cost(
         bench: Some(BenchOptions { threads: vec![1], iters: 20, warmup: 3, onnxruntime: false }),
         ..QuantizeOptions::default()
     };
-    let report =
-        quantize_file(&onnx, calib, &int8, &q, &mut |_| {}).map_err(|e| Error::Config {
-            key: "report".into(),
-            reason: format!("quantizing {}: {e}", onnx.display()),
-        })?;
+    let report = quantize_file(&onnx, calib, &int8, &q, &mut |_| {})
+        .map_err(|e| Error::runtime(format!("quantizing `{}`", onnx.display()), e))?;
     let ms = |model: &str| {
         report
             .latency

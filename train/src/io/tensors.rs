@@ -332,7 +332,7 @@ pub fn read_npy(path: &Path) -> Result<HostTensor> {
 /// Parses `.npy` bytes.
 pub fn parse_npy(bytes: &[u8], path: &Path) -> Result<HostTensor> {
     let bad = |r: &str| Error::malformed("npy", path, r.to_string());
-    let h = flsl_runtime::npy::parse_header(bytes).map_err(|r| bad(&r))?;
+    let h = flsl_runtime::npy::parse_header(bytes).map_err(|e| bad(&e.reason))?;
     let (descr, shape, n) = (h.descr, h.shape, h.count);
     let size = match descr.as_str() {
         "<f4" => 4,

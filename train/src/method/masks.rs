@@ -87,15 +87,21 @@ pub fn check_mask(
     fs: usize,
     ws: usize,
     random_sampling: bool,
-) -> Result<Corner, String> {
+) -> crate::Result<Corner> {
     if mask.len() != fs * fs {
-        return Err(format!("mask has {} entries, expected {}", mask.len(), fs * fs));
+        return Err(crate::Error::Shape {
+            op: "sampling mask",
+            reason: format!("mask has {} entries, expected {}", mask.len(), fs * fs),
+        });
     }
     let grid = fs / ws;
     let s = grid * ws;
     let selected = mask.iter().filter(|&&m| m != 0).count();
     if selected != grid * grid {
-        return Err(format!("{selected} tokens selected, expected {}", grid * grid));
+        return Err(crate::Error::Shape {
+            op: "sampling mask",
+            reason: format!("{selected} tokens selected, expected {}", grid * grid),
+        });
     }
     let corners = if fs.is_multiple_of(ws) {
         vec![Corner::TopLeft]
@@ -126,7 +132,12 @@ pub fn check_mask(
         }
         return Ok(corner);
     }
-    Err(format!("no corner placement of the {grid}x{grid} windows of size {ws} explains the mask"))
+    Err(crate::Error::Shape {
+        op: "sampling mask",
+        reason: format!(
+            "no corner placement of the {grid}x{grid} windows of size {ws} explains the mask"
+        ),
+    })
 }
 
 #[cfg(test)]

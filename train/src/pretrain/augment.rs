@@ -19,10 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::masks::sampling_mask;
 
-/// ImageNet mean.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet standard deviation.
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+pub use flsl_runtime::contract::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// Augmentation parameters (the reference's argument names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use burn::tensor::{Tensor, TensorData, backend::Backend};
 use image::RgbImage;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -19,6 +20,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::augment::{AugmentConfig, Sample, augment};
 use crate::error::{Error, Result};
+use crate::meanshift::TokenSelection;
+use crate::step::View;
 
 /// One training item: a file, or a tile of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,8 +134,12 @@ impl ImageFolder {
     }
 
     /// Decodes item `i` (files are decoded once and kept when the dataset has at most 64 files).
-    pub fn load(&self, i: usize) -> std::result::Result<RgbImage, String> {
-        let item = self.items.get(i).ok_or_else(|| format!("item {i} out of range"))?;
+    pub fn load(&self, i: usize) -> Result<RgbImage> {
+        let item = self.items.get(i).ok_or_else(|| Error::Config {
+            key: "dataset item".into(),
+            reason: format!("{i} is out of range ({} items)", self.items.len()),
+        })?;
+        let bad = |reason: String| Error::malformed("image", &item.path, reason);
         let decode = || -> std::result::Result<RgbImage, String> {
             let img = flsl_runtime::preprocess::decode_image_file(&item.path)
                 .map_err(|e| e.to_string())?;
@@ -142,19 +149,21 @@ impl ImageFolder {
             let slot = &self.cache[self.file_index[i]];
             match slot.get_or_init(|| decode().ok().map(Arc::new)) {
                 Some(img) => img.clone(),
-                None => return Err(decode().err().unwrap_or_else(|| "cannot decode".into())),
+                None => {
+                    return Err(bad(decode().err().unwrap_or_else(|| "cannot decode".into())));
+                }
             }
         } else {
-            Arc::new(decode()?)
+            Arc::new(decode().map_err(bad)?)
         };
         Ok(match item.tile {
             Some((x, y, w, h)) => {
                 if x + w > full.width() || y + h > full.height() {
-                    return Err(format!(
+                    return Err(bad(format!(
                         "tile outside the image ({}x{})",
                         full.width(),
                         full.height()
-                    ));
+                    )));
                 }
                 image::imageops::crop_imm(&*full, x, y, w, h).to_image()
             }
@@ -185,6 +194,14 @@ pub fn write_synthetic_scenes(dir: &Path, n: usize, side: u32) -> Result<()> {
         img.save(&path).map_err(|e| Error::malformed("png", &path, e.to_string()))?;
     }
     Ok(())
+}
+
+/// The repository's embedded demo images.
+pub fn default_data() -> PathBuf {
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../data/neon-aerial-trees/images")
 }
 
 /// A batch of augmented samples, teacher view first.
@@ -294,7 +311,10 @@ impl Loader {
                     }
                     let item = order[pos];
                     let mut rng = sample_rng(seed, epoch, pos);
-                    let r = dataset.load(item).map(|img| augment(&img, &cfg, patch_size, &mut rng));
+                    let r = dataset
+                        .load(item)
+                        .map(|img| augment(&img, &cfg, patch_size, &mut rng))
+                        .map_err(|e| e.to_string());
                     if tx.send((pos, r)).is_err() {
                         break;
                     }
@@ -376,6 +396,40 @@ impl Drop for Loader {
 
 /// Shared counter of skipped files, for summaries across epochs.
 pub type SkipLog = Arc<Mutex<Vec<(PathBuf, String)>>>;
+
+/// Stacks one view of every sample into device tensors.
+pub fn batch_views<B: Backend>(batch: &Batch, device: &B::Device) -> Result<Vec<View<B>>> {
+    let first =
+        batch.samples.first().ok_or(Error::Shape { op: "batch", reason: "empty batch".into() })?;
+    let n_views = first.views.len();
+    let bt = batch.samples.len();
+    (0..n_views)
+        .map(|v| {
+            let size = first.views[v].size as usize;
+            let mut pixels = Vec::with_capacity(bt * 3 * size * size);
+            let mut masks = Vec::new();
+            let mut crops = Vec::new();
+            for s in &batch.samples {
+                pixels.extend_from_slice(&s.views[v].pixels);
+                if let Some(m) = &s.views[v].mask {
+                    masks.extend_from_slice(m);
+                }
+                if let Some(c) = &s.views[v].crop {
+                    crops.extend_from_slice(c);
+                }
+            }
+            let images = Tensor::from_data(TensorData::new(pixels, [bt, 3, size, size]), device);
+            let mask = if masks.is_empty() {
+                None
+            } else {
+                Some(TokenSelection::from_mask(&masks, bt, masks.len() / bt)?)
+            };
+            let crops = (crops.len() == bt * 3 * size * size)
+                .then(|| Tensor::from_data(TensorData::new(crops, [bt, 3, size, size]), device));
+            Ok(View { images, mask, crops })
+        })
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {

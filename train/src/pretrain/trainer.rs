@@ -12,22 +12,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
-use burn::tensor::{Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
+use burn::tensor::{backend::AutodiffBackend, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentConfig;
 use crate::config::TrainConfig;
-use crate::data::{Batch, ImageFolder, Loader};
+use crate::data::{Batch, ImageFolder, Loader, batch_views};
 use crate::distill::DistillTeacher;
 use crate::error::{Error, Result};
 use crate::loss::{Centering, FlslLoss, LossTerms, VmrPrior};
-use crate::meanshift::TokenSelection;
 use crate::model::FlslModel;
 use crate::model::named::{self, Missing};
 use crate::multistage::PreviousStage;
 use crate::parallel::{self, Peer};
 use crate::schedule::{cosine_scheduler, temp_scheduler};
-use crate::step::{AdamState, StepHyper, StepOptions, StepReport, View, train_step};
+use crate::step::{AdamState, StepHyper, StepOptions, StepReport, train_step};
 use crate::tensors::{self, TensorMap};
 
 /// All schedules of a run, indexed by global iteration (the teacher temperature by epoch).
@@ -167,40 +166,6 @@ pub struct Run<B: AutodiffBackend> {
 /// Where a run's checkpoints live.
 pub fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
-}
-
-/// Stacks one view of every sample into device tensors.
-pub fn batch_views<B: Backend>(batch: &Batch, device: &B::Device) -> Result<Vec<View<B>>> {
-    let first =
-        batch.samples.first().ok_or(Error::Shape { op: "batch", reason: "empty batch".into() })?;
-    let n_views = first.views.len();
-    let bt = batch.samples.len();
-    (0..n_views)
-        .map(|v| {
-            let size = first.views[v].size as usize;
-            let mut pixels = Vec::with_capacity(bt * 3 * size * size);
-            let mut masks = Vec::new();
-            let mut crops = Vec::new();
-            for s in &batch.samples {
-                pixels.extend_from_slice(&s.views[v].pixels);
-                if let Some(m) = &s.views[v].mask {
-                    masks.extend_from_slice(m);
-                }
-                if let Some(c) = &s.views[v].crop {
-                    crops.extend_from_slice(c);
-                }
-            }
-            let images = Tensor::from_data(TensorData::new(pixels, [bt, 3, size, size]), device);
-            let mask = if masks.is_empty() {
-                None
-            } else {
-                Some(TokenSelection::from_mask(&masks, bt, masks.len() / bt)?)
-            };
-            let crops = (crops.len() == bt * 3 * size * size)
-                .then(|| Tensor::from_data(TensorData::new(crops, [bt, 3, size, size]), device));
-            Ok(View { images, mask, crops })
-        })
-        .collect()
 }
 
 impl<B: AutodiffBackend> Run<B> {

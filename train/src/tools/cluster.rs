@@ -51,89 +51,36 @@ pub fn image_features<B: Backend>(
     )
 }
 
-/// Seeded k-means (Lloyd, cosine on L2-normalised rows, k-means++-like farthest init).
-pub fn kmeans(feats: &[f32], d: usize, k: usize, iters: usize) -> Vec<u32> {
+/// Cosine k-means of the rows of `feats` (`d` values each): the onboard clustering
+/// ([`flsl_runtime::perception::cluster::kmeans_labels`], deterministic farthest-point start,
+/// spherical Lloyd), so that maps and scores made here are the ones the drone computes.
+///
+/// Rows the onboard code cannot cluster (all zeros, NaN or infinite values) get
+/// [`flsl_runtime::perception::NO_LABEL`]. An error only for `d == 0` or `k == 0`.
+pub fn kmeans(feats: &[f32], d: usize, k: usize, iters: usize) -> Result<Vec<u32>> {
+    use flsl_runtime::perception::cluster::{KMeansConfig, KMeansScratch, kmeans_labels};
     let n = feats.len() / d.max(1);
-    if n == 0 || k == 0 {
-        return Vec::new();
+    if n == 0 {
+        return Ok(Vec::new());
     }
-    let rows: Vec<Vec<f32>> = (0..n)
-        .map(|i| {
-            let r = &feats[i * d..(i + 1) * d];
-            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            r.iter().map(|v| v / norm).collect()
-        })
-        .collect();
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    let mut centers = vec![rows[0].clone()];
-    while centers.len() < k.min(n) {
-        // Farthest point from the current centers (deterministic).
-        let far = (0..n)
-            .max_by(|&a, &b| {
-                let da = centers.iter().map(|c| dot(&rows[a], c)).fold(f32::MIN, f32::max);
-                let db = centers.iter().map(|c| dot(&rows[b], c)).fold(f32::MIN, f32::max);
-                db.total_cmp(&da)
-            })
-            .unwrap_or(0);
-        centers.push(rows[far].clone());
-    }
+    let (mut centroids, mut counts, mut rows) =
+        (vec![0f32; k * d], vec![0u32; k], vec![0f32; 2 * n]);
     let mut labels = vec![0u32; n];
-    for _ in 0..iters {
-        for (i, r) in rows.iter().enumerate() {
-            labels[i] = (0..centers.len())
-                .max_by(|&a, &b| dot(r, &centers[a]).total_cmp(&dot(r, &centers[b])))
-                .unwrap_or(0) as u32;
-        }
-        for (c, center) in centers.iter_mut().enumerate() {
-            let mut sum = vec![0f32; d];
-            let mut cnt = 0;
-            for (i, r) in rows.iter().enumerate() {
-                if labels[i] as usize == c {
-                    cnt += 1;
-                    for (s, v) in sum.iter_mut().zip(r) {
-                        *s += v;
-                    }
-                }
-            }
-            if cnt > 0 {
-                let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                *center = sum.into_iter().map(|v| v / norm).collect();
-            }
-        }
-    }
-    labels
+    let scratch = KMeansScratch { centroids: &mut centroids, counts: &mut counts, rows: &mut rows };
+    kmeans_labels(&feats[..n * d], n, d, &KMeansConfig::new(k, iters), scratch, &mut labels)
+        .map_err(|e| Error::runtime("k-means", e))?;
+    Ok(labels)
 }
 
-/// A distinct colour per label (golden-ratio hues).
+/// A distinct colour per label: the onboard runtime's palette ([`flsl_runtime::detect::palette`]).
 pub fn palette(label: u32) -> Rgb<u8> {
-    let h = (label as f32 * 0.618_034).fract();
-    let (s, v) = (0.85f32, 0.95f32);
-    let i = (h * 6.0).floor();
-    let f = h * 6.0 - i;
-    let (p, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
-    let (r, g, b) = match i as i32 % 6 {
-        0 => (v, t, p),
-        1 => (q, v, p),
-        2 => (p, v, t),
-        3 => (p, q, v),
-        4 => (t, p, v),
-        _ => (v, p, q),
-    };
-    Rgb([(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8])
+    Rgb(flsl_runtime::detect::palette(label))
 }
 
 /// The image with each patch tinted by its label's colour (alpha 0.55).
 pub fn overlay(img: &RgbImage, map: &ClusterMap) -> RgbImage {
     let mut out = img.clone();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    for (x, y, p) in out.enumerate_pixels_mut() {
-        let gx = (x as usize * map.gw / w).min(map.gw - 1);
-        let gy = (y as usize * map.gh / h).min(map.gh - 1);
-        let c = palette(map.labels[gy * map.gw + gx]);
-        for ch in 0..3 {
-            p[ch] = (0.45 * f32::from(p[ch]) + 0.55 * f32::from(c[ch])) as u8;
-        }
-    }
+    flsl_runtime::detect::tint_labels(&mut out, &map.labels, map.gh, map.gw, 0.55);
     out
 }
 
@@ -427,7 +374,7 @@ mod tests {
         for i in 0..10 {
             f.extend_from_slice(&[0.0, 0.01 * i as f32, 1.0]);
         }
-        let l = kmeans(&f, 3, 2, 5);
+        let l = kmeans(&f, 3, 2, 5).unwrap();
         assert!(l[..10].iter().all(|&x| x == l[0]));
         assert!(l[10..].iter().all(|&x| x == l[10]));
         assert_ne!(l[0], l[10]);
@@ -507,7 +454,7 @@ mod tests {
                 "channel {c}: mean {mean} var {var}"
             );
         }
-        let labels = kmeans(&f, d, 2, 10);
+        let labels = kmeans(&f, d, 2, 10).unwrap();
         assert!((0..16).all(|i| (labels[i] == labels[0]) == (i % 4 < 2)), "{labels:?}");
     }
 }

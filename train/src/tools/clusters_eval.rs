@@ -3,7 +3,8 @@
 //!
 //! Per frame: the ONNX backbone runs in tract on the frame resized to its input (no crop),
 //! the patch features are clustered by k-means (cosine, `k` clusters, deterministic
-//! farthest-point start: [`crate::cluster::kmeans`]), the patch labels are upsampled to the
+//! farthest-point start: [`crate::cluster::kmeans`], the onboard runtime's clustering; a patch it
+//! cannot cluster counts as one more cluster), the patch labels are upsampled to the
 //! mask (nearest), and the cluster ids are matched to the mask's classes (background,
 //! foreground) by the Hungarian algorithm (`flsl_runtime::eval`). Because k-means ids are
 //! arbitrary per frame, the headline number is the **per-image** matching mIoU; the
@@ -64,7 +65,7 @@ fn sequences(root: &Path) -> Result<Vec<String>> {
 /// frames per sequence, `k` clusters per frame.
 pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<ClusterScores> {
     let mut m = OnnxModel::load(model, ModelOptions::new().with_threads(1))
-        .map_err(|e| Error::Config { key: "model".into(), reason: format!("{e:#}") })?;
+        .map_err(|e| Error::runtime(format!("loading `{}`", model.display()), e))?;
     let [_, _, ih, iw] = m.input_shape();
     let seqs = sequences(root)?;
     if seqs.is_empty() {
@@ -73,7 +74,8 @@ pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<
             reason: format!("no sequences under {}", root.display()),
         });
     }
-    let mut ev = ClusterEval::new(k.max(1), 2, None)
+    // k clusters and one for patches k-means cannot cluster (NO_LABEL: zero or non-finite rows).
+    let mut ev = ClusterEval::new(k.max(1) + 1, 2, None)
         .map_err(|e| Error::Config { key: "k".into(), reason: e.to_string() })?;
     let mut images = 0;
     for seq in &seqs {
@@ -96,16 +98,18 @@ pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<
             let mask = flsl_runtime::preprocess::decode_image_file(&mask_path)
                 .map_err(|e| Error::malformed("mask", &mask_path, e.to_string()))?
                 .to_luma8();
-            let frame =
-                Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize)
-                    .map_err(|e| Error::Config { key: "frame".into(), reason: e.to_string() })?;
+            let frame = Rgb8Frame::new(img.as_raw(), img.width() as usize, img.height() as usize)
+                .map_err(|e| Error::runtime(format!("frame `{}`", f.display()), e))?;
             let out = m
                 .run_rgb8(&frame)
-                .map_err(|e| Error::Config { key: "model".into(), reason: format!("{e:#}") })?;
+                .map_err(|e| Error::runtime(format!("running `{}`", model.display()), e))?;
             let (n, d) = (out.features.tokens(), out.features.channels());
             let patch = ((ih * iw) as f64 / n as f64).sqrt().round() as usize;
             let (gh, gw) = (ih / patch.max(1), iw / patch.max(1));
-            let labels = crate::cluster::kmeans(out.features.as_slice(), d, k, 10);
+            let mut labels = crate::cluster::kmeans(out.features.as_slice(), d, k.max(1), 10)?;
+            for l in labels.iter_mut().filter(|l| **l == flsl_runtime::perception::NO_LABEL) {
+                *l = k.max(1) as u32;
+            }
             let (mw, mh) = (mask.width() as usize, mask.height() as usize);
             let mut pred = vec![0u32; mw * mh];
             let mut gt = vec![0u32; mw * mh];
@@ -117,12 +121,11 @@ pub fn eval_davis(model: &Path, root: &Path, k: usize, frames: usize) -> Result<
                     gt[y * mw + x] = u32::from(mask.get_pixel(x as u32, y as u32)[0] > 127);
                 }
             }
-            ev.add_image(&pred, &gt)
-                .map_err(|e| Error::Config { key: "eval".into(), reason: e.to_string() })?;
+            ev.add_image(&pred, &gt).map_err(|e| Error::runtime("cluster evaluation", e))?;
             images += 1;
         }
     }
-    let r = ev.finish().map_err(|e| Error::Config { key: "eval".into(), reason: e.to_string() })?;
+    let r = ev.finish().map_err(|e| Error::runtime("cluster evaluation", e))?;
     Ok(ClusterScores {
         per_image_miou: r.per_image_miou,
         per_image_pixel_accuracy: r.per_image_pixel_accuracy,

@@ -34,13 +34,7 @@ pub struct DemoOptions {
     pub progress: crate::progress::Reporter,
 }
 
-/// The repository's embedded demo images.
-pub fn default_data() -> PathBuf {
-    std::path::PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
-    )
-    .join("../data/neon-aerial-trees/images")
-}
+pub use crate::data::default_data;
 
 impl Default for DemoOptions {
     fn default() -> Self {
@@ -119,14 +113,14 @@ fn maps<B: Backend>(
     model: &FlslModel<B>,
     img: &image::RgbImage,
     device: &B::Device,
-) -> (ClusterMap, ClusterMap, Vec<f32>, usize) {
+) -> Result<(ClusterMap, ClusterMap, Vec<f32>, usize)> {
     let (feats, d, proto) = cluster::image_features(model, img, MAP_SIDE, device);
     let km = ClusterMap {
         gh: proto.gh,
         gw: proto.gw,
-        labels: cluster::kmeans(&feats, d, MAP_CLUSTERS, 20),
+        labels: cluster::kmeans(&feats, d, MAP_CLUSTERS, 20)?,
     };
-    (proto, km, feats, d)
+    Ok((proto, km, feats, d))
 }
 
 /// Runs the demo.
@@ -199,8 +193,8 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
         let img = flsl_runtime::preprocess::decode_image_file(&path)
             .map_err(|e| Error::malformed("image", &path, e.to_string()))?
             .to_rgb8();
-        let (proto, km, feats, d_feat) = maps(&teacher, &img, &device);
-        let (_, km_rand, feats_rand, _) = maps(&random_model, &img, &device);
+        let (proto, km, feats, d_feat) = maps(&teacher, &img, &device)?;
+        let (_, km_rand, feats_rand, _) = maps(&random_model, &img, &device)?;
         let boxes = voc_for(&opts.data, name).map(|p| cluster::read_voc_boxes(&p)).transpose()?;
         let (w, h) = (img.width() as f32, img.height() as f32);
         let sep =
@@ -212,7 +206,7 @@ pub fn run_demo<B: AutodiffBackend>(opts: &DemoOptions, device: B::Device) -> Re
         let km_colour = ClusterMap {
             gh: km.gh,
             gw: km.gw,
-            labels: cluster::kmeans(&colour, d, MAP_CLUSTERS, 20),
+            labels: cluster::kmeans(&colour, d, MAP_CLUSTERS, 20)?,
         };
         let show = image::imageops::resize(
             &img,

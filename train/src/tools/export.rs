@@ -151,10 +151,7 @@ pub fn export_onnx(
         });
     }
     let head = with_head.then(HeadSpec::default);
-    let err = |e: flsl_runtime::export::ExportError| Error::Shape {
-        op: "onnx export",
-        reason: e.to_string(),
-    };
+    let err = |e: flsl_runtime::export::ExportError| Error::runtime("onnx export", e);
     let mut proto = flsl_runtime::export::vit_model_proto(
         &src.weights,
         &src.spec,
