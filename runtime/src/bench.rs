@@ -50,6 +50,9 @@ pub struct BenchReport {
     /// Peak resident set size of this process (`VmHWM` of `/proc/self/status`), in bytes;
     /// `None` where that file does not exist.
     pub peak_rss_bytes: Option<u64>,
+    /// What our load-time rewrites matched in the model (our fused ops, and the compute
+    /// nodes left on tract's generic path).
+    pub fusion: Option<crate::ops::FusionReport>,
 }
 
 /// onnxruntime timings of one thread count, parsed from `scripts/ort_bench.py`.
@@ -105,10 +108,12 @@ pub fn bench_with(
     let iters = iters.max(1);
     let mut timings = Vec::with_capacity(threads.len());
     let mut input_shape = [0; 4];
+    let mut fusion = None;
     for &t in threads {
         let _span = tracing::info_span!("bench", threads = t).entered();
         let mut m = OnnxModel::load(model, options.with_threads(t))?;
         input_shape = m.input_shape();
+        fusion = m.fusion().cloned();
         let [_, _, h, w] = input_shape;
         // A fixed, non-constant frame of the model's size.
         let frame: Vec<u8> = (0..h * w * 3).map(synthetic_byte).collect();
@@ -140,7 +145,13 @@ pub fn bench_with(
         });
         tracing::info!(threads = t, median_ms, "tract timing");
     }
-    Ok(BenchReport { model: model.into(), input_shape, timings, peak_rss_bytes: peak_rss_bytes() })
+    Ok(BenchReport {
+        model: model.into(),
+        input_shape,
+        timings,
+        peak_rss_bytes: peak_rss_bytes(),
+        fusion,
+    })
 }
 
 /// Times `model` in onnxruntime at each of `threads` by running the embedded

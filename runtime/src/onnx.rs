@@ -129,6 +129,13 @@ pub struct TokenMap<'a> {
 }
 
 impl<'a> TokenMap<'a> {
+    /// The map without its first `n` tokens.
+    fn skip(self, n: usize) -> Self {
+        let n = n.min(self.tokens);
+        let data = self.data.get(n * self.channels..).unwrap_or_default();
+        Self { data, tokens: self.tokens - n, channels: self.channels }
+    }
+
     /// All values, token-major.
     pub fn as_slice(&self) -> &'a [f32] {
         self.data
@@ -246,6 +253,10 @@ pub struct OnnxModel {
     options: ModelOptions,
     /// Output names, in the plan's output order.
     output_names: Vec<String>,
+    /// What the load-time rewrites matched (gemm engine only).
+    fusion: Option<crate::ops::FusionReport>,
+    /// Class/register tokens ahead of the patch tokens in the features output.
+    prefix_tokens: usize,
 }
 
 impl OnnxModel {
@@ -366,12 +377,16 @@ impl OnnxModel {
         let shape = [1, 3, h, w];
         let optimize = |source| ModelError::Optimize { model: name.clone(), shape, source };
         model.set_input_fact(0, f32::fact(shape).into()).map_err(optimize)?;
+        let mut fusion = None;
         let typed = match options.matmul {
             MatMulEngine::Tract => model.into_optimized(),
             MatMulEngine::Gemm => model
                 .into_typed()
                 .and_then(|t| t.into_decluttered())
                 .and_then(|mut t| {
+                    // Foreign exporters' spellings first, so that the substitutions see ours.
+                    let gelu = crate::ops::fuse_erf_gelu(&mut t)?;
+                    let norms = crate::ops::fuse_decomposed_layer_norm(&mut t)?;
                     let q = crate::ops::substitute_int8_matmuls(&mut t, int8)?;
                     let (patches, q_patches) = crate::ops::substitute_patch_embeddings(&mut t, int8)?;
                     if q + q_patches != int8.len() {
@@ -379,7 +394,10 @@ impl OnnxModel {
                     }
                     let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
                     let attn = crate::ops::fuse_attention(&mut t)?;
-                    tracing::debug!(model = %name, products = n, int8 = q, attention = attn, patch_embeddings = patches, "matmuls moved to gemm / int8, attention fused");
+                    tracing::debug!(model = %name, products = n, int8 = q, attention = attn, patch_embeddings = patches, gelu_rewritten = gelu, "matmuls moved to gemm / int8, attention fused");
+                    let report = crate::ops::FusionReport::of(&t, int8.len(), gelu, norms)?;
+                    tracing::info!(model = %name, "fusion: {report}");
+                    fusion = Some(report);
                     t.into_optimized()
                 }),
         }
@@ -408,6 +426,27 @@ impl OnnxModel {
                     labels[ix]
                 )));
             }
+        }
+
+        // Class and register tokens ahead of the patch tokens (DINO, timm, DINOv2 exports):
+        // the features output has the patch grid's tokens plus a few, the grid being known
+        // from the patch embedding.
+        let prefix_tokens = match (
+            fusion.as_ref().and_then(|f| f.patch),
+            typed
+                .outlet_fact(outlets[features_ix])
+                .ok()
+                .and_then(|f| f.shape.as_concrete().map(|s| s.to_vec())),
+        ) {
+            (Some((ph, pw)), Some(s)) if s.len() == 3 && ph > 0 && pw > 0 => {
+                let grid = (h / ph) * (w / pw);
+                let t = s[1];
+                if t > grid && t - grid <= MAX_PREFIX_TOKENS { t - grid } else { 0 }
+            }
+            _ => 0,
+        };
+        if prefix_tokens > 0 {
+            tracing::info!(model = %name, prefix_tokens, "features: the first {prefix_tokens} token(s) are class/register tokens, skipped in the patch features");
         }
 
         let pool = if options.threads <= 1 {
@@ -448,6 +487,8 @@ impl OnnxModel {
             logits_ix,
             options,
             output_names: labels,
+            fusion,
+            prefix_tokens,
         })
     }
 
@@ -532,6 +573,12 @@ impl OnnxModel {
         Ok(())
     }
 
+    /// What the load-time rewrites matched: our fused ops and the compute nodes left on
+    /// tract's generic path (`None` with [`MatMulEngine::Tract`], which rewrites nothing).
+    pub fn fusion(&self) -> Option<&crate::ops::FusionReport> {
+        self.fusion.as_ref()
+    }
+
     /// The model's output names, in order (for example `features`, `prototype_logits`,
     /// `det_heatmap`, `det_boxes`).
     pub fn output_names(&self) -> &[String] {
@@ -548,9 +595,21 @@ impl OnnxModel {
 
     /// Views of the last run's outputs; `None` before the first successful run.
     pub fn outputs(&self) -> Option<Outputs<'_>> {
-        let features = token_map(self.outputs.get(self.features_ix)?)?;
-        let logits = self.logits_ix.and_then(|ix| token_map(self.outputs.get(ix)?));
+        let all = token_map(self.outputs.get(self.features_ix)?)?;
+        let features = all.skip(self.prefix_tokens);
+        let logits = self.logits_ix.and_then(|ix| {
+            let l = token_map(self.outputs.get(ix)?)?;
+            Some(if l.tokens == all.tokens { l.skip(self.prefix_tokens) } else { l })
+        });
         Some(Outputs { features, logits })
+    }
+
+    /// Class and register tokens ahead of the patch tokens in the features output (0 for
+    /// FLSL's no-class backbones): [`outputs`](Self::outputs) skips them, the raw
+    /// [`output_f32`](Self::output_f32) keeps them. Found at load when the output has the
+    /// patch embedding's grid plus at most 16 tokens.
+    pub fn prefix_tokens(&self) -> usize {
+        self.prefix_tokens
     }
 
     /// Runs the model on the current input like [`run`](Self::run), calling `hook` just
@@ -645,6 +704,10 @@ impl OnnxModel {
         ModelError::Run { model: self.name.clone(), shape: self.input_shape, source }
     }
 }
+
+/// Class/register tokens a features output may carry ahead of its patch tokens (DINOv2 with
+/// registers: 1 + 4).
+pub const MAX_PREFIX_TOKENS: usize = 16;
 
 /// `[1, .., C]` -> `[tokens, C]` view (`tokens` = product of the middle dims).
 fn token_map(t: &TValue) -> Option<TokenMap<'_>> {

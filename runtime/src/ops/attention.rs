@@ -35,6 +35,8 @@ pub const FUSE_MIN_SCORE_BYTES: usize = 4 << 20;
 pub struct FusedAttention {
     scores: Geometry,
     context: Geometry,
+    /// The scores' scale ([`GemmMatMul::scale`]) as bits.
+    scale_bits: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -44,9 +46,10 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl FusedAttention {
-    /// The fused op when `scores` (softmax over its `n`) feeds `context` as its `A` exactly:
-    /// same batch blocks, scores rows = context rows, scores columns = context's reduction.
-    pub fn new(scores: &Geometry, context: &Geometry) -> Option<Self> {
+    /// The fused op when `scores` (softmax over its `n`, after multiplying by `scale`) feeds
+    /// `context` as its `A` exactly: same batch blocks, scores rows = context rows, scores
+    /// columns = context's reduction.
+    pub fn new(scores: &Geometry, context: &Geometry, scale: f32) -> Option<Self> {
         let (s, c) = (scores, context);
         let ok = s.kloop.is_empty()
             && c.kloop.is_empty()
@@ -58,7 +61,11 @@ impl FusedAttention {
             && c.k == s.n
             && s.batch.len() == c.batch.len()
             && s.batch.iter().zip(&c.batch).all(|(x, y)| x.0 == y.0 && x.3 == y.1);
-        ok.then(|| Self { scores: scores.clone(), context: context.clone() })
+        ok.then(|| Self {
+            scores: scores.clone(),
+            context: context.clone(),
+            scale_bits: scale.to_bits(),
+        })
     }
 
     /// Batch blocks `range` (flat indices), all rows.
@@ -113,7 +120,7 @@ impl FusedAttention {
                         s.b_cs,
                         s.b_rs,
                         1.0,
-                        1.0,
+                        f32::from_bits(self.scale_bits),
                         false,
                         false,
                         false,
@@ -253,7 +260,9 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         if score_bytes < FUSE_MIN_SCORE_BYTES {
             continue;
         }
-        let Some(op) = FusedAttention::new(g, context.geometry()) else { continue };
+        let Some(op) = FusedAttention::new(g, context.geometry(), scores.scale()) else {
+            continue;
+        };
         let (q, k, v) = (node.inputs[0], node.inputs[1], next.inputs[1]);
         let name = next.name.clone();
         let tail = OutletId::new(next.id, 0);

@@ -14,7 +14,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::math::Add;
+use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{GeluExact, Softmax, SoftmaxKind};
 
 /// Below this many multiply-adds a product runs on one thread (gemm's own default
@@ -215,20 +215,29 @@ pub enum Post {
     Softmax,
 }
 
-/// `C = A B (+ bias)` for f32 `A`, `B` (any contiguous layout the [`Geometry`] describes),
-/// computed by [`gemm::gemm`]. Multithreaded on the rayon pool the frame runs in
+/// `C = scale · A B (+ bias)` for f32 `A`, `B` (any contiguous layout the [`Geometry`]
+/// describes), computed by [`gemm::gemm`] (the scale is its `beta`: foreign exporters write
+/// the attention scale as a product with the scores, or with `q` and `k`). Multithreaded on the rayon pool the frame runs in
 /// (`ops::pool_threads`), on the calling thread otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GemmMatMul {
     geometry: Geometry,
+    /// `beta` of the product, as bits (so that the op can be `Eq`); 1.0 unless a scale was
+    /// folded in.
+    scale_bits: u32,
     bias: Option<Bias>,
     post: Post,
 }
 
 impl GemmMatMul {
-    /// A product with the given geometry and no bias.
+    /// A product with the given geometry, scale 1 and no bias.
     pub fn new(geometry: Geometry) -> Self {
-        Self { geometry, bias: None, post: Post::None }
+        Self { geometry, scale_bits: 1f32.to_bits(), bias: None, post: Post::None }
+    }
+
+    /// The factor applied to `A B` (1 unless a scale was folded in).
+    pub fn scale(&self) -> f32 {
+        f32::from_bits(self.scale_bits)
     }
 
     fn parallelism(&self) -> gemm::Parallelism {
@@ -268,12 +277,13 @@ impl Op for GemmMatMul {
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
         Ok(vec![format!(
-            "m:{} k:{} n:{} batch:{:?} k-loop:{:?} bias:{} post:{:?} out:{:?}",
+            "m:{} k:{} n:{} batch:{:?} k-loop:{:?} scale:{} bias:{} post:{:?} out:{:?}",
             g.m,
             g.k,
             g.n,
             g.batch.iter().map(|b| b.0).collect::<Vec<_>>(),
             g.kloop.iter().map(|k| k.0).collect::<Vec<_>>(),
+            self.scale(),
             self.bias.is_some(),
             self.post,
             g.out_shape
@@ -336,6 +346,7 @@ impl EvalOp for GemmMatMul {
             let steps: usize = axes.iter().map(|a| a.0).product();
             let loop_len: usize = g.kloop.iter().map(|k| k.0).product();
             let dst = SharedOut(out.as_mut_ptr());
+            let beta = self.scale();
             // Steps `range` (flat indices over `axes`), one gemm call each.
             let run_steps = |range: std::ops::Range<usize>, parallelism: gemm::Parallelism| {
                 for step in range {
@@ -372,7 +383,7 @@ impl EvalOp for GemmMatMul {
                             g.b_cs,
                             g.b_rs,
                             1.0,
-                            1.0,
+                            beta,
                             false,
                             false,
                             false,
@@ -457,6 +468,70 @@ pub(crate) fn following_bias(
     Ok(bias.map(|b| (b, OutletId::new(next.id, 0))))
 }
 
+/// The value of a uniform f32 constant (a scalar, or a tensor of one repeated value).
+fn uniform_f32(fact: &TypedFact) -> Option<f32> {
+    let k = fact.uniform.as_ref().or(fact.konst.as_ref())?;
+    if k.datum_type() != f32::datum_type() {
+        return None;
+    }
+    let view = k.to_plain_array_view::<f32>().ok()?;
+    let first = *view.iter().next()?;
+    view.iter().all(|v| v.to_bits() == first.to_bits()).then_some(first)
+}
+
+/// A `Mul` by a uniform f32 constant that alone reads `outlet` (not a model output) and
+/// keeps its shape (`c`): the factor and the `Mul`'s outlet.
+pub(crate) fn following_scale(
+    model: &TypedModel,
+    outlet: OutletId,
+    c: &[usize],
+) -> TractResult<Option<(f32, OutletId)>> {
+    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
+    if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let next = model.node(succ[0].node);
+    let is_mul = next.op_as::<TypedBinOp>().is_some_and(|bin| bin.0.is::<Mul>());
+    if !is_mul || next.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let next_out = OutletId::new(next.id, 0);
+    if model.outlet_fact(next_out)?.shape.as_concrete() != Some(c) {
+        return Ok(None);
+    }
+    let factor = uniform_f32(model.outlet_fact(next.inputs[1 - succ[0].slot])?);
+    Ok(factor.filter(|f| f.is_finite()).map(|f| (f, next_out)))
+}
+
+/// When `input` is made by a `Mul` of another tensor by a uniform f32 constant, read by
+/// nothing else (`scaled_dot_product_attention` exports scale `q` and `kᵀ` by `√scale` each
+/// before the product): that tensor and the factor.
+pub(crate) fn preceding_scale(
+    model: &TypedModel,
+    input: OutletId,
+) -> TractResult<Option<(OutletId, f32)>> {
+    let node = model.node(input.node);
+    let is_mul = node.op_as::<TypedBinOp>().is_some_and(|bin| bin.0.is::<Mul>());
+    if !is_mul
+        || node.inputs.len() != 2
+        || node.outputs[0].successors.len() != 1
+        || model.output_outlets()?.contains(&input)
+    {
+        return Ok(None);
+    }
+    for (slot, other) in [(0, 1), (1, 0)] {
+        let (x, k) = (node.inputs[slot], node.inputs[other]);
+        let (xf, of) = (model.outlet_fact(x)?, model.outlet_fact(input)?);
+        if xf.konst.is_some() || xf.shape != of.shape {
+            continue;
+        }
+        if let Some(f) = uniform_f32(model.outlet_fact(k)?).filter(|f| f.is_finite()) {
+            return Ok(Some((x, f)));
+        }
+    }
+    Ok(None)
+}
+
 /// A GELU, or a softmax over C's last (contiguous) axis, that alone reads `outlet` (not a
 /// model output), and its outlet.
 pub(crate) fn following_post(
@@ -521,18 +596,35 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let mut op = GemmMatMul::new(geometry);
-        // The node whose output the new op takes over: the einsum, or its bias Add.
+        let mut scale = 1f32;
+        // Scaled operands (SDPA's q·√s and kᵀ·√s): the product reads the unscaled ones.
+        let mut inputs = node.inputs.clone();
+        for input in inputs.iter_mut() {
+            if let Some((x, f)) = preceding_scale(model, *input)? {
+                *input = x;
+                scale *= f;
+            }
+        }
+        // The node whose output the new op takes over: the einsum, its bias Add, its scale.
         let mut tail = OutletId::new(id, 0);
         if let Some((bias, add)) = following_bias(model, id, &op.geometry, c)? {
             op.bias = Some(Bias(bias));
             tail = add;
         }
+        // (A B + b) s = s A B + s b.
+        if let Some((f, mul)) = following_scale(model, tail, c)? {
+            scale *= f;
+            if let Some(Bias(b)) = &mut op.bias {
+                b.iter_mut().for_each(|v| *v *= f);
+            }
+            tail = mul;
+        }
+        op.scale_bits = scale.to_bits();
         if let Some((post, outlet)) = following_post(model, tail, &op.geometry)? {
             op.post = post;
             tail = outlet;
         }
         let name = node.name.clone();
-        let inputs = node.inputs.clone();
         let mut patch = TypedModelPatch::default();
         let a = patch.tap_model(model, inputs[0])?;
         let b = patch.tap_model(model, inputs[1])?;

@@ -1044,6 +1044,11 @@ impl PartialEq for Int8MatMul {
 impl Eq for Int8MatMul {}
 
 impl Int8MatMul {
+    /// Whether the GELU is fused after the product.
+    pub(crate) fn has_gelu(&self) -> bool {
+        self.layer.gelu
+    }
+
     /// The op for `layer` reading A's rows through `rows` in inputs of shape `in_shape`,
     /// giving the row-major `out_shape` (`rows.m` rows of `N`).
     pub fn new(

@@ -62,6 +62,13 @@ impl PartialEq for PatchEmbed {
 impl Eq for PatchEmbed {}
 
 impl PatchEmbed {
+    /// Kernel height and width (= the strides): the patch size.
+    pub fn kernel(&self) -> (usize, usize) {
+        self.kernel
+    }
+}
+
+impl PatchEmbed {
     /// The op for `weight` `[D, C, kh, kw]` (row-major) and `bias` `[D]`.
     pub fn new(weight: &[f32], bias: Vec<f32>, d: usize, kernel: (usize, usize)) -> Self {
         let k = weight.len() / d.max(1);

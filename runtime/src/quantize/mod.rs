@@ -344,6 +344,10 @@ pub struct QuantReport {
     pub latency: Vec<Latency>,
     /// tract's optimized int8 plan.
     pub tract_ops: TractOps,
+    /// What our load-time rewrites matched in the fp32 model.
+    pub fusion_fp32: Option<crate::ops::FusionReport>,
+    /// ... and in the int8 model.
+    pub fusion_int8: Option<crate::ops::FusionReport>,
     /// Detection AP fp32 vs int8 (a detection head and [`QuantizeOptions::detection`]).
     pub detection: Option<DetectionDelta>,
     /// Wall time of calibration + rewrite, seconds.
@@ -468,7 +472,9 @@ pub fn quantize_file(
     let model_options = ModelOptions::new().with_input_size(shape[2], shape[3]);
     let mut check = OnnxModel::from_bytes(&bytes, model_options)?;
     check.run()?;
+    let fusion_int8 = check.fusion().cloned();
     drop(check);
+    let fusion_fp32 = OnnxModel::load(input, model_options)?.fusion().cloned();
     let tract_ops = tract_ops(&bytes, shape)?;
     write_atomic(out, &bytes)?;
     let quantize_seconds = started.elapsed().as_secs_f64();
@@ -501,6 +507,8 @@ pub fn quantize_file(
         accuracy,
         latency,
         tract_ops,
+        fusion_fp32,
+        fusion_int8,
         quantize_seconds,
     };
     let json = serde_json::to_vec_pretty(&report).expect("the report serializes");
@@ -792,6 +800,11 @@ pub fn report_markdown(r: &QuantReport) -> String {
         "- tract plan: {} integer matmuls, {} float matmuls",
         r.tract_ops.integer_matmuls, r.tract_ops.float_matmuls
     );
+    for (name, f) in [("fp32", &r.fusion_fp32), ("int8", &r.fusion_int8)] {
+        if let Some(f) = f {
+            let _ = writeln!(s, "- {name} model, fused paths: {f}");
+        }
+    }
     match &r.accuracy {
         Some(a) => {
             let _ = writeln!(

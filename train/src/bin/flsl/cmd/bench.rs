@@ -51,6 +51,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             o.onnxruntime_version
         );
     }
+    if let Some(f) = &report.fusion {
+        println!("fused paths: {f}");
+    }
     if let Some(rss) = report.peak_rss_bytes {
         println!("peak memory (VmHWM of this process): {:.1} MB", rss as f64 / 1e6);
     }
@@ -61,6 +64,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             "tract": report.timings.iter().map(|t| serde_json::json!({"threads": t.threads, "iters": t.iters, "median_ms": t.median_ms, "p90_ms": t.p90_ms, "min_ms": t.min_ms, "fps": t.fps, "preprocess_ms": t.preprocess_ms})).collect::<Vec<_>>(),
             "onnxruntime": ort.as_ref().map(|o| serde_json::json!({"version": o.onnxruntime_version, "timings": o.timings.iter().map(|t| serde_json::json!({"threads": t.threads, "median_ms": t.median_ms, "p90_ms": t.p90_ms, "fps": t.fps})).collect::<Vec<_>>()})),
             "peak_rss_bytes": report.peak_rss_bytes,
+            "fusion": report.fusion,
         });
         flsl_train::tensors::write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }

@@ -1,0 +1,270 @@
+//! Canonicalisation of foreign exporters' spellings, on tract's decluttered typed model,
+//! before our ops are substituted: the same ViT written by `torch.onnx` (dynamo or
+//! TorchScript), timm or our own exporter should reach the same fused products.
+//!
+//! tract's own declutter already rewrites `Div` by a constant into `Mul` by its reciprocal,
+//! folds `Constant` / `Identity` chains into constants, and recognises the exact GELU in
+//! two of its three usual association orders (`(0.5·x)·(1+erf(x/√2))` and
+//! `(x·(1+erf(x/√2)))·0.5`). What remains for us:
+//!
+//! - [`fuse_erf_gelu`]: the third order, `x·(0.5·(1+erf(x/√2)))`, which the dynamo exporter
+//!   writes at opset 17 (and `x·((1+erf(x/√2))·0.5)`), becomes tract's `GeluExact`, which
+//!   our products fuse. Multiplying by 0.5 is exact, so every order computes the same
+//!   value.
+//! - [`fuse_decomposed_layer_norm`]: a LayerNorm written out as `ReduceMean`, `Sub`, `Pow`,
+//!   `ReduceMean`, `Add`, `Sqrt`, `Div`, `Mul`, `Add` (the TorchScript exporter below opset
+//!   17), which declutter turns into a mean, a subtraction, tract's `RmsNorm` and the affine,
+//!   becomes one [`FusedLayerNorm`](super::FusedLayerNorm), as the opset-17 op does.
+//! - the attention scale: folded into the score product by
+//!   [`substitute_gemm_matmuls`](super::substitute_gemm_matmuls) itself (a product's `beta`).
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::model::TypedModelHelpers;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::math::{Add, Erf, Mul, Sub};
+use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
+
+use super::FusedLayerNorm;
+use tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact;
+
+/// Rewrites every `x·(0.5·(1+erf(x·(1/√2))))` (either operand order in each product, and
+/// `(1+erf)·0.5` for the inner factor) of f32 `x` into one `GeluExact(x)`. Returns the
+/// number rewritten. Run it on a decluttered model, before the product substitutions.
+pub fn fuse_erf_gelu(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        // An earlier patch of this loop may have removed the node.
+        if id >= model.nodes().len() {
+            continue;
+        }
+        let Some(patch) = half_inside_gelu(model, model.node(id))? else { continue };
+        patch.apply(model)?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
+fn is_mul(node: &TypedNode) -> bool {
+    node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Mul>())
+}
+
+fn is_bin<B: tract_onnx::tract_core::ops::binary::BinMiniOp>(node: &TypedNode) -> bool {
+    node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<B>()) && node.inputs.len() == 2
+}
+
+/// Rewrites every `(x - mean(x)) / sqrt(mean((x - mean(x))²) + eps) [· γ] [+ β]` over the
+/// last axis of f32 `x`, as tract's declutter leaves it (`Reduce<Sum>`, `Mul` by `1/D`,
+/// `Sub`, `RmsNorm`, then an optional `Mul` by a constant `γ` and `Add` of a constant `β`,
+/// each of `D` values), into one [`FusedLayerNorm`]. Returns the number rewritten.
+pub fn fuse_decomposed_layer_norm(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in model.eval_order()? {
+        let Some(patch) = decomposed_layer_norm(model, model.node(id))? else { continue };
+        patch.apply(model)?;
+        fused += 1;
+    }
+    Ok(fused)
+}
+
+/// The `D` values of a constant input of the binary `node` (the other input being `from`),
+/// when it only varies along the last axis.
+fn affine_const(model: &TypedModel, node: &TypedNode, from: OutletId, d: usize) -> Option<Tensor> {
+    let other = *node.inputs.iter().find(|i| **i != from)?;
+    let k = model.outlet_fact(other).ok()?.konst.clone()?;
+    if k.datum_type() != f32::datum_type() || k.len() != d || k.shape().last() != Some(&d) {
+        return None;
+    }
+    (*k).clone().into_shape(&[d]).ok()
+}
+
+fn decomposed_layer_norm(
+    model: &TypedModel,
+    rms: &TypedNode,
+) -> TractResult<Option<TypedModelPatch>> {
+    let Some(op) = rms.op_as::<RmsNorm>() else { return Ok(None) };
+    let fact = model.outlet_fact(OutletId::new(rms.id, 0))?;
+    let Some(shape) = fact.shape.as_concrete().map(<[usize]>::to_vec) else { return Ok(None) };
+    if fact.datum_type != f32::datum_type() || op.axis + 1 != shape.len() || op.eps.len() != 1 {
+        return Ok(None);
+    }
+    let d = shape[op.axis];
+    let eps = op.eps.cast_to_scalar::<f32>()?;
+    // x - mean(x), read by the RmsNorm alone.
+    let sub = model.node(rms.inputs[0].node);
+    if !is_bin::<Sub>(sub) || sub.outputs[0].successors.len() != 1 {
+        return Ok(None);
+    }
+    let (x, mean) = (sub.inputs[0], model.node(sub.inputs[1].node));
+    // mean(x) = Reduce<Sum>(x) over the same axis, times 1/D.
+    if !is_mul(mean) || !model.matches_single_input_const(mean, 1.0 / d as f32) {
+        return Ok(None);
+    }
+    let Some(sum) = mean.inputs.iter().map(|i| model.node(i.node)).find(|n| n.op_is::<Reduce>())
+    else {
+        return Ok(None);
+    };
+    let reduce = sum.op_as::<Reduce>().filter(|r| r.reducer == Reducer::Sum);
+    if reduce.is_none_or(|r| r.axes.as_slice() != [op.axis]) || sum.inputs != [x] {
+        return Ok(None);
+    }
+    // The affine: · γ, then + β, each optional (an identity affine is decluttered away).
+    let mut tail = OutletId::new(rms.id, 0);
+    let (mut gamma, mut beta) = (None, None);
+    if let Some(next) = model.single_succ(tail.node)?
+        && is_bin::<Mul>(next)
+        && let Some(g) = affine_const(model, next, tail, d)
+        && model.outlet_fact(OutletId::new(next.id, 0))?.shape == fact.shape
+    {
+        gamma = Some(g);
+        tail = OutletId::new(next.id, 0);
+    }
+    if let Some(next) = model.single_succ(tail.node)?
+        && is_bin::<Add>(next)
+        && let Some(b) = affine_const(model, next, tail, d)
+        && model.outlet_fact(OutletId::new(next.id, 0))?.shape == fact.shape
+    {
+        beta = Some(b);
+        tail = OutletId::new(next.id, 0);
+    }
+    let gamma = gamma.unwrap_or_else(|| tensor1(&vec![1f32; d]));
+    let beta = beta.unwrap_or_else(|| tensor1(&vec![0f32; d]));
+    let mut patch = TypedModelPatch::default();
+    let xt = patch.tap_model(model, x)?;
+    let g = patch.add_const(format!("{}.layer_norm.scale", rms.name), gamma)?;
+    let b = patch.add_const(format!("{}.layer_norm.bias", rms.name), beta)?;
+    let wired = patch.wire_node(
+        format!("{}.layer_norm", rms.name),
+        FusedLayerNorm { axis: op.axis, eps },
+        &[xt, g, b],
+    )?;
+    patch.shunt_outside(model, tail, wired[0])?;
+    Ok(Some(patch))
+}
+
+/// The patch for the chain anchored on `erf_node`, when it has the `x·(0.5·(1+erf))` shape.
+fn half_inside_gelu(
+    model: &TypedModel,
+    erf_node: &TypedNode,
+) -> TractResult<Option<TypedModelPatch>> {
+    let is_erf = erf_node.op_as::<ElementWiseOp>().is_some_and(|e| e.0.is::<Erf>());
+    if !is_erf || erf_node.inputs.len() != 1 {
+        return Ok(None);
+    }
+    if model.node_input_facts(erf_node.id)?[0].datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    // x / sqrt(2), as declutter leaves it: a product with the constant 1/sqrt(2).
+    let scale = model.node(erf_node.inputs[0].node);
+    if !is_mul(scale) || !model.matches_single_input_const(scale, std::f32::consts::FRAC_1_SQRT_2) {
+        return Ok(None);
+    }
+    let Some(x) = scale
+        .inputs
+        .iter()
+        .find(|o| model.outlet_fact(**o).is_ok_and(|f| f.konst.is_none()))
+        .copied()
+    else {
+        return Ok(None);
+    };
+    if scale.outputs[0].successors.len() != 1 {
+        return Ok(None);
+    }
+    // 1 + erf(.)
+    let Some(one_plus) = model.find_succ_bin_with_const::<Add>(erf_node, 1.0) else {
+        return Ok(None);
+    };
+    // 0.5 * (1 + erf(.)), then x * that.
+    let Some(half) = model.find_succ_bin_with_const::<Mul>(one_plus, 0.5) else {
+        return Ok(None);
+    };
+    let Some(out) = model.single_succ(half.id)? else { return Ok(None) };
+    let other = out.inputs.iter().find(|i| i.node != half.id);
+    if !is_mul(out) || out.inputs.len() != 2 || other != Some(&x) {
+        return Ok(None);
+    }
+    // Same shape as x: no broadcast hides in the last product.
+    if model.outlet_fact(OutletId::new(out.id, 0))?.shape != model.outlet_fact(x)?.shape {
+        return Ok(None);
+    }
+    let mut patch = TypedModelPatch::default();
+    let tap = patch.tap_model(model, x)?;
+    let wired = patch.wire_node(format!("{}.gelu_exact", erf_node.name), gelu_exact(), &[tap])?;
+    patch.shunt_outside(model, OutletId::new(out.id, 0), wired[0])?;
+    Ok(Some(patch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::math::{add, erf, mul};
+    use tract_onnx::tract_core::ops::nn::GeluExact;
+
+    /// `x·(0.5·(1+erf(x/√2)))` with the operands of each product in the given order.
+    fn chain(swap_inner: bool, swap_outer: bool) -> TractResult<TypedModel> {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([2, 5]))?;
+        let c = m.add_const("c", tensor2(&[[std::f32::consts::FRAC_1_SQRT_2]]))?;
+        let scaled = m.wire_node("scale", mul(), &[x, c])?[0];
+        let e = m.wire_node("erf", erf(), &[scaled])?[0];
+        let one = m.add_const("one", tensor2(&[[1f32]]))?;
+        let ope = m.wire_node("add_one", add(), &[e, one])?[0];
+        let h = m.add_const("half_c", tensor2(&[[0.5f32]]))?;
+        let inner = if swap_inner { [h, ope] } else { [ope, h] };
+        let half = m.wire_node("half", mul(), &inner)?[0];
+        let outer = if swap_outer { [half, x] } else { [x, half] };
+        let out = m.wire_node("out", mul(), &outer)?;
+        m.select_output_outlets(&out)?;
+        Ok(m)
+    }
+
+    fn run(m: &TypedModel, x: &[f32]) -> Vec<f32> {
+        let plan = TypedSimplePlan::new(m.clone()).unwrap();
+        let input = Tensor::from_shape(&[2, 5], x).unwrap();
+        let out = plan.run(tvec!(input.into_tvalue())).unwrap();
+        out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+    }
+
+    #[test]
+    fn every_order_of_the_half_inside_form_becomes_one_exact_gelu_with_the_same_values() {
+        let x: Vec<f32> = (0..10).map(|i| (i as f32 - 4.5) * 0.77).collect();
+        for (si, so) in [(false, false), (true, false), (false, true), (true, true)] {
+            let original = chain(si, so).unwrap();
+            let mut m = original.clone().into_decluttered().unwrap();
+            let n = fuse_erf_gelu(&mut m).unwrap();
+            assert_eq!(n, 1, "order {si} {so}");
+            let gelus = m
+                .nodes()
+                .iter()
+                .filter(|n| n.op_as::<ElementWiseOp>().is_some_and(|e| e.0.is::<GeluExact>()))
+                .count();
+            assert_eq!(gelus, 1);
+            assert!(
+                !m.nodes()
+                    .iter()
+                    .any(|n| n.op_as::<ElementWiseOp>().is_some_and(|e| e.0.is::<Erf>()))
+            );
+            let (a, b) = (run(&original, &x), run(&m, &x));
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_chain_with_another_constant_is_left_alone() {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([4])).unwrap();
+        let c = m.add_const("c", tensor1(&[0.6f32])).unwrap();
+        let scaled = m.wire_node("scale", mul(), &[x, c]).unwrap()[0];
+        let e = m.wire_node("erf", erf(), &[scaled]).unwrap()[0];
+        let one = m.add_const("one", tensor1(&[1f32])).unwrap();
+        let ope = m.wire_node("add_one", add(), &[e, one]).unwrap()[0];
+        let h = m.add_const("half_c", tensor1(&[0.5f32])).unwrap();
+        let half = m.wire_node("half", mul(), &[ope, h]).unwrap()[0];
+        let out = m.wire_node("out", mul(), &[x, half]).unwrap();
+        m.select_output_outlets(&out).unwrap();
+        let mut m = m.into_decluttered().unwrap();
+        assert_eq!(fuse_erf_gelu(&mut m).unwrap(), 0);
+    }
+}
