@@ -266,8 +266,11 @@ impl OnnxModel {
         let _span = tracing::info_span!("onnx_load", model = %name).entered();
         let load = |source| ModelError::Load { model: name.clone(), source };
         let onnx = tract_onnx::onnx();
-        let proto = onnx.proto_model_for_path(path).map_err(load)?;
+        let mut proto = onnx.proto_model_for_path(path).map_err(load)?;
         let dir = path.parent().and_then(Path::to_str);
+        // Weights kept beside the file: read into the model, so that the int8 lowering sees them.
+        let folder = path.parent().unwrap_or(Path::new("."));
+        inline_external_data(&mut proto, folder).map_err(|e| load(TractError::new(e)))?;
         Self::from_proto(proto, dir, name.clone(), options)
     }
 
@@ -316,8 +319,16 @@ impl OnnxModel {
         name: String,
         options: ModelOptions,
     ) -> Result<Self, ModelError> {
-        let int8 = match options.matmul {
-            MatMulEngine::Gemm => crate::ops::lower_qdq_matmuls(&mut proto),
+        let (int8, fake_quant) = match options.matmul {
+            MatMulEngine::Gemm => {
+                let int8 = crate::ops::lower_qdq_matmuls(&mut proto);
+                let bypassed = if int8.is_empty() {
+                    0
+                } else {
+                    crate::ops::bypass_fake_quant_pairs(&mut proto)
+                };
+                (int8, bypassed)
+            }
             MatMulEngine::Tract => Default::default(),
         };
         let load = |source| ModelError::Load { model: name.clone(), source };
@@ -333,7 +344,7 @@ impl OnnxModel {
             ))));
         }
         drop(proto);
-        Self::from_inference_model(parsed.model, name, options, &int8)
+        Self::from_inference_model(parsed.model, name, options, &int8, fake_quant)
     }
 
     fn from_inference_model(
@@ -341,6 +352,7 @@ impl OnnxModel {
         name: String,
         options: ModelOptions,
         int8: &std::collections::HashMap<String, crate::ops::QdqLayer>,
+        fake_quant_bypassed: usize,
     ) -> Result<Self, ModelError> {
         let unsupported = |reason: String| ModelError::Unsupported { model: name.clone(), reason };
         let n_inputs = model.inputs.len();
@@ -395,7 +407,14 @@ impl OnnxModel {
                     let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
                     let attn = crate::ops::fuse_attention(&mut t)?;
                     tracing::debug!(model = %name, products = n, int8 = q, attention = attn, patch_embeddings = patches, gelu_rewritten = gelu, "matmuls moved to gemm / int8, attention fused");
-                    let report = crate::ops::FusionReport::of(&t, int8.len(), gelu, norms)?;
+                    let pre = crate::ops::FusionReport {
+                        qdq_layers: int8.len(),
+                        fake_quant_bypassed,
+                        gelu_rewritten: gelu,
+                        layer_norms_rewritten: norms,
+                        ..Default::default()
+                    };
+                    let report = crate::ops::FusionReport::of(&t, pre)?;
                     tracing::info!(model = %name, "fusion: {report}");
                     fusion = Some(report);
                     t.into_optimized()
@@ -728,6 +747,101 @@ pub fn read_graph(bytes: &[u8]) -> Result<usize, ModelError> {
         .map_err(|_| load(TractError::msg("the graph is inconsistent (tract panicked)")))?
         .map_err(load)?;
     Ok(parsed.model.nodes.len())
+}
+
+/// Reads the weights a file keeps outside itself (ONNX external data: `*.onnx.data` beside
+/// the model, the dynamo exporter's default for its weights) into the tensors' `raw_data`, so
+/// that rewrites that read weights (the int8 lowering, `flsl quantize`) see them. Each
+/// location must be a relative path inside `dir`; each range must lie inside its file and
+/// hold exactly what the tensor's dimensions declare. Returns the number of tensors read.
+pub fn inline_external_data(
+    proto: &mut tract_onnx::pb::ModelProto,
+    dir: &Path,
+) -> Result<usize, Invalid> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Some(g) = proto.graph.as_mut() else { return Ok(0) };
+    let mut files: std::collections::HashMap<String, std::fs::File> = Default::default();
+    let mut read = 0;
+    for t in g.initializer.iter_mut().filter(|t| t.data_location == Some(1)) {
+        let what = |r: String| Invalid::from(format!("external data of tensor `{}`: {r}", t.name));
+        let get =
+            |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
+        let location = get("location").ok_or_else(|| what("no location".into()))?;
+        let rel = Path::new(&location);
+        if rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir))
+        {
+            return Err(what(format!(
+                "location `{location}` is not a relative path inside the model's folder"
+            )));
+        }
+        let number = |key: &str| -> Result<Option<u64>, Invalid> {
+            get(key)
+                .map(|v| v.parse::<u64>().map_err(|_| what(format!("{key} `{v}` is not a number"))))
+                .transpose()
+        };
+        let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+        let elem = match tract_onnx::pb::tensor_proto::DataType::try_from(t.data_type) {
+            Ok(tract_onnx::pb::tensor_proto::DataType::Float) => 4,
+            Ok(
+                tract_onnx::pb::tensor_proto::DataType::Int8
+                | tract_onnx::pb::tensor_proto::DataType::Uint8,
+            ) => 1,
+            Ok(
+                tract_onnx::pb::tensor_proto::DataType::Int64
+                | tract_onnx::pb::tensor_proto::DataType::Double,
+            ) => 8,
+            Ok(tract_onnx::pb::tensor_proto::DataType::Int32) => 4,
+            Ok(
+                tract_onnx::pb::tensor_proto::DataType::Float16
+                | tract_onnx::pb::tensor_proto::DataType::Bfloat16,
+            ) => 2,
+            _ => {
+                return Err(what(format!(
+                    "data type {} is not supported in external data",
+                    t.data_type
+                )));
+            }
+        };
+        let count = t
+            .dims
+            .iter()
+            .try_fold(1u64, |a, &d| u64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
+        let bytes = count
+            .and_then(|c| c.checked_mul(elem))
+            .ok_or_else(|| what(format!("dimensions {:?} overflow", t.dims)))?;
+        if length.is_some_and(|l| l != bytes) {
+            return Err(what(format!(
+                "length {length:?} bytes, the dimensions {:?} need {bytes}",
+                t.dims
+            )));
+        }
+        let path = dir.join(rel);
+        if !files.contains_key(&location) {
+            let f = std::fs::File::open(&path)
+                .map_err(|e| what(format!("opening {}: {e}", path.display())))?;
+            files.insert(location.clone(), f);
+        }
+        let f = files.get_mut(&location).ok_or_else(|| what("file not opened".into()))?;
+        let size = f.metadata().map_err(|e| what(format!("{}: {e}", path.display())))?.len();
+        if offset.checked_add(bytes).is_none_or(|end| end > size) {
+            return Err(what(format!(
+                "bytes {offset}..{} are past the end of {} ({size} bytes)",
+                offset.saturating_add(bytes),
+                path.display()
+            )));
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| what(format!("reading {}: {e}", path.display())))?;
+        t.raw_data = buf;
+        t.external_data.clear();
+        t.data_location = None;
+        read += 1;
+    }
+    Ok(read)
 }
 
 /// The largest input side a model may declare (the onboard bundle's limit too).

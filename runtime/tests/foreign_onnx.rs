@@ -114,3 +114,85 @@ fn dinov2_with_registers_and_layer_scale() {
     assert_fused("dinov2_registers", &f, &[("Mul", 2 * DEPTH), ("Iff", DEPTH), ("IsNan", DEPTH)]);
 }
 
+/// The worst cosine between matching tokens (rows of `d` values) of `a` and `b`.
+fn worst_token_cosine(a: &[f32], b: &[f32], d: usize) -> f64 {
+    a.chunks_exact(d)
+        .zip(b.chunks_exact(d))
+        .map(|(x, y)| {
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| f64::from(*p) * f64::from(*q)).sum();
+            let nx: f64 = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+            let ny: f64 = y.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+            dot / (nx * ny).max(1e-30)
+        })
+        .fold(1.0, f64::min)
+}
+
+#[test]
+fn onnxruntime_dynamic_int8_runs_on_our_integer_kernels() {
+    for name in ["ort_dynamic_int8", "ort_dynamic_int8_per_channel"] {
+        // DynamicQuantizeLinear + MatMulInteger + Cast + Mul: the activation range is measured
+        // per call as onnxruntime does, so the result is onnxruntime's up to float rounding.
+        let (worst, f, _) = run(name);
+        assert!(worst < 1e-3, "{name}: {worst}");
+        assert_eq!((f.qdq_layers, f.int8_products), (4 * DEPTH, 4 * DEPTH), "{name}: {f}");
+        assert_eq!(f.fake_quant_bypassed, 0, "{name}: {f}");
+        assert_fused(name, &f, &[]);
+    }
+}
+
+#[test]
+fn onnxruntime_static_qdq_runs_on_our_integer_kernels() {
+    // Linear layers on the integer kernels; onnxruntime's other quantize/dequantize pairs
+    // (outputs, attention operands, softmax) run in float: closer to the float model, and
+    // within quantization noise of onnxruntime's own int8 run.
+    let (_, f, mut m) = run("ort_static_qdq");
+    assert_eq!(f.int8_products, 4 * DEPTH, "{f}");
+    assert_eq!(f.qdq_layers, 4 * DEPTH + 1, "the linears and the patch embedding: {f}");
+    assert!(f.fake_quant_bypassed > 0, "{f}");
+    assert_fused("ort_static_qdq", &f, &[]);
+    let input = read_npy(&dir().join("input.npy")).unwrap();
+    let ours = m.run_tensor(&input.data).unwrap().features.as_slice().to_vec();
+    let onnxruntime = read_npy(&dir().join("ort_static_qdq.ref.npy")).unwrap().data;
+    let float = read_npy(&dir().join("torchscript_opset17.ref.npy")).unwrap().data;
+    let (vs_ort, vs_float) =
+        (worst_token_cosine(&ours, &onnxruntime, 32), worst_token_cosine(&ours, &float, 32));
+    let ort_vs_float = worst_token_cosine(&onnxruntime, &float, 32);
+    eprintln!(
+        "worst token cosine: ours vs onnxruntime {vs_ort:.5}, ours vs float {vs_float:.5}, onnxruntime vs float {ort_vs_float:.5}"
+    );
+    assert!(vs_ort >= 0.999, "{vs_ort}");
+    assert!(vs_float >= ort_vs_float, "ours {vs_float} vs onnxruntime's {ort_vs_float}");
+}
+
+#[test]
+fn external_weights_are_read_within_their_file_and_folder_only() {
+    use flsl_runtime::onnx::inline_external_data;
+    use prost::Message;
+    let bytes = std::fs::read(dir().join("dynamo_opset20_sdpa_external.onnx")).unwrap();
+    let proto = tract_onnx::pb::ModelProto::decode(&bytes[..]).unwrap();
+    let external = |p: &tract_onnx::pb::ModelProto| {
+        p.graph.as_ref().unwrap().initializer.iter().filter(|t| t.data_location == Some(1)).count()
+    };
+    assert!(external(&proto) > 0);
+    let mut ok = proto.clone();
+    let n = inline_external_data(&mut ok, &dir()).unwrap();
+    assert_eq!((n, external(&ok)), (external(&proto), 0));
+    // A location outside the model's folder, and a range past the end of the file.
+    let edit = |key: &str, value: &str| {
+        let mut p = proto.clone();
+        let t = p
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .iter_mut()
+            .find(|t| t.data_location == Some(1))
+            .unwrap();
+        t.external_data.iter_mut().find(|e| e.key == key).unwrap().value = value.into();
+        p
+    };
+    let err = inline_external_data(&mut edit("location", "../foreign/x.data"), &dir()).unwrap_err();
+    assert!(err.reason.contains("relative path inside"), "{err}");
+    let err = inline_external_data(&mut edit("offset", "999999999"), &dir()).unwrap_err();
+    assert!(err.reason.contains("past the end"), "{err}");
+}

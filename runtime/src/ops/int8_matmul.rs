@@ -216,6 +216,40 @@ fn quantize_gather_body(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, o
     }
 }
 
+/// The activation quantization ONNX `DynamicQuantizeLinear` computes for the rows `layout`
+/// describes in `x`: uint8, `scale = (max(x, 0) - min(x, 0)) / 255`, `zero_point =
+/// saturate(round_half_even(-min(x, 0) / scale))` (a zero range gives scale 1: every code is
+/// the zero point, as every value is 0).
+fn dynamic_act(x: &[f32], layout: &RowLayout) -> ActQuant {
+    let (mut lo, mut hi) = (0f32, 0f32);
+    let (outer, (k, sk)) = match layout.ks[..] {
+        [inner] => ((1, 0), inner),
+        [outer, inner] => (outer, inner),
+        _ => unreachable!("RowLayout has one or two k axes (checked by Int8MatMul::new)"),
+    };
+    for r in 0..layout.m {
+        let base = r as isize * layout.row_stride;
+        for a in 0..outer.0 {
+            let start = base + a as isize * outer.1;
+            if sk == 1 {
+                let run = &x[start as usize..start as usize + k];
+                (lo, hi) = run.iter().fold((lo, hi), |(l, h), &v| (l.min(v), h.max(v)));
+            } else {
+                for i in 0..k {
+                    let v = x[(start + i as isize * sk) as usize];
+                    (lo, hi) = (lo.min(v), hi.max(v));
+                }
+            }
+        }
+    }
+    let scale = (hi - lo) / 255.0;
+    if !(scale.is_finite() && scale > 0.0) {
+        return ActQuant { scale: 1.0, zero_point: 0, signed: false };
+    }
+    let zero_point = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as i32;
+    ActQuant { scale, zero_point, signed: false }
+}
+
 /// What one product needs besides its operands.
 struct Epilogue<'a> {
     /// `offset * colsum[n]`, subtracted from the raw sums.
@@ -922,11 +956,17 @@ pub struct Int8Layer {
     scale: Vec<f32>,
     bias: Vec<f32>,
     gelu: bool,
+    /// The weights' scales; with `dynamic`, `scale` is derived from them at every call.
+    w_scale: Vec<f32>,
+    /// Quantize the activations with ranges measured at every call (onnxruntime's
+    /// `DynamicQuantizeLinear`) instead of the calibrated `act`.
+    dynamic: bool,
 }
 
 impl std::fmt::Debug for Int8Layer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Int8Layer {{ {:?}, {:?}, gelu {} }}", self.act, self.weights, self.gelu)
+        let act = if self.dynamic { "dynamic u8".to_string() } else { format!("{:?}", self.act) };
+        write!(f, "Int8Layer {{ {act}, {:?}, gelu {} }}", self.weights, self.gelu)
     }
 }
 
@@ -944,7 +984,21 @@ impl Int8Layer {
         let correction = weights.colsum[..n].iter().map(|s| s * act.offset()).collect();
         let scale = w_scale.iter().map(|s| s * act.scale).collect();
         let bias = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
-        Self { act, weights, correction, scale, bias, gelu: false }
+        let w_scale = w_scale.to_vec();
+        Self { act, weights, correction, scale, bias, gelu: false, w_scale, dynamic: false }
+    }
+
+    /// A layer whose activations are quantized per call from their own range, as ONNX
+    /// `DynamicQuantizeLinear` does (uint8, see [`dynamic_act`]): onnxruntime's dynamic int8
+    /// files. The weights are as in [`Self::new`].
+    pub fn dynamic(w_q: &[i8], k: usize, n: usize, w_scale: &[f32], bias: Option<&[f32]>) -> Self {
+        let act = ActQuant { scale: 1.0, zero_point: 0, signed: false };
+        Self { dynamic: true, ..Self::new(act, w_q, k, n, w_scale, bias) }
+    }
+
+    /// Whether the activation ranges are measured per call.
+    pub fn is_dynamic(&self) -> bool {
+        self.dynamic
     }
 
     /// The same layer followed by GELU (erf form), applied as its outputs are stored.
@@ -973,12 +1027,19 @@ impl Int8Layer {
             w.n,
             out.len()
         );
-        let epi = Epilogue {
-            correction: &self.correction,
-            scale: &self.scale,
-            bias: &self.bias,
-            gelu: self.gelu,
+        // Dynamic layers: this call's activation range, and the correction and scales of it
+        // (N values each).
+        let dynamic = self.dynamic.then(|| {
+            let act = dynamic_act(x, layout);
+            let correction: Vec<i32> = w.colsum[..w.n].iter().map(|s| s * act.offset()).collect();
+            let scale: Vec<f32> = self.w_scale.iter().map(|s| s * act.scale).collect();
+            (act, correction, scale)
+        });
+        let (act, correction, scale) = match &dynamic {
+            Some((act, c, s)) => (*act, c.as_slice(), s.as_slice()),
+            None => (self.act, self.correction.as_slice(), self.scale.as_slice()),
         };
+        let epi = Epilogue { correction, scale, bias: &self.bias, gelu: self.gelu };
         let dst = SharedOut(out.as_mut_ptr());
         // Rows `r0..r1`: quantize them, multiply them with every weight panel.
         let rows_job = |r0: usize, r1: usize, dst: SharedOut| {
@@ -995,7 +1056,7 @@ impl Int8Layer {
                 let offset = (r0 as isize * layout.row_stride) as usize;
                 let sub =
                     RowLayout { m: rows, row_stride: layout.row_stride, ks: layout.ks.clone() };
-                quantize_gather(&x[offset..], &sub, w.kp(), self.act, a);
+                quantize_gather(&x[offset..], &sub, w.kp(), act, a);
                 // Safety: rows r0..r1 of the m x n output are this job's alone.
                 unsafe { run_panels(a, rows, w, &epi, dst.0.add(r0 * w.n), 0..w.panels) };
             });
@@ -1079,16 +1140,19 @@ impl Op for Int8MatMul {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let (w, a) = (&self.layer.weights, &self.layer.act);
+        let act = if self.layer.dynamic {
+            "dynamic (u8, range per call)".to_string()
+        } else {
+            format!(
+                "scale {} zero point {} ({})",
+                a.scale,
+                a.zero_point,
+                if a.signed { "i8" } else { "u8" }
+            )
+        };
         Ok(vec![format!(
-            "k:{} n:{} rows:{:?} act scale {} zero point {} ({}) gelu:{} out:{:?}",
-            w.k,
-            w.n,
-            self.rows,
-            a.scale,
-            a.zero_point,
-            if a.signed { "i8" } else { "u8" },
-            self.layer.gelu,
-            self.out_shape
+            "k:{} n:{} rows:{:?} act {act} gelu:{} out:{:?}",
+            w.k, w.n, self.rows, self.layer.gelu, self.out_shape
         )])
     }
 

@@ -20,7 +20,7 @@ pub use gemm_matmul::{GemmMatMul, substitute_gemm_matmuls};
 pub use int8_matmul::{Int8Layer, Int8MatMul};
 pub use layer_norm::FusedLayerNorm;
 pub use patch_embed::{PatchEmbed, substitute_patch_embeddings};
-pub use qdq::{QdqLayer, lower_qdq_matmuls, substitute_int8_matmuls};
+pub use qdq::{QdqLayer, bypass_fake_quant_pairs, lower_qdq_matmuls, substitute_int8_matmuls};
 
 /// Threads of the rayon pool the caller runs in: `OnnxModel` runs each frame inside its
 /// executor's pool when `threads > 1`, so our ops split their work over exactly those
@@ -34,8 +34,10 @@ pub(crate) fn pool_threads() -> usize {
 /// on tract's generic path (so that a user sees why a file is slow).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FusionReport {
-    /// Linear layers of the file in QDQ form (`lower_qdq_matmuls`).
+    /// Int8 linear layers of the file, QDQ or onnxruntime-dynamic ([`lower_qdq_matmuls`]).
     pub qdq_layers: usize,
+    /// Other activation quantize/dequantize pairs run in float ([`bypass_fake_quant_pairs`]).
+    pub fake_quant_bypassed: usize,
     /// Erf-GELU chains in a foreign order rewritten to the exact GELU ([`fuse_erf_gelu`]).
     pub gelu_rewritten: usize,
     /// LayerNorms written out op by op, rewritten to one ([`fuse_decomposed_layer_norm`]).
@@ -65,14 +67,10 @@ pub struct FusionReport {
 }
 
 impl FusionReport {
-    /// Counts the ops of `model` (decluttered, substituted, not yet optimised).
-    pub(crate) fn of(
-        model: &TypedModel,
-        qdq_layers: usize,
-        gelu_rewritten: usize,
-        layer_norms_rewritten: usize,
-    ) -> TractResult<Self> {
-        let mut r = Self { qdq_layers, gelu_rewritten, layer_norms_rewritten, ..Self::default() };
+    /// Counts the ops of `model` (decluttered, substituted, not yet optimised) into `pre`,
+    /// which holds the counts of the rewrites made before (on the file, at declutter).
+    pub(crate) fn of(model: &TypedModel, pre: Self) -> TractResult<Self> {
+        let mut r = pre;
         let mut generic = std::collections::BTreeMap::<String, usize>::new();
         for id in model.eval_order()? {
             let node = model.node(id);
@@ -147,7 +145,14 @@ impl std::fmt::Display for FusionReport {
             write!(f, "; {} decomposed LayerNorms rewritten", self.layer_norms_rewritten)?;
         }
         if self.qdq_layers > 0 {
-            write!(f, "; {} QDQ layers in the file", self.qdq_layers)?;
+            write!(f, "; {} int8 layers in the file", self.qdq_layers)?;
+        }
+        if self.fake_quant_bypassed > 0 {
+            write!(
+                f,
+                " ({} other quantize/dequantize pairs run in float)",
+                self.fake_quant_bypassed
+            )?;
         }
         if self.generic.is_empty() {
             write!(f, "; no compute node left on tract's generic path")

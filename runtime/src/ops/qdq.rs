@@ -46,6 +46,9 @@ pub struct QdqLayer {
     /// `Some((kh, kw))` for a patch-embedding `Conv` (stride = kernel, no padding): `w_q` is
     /// then its `[D, C, kh, kw]` weights as `[C kh kw, D]`, for [`super::PatchEmbed`].
     pub patch_kernel: Option<(usize, usize)>,
+    /// The activation is quantized per call from its own range (onnxruntime's dynamic
+    /// quantization, `DynamicQuantizeLinear`); `act` is then unused.
+    pub dynamic: bool,
 }
 
 fn ints_attr(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
@@ -231,22 +234,38 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
                 n: nn,
                 w_scale,
                 patch_kernel,
+                dynamic: false,
             },
         );
     }
-    if found.len() != rewrites.len() || found.is_empty() {
+    if found.len() != rewrites.len() {
         // Unnamed or duplicate MatMul names: matching by name would be ambiguous.
+        found.clear();
+        rewrites.clear();
+    }
+    let dynamic = lower_dynamic_matmuls(g);
+    if found.keys().any(|k| dynamic.contains_key(k)) {
+        tracing::warn!("a node name is both a QDQ and a dynamic int8 layer: neither is lowered");
         found.clear();
         return found;
     }
+    if found.is_empty() && dynamic.is_empty() {
+        return found;
+    }
+    found.extend(dynamic);
     for (ix, x, wname, tensor) in rewrites {
         // A Conv keeps its bias input.
         g.node[ix].input[0] = x;
         g.node[ix].input[1] = wname;
         g.initializer.push(tensor);
     }
-    // Drop the nodes nothing reads any more (the bypassed Q/DQ pairs and weight DQs), then
-    // the initializers only they read.
+    sweep_dead_quant_nodes(g);
+    found
+}
+
+/// Drops the nodes nothing reads any more (bypassed Q/DQ pairs, weight DQs, dynamic
+/// quantizers), then the initializers only they read.
+fn sweep_dead_quant_nodes(g: &mut tract_onnx::pb::GraphProto) {
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
     loop {
         let read: HashSet<&String> = g.node.iter().flat_map(|n| n.input.iter()).collect();
@@ -255,8 +274,10 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
             .iter()
             .enumerate()
             .filter(|(_, n)| {
-                matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear")
-                    && n.output.iter().all(|o| !read.contains(o) && !outputs.contains(o))
+                matches!(
+                    n.op_type.as_str(),
+                    "QuantizeLinear" | "DequantizeLinear" | "DynamicQuantizeLinear"
+                ) && n.output.iter().all(|o| !read.contains(o) && !outputs.contains(o))
             })
             .map(|(i, _)| i)
             .collect();
@@ -269,6 +290,201 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
     }
     let read: HashSet<String> = g.node.iter().flat_map(|n| n.input.iter().cloned()).collect();
     g.initializer.retain(|t| read.contains(&t.name) || outputs.contains(&t.name));
+}
+
+/// In a file whose linear layers [`lower_qdq_matmuls`] lowered, the other activation
+/// fake-quantization pairs `DequantizeLinear(QuantizeLinear(x))` (equal scalar scale and zero
+/// point: onnxruntime's static quantizer puts them on product outputs, attention operands,
+/// softmax outputs) are bypassed: their readers read `x`, in float. Our engine runs the linear
+/// layers on its integer kernels and everything else in float, where those pairs only add
+/// rounding (and block the bias, GELU and softmax fusions); onnxruntime itself runs them as
+/// int8 operators. The result is closer to the float model than onnxruntime's, and differs
+/// from onnxruntime's by that rounding. Returns the number of pairs bypassed (0 for a file
+/// with no lowered layer: its Q/DQ semantics are kept exactly).
+pub fn bypass_fake_quant_pairs(model: &mut ModelProto) -> usize {
+    let Some(g) = model.graph.as_mut() else { return 0 };
+    let inits: HashMap<String, TensorProto> =
+        g.initializer.iter().map(|t| (t.name.clone(), t.clone())).collect();
+    let params = |n: &NodeProto| -> Option<(u32, i32)> {
+        let s = f32s(inits.get(n.input.get(1)?)?)?;
+        let z = match n.input.get(2).filter(|z| !z.is_empty()) {
+            Some(z) => int8s(inits.get(z)?)?.0,
+            None => vec![0],
+        };
+        (s.len() == 1 && z.len() == 1).then(|| (s[0].to_bits(), z[0]))
+    };
+    let producer: HashMap<String, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .collect();
+    let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    let mut bypass: HashMap<String, String> = HashMap::new();
+    for dq in &g.node {
+        if dq.op_type != "DequantizeLinear"
+            || dq.output.len() != 1
+            || outputs.contains(&dq.output[0])
+        {
+            continue;
+        }
+        let Some(q) = dq.input.first().and_then(|i| producer.get(i)).map(|&i| &g.node[i]) else {
+            continue;
+        };
+        if q.op_type != "QuantizeLinear" || inits.contains_key(&q.input[0]) {
+            continue;
+        }
+        if let (Some(a), Some(b)) = (params(q), params(dq))
+            && a == b
+        {
+            bypass.insert(dq.output[0].clone(), q.input[0].clone());
+        }
+    }
+    for n in &mut g.node {
+        for i in &mut n.input {
+            if let Some(x) = bypass.get(i) {
+                *i = x.clone();
+            }
+        }
+    }
+    sweep_dead_quant_nodes(g);
+    bypass.len()
+}
+
+/// onnxruntime's dynamic int8 linear layers (`quantize_dynamic` with int8 weights):
+///
+/// ```text
+/// (xq, xs, xz) = DynamicQuantizeLinear(x)
+/// acc = MatMulInteger(xq, W_q int8 [K, N], xz, [W_zp = 0])
+/// y   = Mul(Cast(acc, float), Mul(xs, W_scale [N] or scalar))   (either operand order)
+/// ```
+///
+/// Each becomes `y = MatMul(x, dequantized W)` named after the `MatMulInteger` (a following
+/// bias `Add` stays, for [`substitute_int8_matmuls`] to fold), recorded as a dynamic
+/// [`QdqLayer`]. The `Cast` and both `Mul`s are removed; a `DynamicQuantizeLinear` nothing
+/// reads any more goes with the dead-node sweep. A layer with a non-zero weight zero point,
+/// uint8 weights, a shared intermediate or unnamed/duplicate names is left as it was.
+fn lower_dynamic_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, QdqLayer> {
+    let mut found = HashMap::new();
+    let inits: HashMap<String, usize> =
+        g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let init = |name: &str| inits.get(name).map(|&i| &g.initializer[i]);
+    let producer: HashMap<&str, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in g.node.iter().enumerate() {
+        for input in &n.input {
+            readers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+    let sole_reader = |name: &str| match readers.get(name).map(Vec::as_slice) {
+        Some([r]) if !outputs.contains(name) => Some(*r),
+        _ => None,
+    };
+    let plain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
+    // (MatMulInteger index, x, new output, weight tensor, nodes to delete)
+    let mut rewrites: Vec<(usize, String, String, TensorProto, [usize; 3])> = Vec::new();
+    for (ix, n) in g.node.iter().enumerate() {
+        if n.op_type != "MatMulInteger" || !plain(n) || !(3..=4).contains(&n.input.len()) {
+            continue;
+        }
+        let Some(&dq_ix) = producer.get(n.input[0].as_str()) else { continue };
+        let dq = &g.node[dq_ix];
+        if dq.op_type != "DynamicQuantizeLinear"
+            || !plain(dq)
+            || dq.output.len() != 3
+            || dq.output[0] != n.input[0]
+            || dq.output[2] != n.input[2]
+        {
+            continue;
+        }
+        let Some(wt) = init(&n.input[1]) else { continue };
+        let Some((wq, true)) = int8s(wt) else { continue };
+        let [k, nn] = dims(wt)[..] else { continue };
+        let wz_ok = match n.input.get(3).filter(|z| !z.is_empty()) {
+            Some(z) => init(z).and_then(int8s).is_some_and(|(z, _)| z.iter().all(|&v| v == 0)),
+            None => true,
+        };
+        if !wz_ok {
+            continue;
+        }
+        // Cast(acc, float) -> Mul(., s), s = Mul(xs, W_scale).
+        let Some(cast_ix) = sole_reader(&n.output[0]) else { continue };
+        let cast = &g.node[cast_ix];
+        let to_float =
+            cast.attribute.iter().any(|a| a.name == "to" && a.i == DataType::Float as i64);
+        if cast.op_type != "Cast" || !to_float {
+            continue;
+        }
+        let Some(mul_ix) = sole_reader(&cast.output[0]) else { continue };
+        let mul = &g.node[mul_ix];
+        if mul.op_type != "Mul" || mul.input.len() != 2 {
+            continue;
+        }
+        let s_name = if mul.input[0] == cast.output[0] { &mul.input[1] } else { &mul.input[0] };
+        let Some(&smul_ix) = producer.get(s_name.as_str()) else { continue };
+        let smul = &g.node[smul_ix];
+        if smul.op_type != "Mul" || smul.input.len() != 2 || sole_reader(s_name) != Some(mul_ix) {
+            continue;
+        }
+        let ws_name = match (&smul.input[0], &smul.input[1]) {
+            (a, b) if *a == dq.output[1] => b,
+            (a, b) if *b == dq.output[1] => a,
+            _ => continue,
+        };
+        let Some(ws) = init(ws_name).and_then(f32s) else { continue };
+        if !(ws.len() == 1 || ws.len() == nn) || ws.iter().any(|s| !s.is_finite()) {
+            continue;
+        }
+        let w_scale = if ws.len() == 1 { vec![ws[0]; nn] } else { ws };
+        let w_q: Vec<i8> = wq.iter().map(|&v| v as i8).collect();
+        let dequantized: Vec<f32> =
+            w_q.iter().enumerate().map(|(i, &q)| f32::from(q) * w_scale[i % nn]).collect();
+        let wname = format!("{}/int8_lowered", n.name);
+        let tensor = TensorProto {
+            name: wname.clone(),
+            dims: vec![k as i64, nn as i64],
+            data_type: DataType::Float as i32,
+            raw_data: dequantized.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        };
+        rewrites.push((
+            ix,
+            dq.input[0].clone(),
+            mul.output[0].clone(),
+            tensor,
+            [cast_ix, mul_ix, smul_ix],
+        ));
+        let act = ActQuant { scale: 1.0, zero_point: 0, signed: false };
+        found.insert(
+            n.name.clone(),
+            QdqLayer { act, w_q, k, n: nn, w_scale, patch_kernel: None, dynamic: true },
+        );
+    }
+    if found.len() != rewrites.len() {
+        // Unnamed or duplicate names: matching by name would be ambiguous.
+        return HashMap::new();
+    }
+    let mut dead = Vec::new();
+    for (ix, x, y, tensor, remove) in rewrites {
+        let node = &mut g.node[ix];
+        node.op_type = "MatMul".into();
+        node.input = vec![x, tensor.name.clone()];
+        node.output = vec![y];
+        node.attribute.clear();
+        g.initializer.push(tensor);
+        dead.extend(remove);
+    }
+    dead.sort_unstable();
+    dead.dedup();
+    for i in dead.into_iter().rev() {
+        g.node.remove(i);
+    }
     found
 }
 
@@ -309,14 +525,11 @@ pub fn substitute_int8_matmuls(
             Some((bias, tail)) => (Some(bias), tail),
             None => (None, OutletId::new(id, 0)),
         };
-        let mut int8 = Int8Layer::new(
-            layer.act,
-            &layer.w_q,
-            layer.k,
-            layer.n,
-            &layer.w_scale,
-            bias.as_deref(),
-        );
+        let mut int8 = if layer.dynamic {
+            Int8Layer::dynamic(&layer.w_q, layer.k, layer.n, &layer.w_scale, bias.as_deref())
+        } else {
+            Int8Layer::new(layer.act, &layer.w_q, layer.k, layer.n, &layer.w_scale, bias.as_deref())
+        };
         // A GELU that alone reads the result runs in the op's store (MLP fc1).
         let mut tail = tail;
         if let Some((Post::Gelu, gelu)) = following_post(model, tail, &geometry)? {

@@ -362,8 +362,16 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Quant
 /// Reads and decodes an ONNX file.
 pub fn read_model(path: &Path) -> Result<ModelProto, QuantizeError> {
     let bytes = std::fs::read(path).map_err(io("reading", path))?;
-    ModelProto::decode(&bytes[..])
-        .map_err(|source| QuantizeError::Decode { path: path.to_path_buf(), source })
+    let mut model = ModelProto::decode(&bytes[..])
+        .map_err(|source| QuantizeError::Decode { path: path.to_path_buf(), source })?;
+    // Weights kept beside the file (`*.onnx.data`): read in, the int8 file holds them all.
+    crate::onnx::inline_external_data(&mut model, path.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| QuantizeError::Unsupported {
+            node: path.display().to_string(),
+            op: "external data".into(),
+            reason: e.reason,
+        })?;
+    Ok(model)
 }
 
 /// The model's input shape `[1, 3, H, W]`: `size` or the file's declared one.
