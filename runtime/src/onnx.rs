@@ -399,6 +399,14 @@ impl OnnxModel {
                     // Foreign exporters' spellings first, so that the substitutions see ours.
                     let gelu = crate::ops::fuse_erf_gelu(&mut t)?;
                     let norms = crate::ops::fuse_decomposed_layer_norm(&mut t)?;
+                    let int8_layers = int8.len();
+                    let mut int8 = int8.clone();
+                    let qkv = crate::ops::split_fused_qkv(&mut t, &mut int8)?;
+                    if qkv > 0 {
+                        // The new per-part transposes fold into the attention products.
+                        t.declutter()?;
+                    }
+                    let int8 = &int8;
                     let q = crate::ops::substitute_int8_matmuls(&mut t, int8)?;
                     let (patches, q_patches) = crate::ops::substitute_patch_embeddings(&mut t, int8)?;
                     if q + q_patches != int8.len() {
@@ -408,7 +416,8 @@ impl OnnxModel {
                     let attn = crate::ops::fuse_attention(&mut t)?;
                     tracing::debug!(model = %name, products = n, int8 = q, attention = attn, patch_embeddings = patches, gelu_rewritten = gelu, "matmuls moved to gemm / int8, attention fused");
                     let pre = crate::ops::FusionReport {
-                        qdq_layers: int8.len(),
+                        qdq_layers: int8_layers,
+                        qkv_split: qkv,
                         fake_quant_bypassed,
                         gelu_rewritten: gelu,
                         layer_norms_rewritten: norms,

@@ -15,17 +15,31 @@
 //!   `ReduceMean`, `Add`, `Sqrt`, `Div`, `Mul`, `Add` (the TorchScript exporter below opset
 //!   17), which declutter turns into a mean, a subtraction, tract's `RmsNorm` and the affine,
 //!   becomes one [`FusedLayerNorm`](super::FusedLayerNorm), as the opset-17 op does.
+//! - [`split_fused_qkv`]: timm's (and the paper's) attention computes `q`, `k`, `v` with one
+//!   product, reshapes it to `[.., 3, heads, head_dim]`, transposes the `3` first and gathers
+//!   `q`, `k`, `v` out of it: two full copies of the product per block that tract cannot fold
+//!   away. The product becomes three (one per gathered slice of its weights and bias), each
+//!   reshaped and transposed on its own, which tract's declutter then folds into the
+//!   attention products, as in our own export. An int8 layer is split with it.
 //! - the attention scale: folded into the score product by
 //!   [`substitute_gemm_matmuls`](super::substitute_gemm_matmuls) itself (a product's `beta`).
 
+use std::collections::HashMap;
+
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::model::TypedModelHelpers;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Erf, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 
+use tract_onnx::tract_core::ops::array::Gather;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
 use super::FusedLayerNorm;
+use super::qdq::QdqLayer;
 use tract_onnx::tract_core::ops::nn::gelu_exact::gelu_exact;
 
 /// Rewrites every `x·(0.5·(1+erf(x·(1/√2))))` (either operand order in each product, and
@@ -192,6 +206,209 @@ fn half_inside_gelu(
     let wired = patch.wire_node(format!("{}.gelu_exact", erf_node.name), gelu_exact(), &[tap])?;
     patch.shunt_outside(model, OutletId::new(out.id, 0), wired[0])?;
     Ok(Some(patch))
+}
+
+/// Splits each fused q/k/v product (see the module docs) into three. `int8` holds the
+/// file's int8 layers by node name: a split layer is replaced by its three parts, named
+/// `{name}.qkv{i}`. Returns the number of products split; run tract's declutter afterwards
+/// so that the new transposes fold into their consumers.
+pub fn split_fused_qkv(
+    model: &mut TypedModel,
+    int8: &mut HashMap<String, QdqLayer>,
+) -> TractResult<usize> {
+    let mut split = 0;
+    for id in model.eval_order()? {
+        let Some(plan) = QkvSplit::find(model, id)? else { continue };
+        plan.apply(model, int8)?;
+        split += 1;
+    }
+    Ok(split)
+}
+
+/// One fused q/k/v product and what reads it.
+struct QkvSplit {
+    product: usize,
+    /// The bias `Add` and its constant, if any.
+    bias: Option<(usize, Arc<Tensor>)>,
+    /// The axis of the `3` after the reshape `[.., 3D] -> [.., 3, H, hd]`.
+    three_axis: usize,
+    /// The transposes between the reshape and the gathers, in order.
+    moves: Vec<(usize, usize)>,
+    /// The gathers, by index (0: q, 1: k, 2: v).
+    gathers: [OutletId; 3],
+    /// `D`, `heads`, `head_dim`.
+    d: usize,
+    shape: Vec<usize>,
+}
+
+impl QkvSplit {
+    fn find(model: &TypedModel, id: usize) -> TractResult<Option<Self>> {
+        let node = model.node(id);
+        let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
+        if einsum.q_params.is_some() || node.inputs.len() != 2 {
+            return Ok(None);
+        }
+        let w = model.outlet_fact(node.inputs[1])?;
+        let out = model.outlet_fact(OutletId::new(id, 0))?;
+        let (Some(k), Some(ws), Some(os)) =
+            (w.konst.as_ref(), w.shape.as_concrete(), out.shape.as_concrete())
+        else {
+            return Ok(None);
+        };
+        let [_, n3] = ws[..] else { return Ok(None) };
+        if k.datum_type() != f32::datum_type() || os.last() != Some(&n3) || n3 % 3 != 0 {
+            return Ok(None);
+        }
+        let d = n3 / 3;
+        // [+ bias] -> reshape to [.., 3, H, hd]
+        let mut tail = id;
+        let mut bias = None;
+        let Some(next) = model.single_succ(tail)? else { return Ok(None) };
+        if is_bin::<Add>(next) {
+            let other = *next.inputs.iter().find(|i| i.node != tail).unwrap_or(&next.inputs[0]);
+            let Some(b) = model.outlet_fact(other)?.konst.clone() else { return Ok(None) };
+            if b.len() != n3 || b.shape().last() != Some(&n3) || b.datum_type() != f32::datum_type()
+            {
+                return Ok(None);
+            }
+            bias = Some((next.id, b));
+            tail = next.id;
+        }
+        let Some(reshape) = model.single_succ(tail)? else { return Ok(None) };
+        if !matches!(reshape.op_as::<AxisOp>(), Some(AxisOp::Reshape(..))) {
+            return Ok(None);
+        }
+        let rs = model.outlet_fact(OutletId::new(reshape.id, 0))?;
+        let Some(rs) = rs.shape.as_concrete() else { return Ok(None) };
+        let lead = &os[..os.len() - 1];
+        if rs.len() != os.len() + 2 || &rs[..lead.len()] != lead || rs[lead.len()] != 3 {
+            return Ok(None);
+        }
+        let three_axis = lead.len();
+        // Transposes, then the three gathers of the `3` axis.
+        let mut axes: Vec<usize> = (0..rs.len()).collect();
+        let mut moves = Vec::new();
+        let mut cur = reshape;
+        loop {
+            let succ = &cur.outputs[0].successors;
+            if succ.len() == 1
+                && let Some(AxisOp::Move(from, to)) = model.node(succ[0].node).op_as::<AxisOp>()
+            {
+                let a = axes.remove(*from);
+                axes.insert(*to, a);
+                moves.push((*from, *to));
+                cur = model.node(succ[0].node);
+                continue;
+            }
+            break;
+        }
+        let p = axes.iter().position(|&a| a == three_axis).unwrap_or(usize::MAX);
+        let succ = &cur.outputs[0].successors;
+        if succ.len() != 3 || model.output_outlets()?.contains(&OutletId::new(cur.id, 0)) {
+            return Ok(None);
+        }
+        let mut gathers = [None; 3];
+        for s in succ.iter() {
+            let g = model.node(s.node);
+            let Some(op) = g.op_as::<Gather>() else { return Ok(None) };
+            if op.axis != p || s.slot != 0 || g.inputs.len() != 2 {
+                return Ok(None);
+            }
+            let ix = model.outlet_fact(g.inputs[1])?.konst.clone();
+            let Some(i) = ix.filter(|t| t.rank() == 0).and_then(|t| t.cast_to_scalar::<i64>().ok())
+            else {
+                return Ok(None);
+            };
+            let i = if i < 0 { i + 3 } else { i };
+            match gathers.get_mut(i as usize) {
+                Some(slot @ None) => *slot = Some(OutletId::new(g.id, 0)),
+                _ => return Ok(None),
+            }
+        }
+        let [Some(q), Some(k), Some(v)] = gathers else { return Ok(None) };
+        Ok(Some(Self {
+            product: id,
+            bias,
+            three_axis,
+            moves,
+            gathers: [q, k, v],
+            d,
+            shape: rs.to_vec(),
+        }))
+    }
+
+    fn apply(
+        &self,
+        model: &mut TypedModel,
+        int8: &mut HashMap<String, QdqLayer>,
+    ) -> TractResult<()> {
+        let node = model.node(self.product);
+        let name = node.name.clone();
+        let einsum = node.op_as::<EinSum>().context("a product")?.clone();
+        let (x, w) =
+            (node.inputs[0], model.outlet_fact(node.inputs[1])?.konst.clone().context("weights")?);
+        let w_axis = w.rank() - 1;
+        let bias_op = self.bias.as_ref().map(|(id, b)| (model.node(*id).op.clone(), b.clone()));
+        // The permutation the transposes apply, without the `3` axis.
+        let mut axes: Vec<usize> = (0..self.shape.len()).collect();
+        for &(from, to) in &self.moves {
+            let a = axes.remove(from);
+            axes.insert(to, a);
+        }
+        let target: Vec<usize> = axes
+            .into_iter()
+            .filter(|&a| a != self.three_axis)
+            .map(|a| if a > self.three_axis { a - 1 } else { a })
+            .collect();
+        let mut part_shape = self.shape.clone();
+        part_shape.remove(self.three_axis);
+        let layer = int8.remove(&name);
+        let mut patch = TypedModelPatch::default();
+        let xt = patch.tap_model(model, x)?;
+        for (i, gather) in self.gathers.iter().enumerate() {
+            let part = format!("{name}.qkv{i}");
+            let wi = w.slice(w_axis, i * self.d, (i + 1) * self.d)?;
+            let wc = patch.add_const(format!("{part}.weights"), wi)?;
+            let mut wire = patch.wire_node(&part, einsum.clone(), &[xt, wc])?[0];
+            if let Some((op, b)) = &bias_op {
+                let last = b.rank() - 1;
+                let bi = patch.add_const(
+                    format!("{part}.bias"),
+                    b.slice(last, i * self.d, (i + 1) * self.d)?,
+                )?;
+                wire = patch.wire_node(format!("{part}.add_bias"), op.clone(), &[wire, bi])?[0];
+            }
+            let at = self.three_axis;
+            let to: TVec<TDim> = part_shape[at..].iter().map(|&v| v.to_dim()).collect();
+            let reshape = AxisOp::Reshape(at, tvec![self.d.to_dim()], to);
+            wire = patch.wire_node(format!("{part}.reshape"), reshape, &[wire])?[0];
+            let mut cur: Vec<usize> = (0..target.len()).collect();
+            for (j, &a) in target.iter().enumerate() {
+                let pos = cur.iter().position(|&c| c == a).context("axis")?;
+                if pos != j {
+                    wire = patch.wire_node(
+                        format!("{part}.move{j}"),
+                        AxisOp::Move(pos, j),
+                        &[wire],
+                    )?[0];
+                    let moved = cur.remove(pos);
+                    cur.insert(j, moved);
+                }
+            }
+            patch.shunt_outside(model, *gather, wire)?;
+            if let Some(l) = &layer {
+                let w_q: Vec<i8> = l
+                    .w_q
+                    .chunks_exact(l.n)
+                    .flat_map(|row| row[i * self.d..(i + 1) * self.d].iter().copied())
+                    .collect();
+                let w_scale = l.w_scale[i * self.d..(i + 1) * self.d].to_vec();
+                int8.insert(part, QdqLayer { w_q, n: self.d, w_scale, ..l.clone() });
+            }
+        }
+        patch.apply(model)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ pub mod qdq;
 pub mod simd;
 
 pub use attention::{FusedAttention, fuse_attention};
-pub use canon::{fuse_decomposed_layer_norm, fuse_erf_gelu};
+pub use canon::{fuse_decomposed_layer_norm, fuse_erf_gelu, split_fused_qkv};
 pub use gemm_matmul::{GemmMatMul, substitute_gemm_matmuls};
 pub use int8_matmul::{Int8Layer, Int8MatMul};
 pub use layer_norm::FusedLayerNorm;
@@ -42,6 +42,8 @@ pub struct FusionReport {
     pub gelu_rewritten: usize,
     /// LayerNorms written out op by op, rewritten to one ([`fuse_decomposed_layer_norm`]).
     pub layer_norms_rewritten: usize,
+    /// Fused q/k/v products split in three ([`split_fused_qkv`]).
+    pub qkv_split: usize,
     /// f32 products on [`GemmMatMul`].
     pub products: usize,
     /// Integer products ([`Int8MatMul`]).
@@ -140,6 +142,9 @@ impl std::fmt::Display for FusionReport {
         )?;
         if self.gelu_rewritten > 0 {
             write!(f, "; {} foreign GELU chains rewritten", self.gelu_rewritten)?;
+        }
+        if self.qkv_split > 0 {
+            write!(f, "; {} fused q/k/v products split", self.qkv_split)?;
         }
         if self.layer_norms_rewritten > 0 {
             write!(f, "; {} decomposed LayerNorms rewritten", self.layer_norms_rewritten)?;

@@ -488,6 +488,22 @@ fn lower_dynamic_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, 
     found
 }
 
+/// The layer `name` belongs to: the layer of that name, or the one whose name `name` extends
+/// with a `.` suffix (tract renames a product it splits, for example when it moves a model's
+/// output slice up through the last block: `/blocks.11/fc1/MatMul.split-over-1.1..197`).
+fn layer_of<'l>(
+    name: &str,
+    layers: &'l HashMap<String, QdqLayer>,
+) -> Option<(&'l str, &'l QdqLayer)> {
+    let matches =
+        |k: &str| name == k || name.strip_prefix(k).is_some_and(|rest| rest.starts_with('.'));
+    layers
+        .iter()
+        .filter(|(k, l)| l.patch_kernel.is_none() && matches(k))
+        .max_by_key(|(k, _)| k.len())
+        .map(|(k, l)| (k.as_str(), l))
+}
+
 /// Replaces each `EinSum` of `model` named like a layer of `layers` (a product of an f32
 /// activation `[.., K]` and the constant `[K, N]` weights) with an [`Int8MatMul`], folding a
 /// following bias `Add`. Run it on the decluttered model. Returns how many it replaced.
@@ -499,9 +515,7 @@ pub fn substitute_int8_matmuls(
     let mut done = HashSet::new();
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(layer) = layers.get(&node.name).filter(|l| l.patch_kernel.is_none()) else {
-            continue;
-        };
+        let Some((layer_name, layer)) = layer_of(&node.name, layers) else { continue };
         let Some(einsum) = node.op_as::<EinSum>() else { continue };
         if node.inputs.len() != 2 || einsum.q_params.is_some() {
             continue;
@@ -545,7 +559,7 @@ pub fn substitute_int8_matmuls(
         patch.shunt_outside(model, tail, wire[0])?;
         patch.apply(model)?;
         replaced += 1;
-        done.insert(name);
+        done.insert(layer_name.to_string());
     }
     for name in layers
         .iter()

@@ -280,9 +280,12 @@ pub struct QuantizeArgs {
     /// flips prototype argmaxes there).
     #[arg(long)]
     pub quantize_head_output: bool,
-    /// Thread counts for the latency report (empty: no latency report).
+    /// Thread counts for the latency report.
     #[arg(long, default_value = "1,2", value_delimiter = ',')]
     pub threads: Vec<usize>,
+    /// No latency report (quantize and check accuracy only).
+    #[arg(long)]
+    pub no_latency: bool,
     /// COCO instances file of a labelled detection set: the report compares detection AP
     /// of fp32 and int8 on it (models with a detection head).
     #[arg(long, requires = "det_images")]

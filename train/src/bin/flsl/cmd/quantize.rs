@@ -34,7 +34,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         float_ops: a.float_ops,
         quantize_conv: !a.float_conv,
         quantize_head_output: a.quantize_head_output,
-        bench: (!a.threads.is_empty())
+        bench: (!a.no_latency && !a.threads.is_empty())
             .then(|| BenchOptions { threads: a.threads, ..BenchOptions::default() }),
         detection: a.det_gt.zip(a.det_images).map(|(gt, images)| DetectionSet {
             gt,
