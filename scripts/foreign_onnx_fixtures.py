@@ -277,6 +277,12 @@ def main():
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Conv"]),
             "onnxruntime quantize_static, QDQ, MatMul and Conv, per-channel weights"),
+        "ort_static_qoperator": (lambda p: quantize_static(
+            pre, p, Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Conv"]),
+            "onnxruntime quantize_static, QOperator (QLinearMatMul, QLinearConv), per-channel "
+            "weights"),
     }
     for name, (quantize, note) in quantized.items():
         if only and name not in only:

@@ -146,27 +146,33 @@ fn onnxruntime_dynamic_int8_runs_on_our_integer_kernels() {
 }
 
 #[test]
-fn onnxruntime_static_qdq_runs_on_our_integer_kernels() {
-    // Linear layers on the integer kernels; onnxruntime's other quantize/dequantize pairs
-    // (outputs, attention operands, softmax) run in float: closer to the float model, and
-    // within quantization noise of onnxruntime's own int8 run.
-    let (_, f, mut m) = run("ort_static_qdq");
-    assert_eq!((f.int8_products, f.qkv_split), (6 * DEPTH, DEPTH), "{f}");
-    assert_eq!(f.qdq_layers, 4 * DEPTH + 1, "the linears and the patch embedding: {f}");
-    assert!(f.fake_quant_bypassed > 0, "{f}");
-    assert_fused("ort_static_qdq", &f, &[]);
-    let input = read_npy(&dir().join("input.npy")).unwrap();
-    let ours = m.run_tensor(&input.data).unwrap().features.as_slice().to_vec();
-    let onnxruntime = read_npy(&dir().join("ort_static_qdq.ref.npy")).unwrap().data;
-    let float = read_npy(&dir().join("torchscript_opset17.ref.npy")).unwrap().data;
-    let (vs_ort, vs_float) =
-        (worst_token_cosine(&ours, &onnxruntime, 32), worst_token_cosine(&ours, &float, 32));
-    let ort_vs_float = worst_token_cosine(&onnxruntime, &float, 32);
-    eprintln!(
-        "worst token cosine: ours vs onnxruntime {vs_ort:.5}, ours vs float {vs_float:.5}, onnxruntime vs float {ort_vs_float:.5}"
-    );
-    assert!(vs_ort >= 0.999, "{vs_ort}");
-    assert!(vs_float >= ort_vs_float, "ours {vs_float} vs onnxruntime's {ort_vs_float}");
+fn onnxruntime_static_qdq_and_qoperator_run_on_our_integer_kernels() {
+    // Linear layers (QDQ, or QLinearMatMul / QLinearConv) on the integer kernels; the file's
+    // other quantized operations (product outputs, attention operands and products, softmax)
+    // run in float: closer to the float model, within quantization noise of onnxruntime's own
+    // int8 run.
+    for name in ["ort_static_qdq", "ort_static_qoperator"] {
+        let (_, f, mut m) = run(name);
+        assert_eq!((f.int8_products, f.qkv_split), (6 * DEPTH, DEPTH), "{name}: {f}");
+        assert_eq!(f.qdq_layers, 4 * DEPTH + 1, "{name}: the linears and the patch embedding: {f}");
+        assert!(f.fake_quant_bypassed > 0, "{name}: {f}");
+        assert_fused(name, &f, &[]);
+        let input = read_npy(&dir().join("input.npy")).unwrap();
+        let ours = m.run_tensor(&input.data).unwrap().features.as_slice().to_vec();
+        let onnxruntime = read_npy(&dir().join(format!("{name}.ref.npy"))).unwrap().data;
+        let float = read_npy(&dir().join("torchscript_opset17.ref.npy")).unwrap().data;
+        let (vs_ort, vs_float) =
+            (worst_token_cosine(&ours, &onnxruntime, 32), worst_token_cosine(&ours, &float, 32));
+        let ort_vs_float = worst_token_cosine(&onnxruntime, &float, 32);
+        eprintln!(
+            "{name}: worst token cosine: ours vs onnxruntime {vs_ort:.5}, ours vs float {vs_float:.5}, onnxruntime vs float {ort_vs_float:.5}"
+        );
+        assert!(vs_ort >= 0.999, "{name}: {vs_ort}");
+        assert!(
+            vs_float >= ort_vs_float,
+            "{name}: ours {vs_float} vs onnxruntime's {ort_vs_float}"
+        );
+    }
 }
 
 #[test]

@@ -96,6 +96,13 @@ fn f32s(t: &TensorProto) -> Option<Vec<f32>> {
     raw_or(t, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]), || t.float_data.clone())
 }
 
+fn i32s(t: &TensorProto) -> Option<Vec<i32>> {
+    if t.data_type != DataType::Int32 as i32 {
+        return None;
+    }
+    raw_or(t, 4, |b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]), || t.int32_data.clone())
+}
+
 /// int8 or uint8 values as i32, and whether they were signed.
 fn int8s(t: &TensorProto) -> Option<(Vec<i32>, bool)> {
     let signed = if t.data_type == DataType::Int8 as i32 {
@@ -243,16 +250,19 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
         found.clear();
         rewrites.clear();
     }
-    let dynamic = lower_dynamic_matmuls(g);
-    if found.keys().any(|k| dynamic.contains_key(k)) {
-        tracing::warn!("a node name is both a QDQ and a dynamic int8 layer: neither is lowered");
-        found.clear();
+    for other in [lower_dynamic_matmuls(g), lower_qlinear_matmuls(g)] {
+        if found.keys().any(|k| other.contains_key(k)) {
+            tracing::warn!(
+                "a node name names two int8 layers: the file's int8 layers are not lowered"
+            );
+            found.clear();
+            return found;
+        }
+        found.extend(other);
+    }
+    if found.is_empty() {
         return found;
     }
-    if found.is_empty() && dynamic.is_empty() {
-        return found;
-    }
-    found.extend(dynamic);
     for (ix, x, wname, tensor) in rewrites {
         // A Conv keeps its bias input.
         g.node[ix].input[0] = x;
@@ -320,6 +330,67 @@ pub fn bypass_fake_quant_pairs(model: &mut ModelProto) -> usize {
         .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
         .collect();
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name.clone()).collect();
+    // Activation x activation `QLinearMatMul` (attention in onnxruntime's QOperator files):
+    // `DequantizeLinear(QLinearMatMul(Q(a), Q(b)))` -> `MatMul(a, b)`, in float.
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for n in &g.node {
+        for i in &n.input {
+            *readers.entry(i.clone()).or_default() += 1;
+        }
+    }
+    let consumer: HashMap<String, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.input.iter().map(move |x| (x.clone(), i)))
+        .collect();
+    let mut products = Vec::new();
+    for (ix, n) in g.node.iter().enumerate() {
+        let [aq, a_s, a_z, bq, b_s, b_z, y_s, y_z] = &n.input[..] else { continue };
+        if n.op_type != "QLinearMatMul" || inits.contains_key(bq) || inits.contains_key(aq) {
+            continue;
+        }
+        let quantized_from = |xq: &String, s: &String, z: &String| -> Option<String> {
+            let q = &g.node[*producer.get(xq)?];
+            let mine = (f32s(inits.get(s)?)?, int8s(inits.get(z)?)?.0);
+            let (a, b) = (params(q)?, (mine.0.first()?.to_bits(), *mine.1.first()?));
+            (q.op_type == "QuantizeLinear" && a == b && mine.0.len() == 1)
+                .then(|| q.input[0].clone())
+        };
+        let (Some(a), Some(b)) = (quantized_from(aq, a_s, a_z), quantized_from(bq, b_s, b_z))
+        else {
+            continue;
+        };
+        if readers.get(&n.output[0]) != Some(&1) || outputs.contains(&n.output[0]) {
+            continue;
+        }
+        let Some(&d_ix) = consumer.get(&n.output[0]) else { continue };
+        let d = &g.node[d_ix];
+        let same = |i: usize, x: &String| d.input.get(i).is_some_and(|v| v == x);
+        if d.op_type != "DequantizeLinear" || !same(1, y_s) || !same(2, y_z) {
+            continue;
+        }
+        products.push((ix, a, b, d.output[0].clone(), d_ix));
+    }
+    let mut dead = Vec::new();
+    for (ix, a, b, y, d_ix) in &products {
+        let node = &mut g.node[*ix];
+        node.op_type = "MatMul".into();
+        node.input = vec![a.clone(), b.clone()];
+        node.output = vec![y.clone()];
+        node.attribute.clear();
+        dead.push(*d_ix);
+    }
+    dead.sort_unstable();
+    for i in dead.into_iter().rev() {
+        g.node.remove(i);
+    }
+    let producer: HashMap<String, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .collect();
     let mut bypass: HashMap<String, String> = HashMap::new();
     for dq in &g.node {
         if dq.op_type != "DequantizeLinear"
@@ -348,7 +419,194 @@ pub fn bypass_fake_quant_pairs(model: &mut ModelProto) -> usize {
         }
     }
     sweep_dead_quant_nodes(g);
-    bypass.len()
+    bypass.len() + products.len()
+}
+
+/// `QLinearMatMul` layers (onnxruntime's static quantizer in `QOperator` format, `flsl quantize
+/// --format tract`):
+///
+/// ```text
+/// xq = QuantizeLinear(x, xs, xz)
+/// yq = QLinearMatMul(xq, xs, xz, W_q int8 [K, N], ws [N] or scalar, [0], ys, yz)
+/// y  = DequantizeLinear(yq, ys, yz)
+/// ```
+///
+/// Each becomes `y = MatMul(x, dequantized W)` named after the `QLinearMatMul`, recorded with
+/// the activation quantization `(xs, xz)`. The requantization of the output to 8 bits is not
+/// kept: the integer kernel's float result goes on (closer to the float model; the file asked
+/// for one more rounding). A layer whose output is read by anything but that one
+/// `DequantizeLinear`, or whose weights do not match [`lower_qdq_matmuls`]'s rules, stays.
+fn lower_qlinear_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, QdqLayer> {
+    let mut found = HashMap::new();
+    let inits: HashMap<String, usize> =
+        g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let init = |name: &str| inits.get(name).map(|&i| &g.initializer[i]);
+    let producer: HashMap<&str, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in g.node.iter().enumerate() {
+        for input in &n.input {
+            readers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+    // Scalar (scale, zero point, signed) of a tensor pair given by name.
+    let params = |s: &str, z: Option<&String>| -> Option<(f32, i32, bool)> {
+        let s = f32s(init(s)?)?;
+        let (z, signed) = match z.filter(|z| !z.is_empty()) {
+            Some(z) => int8s(init(z)?)?,
+            None => (vec![0], false),
+        };
+        (s.len() == 1 && z.len() == 1 && s[0].is_finite() && s[0] > 0.0)
+            .then(|| (s[0], z[0], signed))
+    };
+    // (QLinear node, x, y, weights, Conv bias, the DequantizeLinear to delete)
+    #[allow(clippy::type_complexity)]
+    let mut rewrites: Vec<(usize, String, String, TensorProto, Option<TensorProto>, usize)> =
+        Vec::new();
+    for (ix, n) in g.node.iter().enumerate() {
+        let conv = n.op_type == "QLinearConv";
+        if !(n.op_type == "QLinearMatMul" || conv)
+            || !(n.domain.is_empty() || n.domain == "ai.onnx")
+        {
+            continue;
+        }
+        let (aq, a_s, a_z, bq, b_s, b_z, y_s, y_z) = match &n.input[..] {
+            [a, b, c, d, e, f, g, h] | [a, b, c, d, e, f, g, h, _] => (a, b, c, d, e, f, g, h),
+            _ => continue,
+        };
+        // The activation: QuantizeLinear(x) with the product's own (xs, xz).
+        let Some(&q_ix) = producer.get(aq.as_str()) else { continue };
+        let q = &g.node[q_ix];
+        if q.op_type != "QuantizeLinear" || q.input.len() < 2 {
+            continue;
+        }
+        let (Some(act), Some(q_act)) =
+            (params(a_s, Some(a_z)), params(&q.input[1], q.input.get(2)))
+        else {
+            continue;
+        };
+        if act.0.to_bits() != q_act.0.to_bits() || act.1 != q_act.1 || act.2 != q_act.2 {
+            continue;
+        }
+        // The weights: int8 [K, N], scales per column or one, zero points 0.
+        let Some(wt) = init(bq) else { continue };
+        let Some((wq, true)) = int8s(wt) else { continue };
+        let wd = dims(wt);
+        // MatMul: [K, N]. Conv: a patch embedding's [D, C, kh, kw], as the product [C kh kw, D].
+        let patch_kernel = if conv { patch_conv_kernel(n, &wd) } else { None };
+        let (k, nn) = match (&wd[..], patch_kernel) {
+            ([k, nn], None) if !conv => (*k, *nn),
+            ([d, c, kh, kw], Some(_)) => (c * kh * kw, *d),
+            _ => continue,
+        };
+        let Some(ws) = init(b_s).and_then(f32s) else { continue };
+        let wz_ok = init(b_z).and_then(int8s).is_some_and(|(z, _)| z.iter().all(|&v| v == 0));
+        if !wz_ok || !(ws.len() == 1 || ws.len() == nn) || ws.iter().any(|s| !s.is_finite()) {
+            continue;
+        }
+        // A Conv's int32 bias, in units of xs * ws[c].
+        let bias = match (conv, n.input.get(8).filter(|b| !b.is_empty())) {
+            (true, Some(b)) => match init(b).and_then(i32s) {
+                Some(b) if b.len() == nn => Some(b),
+                _ => continue,
+            },
+            _ => None,
+        };
+        // The output: one DequantizeLinear with the product's (ys, yz).
+        let one_reader = match readers.get(n.output[0].as_str()).map(Vec::as_slice) {
+            Some([r]) if !outputs.contains(n.output[0].as_str()) => Some(*r),
+            _ => None,
+        };
+        let Some(d_ix) = one_reader else { continue };
+        let d = &g.node[d_ix];
+        let (Some(y), Some(d_y)) = (
+            params(y_s, Some(y_z)),
+            params(d.input.get(1).map_or("", String::as_str), d.input.get(2)),
+        ) else {
+            continue;
+        };
+        if d.op_type != "DequantizeLinear" || y.0.to_bits() != d_y.0.to_bits() || y.1 != d_y.1 {
+            continue;
+        }
+        let w_scale = if ws.len() == 1 { vec![ws[0]; nn] } else { ws };
+        let w_file: Vec<i8> = wq.iter().map(|&v| v as i8).collect();
+        let dequantized: Vec<f32> = if conv {
+            w_file.iter().enumerate().map(|(i, &v)| f32::from(v) * w_scale[i / k]).collect()
+        } else {
+            w_file.iter().enumerate().map(|(i, &v)| f32::from(v) * w_scale[i % nn]).collect()
+        };
+        // Int8MatMul's [K, N]: the Conv's [D, K] transposed.
+        let w_q: Vec<i8> = if conv {
+            (0..k * nn).map(|i| w_file[(i % nn) * k + i / nn]).collect()
+        } else {
+            w_file
+        };
+        let wname = format!("{}/int8_lowered", n.name);
+        let tensor = TensorProto {
+            name: wname.clone(),
+            dims: wd.iter().map(|&d| d as i64).collect(),
+            data_type: DataType::Float as i32,
+            raw_data: dequantized.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        };
+        let bias = bias.map(|b| {
+            let values: Vec<f32> =
+                b.iter().zip(&w_scale).map(|(&b, &s)| b as f32 * (act.0 * s)).collect();
+            TensorProto {
+                name: format!("{}/bias_lowered", n.name),
+                dims: vec![nn as i64],
+                data_type: DataType::Float as i32,
+                raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ..Default::default()
+            }
+        });
+        rewrites.push((ix, q.input[0].clone(), d.output[0].clone(), tensor, bias, d_ix));
+        let (scale, zero_point, signed) = act;
+        found.insert(
+            n.name.clone(),
+            QdqLayer {
+                act: ActQuant { scale, zero_point, signed },
+                w_q,
+                k,
+                n: nn,
+                w_scale,
+                patch_kernel,
+                dynamic: false,
+            },
+        );
+    }
+    if found.len() != rewrites.len() {
+        return HashMap::new();
+    }
+    let mut dead = Vec::new();
+    for (ix, x, y, tensor, bias, d_ix) in rewrites {
+        let node = &mut g.node[ix];
+        node.input = vec![x, tensor.name.clone()];
+        if node.op_type == "QLinearConv" {
+            // Conv keeps its attributes (kernel, strides, pads).
+            node.op_type = "Conv".into();
+            if let Some(b) = &bias {
+                node.input.push(b.name.clone());
+            }
+        } else {
+            node.op_type = "MatMul".into();
+            node.attribute.clear();
+        }
+        node.output = vec![y];
+        g.initializer.push(tensor);
+        g.initializer.extend(bias);
+        dead.push(d_ix);
+    }
+    dead.sort_unstable();
+    for i in dead.into_iter().rev() {
+        g.node.remove(i);
+    }
+    found
 }
 
 /// onnxruntime's dynamic int8 linear layers (`quantize_dynamic` with int8 weights):
