@@ -60,10 +60,9 @@ fn steps<B: AutodiffBackend>(c: &mut Criterion, backend: &str) {
                 loss: Default::default(),
                 grad_norms: vec![],
                 clipped: vec![],
-                recorded: Default::default(),
                 teacher_assign: vec![],
             };
-            let (v, _) = apply_adamw(vit.clone(), grads, &mut adam, &hyper(), false, empty);
+            let (v, _) = apply_adamw(vit.clone(), grads, &mut adam, &hyper(), None, empty);
             vit = v;
         })
     });

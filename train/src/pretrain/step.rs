@@ -139,17 +139,30 @@ pub struct StepReport {
     pub grad_norms: Vec<(String, f64)>,
     /// Parameters whose gradient was scaled down.
     pub clipped: Vec<String>,
-    /// With [`StepOptions::record`]: `loss_in_*`, `enc_t` and `grad_preclip.<name>`.
-    pub recorded: TensorMap,
     /// The teacher's prototype assignment (argmax) of every loss row.
     pub teacher_assign: Vec<u32>,
 }
 
-/// Optional outputs of a step.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StepOptions {
-    /// Keep the loss inputs and every pre-clip gradient as host tensors (golden checks).
-    pub record: bool,
+/// Receives a step's intermediate tensors: the loss inputs (`loss_in_x`, `loss_in_mode`,
+/// `loss_in_student_pred`, `loss_in_teacher_pred`, `enc_t`) and every gradient before clipping
+/// (`grad_preclip.<reference name>`), as host tensors. Training passes none; the golden
+/// checker (`flsl reference-check`) records them to compare with the reference.
+pub trait StepTap {
+    /// One named tensor.
+    fn tensor(&mut self, name: &str, value: HostTensor);
+}
+
+impl StepTap for TensorMap {
+    fn tensor(&mut self, name: &str, value: HostTensor) {
+        self.insert(name.to_string(), value);
+    }
+}
+
+/// Options of a step.
+#[derive(Default)]
+pub struct StepOptions<'t> {
+    /// Where the intermediate tensors go, if anywhere (golden checks).
+    pub tap: Option<&'t mut dyn StepTap>,
     /// Data-parallel replica: gradients and loss terms are averaged over all replicas
     /// ([`crate::parallel`]) before clipping and the update.
     pub peer: Option<Peer>,
@@ -341,7 +354,7 @@ pub fn train_step<B: AutodiffBackend>(
     adam: &mut AdamState<B::InnerBackend>,
     views: &[View<B>],
     hyper: &StepHyper,
-    opts: StepOptions,
+    mut opts: StepOptions<'_>,
 ) -> Result<(FlslModel<B>, StepReport)> {
     let fwd = forward(
         &student,
@@ -352,20 +365,13 @@ pub fn train_step<B: AutodiffBackend>(
         prev.map(|p| (p, hyper.mixture)),
         distill,
     )?;
-    let mut recorded = TensorMap::new();
-    if opts.record {
-        recorded.insert("loss_in_x".into(), HostTensor::from_tensor(fwd.x.clone()));
-        recorded.insert("loss_in_mode".into(), HostTensor::from_tensor(fwd.mode.clone()));
-        recorded.insert(
-            "loss_in_student_pred".into(),
-            HostTensor::from_tensor(fwd.student_pred.clone()),
-        );
-        recorded.insert(
-            "loss_in_teacher_pred".into(),
-            HostTensor::from_tensor(fwd.teacher_pred.clone()),
-        );
+    if let Some(tap) = opts.tap.as_deref_mut() {
+        tap.tensor("loss_in_x", HostTensor::from_tensor(fwd.x.clone()));
+        tap.tensor("loss_in_mode", HostTensor::from_tensor(fwd.mode.clone()));
+        tap.tensor("loss_in_student_pred", HostTensor::from_tensor(fwd.student_pred.clone()));
+        tap.tensor("loss_in_teacher_pred", HostTensor::from_tensor(fwd.teacher_pred.clone()));
         if let Some(enc_t) = &fwd.enc_t {
-            recorded.insert("enc_t".into(), HostTensor::from_tensor(enc_t.clone()));
+            tap.tensor("enc_t", HostTensor::from_tensor(enc_t.clone()));
         }
     }
     let assign = fwd.teacher_pred.clone().argmax(1).into_data().convert::<i64>();
@@ -415,15 +421,12 @@ pub fn train_step<B: AutodiffBackend>(
     }
     let grads = out.total.backward();
 
-    let report = StepReport {
-        loss: terms,
-        grad_norms: Vec::new(),
-        clipped: Vec::new(),
-        recorded,
-        teacher_assign,
-    };
+    let report =
+        StepReport { loss: terms, grad_norms: Vec::new(), clipped: Vec::new(), teacher_assign };
+    // (A reborrow: the tap's own lifetime may be longer than the optimiser's borrows.)
+    let tap = opts.tap.map(|t| t as &mut dyn StepTap);
     let (student, report) =
-        apply_adamw_parallel(student, grads, adam, hyper, opts.record, opts.peer, report)?;
+        apply_adamw_parallel(student, grads, adam, hyper, tap, opts.peer, report)?;
 
     // EMA over every parameter pair, frozen ones included.
     ema_update(teacher, &student.valid(), hyper.momentum);
@@ -432,12 +435,12 @@ pub fn train_step<B: AutodiffBackend>(
 
 /// Per-parameter clipping, last-layer freeze and the AdamW update of every parameter of
 /// `module` that has a gradient in `grads` (the update half of a training iteration).
-pub fn apply_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub fn apply_adamw<'a, B: AutodiffBackend, M: AutodiffModule<B>>(
     module: M,
     grads: B::Gradients,
-    adam: &mut AdamState<B::InnerBackend>,
-    hyper: &StepHyper,
-    record: bool,
+    adam: &'a mut AdamState<B::InnerBackend>,
+    hyper: &'a StepHyper,
+    tap: Option<&'a mut dyn StepTap>,
     report: StepReport,
 ) -> (M, StepReport) {
     let mut opt = Optimizer::<B> {
@@ -445,7 +448,7 @@ pub fn apply_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
         grads,
         adam,
         hyper,
-        record,
+        tap,
         report,
         peer: None,
         error: None,
@@ -456,17 +459,17 @@ pub fn apply_adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
 
 /// [`apply_adamw`] on a data-parallel replica: each gradient is first averaged over all
 /// replicas (every replica visits the parameters in the same order).
-pub fn apply_adamw_parallel<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub fn apply_adamw_parallel<'a, B: AutodiffBackend, M: AutodiffModule<B>>(
     module: M,
     grads: B::Gradients,
-    adam: &mut AdamState<B::InnerBackend>,
-    hyper: &StepHyper,
-    record: bool,
+    adam: &'a mut AdamState<B::InnerBackend>,
+    hyper: &'a StepHyper,
+    tap: Option<&'a mut dyn StepTap>,
     peer: Option<Peer>,
     report: StepReport,
 ) -> Result<(M, StepReport)> {
     let mut opt =
-        Optimizer::<B> { path: Vec::new(), grads, adam, hyper, record, report, peer, error: None };
+        Optimizer::<B> { path: Vec::new(), grads, adam, hyper, tap, report, peer, error: None };
     let module = module.map(&mut opt);
     match opt.error {
         Some(e) => Err(e),
@@ -479,7 +482,7 @@ struct Optimizer<'a, B: AutodiffBackend> {
     grads: B::Gradients,
     adam: &'a mut AdamState<B::InnerBackend>,
     hyper: &'a StepHyper,
-    record: bool,
+    tap: Option<&'a mut dyn StepTap>,
     report: StepReport,
     peer: Option<Peer>,
     /// The first collective failure (the mapper cannot return it).
@@ -515,9 +518,9 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
         let dims = tensor.dims();
         let numel: usize = dims.iter().product();
         let g = grad.reshape([numel]);
-        if self.record {
-            self.report.recorded.insert(
-                format!("grad_preclip.{name}"),
+        if let Some(tap) = self.tap.as_deref_mut() {
+            tap.tensor(
+                &format!("grad_preclip.{name}"),
                 HostTensor::from_tensor(g.clone().reshape(dims)),
             );
         }

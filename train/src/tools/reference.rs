@@ -916,6 +916,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     let tt = loss.teacher_temp(hyper.epoch);
     check.scalar("teacher_temp", tt, case.pf("teacher_temp")?, Tol::elementwise(1e-12, 0.0))?;
     let mut adam = AdamState::default();
+    let mut recorded = TensorMap::new();
     let (student, report) = train_step(
         student,
         &mut teacher,
@@ -925,7 +926,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
         &mut adam,
         &views,
         &hyper,
-        StepOptions { record: true, ..Default::default() },
+        StepOptions { tap: Some(&mut recorded), ..Default::default() },
     )
     .map_err(|e| e.to_string())?;
 
@@ -939,7 +940,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     for k in ["enc_t", "loss_in_x", "loss_in_mode", "loss_in_student_pred", "loss_in_teacher_pred"]
     {
         if let Ok(r) = case.t(k) {
-            check.cmp_t(k, report.recorded.get(k).ok_or(format!("{k} not recorded"))?, r, tf)?;
+            check.cmp_t(k, recorded.get(k).ok_or(format!("{k} not recorded"))?, r, tf)?;
         }
     }
     // Gradients before clipping.
@@ -948,8 +949,7 @@ fn check_train_step(case: &Case, check: &mut Check) -> R {
     let mut n_grads = 0;
     for (k, r) in &case.tensors {
         let Some(name) = k.strip_prefix("grad_preclip.") else { continue };
-        let ours = report
-            .recorded
+        let ours = recorded
             .get(&format!("grad_preclip.{name}"))
             .ok_or(format!("no gradient for `{name}`"))?;
         check.cmp_t(k, ours, r, tg)?;
