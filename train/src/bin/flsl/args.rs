@@ -256,8 +256,8 @@ pub struct QuantizeArgs {
     /// Output int8 ONNX (written only when everything succeeded).
     #[arg(long)]
     pub out: PathBuf,
-    /// `qdq` (explicit QuantizeLinear/DequantizeLinear: our engine runs its linear layers as
-    /// fused int8 matmuls, and TensorRT and onnxruntime read it) or `tract` (QLinearMatMul).
+    /// `qdq` (explicit QuantizeLinear/DequantizeLinear; TensorRT and onnxruntime read it) or
+    /// `tract` (QLinearMatMul). Our engine runs the linear layers of both as fused int8 matmuls.
     #[arg(long, default_value = "qdq")]
     pub format: String,
     /// `minmax`, `percentile[=P]` (default 99.99) or `mse`.
