@@ -13,7 +13,7 @@
 //! `tract`: tract's own kernels); `--blocks B` repeats the whole set of measurements B
 //! times, interleaved, and reports the median and the best of the per-block medians.
 //! `--plan` prints tract's optimized plan (op per node and the kernel each matmul uses).
-//! `--profile` times every node of each engine's plan at 1 thread; `--plan` shows the first engine's.
+//! `--profile` times every node of each engine's plan at each `--threads` count; `--plan` shows the first engine's.
 //!
 //! Random weights are fine for speed: the work per frame does not depend on the values.
 //! Use `RUSTFLAGS="-C target-cpu=x86-64-v3"` (or the board's CPU) for deployment builds.
@@ -45,7 +45,7 @@ struct Args {
     /// Untimed runs first.
     #[arg(long, default_value_t = 5)]
     warmup: usize,
-    /// Time every node of each engine's plan at 1 thread.
+    /// Time every node of each engine's plan, at each `--threads` count.
     #[arg(long)]
     profile: bool,
     /// Print tract's optimized plan of the first engine.
@@ -186,8 +186,12 @@ fn main() -> Result<()> {
     }
 
     if args.profile {
-        for (path, &engine) in files.iter().flat_map(|p| args.engines.iter().map(move |e| (p, e))) {
-            let mut m = OnnxModel::load(path, ModelOptions::new().with_matmul(engine))?;
+        let runs = files.iter().flat_map(|p| args.engines.iter().map(move |e| (p, e)));
+        for ((path, &engine), &threads) in
+            runs.flat_map(|r| args.threads.iter().map(move |t| (r, t)))
+        {
+            let opts = ModelOptions::new().with_matmul(engine).with_threads(threads);
+            let mut m = OnnxModel::load(path, opts)?;
             m.input_mut()?
                 .iter_mut()
                 .enumerate()
@@ -195,7 +199,7 @@ fn main() -> Result<()> {
             m.profile(args.warmup.max(1))?;
             let p = m.profile(args.iters)?;
             println!(
-                "\n### tract per-op profile, {} ({engine:?} matmuls, 1 thread, {:.1} ms/frame)\n",
+                "\n### tract per-op profile, {} ({engine:?} matmuls, {threads} thread(s), {:.1} ms/frame)\n",
                 path.display(),
                 ms(p.total_per_frame)
             );

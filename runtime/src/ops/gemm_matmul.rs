@@ -347,71 +347,84 @@ impl EvalOp for GemmMatMul {
             let loop_len: usize = g.kloop.iter().map(|k| k.0).product();
             let dst = SharedOut(out.as_mut_ptr());
             let beta = self.scale();
-            // Steps `range` (flat indices over `axes`), one gemm call each.
-            let run_steps = |range: std::ops::Range<usize>, parallelism: gemm::Parallelism| {
-                for step in range {
-                    let (mut oa, mut ob, mut oc) = (0isize, 0isize, 0isize);
-                    let mut rest = step;
-                    for &(size, sa, sb, sc) in axes.iter().rev() {
-                        let ix = (rest % size) as isize;
-                        rest /= size;
-                        oa += ix * sa;
-                        ob += ix * sb;
-                        oc += ix * sc;
+            // Units `range`, one gemm call each: unit `u` is rows chunk `u % chunks` (of
+            // `chunks` row chunks of `m`) of step `u / chunks` (a flat index over `axes`).
+            let run_steps =
+                |range: std::ops::Range<usize>, chunks: usize, parallelism: gemm::Parallelism| {
+                    let rows_per = g.m.div_ceil(chunks);
+                    for unit in range {
+                        let (step, r0) = (unit / chunks, unit % chunks * rows_per);
+                        if r0 >= g.m {
+                            continue;
+                        }
+                        let rows = rows_per.min(g.m - r0);
+                        let (mut oa, mut ob, mut oc) =
+                            (r0 as isize * g.a_rs, 0isize, r0 as isize * g.c_rs);
+                        let mut rest = step;
+                        for &(size, sa, sb, sc) in axes.iter().rev() {
+                            let ix = (rest % size) as isize;
+                            rest /= size;
+                            oa += ix * sa;
+                            ob += ix * sb;
+                            oc += ix * sc;
+                        }
+                        // The first reduction step of each output block writes C (or adds to
+                        // the bias), the later ones accumulate.
+                        let accumulate = read_dst || step % loop_len != 0;
+                        let c_ptr = dst;
+                        // Safety: the geometry was derived from these very shapes (checked by
+                        // output_facts and the plan), so every offset stays inside the slices;
+                        // concurrent calls (below) write disjoint blocks of C.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            gemm::gemm(
+                                rows,
+                                g.n,
+                                g.k,
+                                c_ptr.0.offset(oc),
+                                g.c_cs,
+                                g.c_rs,
+                                accumulate,
+                                a.as_ptr().offset(oa),
+                                g.a_cs,
+                                g.a_rs,
+                                b.as_ptr().offset(ob),
+                                g.b_cs,
+                                g.b_rs,
+                                1.0,
+                                beta,
+                                false,
+                                false,
+                                false,
+                                parallelism,
+                            );
+                        }
                     }
-                    // The first reduction step of each output block writes C (or adds to
-                    // the bias), the later ones accumulate.
-                    let accumulate = read_dst || step % loop_len != 0;
-                    let c_ptr = dst;
-                    // Safety: the geometry was derived from these very shapes (checked by
-                    // output_facts and the plan), so every offset stays inside the slices;
-                    // concurrent calls (below) write disjoint batch blocks of C.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        gemm::gemm(
-                            g.m,
-                            g.n,
-                            g.k,
-                            c_ptr.0.offset(oc),
-                            g.c_cs,
-                            g.c_rs,
-                            accumulate,
-                            a.as_ptr().offset(oa),
-                            g.a_cs,
-                            g.a_rs,
-                            b.as_ptr().offset(ob),
-                            g.b_cs,
-                            g.b_rs,
-                            1.0,
-                            beta,
-                            false,
-                            false,
-                            false,
-                            parallelism,
-                        );
-                    }
-                }
-            };
+                };
             // Per-head products (a batch of independent blocks of C, no looped reduction):
             // inside a rayon pool, give each thread whole blocks rather than splitting every
-            // small product across threads.
+            // small product across threads. When the heads do not divide evenly among the
+            // threads (ViT-Ti's 3 heads on 2 threads: one thread did 2 of 3, 1.3x instead of
+            // 2x), each head's rows are cut in `threads` chunks, which do.
             let threads = super::pool_threads();
             if threads > 1
                 && g.kloop.is_empty()
                 && steps >= threads
                 && g.m * g.n * g.k * steps >= PARALLEL_MIN_MACS
             {
-                let per = steps.div_ceil(threads);
+                let chunks = if steps.is_multiple_of(threads) { 1 } else { threads.min(g.m) };
+                let units = steps * chunks;
+                let per = units.div_ceil(threads);
                 rayon::scope(|s| {
                     for t in 1..threads {
-                        let range = (t * per).min(steps)..((t + 1) * per).min(steps);
+                        let range = (t * per).min(units)..((t + 1) * per).min(units);
                         let run = &run_steps;
-                        s.spawn(move |_| run(range, gemm::Parallelism::None));
+                        s.spawn(move |_| run(range, chunks, gemm::Parallelism::None));
                     }
-                    run_steps(0..per.min(steps), gemm::Parallelism::None);
+                    run_steps(0..per.min(units), chunks, gemm::Parallelism::None);
                 });
             } else {
-                run_steps(0..steps, self.parallelism());
+                run_steps(0..steps, 1, self.parallelism());
             }
             match self.post {
                 Post::None => {}
