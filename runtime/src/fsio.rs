@@ -22,15 +22,33 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Renames the complete file `tmp` over `path` and flushes the folder.
+/// Whether `path` exists and is neither a file nor a folder (a device such as `/dev/null` or
+/// `/dev/stdout`, a FIFO, a socket): renaming a file over it would replace the device (with
+/// root's rights, `--json /dev/null` would turn `/dev/null` into a plain file for every
+/// process of the machine), so such paths are written in place instead.
+fn is_special(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
+}
+
+/// Renames the complete file `tmp` over `path` and flushes the folder (for a device or FIFO
+/// path, see [`is_special`], its content is written there and `tmp` removed).
 pub fn commit(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    if is_special(path) {
+        let bytes = std::fs::read(tmp)?;
+        std::fs::remove_file(tmp)?;
+        return std::fs::OpenOptions::new().write(true).open(path)?.write_all(&bytes);
+    }
     std::fs::rename(tmp, path)?;
     sync_dir(parent_dir(path))
 }
 
 /// Writes `bytes` to `path` atomically and durably (creating the folder if needed). On error
-/// the temporary file is removed and `path` is untouched.
+/// the temporary file is removed and `path` is untouched. A device or FIFO path is written in
+/// place (see [`is_special`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if is_special(path) {
+        return std::fs::OpenOptions::new().write(true).open(path)?.write_all(bytes);
+    }
     std::fs::create_dir_all(parent_dir(path))?;
     let tmp = temp_path(path);
     let result = (|| {
@@ -65,5 +83,23 @@ mod tests {
         assert!(write_atomic(&dir.join("sub/d"), b"x").is_err());
         assert!(!temp_path(&dir.join("sub/d")).exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A device path is written, not replaced: `/dev/zero` (it takes and discards writes)
+    /// stays a character device, and `commit` of a temporary file onto it leaves no file.
+    #[cfg(unix)]
+    #[test]
+    fn a_device_path_stays_a_device() {
+        use std::os::unix::fs::FileTypeExt;
+        let dev = Path::new("/dev/zero");
+        let is_char = || std::fs::metadata(dev).is_ok_and(|m| m.file_type().is_char_device());
+        assert!(is_char(), "/dev/zero must be a character device for this test");
+        write_atomic(dev, b"discarded").unwrap();
+        assert!(is_char(), "write_atomic replaced /dev/zero");
+        let tmp = std::env::temp_dir().join(format!("flsl-fsio-dev-{}", std::process::id()));
+        std::fs::write(&tmp, b"also discarded").unwrap();
+        commit(&tmp, dev).unwrap();
+        assert!(is_char(), "commit replaced /dev/zero");
+        assert!(!tmp.exists(), "the temporary file is left behind");
     }
 }

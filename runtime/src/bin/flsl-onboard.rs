@@ -192,15 +192,14 @@ fn run(args: Args) -> Result<ExitCode, OnboardError> {
 
     let [_, _, ih, iw] = detector.input_shape();
     eprintln!(
-        "flsl-onboard {}: bundle {} verified; model {}x{} -> {:?}, {} thread(s); int8 products \
-         (when the model has QDQ layers): {} kernel (FLSL_INT8_KERNEL)",
+        "flsl-onboard {}: bundle {} verified; model {}x{} -> {:?}, {} thread(s); {}",
         env!("CARGO_PKG_VERSION"),
         bundle.dir.display(),
         iw,
         ih,
         detector.output_names(),
         opts.threads,
-        flsl_runtime::ops::int8_matmul::Kernel::selected().name()
+        flsl_runtime::ops::isa::kernels_line()
     );
     eprintln!(
         "source: {} ({}); frames: {}; outputs: {}{}",

@@ -167,8 +167,8 @@ impl RowLayout {
 /// of the attention projection) go through one vectorized loop.
 fn quantize_gather(x: &[f32], layout: &RowLayout, kp: usize, q: ActQuant, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // Safety: the feature was just detected.
+    if super::isa::avx512f() {
+        // Safety: the feature was detected (`isa::avx512f`).
         unsafe { quantize_gather_avx512(x, layout, kp, q, out) };
         return;
     }
@@ -262,6 +262,7 @@ struct Epilogue<'a> {
     gelu: bool,
 }
 
+use super::isa;
 use super::simd::gelu;
 
 /// An integer product kernel. [`Kernel::selected`] is the best one this CPU runs, or the one
@@ -291,26 +292,24 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// Every kernel this CPU runs, best first.
+    /// Every kernel this CPU runs, best first (less what `TRACT_CPU_ISA` removes: [`isa`]).
     pub fn available() -> Vec<Kernel> {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-            {
+            if isa::avx512vnni() {
                 v.push(Kernel::Avx512Vnni);
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                if std::arch::is_x86_feature_detected!("avxvnni") {
-                    v.push(Kernel::AvxVnni);
-                }
+            if isa::avxvnni() {
+                v.push(Kernel::AvxVnni);
+            }
+            if isa::avx2() {
                 v.push(Kernel::Avx2);
             }
         }
         #[cfg(target_arch = "aarch64")]
         {
-            if std::arch::is_aarch64_feature_detected!("dotprod") {
+            if isa::dotprod() {
                 v.push(Kernel::NeonDot);
             }
             if std::arch::is_aarch64_feature_detected!("neon") {

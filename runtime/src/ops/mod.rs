@@ -9,6 +9,7 @@ pub mod attention;
 pub mod canon;
 pub mod gemm_matmul;
 pub mod int8_matmul;
+pub mod isa;
 pub mod layer_norm;
 pub mod patch_embed;
 pub mod qdq;

@@ -1,9 +1,10 @@
 //! Element-wise work fused into our ops: GELU (with tract's erf, so results match its
-//! `GeluExact`), row softmax and layer normalization, on 16 AVX-512 lanes where the CPU has them, in plain
-//! Rust otherwise. Rows are split over the threads of the current rayon pool when the
-//! caller runs inside one (as `OnnxModel` does with more than one thread).
+//! `GeluExact`), row softmax and layer normalization, on 16 AVX-512 lanes, on 8 AVX2 + FMA
+//! lanes (x86 without AVX-512), in plain Rust otherwise ([`FloatPath`]). Rows are split over
+//! the threads of the current rayon pool when the caller runs inside one (as `OnnxModel`
+//! does with more than one thread).
 
-// The AVX-512 paths use intrinsics on raw lane loads and stores, each bounded by the slice
+// The AVX-512 and AVX2 paths use intrinsics on raw lane loads and stores, each bounded by the slice
 // it reads; every unsafe block states why it stays in bounds.
 #![allow(unsafe_code)]
 
@@ -78,31 +79,82 @@ fn for_row_chunks(x: &mut [f32], row: usize, f: impl Fn(&mut [f32]) + Sync) {
     }
 }
 
+/// The code the float ops here run: 16 AVX-512 lanes, 8 AVX2 + FMA lanes (x86 without
+/// AVX-512: the NUC class), or plain Rust (aarch64 autovectorizes it to NEON). Chosen once
+/// per process from the CPU, less what `TRACT_CPU_ISA` removes ([`super::isa`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatPath {
+    /// AVX-512F.
+    Avx512,
+    /// AVX2 with FMA.
+    Avx2,
+    /// Portable.
+    Scalar,
+}
+
+impl FloatPath {
+    /// Every path this CPU runs, best first.
+    pub fn available() -> Vec<FloatPath> {
+        let mut v = Vec::new();
+        if super::isa::avx512f() {
+            v.push(FloatPath::Avx512);
+        }
+        if super::isa::avx2_fma() {
+            v.push(FloatPath::Avx2);
+        }
+        v.push(FloatPath::Scalar);
+        v
+    }
+
+    /// The best available path (decided once).
+    pub fn selected() -> FloatPath {
+        static SELECTED: std::sync::OnceLock<FloatPath> = std::sync::OnceLock::new();
+        *SELECTED.get_or_init(|| FloatPath::available()[0])
+    }
+
+    /// Its name, as `kernels_line` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatPath::Avx512 => "avx512",
+            FloatPath::Avx2 => "avx2+fma",
+            FloatPath::Scalar => "scalar",
+        }
+    }
+}
+
 /// GELU on every value of `x`, in place.
 pub fn gelu_inplace(x: &mut [f32]) {
-    for_row_chunks(x, 1024, |chunk| {
+    gelu_inplace_with(FloatPath::selected(), x)
+}
+
+fn gelu_inplace_with(path: FloatPath, x: &mut [f32]) {
+    for_row_chunks(x, 1024, |chunk| match path {
+        // Safety (both arms): `path` is one of `FloatPath::available()`.
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: the feature was just detected.
-            unsafe { avx512::gelu_slice(chunk) };
-            return;
-        }
-        chunk.iter_mut().for_each(|v| *v = gelu(*v));
+        FloatPath::Avx512 => unsafe { avx512::gelu_slice(chunk) },
+        #[cfg(target_arch = "x86_64")]
+        FloatPath::Avx2 => unsafe { avx2::gelu_slice(chunk) },
+        _ => chunk.iter_mut().for_each(|v| *v = gelu(*v)),
     });
 }
 
 /// Softmax over each row of `row` values of `x`, in place (`x.len()` a multiple of `row`).
 pub fn softmax_rows_inplace(x: &mut [f32], row: usize) {
+    softmax_rows_inplace_with(FloatPath::selected(), x, row)
+}
+
+fn softmax_rows_inplace_with(path: FloatPath, x: &mut [f32], row: usize) {
     for_row_chunks(x, row, |chunk| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            for r in chunk.chunks_exact_mut(row) {
-                // Safety: the feature was just detected.
-                unsafe { avx512::softmax_row(r) };
+        for r in chunk.chunks_exact_mut(row) {
+            match path {
+                // Safety (both arms): `path` is one of `FloatPath::available()`.
+                #[cfg(target_arch = "x86_64")]
+                FloatPath::Avx512 => unsafe { avx512::softmax_row(r) },
+                #[cfg(target_arch = "x86_64")]
+                FloatPath::Avx2 => unsafe { avx2::softmax_row(r) },
+                _ => softmax_row_scalar(r),
             }
-            return;
         }
-        chunk.chunks_exact_mut(row).for_each(softmax_row_scalar);
     });
 }
 
@@ -134,19 +186,30 @@ fn layer_norm_row(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32
 /// Layer normalization of every `scale.len()` values of `x` into `y` (`FusedLayerNorm`),
 /// rows split over the pool like the other kernels here.
 pub fn layer_norm_rows(x: &[f32], scale: &[f32], bias: &[f32], eps: f32, y: &mut [f32]) {
+    layer_norm_rows_with(FloatPath::selected(), x, scale, bias, eps, y)
+}
+
+fn layer_norm_rows_with(
+    path: FloatPath,
+    x: &[f32],
+    scale: &[f32],
+    bias: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) {
     let row = scale.len().max(1);
     debug_assert!(bias.len() == row && x.len() == y.len() && x.len().is_multiple_of(row));
     let run = |(x, y): (&[f32], &mut [f32])| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
-                // Safety: the feature was just detected; all four slices have `row` values.
-                unsafe { avx512::layer_norm_row(xr, scale, bias, eps, yr) };
-            }
-            return;
-        }
         for (xr, yr) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
-            layer_norm_row(xr, scale, bias, eps, yr);
+            match path {
+                // Safety (both arms): `path` is one of `FloatPath::available()`; all four
+                // slices have `row` values.
+                #[cfg(target_arch = "x86_64")]
+                FloatPath::Avx512 => unsafe { avx512::layer_norm_row(xr, scale, bias, eps, yr) },
+                #[cfg(target_arch = "x86_64")]
+                FloatPath::Avx2 => unsafe { avx2::layer_norm_row(xr, scale, bias, eps, yr) },
+                _ => layer_norm_row(xr, scale, bias, eps, yr),
+            }
         }
     };
     match chunk_len(x.len(), row) {
@@ -389,6 +452,212 @@ pub(crate) mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    //! 8-lane (AVX2 + FMA) GELU, exp, row softmax and layer normalization, for x86 without
+    //! AVX-512: the same formulas as the AVX-512 module, tails in plain Rust.
+
+    use std::arch::x86_64::*;
+
+    use super::ERF_A;
+
+    /// [`super::gelu`] on 8 lanes (fused multiply-adds, reciprocal by `vrcpps` and one Newton
+    /// step).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn gelu8(x: __m256) -> __m256 {
+        let c = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let sign_bit = _mm256_set1_ps(-0.0);
+        // |c| <= 10 keeps q16 finite for the reciprocal below (erf is 1 in f32 from ~4 on).
+        let abs = _mm256_min_ps(_mm256_andnot_ps(sign_bit, c), _mm256_set1_ps(10.0));
+        let mut t = _mm256_set1_ps(ERF_A[5]);
+        for a in ERF_A[..5].iter().rev() {
+            t = _mm256_fmadd_ps(t, abs, _mm256_set1_ps(*a));
+        }
+        let q = _mm256_fmadd_ps(t, abs, _mm256_set1_ps(1.0));
+        let q2 = _mm256_mul_ps(q, q);
+        let q4 = _mm256_mul_ps(q2, q2);
+        let q8 = _mm256_mul_ps(q4, q4);
+        let q16 = _mm256_mul_ps(q8, q8);
+        let r = _mm256_rcp_ps(q16);
+        let r = _mm256_fmadd_ps(r, _mm256_fnmadd_ps(q16, r, _mm256_set1_ps(1.0)), r);
+        let e = _mm256_sub_ps(_mm256_set1_ps(1.0), r);
+        let erf = _mm256_or_ps(_mm256_andnot_ps(sign_bit, e), _mm256_and_ps(sign_bit, c));
+        _mm256_mul_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(0.5)),
+            _mm256_add_ps(erf, _mm256_set1_ps(1.0)),
+        )
+    }
+
+    /// `e^x` on 8 lanes: `x = n ln 2 + r`, the AVX-512 module's degree-6 polynomial for
+    /// `e^r`, `2^n` built in the exponent bits (`n` in [-126, 127] after the clamp).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hmax(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn gelu_slice(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // Safety: `c` holds 8 floats.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), gelu8(_mm256_loadu_ps(c.as_ptr()))) };
+        }
+        chunks.into_remainder().iter_mut().for_each(|v| *v = super::gelu(*v));
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn softmax_row(row: &mut [f32]) {
+        let n = row.len();
+        let full = n / 8 * 8;
+        let p = row.as_mut_ptr();
+        // Safety (all blocks): loads and stores touch i..i+8 <= full <= n.
+        let mut m = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+        let mut i = 0;
+        while i + 16 <= full {
+            for (j, a) in m.iter_mut().enumerate() {
+                *a = _mm256_max_ps(*a, unsafe { _mm256_loadu_ps(p.add(i + 8 * j)) });
+            }
+            i += 16;
+        }
+        while i < full {
+            m[0] = _mm256_max_ps(m[0], unsafe { _mm256_loadu_ps(p.add(i)) });
+            i += 8;
+        }
+        let max = row[full..].iter().copied().fold(hmax(_mm256_max_ps(m[0], m[1])), f32::max);
+        let vmax = _mm256_set1_ps(max);
+        let mut s = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i + 16 <= full {
+            for (j, a) in s.iter_mut().enumerate() {
+                unsafe {
+                    let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8 * j)), vmax));
+                    *a = _mm256_add_ps(*a, e);
+                    _mm256_storeu_ps(p.add(i + 8 * j), e);
+                }
+            }
+            i += 16;
+        }
+        while i < full {
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmax));
+                s[0] = _mm256_add_ps(s[0], e);
+                _mm256_storeu_ps(p.add(i), e);
+            }
+            i += 8;
+        }
+        let mut sum = hsum(_mm256_add_ps(s[0], s[1]));
+        for v in &mut row[full..] {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        let vinv = _mm256_set1_ps(inv);
+        let mut i = 0;
+        while i < full {
+            unsafe { _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv)) };
+            i += 8;
+        }
+        row[full..].iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// The AVX-512 module's one-pass layer normalization on 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; the four slices have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn layer_norm_row(
+        x: &[f32],
+        scale: &[f32],
+        bias: &[f32],
+        eps: f32,
+        y: &mut [f32],
+    ) {
+        let n = x.len();
+        let full = n / 8 * 8;
+        let (px, ps, pb, py) = (x.as_ptr(), scale.as_ptr(), bias.as_ptr(), y.as_mut_ptr());
+        // Safety (all blocks): loads and stores touch i..i+8 <= full <= n; every slice has n
+        // values.
+        let shift0 = x.first().copied().unwrap_or(0.0);
+        let shift = _mm256_set1_ps(shift0);
+        let mut s1 = [_mm256_setzero_ps(); 2];
+        let mut s2 = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i + 16 <= full {
+            for j in 0..2 {
+                let d = _mm256_sub_ps(unsafe { _mm256_loadu_ps(px.add(i + 8 * j)) }, shift);
+                s1[j] = _mm256_add_ps(s1[j], d);
+                s2[j] = _mm256_fmadd_ps(d, d, s2[j]);
+            }
+            i += 16;
+        }
+        while i < full {
+            let d = _mm256_sub_ps(unsafe { _mm256_loadu_ps(px.add(i)) }, shift);
+            s1[0] = _mm256_add_ps(s1[0], d);
+            s2[0] = _mm256_fmadd_ps(d, d, s2[0]);
+            i += 8;
+        }
+        let (mut t1, mut t2) =
+            (hsum(_mm256_add_ps(s1[0], s1[1])), hsum(_mm256_add_ps(s2[0], s2[1])));
+        for v in &x[full..] {
+            let d = v - shift0;
+            t1 += d;
+            t2 += d * d;
+        }
+        let inv_n = 1.0 / n as f32;
+        let (m1, m2) = (t1 * inv_n, t2 * inv_n);
+        let inv = 1.0 / ((m2 - m1 * m1).max(0.0) + eps).sqrt();
+        let (vm1, vinv) = (_mm256_set1_ps(m1), _mm256_set1_ps(inv));
+        let mut i = 0;
+        while i < full {
+            unsafe {
+                let d = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(px.add(i)), shift), vm1);
+                let s = _mm256_mul_ps(_mm256_loadu_ps(ps.add(i)), vinv);
+                _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(d, s, _mm256_loadu_ps(pb.add(i))));
+            }
+            i += 8;
+        }
+        for i in full..n {
+            y[i] = ((x[i] - shift0) - m1) * (inv * scale[i]) + bias[i];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,7 +680,7 @@ mod tests {
     }
 
     #[test]
-    fn layer_norm_rows_match_f64_on_one_and_two_threads_and_without_avx512() {
+    fn layer_norm_rows_match_f64_on_every_path_and_thread_count() {
         // 197 x 192 (ViT-Ti/16), 2 x 37 (a row length that is not a multiple of 16), rows
         // whose mean grows to 400 against a spread of ~3, and rows at 1000 +- 0.05 (a mean
         // 10^4 times the spread: the one-pass variance must not cancel).
@@ -437,13 +706,14 @@ mod tests {
             let worst =
                 portable.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 2e-5, "{rows}x{n}, portable row kernel: worst {worst}");
-            for threads in [1, 2] {
+            for (path, threads) in FloatPath::available().into_iter().flat_map(|p| [(p, 1), (p, 2)])
+            {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut y = vec![f32::NAN; x.len()];
-                pool.install(|| layer_norm_rows(&x, &scale, &bias, 1e-6, &mut y));
+                pool.install(|| layer_norm_rows_with(path, &x, &scale, &bias, 1e-6, &mut y));
                 let worst =
                     y.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(worst < 2e-5, "{rows}x{n}, {threads} threads: worst {worst}");
+                assert!(worst < 2e-5, "{rows}x{n}, {path:?}, {threads} threads: worst {worst}");
             }
         }
     }
@@ -459,17 +729,20 @@ mod tests {
                 gelu(x)
             );
         }
-        let mut v: Vec<f32> = (-400..=400).map(|i| i as f32 / 37.0).collect();
-        let expected: Vec<f32> = v.iter().map(|&x| gelu(x)).collect();
-        gelu_inplace(&mut v);
-        for (g, e) in v.iter().zip(&expected) {
-            assert!((g - e).abs() <= 1e-6 * e.abs().max(1.0), "{g} vs {e}");
+        // Every path this CPU runs (the vector ones on whole vectors and a tail).
+        for path in FloatPath::available() {
+            let mut v: Vec<f32> = (-400..=400).map(|i| i as f32 / 37.0).collect();
+            let expected: Vec<f32> = v.iter().map(|&x| gelu(x)).collect();
+            gelu_inplace_with(path, &mut v);
+            for (g, e) in v.iter().zip(&expected) {
+                assert!((g - e).abs() <= 1e-6 * e.abs().max(1.0), "{path:?}: {g} vs {e}");
+            }
+            // Far tails (q16 overflows to infinity on the vector paths): x itself, or 0.
+            let mut far = vec![300.0f32, -300.0, 1e30, -1e30, 9.0, -9.0, 0.0];
+            far.resize(32, 0.0);
+            gelu_inplace_with(path, &mut far);
+            assert_eq!(&far[..7], &[300.0, 0.0, 1e30, 0.0, 9.0, 0.0, 0.0], "{path:?}");
         }
-        // Far tails (q16 overflows to infinity on the vector path): x itself, or 0.
-        let mut far = vec![300.0f32, -300.0, 1e30, -1e30, 9.0, -9.0, 0.0];
-        far.resize(32, 0.0);
-        gelu_inplace(&mut far);
-        assert_eq!(&far[..7], &[300.0, 0.0, 1e30, 0.0, 9.0, 0.0, 0.0]);
     }
 
     /// Rows of odd lengths (masked tails), large and tiny values, inside a 2-thread pool and
@@ -480,19 +753,24 @@ mod tests {
         for &(rows, row) in &[(3usize, 1usize), (7, 17), (400, 196), (5, 50)] {
             let x: Vec<f32> =
                 (0..rows * row).map(|i| ((i * 7919) % 2003) as f32 / 40.0 - 25.0).collect();
-            for threaded in [false, true] {
+            for (path, threaded) in
+                FloatPath::available().into_iter().flat_map(|p| [(p, false), (p, true)])
+            {
                 let mut got = x.clone();
                 if threaded {
-                    pool.install(|| softmax_rows_inplace(&mut got, row));
+                    pool.install(|| softmax_rows_inplace_with(path, &mut got, row));
                 } else {
-                    softmax_rows_inplace(&mut got, row);
+                    softmax_rows_inplace_with(path, &mut got, row);
                 }
                 for (r, (xs, gs)) in x.chunks(row).zip(got.chunks(row)).enumerate() {
                     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
                     let sum: f64 = xs.iter().map(|&v| (v as f64 - max).exp()).sum();
                     for (&v, &g) in xs.iter().zip(gs) {
                         let e = (v as f64 - max).exp() / sum;
-                        assert!((g as f64 - e).abs() <= 1e-6, "[{rows}x{row}] row {r}: {g} vs {e}");
+                        assert!(
+                            (g as f64 - e).abs() <= 1e-6,
+                            "[{rows}x{row}] {path:?} row {r}: {g} vs {e}"
+                        );
                     }
                 }
             }

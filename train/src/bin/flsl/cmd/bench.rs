@@ -19,12 +19,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let [_, c, h, w] = report.input_shape;
+    let kernels = flsl_runtime::ops::isa::kernels_line();
     println!(
         "{} input [1,{c},{h},{w}], {} timed runs after {} warm-up",
         a.model.display(),
         a.iters,
         a.warmup
     );
+    println!("{kernels}");
     println!(
         "{:<12} {:>7} {:>10} {:>10} {:>9} {:>12}",
         "engine", "threads", "median ms", "p90 ms", "frames/s", "vs tract"
@@ -65,6 +67,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             "onnxruntime": ort.as_ref().map(|o| serde_json::json!({"version": o.onnxruntime_version, "timings": o.timings.iter().map(|t| serde_json::json!({"threads": t.threads, "median_ms": t.median_ms, "p90_ms": t.p90_ms, "fps": t.fps})).collect::<Vec<_>>()})),
             "peak_rss_bytes": report.peak_rss_bytes,
             "fusion": report.fusion,
+            "kernels": kernels,
         });
         flsl_train::tensors::write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
