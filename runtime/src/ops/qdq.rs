@@ -121,6 +121,17 @@ fn int8s(t: &TensorProto) -> Option<(Vec<i32>, bool)> {
     Some((v, signed))
 }
 
+/// An f32 initializer `name` of shape `dims` holding `values` (little-endian raw data).
+fn f32_tensor(name: String, dims: Vec<i64>, values: &[f32]) -> TensorProto {
+    TensorProto {
+        name,
+        dims,
+        data_type: DataType::Float as i32,
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
 fn dims(t: &TensorProto) -> Vec<usize> {
     t.dims.iter().map(|&d| d.max(0) as usize).collect()
 }
@@ -224,13 +235,8 @@ pub fn lower_qdq_matmuls(model: &mut ModelProto) -> HashMap<String, QdqLayer> {
             w_file
         };
         let wname = format!("{}/int8_lowered", n.name);
-        let tensor = TensorProto {
-            name: wname.clone(),
-            dims: wd.iter().map(|&d| d as i64).collect(),
-            data_type: DataType::Float as i32,
-            raw_data: dequantized.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        };
+        let tensor =
+            f32_tensor(wname.clone(), wd.iter().map(|&d| d as i64).collect(), &dequantized);
         rewrites.push((ix, aq.input[0].clone(), wname, tensor));
         found.insert(
             n.name.clone(),
@@ -422,6 +428,50 @@ pub fn bypass_fake_quant_pairs(model: &mut ModelProto) -> usize {
     bypass.len() + products.len()
 }
 
+/// Lookups over an ONNX graph the lowering passes share: initializers by name, the node that
+/// produces each value, the nodes that read it, the graph's outputs.
+struct GraphIndex<'g> {
+    graph: &'g tract_onnx::pb::GraphProto,
+    inits: HashMap<&'g str, usize>,
+    producer: HashMap<&'g str, usize>,
+    readers: HashMap<&'g str, Vec<usize>>,
+    outputs: HashSet<&'g str>,
+}
+
+impl<'g> GraphIndex<'g> {
+    fn new(graph: &'g tract_onnx::pb::GraphProto) -> Self {
+        let inits =
+            graph.initializer.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+        let producer = graph
+            .node
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+            .collect();
+        let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, n) in graph.node.iter().enumerate() {
+            for input in &n.input {
+                readers.entry(input.as_str()).or_default().push(i);
+            }
+        }
+        let outputs = graph.output.iter().map(|o| o.name.as_str()).collect();
+        Self { graph, inits, producer, readers, outputs }
+    }
+
+    /// The initializer called `name`.
+    fn init(&self, name: &str) -> Option<&'g TensorProto> {
+        self.inits.get(name).map(|&i| &self.graph.initializer[i])
+    }
+
+    /// The one node reading `name`, when exactly one does and it is not a graph output.
+    fn sole_reader(&self, name: &str) -> Option<usize> {
+        match self.readers.get(name).map(Vec::as_slice) {
+            Some([r]) if !self.outputs.contains(name) => Some(*r),
+            _ => None,
+        }
+    }
+}
+
 /// `QLinearMatMul` layers (onnxruntime's static quantizer in `QOperator` format, `flsl quantize
 /// --format tract`):
 ///
@@ -438,22 +488,8 @@ pub fn bypass_fake_quant_pairs(model: &mut ModelProto) -> usize {
 /// `DequantizeLinear`, or whose weights do not match [`lower_qdq_matmuls`]'s rules, stays.
 fn lower_qlinear_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, QdqLayer> {
     let mut found = HashMap::new();
-    let inits: HashMap<String, usize> =
-        g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-    let init = |name: &str| inits.get(name).map(|&i| &g.initializer[i]);
-    let producer: HashMap<&str, usize> = g
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
-    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in g.node.iter().enumerate() {
-        for input in &n.input {
-            readers.entry(input.as_str()).or_default().push(i);
-        }
-    }
-    let outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+    let index = GraphIndex::new(g);
+    let (init, producer) = (|name: &str| index.init(name), &index.producer);
     // Scalar (scale, zero point, signed) of a tensor pair given by name.
     let params = |s: &str, z: Option<&String>| -> Option<(f32, i32, bool)> {
         let s = f32s(init(s)?)?;
@@ -518,11 +554,7 @@ fn lower_qlinear_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, 
             _ => None,
         };
         // The output: one DequantizeLinear with the product's (ys, yz).
-        let one_reader = match readers.get(n.output[0].as_str()).map(Vec::as_slice) {
-            Some([r]) if !outputs.contains(n.output[0].as_str()) => Some(*r),
-            _ => None,
-        };
-        let Some(d_ix) = one_reader else { continue };
+        let Some(d_ix) = index.sole_reader(&n.output[0]) else { continue };
         let d = &g.node[d_ix];
         let (Some(y), Some(d_y)) = (
             params(y_s, Some(y_z)),
@@ -547,23 +579,12 @@ fn lower_qlinear_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, 
             w_file
         };
         let wname = format!("{}/int8_lowered", n.name);
-        let tensor = TensorProto {
-            name: wname.clone(),
-            dims: wd.iter().map(|&d| d as i64).collect(),
-            data_type: DataType::Float as i32,
-            raw_data: dequantized.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        };
+        let tensor =
+            f32_tensor(wname.clone(), wd.iter().map(|&d| d as i64).collect(), &dequantized);
         let bias = bias.map(|b| {
             let values: Vec<f32> =
                 b.iter().zip(&w_scale).map(|(&b, &s)| b as f32 * (act.0 * s)).collect();
-            TensorProto {
-                name: format!("{}/bias_lowered", n.name),
-                dims: vec![nn as i64],
-                data_type: DataType::Float as i32,
-                raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ..Default::default()
-            }
+            f32_tensor(format!("{}/bias_lowered", n.name), vec![nn as i64], &values)
         });
         rewrites.push((ix, q.input[0].clone(), d.output[0].clone(), tensor, bias, d_ix));
         let (scale, zero_point, signed) = act;
@@ -624,26 +645,9 @@ fn lower_qlinear_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, 
 /// uint8 weights, a shared intermediate or unnamed/duplicate names is left as it was.
 fn lower_dynamic_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, QdqLayer> {
     let mut found = HashMap::new();
-    let inits: HashMap<String, usize> =
-        g.initializer.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-    let init = |name: &str| inits.get(name).map(|&i| &g.initializer[i]);
-    let producer: HashMap<&str, usize> = g
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
-    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in g.node.iter().enumerate() {
-        for input in &n.input {
-            readers.entry(input.as_str()).or_default().push(i);
-        }
-    }
-    let outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
-    let sole_reader = |name: &str| match readers.get(name).map(Vec::as_slice) {
-        Some([r]) if !outputs.contains(name) => Some(*r),
-        _ => None,
-    };
+    let index = GraphIndex::new(g);
+    let (init, producer) = (|name: &str| index.init(name), &index.producer);
+    let sole_reader = |name: &str| index.sole_reader(name);
     let plain = |n: &NodeProto| n.domain.is_empty() || n.domain == "ai.onnx";
     // (MatMulInteger index, x, new output, weight tensor, nodes to delete)
     let mut rewrites: Vec<(usize, String, String, TensorProto, [usize; 3])> = Vec::new();
@@ -704,13 +708,7 @@ fn lower_dynamic_matmuls(g: &mut tract_onnx::pb::GraphProto) -> HashMap<String, 
         let dequantized: Vec<f32> =
             w_q.iter().enumerate().map(|(i, &q)| f32::from(q) * w_scale[i % nn]).collect();
         let wname = format!("{}/int8_lowered", n.name);
-        let tensor = TensorProto {
-            name: wname.clone(),
-            dims: vec![k as i64, nn as i64],
-            data_type: DataType::Float as i32,
-            raw_data: dequantized.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        };
+        let tensor = f32_tensor(wname.clone(), vec![k as i64, nn as i64], &dequantized);
         rewrites.push((
             ix,
             dq.input[0].clone(),
