@@ -80,10 +80,8 @@ fn main() -> Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut files = Vec::new();
     for m in &args.models {
-        let spec = match m.as_str() {
-            "tiny" => VitSpec::vit_tiny_p16(224, 224),
-            "small" => VitSpec::vit_small_p16(224, 224),
-            other => bail!("unknown model {other} (tiny, small)"),
+        let Some(spec) = VitSpec::named(m, 224, 224) else {
+            bail!("unknown model {m} (tiny, small)")
         };
         let path = args.out.join(format!("vit_{m}16_noclass_224_random.onnx"));
         let t = Instant::now();

@@ -98,6 +98,16 @@ impl VitSpec {
         Self::new(384, 12, 6, 16, 1536, 1e-6, img_h, img_w)
     }
 
+    /// The benchmark models by name (`tiny`: [`Self::vit_tiny_p16`], `small`:
+    /// [`Self::vit_small_p16`]) at `img_h x img_w`; `None` for another name.
+    pub fn named(name: &str, img_h: usize, img_w: usize) -> Option<Self> {
+        match name {
+            "tiny" => Some(Self::vit_tiny_p16(img_h, img_w)),
+            "small" => Some(Self::vit_small_p16(img_h, img_w)),
+            _ => None,
+        }
+    }
+
     /// The micro ViT of the reference test set (`D = 64`, 2 blocks, 2 heads, patch 16,
     /// MLP 128) at 64 x 64.
     pub const fn micro() -> Self {
