@@ -17,6 +17,40 @@ pub fn temp_path(path: &Path) -> PathBuf {
     parent_dir(path).join(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// Removes the temporary files that killed processes left in `dir`: names of the
+/// [`temp_path`] form (`.{name}.{pid}.tmp`, or `.{stem}.{pid}.tmp.{ext}` where a writer needs
+/// the extension) whose process is gone (on Linux, no `/proc/{pid}`; elsewhere any pid but
+/// this process's). Returns what was removed; a missing `dir` is not an error.
+pub fn remove_stale_temps(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(removed) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temp_pid(&name) else { continue };
+        let alive = pid == std::process::id()
+            || (cfg!(target_os = "linux") && Path::new(&format!("/proc/{pid}")).exists());
+        if alive || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        std::fs::remove_file(e.path())?;
+        removed.push(e.path());
+    }
+    Ok(removed)
+}
+
+/// The pid in a [`temp_path`]-style name: `.{name}.{pid}.tmp` or `.{name}.{pid}.tmp.{ext}`.
+fn temp_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let head = match rest.rsplit_once(".tmp") {
+        Some((head, "")) => head,
+        Some((head, ext)) if ext.starts_with('.') && !ext[1..].contains('.') => head,
+        _ => return None,
+    };
+    let (stem, pid) = head.rsplit_once('.')?;
+    (!stem.is_empty()).then_some(())?;
+    pid.parse().ok()
+}
+
 /// Flushes a folder's entries (a rename or a new file in it) to disk.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -82,6 +116,36 @@ mod tests {
         std::fs::create_dir_all(dir.join("sub/d")).unwrap();
         assert!(write_atomic(&dir.join("sub/d"), b"x").is_err());
         assert!(!temp_path(&dir.join("sub/d")).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Temporary files of dead processes go, this process's and other names stay.
+    #[test]
+    fn stale_temporaries_are_removed() {
+        assert_eq!(temp_pid(".loss.24942.tmp.png"), Some(24942));
+        assert_eq!(temp_pid(".config.json.17.tmp"), Some(17));
+        for other in ["loss.png", ".tmp-epoch-1-5", ".x.tmp", ".a.b.tmp.png.bak", "..5.tmp"] {
+            assert_eq!(temp_pid(other), None, "{other}");
+        }
+        let dir = std::env::temp_dir().join(format!("flsl-fsio-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // u32::MAX - 1 is above any Linux pid_max, so no such process exists.
+        let dead = format!(".loss.{}.tmp.png", u32::MAX - 1);
+        let mine = format!(".config.json.{}.tmp", std::process::id());
+        for f in [dead.as_str(), mine.as_str(), "loss.png", ".hidden"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let removed = remove_stale_temps(&dir).unwrap();
+        assert_eq!(removed, vec![dir.join(&dead)]);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![mine, ".hidden".to_string(), "loss.png".to_string()]);
+        assert!(remove_stale_temps(&dir.join("missing")).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

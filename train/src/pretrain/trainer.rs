@@ -543,6 +543,10 @@ pub fn train_on_devices<B: AutodiffBackend>(
     // What a killed run left half-done goes now, not at the next save: a run resumed at its
     // end saves nothing.
     clean_checkpoints(&checkpoints_dir(&cfg.output_dir))?;
+    // Temporary files of a run killed while writing config.json, the log or loss.png.
+    flsl_runtime::fsio::remove_stale_temps(&cfg.output_dir).map_err(|e| {
+        Error::io("cannot remove a leftover of an interrupted write in", &cfg.output_dir, e)
+    })?;
     tensors::write_atomic(
         &cfg.output_dir.join("config.json"),
         &serde_json::to_vec_pretty(&cfg).expect("config serialises"),
