@@ -7,8 +7,9 @@
 # files plus on its own quantize_dynamic file (native class only; python3 with onnxruntime on PATH).
 #   cargo build --release -p flsl-train --bin flsl
 #   cargo build --release -p flsl-examples --features onnx --example onnx_bench
-#   bash scripts/cpu_classes.sh /tmp/flsl-foreign-bench /tmp/cls 3 20
+#   bash scripts/cpu_classes.sh out/foreign-bench out/cpu-classes 3 20
 set -euo pipefail
+cd "$(dirname "$0")/.."
 B=${1:?folder of scripts/foreign_bench.sh (tiny/, small/)} OUT=${2:?output folder} ROUNDS=${3:-3} ITERS=${4:-20}
 T=${CARGO_TARGET_DIR:-$HOME/.cache/flsl-target}/release
 mkdir -p "$OUT"

@@ -15,7 +15,7 @@
 # --vs-onnxruntime`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-/tmp/flsl-foreign-bench}"
+OUT="${1:-out/foreign-bench}"
 ROUNDS="${2:-3}"
 ITERS="${3:-20}"
 T="${CARGO_TARGET_DIR:-$HOME/.cache/flsl-target}/release"

@@ -159,6 +159,35 @@ def export(model, x, path, dynamo, opset, external=False):
                           external_data=external, **kw)
     else:
         torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, **kw)
+    strip_metadata(path)
+
+
+def strip_metadata(path):
+    """Drops what the exporter records about this machine (the dynamo exporter's per-node
+    stack traces name the script's and the venv's absolute paths) and keeps the graph: node,
+    graph and model metadata and doc strings. External weights stay where they are."""
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    graphs = [m.graph]
+    while graphs:
+        g = graphs.pop()
+        g.doc_string = ""
+        del g.metadata_props[:]
+        for n in g.node:
+            n.doc_string = ""
+            del n.metadata_props[:]
+            for a in n.attribute:
+                if a.HasField("g"):
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+    del m.metadata_props[:]
+    m.doc_string = ""
+    for f in m.functions:
+        for n in f.node:
+            n.doc_string = ""
+            del n.metadata_props[:]
+    onnx.save(m, path)
 
 
 def ort_run(path, x):
@@ -289,6 +318,7 @@ def main():
             continue
         path = os.path.join(args.out, f"{name}.onnx")
         quantize(path)
+        strip_metadata(path)
         out = ort_run(path, x.numpy())
         with torch.no_grad():
             torch.manual_seed(0)
