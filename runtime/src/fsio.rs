@@ -51,6 +51,14 @@ fn temp_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
+/// [`temp_path`] for writers that choose their format by the extension (an image encoder):
+/// `.{stem}.{pid}.tmp.{ext}` next to `path` (the form [`remove_stale_temps`] also knows).
+pub fn temp_path_keeping_extension(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    parent_dir(path).join(format!(".{stem}.{}.tmp{ext}", std::process::id()))
+}
+
 /// Flushes a folder's entries (a rename or a new file in it) to disk.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -119,11 +127,19 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn name_of(p: &Path) -> String {
+        p.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
     /// Temporary files of dead processes go, this process's and other names stay.
     #[test]
     fn stale_temporaries_are_removed() {
         assert_eq!(temp_pid(".loss.24942.tmp.png"), Some(24942));
         assert_eq!(temp_pid(".config.json.17.tmp"), Some(17));
+        // What the writers name their temporaries, the cleaner reads back.
+        let me = Some(std::process::id());
+        assert_eq!(temp_pid(&name_of(&temp_path(Path::new("d/config.json")))), me);
+        assert_eq!(temp_pid(&name_of(&temp_path_keeping_extension(Path::new("d/loss.png")))), me);
         for other in ["loss.png", ".tmp-epoch-1-5", ".x.tmp", ".a.b.tmp.png.bak", "..5.tmp"] {
             assert_eq!(temp_pid(other), None, "{other}");
         }

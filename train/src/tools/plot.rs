@@ -32,9 +32,7 @@ pub fn loss_plot(path: &Path, history: &[(usize, LossTerms)]) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
     }
     // `.loss.<pid>.tmp.png`: plotters picks the encoder from the extension.
-    let stem = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = flsl_runtime::fsio::parent_dir(path)
-        .join(format!(".{stem}.{}.tmp.png", std::process::id()));
+    let tmp = flsl_runtime::fsio::temp_path_keeping_extension(path);
     {
         let root = BitMapBackend::new(&tmp, (1000, 700)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
