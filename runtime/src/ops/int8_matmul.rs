@@ -467,13 +467,41 @@ macro_rules! for_tiles {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    //! AVX2 without VNNI: operands widened to 16 bits (`vpmovzxbw` / `vpmovsxbw`), then
-    //! `vpmaddwd` (pairs of i16 products into i32 lanes: exact, unlike `vpmaddubsw`'s
-    //! saturating u8 x i8), pairs folded with `vphaddd` at the end.
+    //! AVX2 without VNNI: operands widened to 16 bits, then `vpmaddwd` (pairs of i16
+    //! products into i32 lanes: exact, unlike `vpmaddubsw`'s saturating u8 x i8), pairs folded
+    //! with `vphaddd` at the end. The activation rows are widened once per call into a
+    //! per-thread buffer, so the inner loop broadcasts four i16 codes straight from memory
+    //! (`vpbroadcastq`, a load) instead of a broadcast and a `vpmovzxbw` per row and column
+    //! quarter (two shuffle-port operations per two `vpmaddwd`); the weights are widened
+    //! (`vpmovsxbw`) once per k-group and quarter, shared by the tile's rows.
 
     use std::arch::x86_64::*;
+    use std::cell::Cell;
 
     use super::{Epilogue, NR, PackedWeights};
+
+    thread_local! {
+        /// The widened activation rows of the current call (grown, never shrunk: no
+        /// allocation per frame once the largest product has run on this thread).
+        static WIDE: Cell<Vec<i16>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// `dst[i] = src[i]` zero-extended (`dst.len() == src.len()`).
+    #[target_feature(enable = "avx2")]
+    fn widen(src: &[u8], dst: &mut [i16]) {
+        let n = src.len().min(dst.len());
+        let full = n / 16 * 16;
+        for i in (0..full).step_by(16) {
+            // Safety: i + 16 <= n on both sides.
+            unsafe {
+                let v = _mm256_cvtepu8_epi16(_mm_loadu_si128(src.as_ptr().add(i).cast()));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), v);
+            }
+        }
+        for (d, &s) in dst[full..n].iter_mut().zip(&src[full..n]) {
+            *d = i16::from(s);
+        }
+    }
 
     /// # Safety
     /// The CPU has AVX2; [`super::run_panels`]'s contract.
@@ -486,12 +514,20 @@ mod avx2 {
         out: *mut f32,
         panels: std::ops::Range<usize>,
     ) {
-        for_tiles!(panels, m, tile(a, w, epi, out); 6, 5, 4, 3, 2);
+        let len = m * w.kp();
+        let mut wide = WIDE.take();
+        if wide.len() < len {
+            wide.resize(len, 0);
+        }
+        widen(&a[..len], &mut wide[..len]);
+        let a16 = &wide[..len];
+        for_tiles!(panels, m, tile(a16, w, epi, out); 6, 5, 4, 3, 2);
+        WIDE.set(wide);
     }
 
     #[target_feature(enable = "avx2")]
     unsafe fn tile<const R: usize>(
-        a: &[u8],
+        a: &[i16],
         r0: usize,
         w: &PackedWeights,
         p: usize,
@@ -507,14 +543,15 @@ mod avx2 {
         for q in 0..4 {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for g in 0..w.kg {
-                // Safety: panel p holds kg groups of 128 bytes; rows hold kp >= 4 kg bytes.
+                // Safety: panel p holds kg groups of 128 bytes; rows hold kp = 4 kg widened codes.
                 unsafe {
                     let bg = b.add(g * NR * 4 + q * 32);
                     let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bg.cast()));
                     let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bg.add(16).cast()));
                     for (i, acc) in acc.iter_mut().enumerate() {
-                        let a4 = a0.add(i * kp + g * 4).cast::<i32>().read_unaligned();
-                        let av = _mm256_cvtepu8_epi16(_mm_set1_epi32(a4));
+                        // The row's four widened codes of group g, in every 64-bit lane.
+                        let a4 = a0.add(i * kp + g * 4).cast::<i64>().read_unaligned();
+                        let av = _mm256_set1_epi64x(a4);
                         acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(b0, av));
                         acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(b1, av));
                     }
