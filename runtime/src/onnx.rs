@@ -412,7 +412,7 @@ impl OnnxModel {
                     if q + q_patches != int8.len() {
                         tracing::warn!(model = %name, found = int8.len(), substituted = q + q_patches, "some QDQ layers stay as float products");
                     }
-                    let n = crate::ops::substitute_gemm_matmuls(&mut t)?;
+                    let (n, columns_scaled) = crate::ops::substitute_gemm_matmuls(&mut t)?;
                     let attn = crate::ops::fuse_attention(&mut t)?;
                     tracing::debug!(model = %name, products = n, int8 = q, attention = attn, patch_embeddings = patches, gelu_rewritten = gelu, "matmuls moved to gemm / int8, attention fused");
                     let pre = crate::ops::FusionReport {
@@ -421,6 +421,7 @@ impl OnnxModel {
                         fake_quant_bypassed,
                         gelu_rewritten: gelu,
                         layer_norms_rewritten: norms,
+                        columns_scaled,
                         ..Default::default()
                     };
                     let report = crate::ops::FusionReport::of(&t, pre)?;

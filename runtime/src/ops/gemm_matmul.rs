@@ -14,7 +14,8 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-use tract_onnx::tract_core::ops::math::{Add, Mul};
+use tract_onnx::tract_core::ops::logic::Iff;
+use tract_onnx::tract_core::ops::math::{Add, IsNan, Mul};
 use tract_onnx::tract_core::ops::nn::{GeluExact, Softmax, SoftmaxKind};
 
 /// Below this many multiply-adds a product runs on one thread (gemm's own default
@@ -160,6 +161,23 @@ impl Geometry {
         (inner_ok && total == k).then_some((self.m, self.a_rs, ks))
     }
 
+    /// `B` (f32, the shape this geometry was made for) with its `n` axis scaled by `g` (`n`
+    /// values): column `j` of every product multiplied by `g[j]`. `None` when `B` is not a
+    /// plain f32 tensor or has no `n` axis.
+    pub(crate) fn scale_columns(&self, b: &Tensor, g: &[f32]) -> Option<Tensor> {
+        if b.datum_type() != f32::datum_type() || g.len() != self.n || self.n < 2 {
+            return None;
+        }
+        let stride = usize::try_from(self.b_cs).ok().filter(|&s| s > 0)?;
+        let mut out = b.clone();
+        // Row-major B: the n coordinate of flat index i is (i / stride) % n.
+        let mut view = out.to_plain_array_view_mut::<f32>().ok()?;
+        for (i, v) in view.as_slice_mut()?.iter_mut().enumerate() {
+            *v *= g[(i / stride) % self.n];
+        }
+        Some(out)
+    }
+
     /// The bias vector (length `n`) of a constant added to C, when it only varies along
     /// C's `n` axis (or is a scalar).
     fn bias_vector(&self, bias: &Tensor) -> Option<Vec<f32>> {
@@ -213,6 +231,10 @@ pub enum Post {
     Gelu,
     /// Softmax over C's last axis (the attention scores).
     Softmax,
+    /// Softmax with the guard `Where(IsNaN(p), 0, p)` that the dynamo exporter writes after
+    /// `scaled_dot_product_attention`'s softmax taken in: a row whose softmax is NaN (a NaN
+    /// or +inf score, or only -inf ones) becomes zeros, so the attention stays one op.
+    SoftmaxNanToZero,
 }
 
 /// `C = scale · A B (+ bias)` for f32 `A`, `B` (any contiguous layout the [`Geometry`]
@@ -433,6 +455,20 @@ impl EvalOp for GemmMatMul {
                     let row = g.out_shape.last().copied().unwrap_or(1);
                     super::simd::softmax_rows_inplace(out, row);
                 }
+                Post::SoftmaxNanToZero => {
+                    let row = g.out_shape.last().copied().unwrap_or(1).max(1);
+                    // ONNX's softmax gives NaN for the whole row when a score is NaN or +inf,
+                    // or all are -inf; the guard turns those rows into zeros.
+                    for r in out.chunks_mut(row) {
+                        let nan_row = r.iter().any(|v| v.is_nan() || *v == f32::INFINITY)
+                            || r.iter().all(|v| *v == f32::NEG_INFINITY);
+                        if nan_row {
+                            r.fill(0.0);
+                        } else {
+                            super::simd::softmax_rows_inplace(r, row);
+                        }
+                    }
+                }
             }
         }
         Ok(tvec!(c.into_tvalue()))
@@ -516,6 +552,37 @@ pub(crate) fn following_scale(
     Ok(factor.filter(|f| f.is_finite()).map(|f| (f, next_out)))
 }
 
+/// A `Mul` by a constant that varies only along C's `n` axis (a vector of `n` values, not
+/// all equal: those are [`following_scale`]'s), that alone reads `outlet` (not a model
+/// output) and keeps its shape (`c`): the per-column factors and the `Mul`'s outlet.
+pub(crate) fn following_column_scale(
+    model: &TypedModel,
+    outlet: OutletId,
+    geometry: &Geometry,
+    c: &[usize],
+) -> TractResult<Option<(Vec<f32>, OutletId)>> {
+    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
+    if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let next = model.node(succ[0].node);
+    let is_mul = next.op_as::<TypedBinOp>().is_some_and(|bin| bin.0.is::<Mul>());
+    if !is_mul || next.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let next_out = OutletId::new(next.id, 0);
+    if model.outlet_fact(next_out)?.shape.as_concrete() != Some(c) {
+        return Ok(None);
+    }
+    let factors = model
+        .outlet_fact(next.inputs[1 - succ[0].slot])?
+        .konst
+        .as_ref()
+        .and_then(|k| geometry.bias_vector(k))
+        .filter(|g| g.iter().all(|v| v.is_finite()));
+    Ok(factors.map(|g| (g, next_out)))
+}
+
 /// When `input` is made by a `Mul` of another tensor by a uniform f32 constant, read by
 /// nothing else (`scaled_dot_product_attention` exports scale `q` and `kᵀ` by `√scale` each
 /// before the product): that tensor and the factor.
@@ -570,17 +637,46 @@ pub(crate) fn following_post(
         && last_is_n
         && model.outlet_fact(next_out)?.datum_type == f32::datum_type()
     {
-        return Ok(Some((Post::Softmax, next_out)));
+        return Ok(Some(match nan_guard(model, next_out)? {
+            Some(guarded) => (Post::SoftmaxNanToZero, guarded),
+            None => (Post::Softmax, next_out),
+        }));
     }
     Ok(None)
+}
+
+/// `Iff(IsNan(p), 0, p)` reading `p` (a softmax's outlet, read by exactly these two nodes,
+/// not a model output): the `Iff`'s outlet.
+fn nan_guard(model: &TypedModel, p: OutletId) -> TractResult<Option<OutletId>> {
+    let succ = &model.node(p.node).outputs[p.slot].successors;
+    if succ.len() != 2 || model.output_outlets()?.contains(&p) {
+        return Ok(None);
+    }
+    let is_nan = |n: &TypedNode| {
+        n.op_as::<ElementWiseOp>().is_some_and(|ew| ew.0.is::<IsNan>() && ew.1.is_none())
+    };
+    let (Some(test), Some(iff)) = (
+        succ.iter().map(|s| model.node(s.node)).find(|n| is_nan(n)),
+        succ.iter().map(|s| model.node(s.node)).find(|n| n.op_is::<Iff>()),
+    ) else {
+        return Ok(None);
+    };
+    let test_out = OutletId::new(test.id, 0);
+    let guarded = iff.inputs.len() == 3
+        && iff.inputs[0] == test_out
+        && iff.inputs[2] == p
+        && test.outputs[0].successors.len() == 1
+        && !model.output_outlets()?.contains(&test_out)
+        && uniform_f32(model.outlet_fact(iff.inputs[1])?).is_some_and(|z| z == 0.0);
+    Ok(guarded.then(|| OutletId::new(iff.id, 0)))
 }
 
 /// Replaces every f32 `EinSum` of `model` that is a plain (batched) matrix product of two
 /// fixed-shape operands with a [`GemmMatMul`], folding a following `Add` of a constant bias
 /// vector into it. Run it on a decluttered model (`into_decluttered`), before
 /// `into_optimized`. Returns the number of products replaced.
-pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
+pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<(usize, usize)> {
+    let (mut replaced, mut columns_scaled) = (0, 0);
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(einsum) = node.op_as::<EinSum>() else {
@@ -632,6 +728,20 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
             }
             tail = mul;
         }
+        // A per-column scale with constant weights (DINOv2's layer scale after the attention
+        // projection and fc2): (A W + b) diag(g) = A (W diag(g)) + b diag(g).
+        let mut weights = None;
+        if let Some((g, mul)) = following_column_scale(model, tail, &op.geometry, c)?
+            && let Some(w) = model.outlet_fact(inputs[1])?.konst.as_ref()
+            && let Some(w) = op.geometry.scale_columns(w, &g)
+        {
+            if let Some(Bias(b)) = &mut op.bias {
+                b.iter_mut().zip(&g).for_each(|(v, g)| *v *= g);
+            }
+            weights = Some(w);
+            tail = mul;
+            columns_scaled += 1;
+        }
         op.scale_bits = scale.to_bits();
         if let Some((post, outlet)) = following_post(model, tail, &op.geometry)? {
             op.post = post;
@@ -640,11 +750,80 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<usize> {
         let name = node.name.clone();
         let mut patch = TypedModelPatch::default();
         let a = patch.tap_model(model, inputs[0])?;
-        let b = patch.tap_model(model, inputs[1])?;
+        let b = match weights {
+            Some(w) => patch.add_const(format!("{name}.weights.column_scaled"), w)?,
+            None => patch.tap_model(model, inputs[1])?,
+        };
         let wire = patch.wire_node(format!("{name}.gemm"), op, &[a, b])?;
         patch.shunt_outside(model, tail, wire[0])?;
         patch.apply(model)?;
         replaced += 1;
     }
-    Ok(replaced)
+    Ok((replaced, columns_scaled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::math::is_nan;
+
+    fn run(m: &TypedModel, x: &[f32]) -> Vec<f32> {
+        let plan = m.clone().into_runnable().unwrap();
+        let input = Tensor::from_shape(&[3, 4], x).unwrap();
+        let out = plan.run(tvec!(input.into_tvalue())).unwrap();
+        out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
+    }
+
+    /// `softmax(x W) · g`, guarded (`Iff(IsNan(p), 0, p)`) after the softmax, then a
+    /// per-column scale `g`: the guard becomes part of the product's softmax (a row of NaN
+    /// scores gives zeros, as the guard does) and the scale of a product with constant
+    /// weights and bias folds into them.
+    #[test]
+    fn nan_guard_and_column_scale_fold_into_the_product() {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([3, 4])).unwrap();
+        let w: Vec<f32> = (0..20).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = m.add_const("w", Tensor::from_shape(&[4, 5], &w).unwrap()).unwrap();
+        let axes: AxesMapping = "mk,kn->mn".parse().unwrap();
+        let s = m.wire_node("scores", EinSum::new(axes.clone(), f32::datum_type()), &[x, w]);
+        let softmax = Softmax::new(tvec![1], None, SoftmaxKind::Softmax);
+        let p = m.wire_node("softmax", softmax, &s.unwrap()).unwrap()[0];
+        let nan = m.wire_node("is_nan", is_nan(), &[p]).unwrap()[0];
+        let zero = m.add_const("zero", tensor2(&[[0f32]])).unwrap();
+        let guarded = m.wire_node("guard", Iff, &[nan, zero, p]).unwrap()[0];
+        let v: Vec<f32> = (0..10).map(|i| i as f32 * 0.1 - 0.4).collect();
+        let v = m.add_const("v", Tensor::from_shape(&[5, 2], &v).unwrap()).unwrap();
+        let ctx = m.wire_node("context", EinSum::new(axes, f32::datum_type()), &[guarded, v]);
+        let b = m.add_const("b", tensor2(&[[0.25f32, -1.0]])).unwrap();
+        let biased = m.wire_node("bias", TypedBinOp(Box::new(Add), None), &[ctx.unwrap()[0], b]);
+        let g = m.add_const("g", tensor2(&[[0.5f32, 3.0]])).unwrap();
+        let mul = TypedBinOp(Box::new(Mul), None);
+        let out = m.wire_node("layer_scale", mul, &[biased.unwrap()[0], g]).unwrap();
+        m.select_output_outlets(&out).unwrap();
+
+        let mut fused = m.clone();
+        let (products, columns_scaled) = substitute_gemm_matmuls(&mut fused).unwrap();
+        assert_eq!((products, columns_scaled), (2, 1));
+        let ops: Vec<String> = fused.nodes().iter().map(|n| n.op().name().to_string()).collect();
+        assert!(
+            !ops.iter().any(|o| ["Iff", "IsNan", "Mul", "Softmax"].contains(&o.as_str())),
+            "{ops:?}"
+        );
+        let posts: Vec<Post> = fused
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<GemmMatMul>())
+            .map(|g| g.post())
+            .collect();
+        assert!(posts.contains(&Post::SoftmaxNanToZero), "{posts:?}");
+
+        let mut x: Vec<f32> = (0..12).map(|i| (i as f32 * 0.9).cos() * 2.0).collect();
+        x[5] = f32::NAN; // row 1's scores are all NaN: the guard zeroes them
+        x[10] = f32::INFINITY; // row 2: an infinite score, a NaN softmax (inf - inf)
+        let (a, f) = (run(&m, &x), run(&fused, &x));
+        assert_eq!(&a[2..6], &[0.25 * 0.5, -3.0, 0.25 * 0.5, -3.0], "the reference guard");
+        for (a, f) in a.iter().zip(&f) {
+            assert!((a - f).abs() <= 1e-6 * a.abs().max(1.0), "{a:?} vs {f:?}");
+        }
+    }
 }

@@ -55,6 +55,8 @@ pub struct FusionReport {
     pub softmax_fused: usize,
     /// Products with a scale folded in (the attention scale of foreign exports).
     pub scales_folded: usize,
+    /// Per-column scales (DINOv2's layer scale) folded into a product's constant weights.
+    pub columns_scaled: usize,
     /// Score/context pairs run as one [`FusedAttention`].
     pub attention_fused: usize,
     /// LayerNorms run as [`FusedLayerNorm`].
@@ -80,7 +82,10 @@ impl FusionReport {
             if let Some(g) = node.op_as::<GemmMatMul>() {
                 r.products += 1;
                 r.gelu_fused += usize::from(g.post() == gemm_matmul::Post::Gelu);
-                r.softmax_fused += usize::from(g.post() == gemm_matmul::Post::Softmax);
+                r.softmax_fused += usize::from(matches!(
+                    g.post(),
+                    gemm_matmul::Post::Softmax | gemm_matmul::Post::SoftmaxNanToZero
+                ));
                 r.scales_folded += usize::from(g.scale() != 1.0);
             } else if let Some(q) = node.op_as::<Int8MatMul>() {
                 r.int8_products += 1;
@@ -146,6 +151,9 @@ impl std::fmt::Display for FusionReport {
         }
         if self.qkv_split > 0 {
             write!(f, "; {} fused q/k/v products split", self.qkv_split)?;
+        }
+        if self.columns_scaled > 0 {
+            write!(f, "; {} layer scales folded into the weights", self.columns_scaled)?;
         }
         if self.layer_norms_rewritten > 0 {
             write!(f, "; {} decomposed LayerNorms rewritten", self.layer_norms_rewritten)?;
