@@ -535,6 +535,18 @@ pub(crate) fn following_scale(
     outlet: OutletId,
     c: &[usize],
 ) -> TractResult<Option<(f32, OutletId)>> {
+    let Some((factor, next_out)) = following_mul(model, outlet, c)? else { return Ok(None) };
+    let factor = uniform_f32(model.outlet_fact(factor)?);
+    Ok(factor.filter(|f| f.is_finite()).map(|f| (f, next_out)))
+}
+
+/// A `Mul` that alone reads `outlet` (not a model output) and keeps its shape (`c`): its
+/// other operand and its outlet.
+fn following_mul(
+    model: &TypedModel,
+    outlet: OutletId,
+    c: &[usize],
+) -> TractResult<Option<(OutletId, OutletId)>> {
     let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
     if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
         return Ok(None);
@@ -548,8 +560,7 @@ pub(crate) fn following_scale(
     if model.outlet_fact(next_out)?.shape.as_concrete() != Some(c) {
         return Ok(None);
     }
-    let factor = uniform_f32(model.outlet_fact(next.inputs[1 - succ[0].slot])?);
-    Ok(factor.filter(|f| f.is_finite()).map(|f| (f, next_out)))
+    Ok(Some((next.inputs[1 - succ[0].slot], next_out)))
 }
 
 /// A `Mul` by a constant that varies only along C's `n` axis (a vector of `n` values, not
@@ -561,21 +572,9 @@ pub(crate) fn following_column_scale(
     geometry: &Geometry,
     c: &[usize],
 ) -> TractResult<Option<(Vec<f32>, OutletId)>> {
-    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
-    if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
-        return Ok(None);
-    }
-    let next = model.node(succ[0].node);
-    let is_mul = next.op_as::<TypedBinOp>().is_some_and(|bin| bin.0.is::<Mul>());
-    if !is_mul || next.inputs.len() != 2 {
-        return Ok(None);
-    }
-    let next_out = OutletId::new(next.id, 0);
-    if model.outlet_fact(next_out)?.shape.as_concrete() != Some(c) {
-        return Ok(None);
-    }
+    let Some((factor, next_out)) = following_mul(model, outlet, c)? else { return Ok(None) };
     let factors = model
-        .outlet_fact(next.inputs[1 - succ[0].slot])?
+        .outlet_fact(factor)?
         .konst
         .as_ref()
         .and_then(|k| geometry.bias_vector(k))
