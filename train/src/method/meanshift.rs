@@ -8,7 +8,7 @@
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 
 use crate::error::{Error, Result};
-use crate::model::layers::softmax;
+use crate::model::layers::softmax_scaled;
 
 /// Selected query tokens per row: `rows[b]` lists ascending token indices, every row the same
 /// length `M` (one token per sampling window).
@@ -101,7 +101,7 @@ pub fn select_tokens<B: Backend>(src: Tensor<B, 3>, sel: &TokenSelection) -> Ten
 /// # Shapes
 /// `q: [B, M, C]`, `tgt: [B, Nt, C]` -> `[B, M, Nt]`.
 pub fn attention<B: Backend>(q: Tensor<B, 3>, tgt: Tensor<B, 3>, temp: f64) -> Tensor<B, 3> {
-    softmax(q.matmul(tgt.swap_dims(1, 2)) * temp, 2)
+    softmax_scaled(q.matmul(tgt.swap_dims(1, 2)), temp, 2)
 }
 
 /// Mean shift, returning `(src_sel, mode)`.

@@ -75,6 +75,17 @@ impl<B: Backend> LayerNorm<B> {
     /// # Shapes
     /// `[..., d] -> [..., d]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        #[cfg(feature = "flex")]
+        let x = match super::fused::layer_norm(x, self.weight.val(), self.bias.val(), self.eps) {
+            Ok(y) => return y,
+            Err((x, _, _)) => x,
+        };
+        self.forward_composed(x)
+    }
+
+    /// [`LayerNorm::forward`] from burn's tensor ops (the form every backend but burn-flex
+    /// takes; the reference of the fused one's tests).
+    pub fn forward_composed<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let mean = x.clone().mean_dim(D - 1);
         let centered = x - mean;
         let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
@@ -88,14 +99,63 @@ impl<B: Backend> LayerNorm<B> {
     }
 }
 
-/// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`, differentiated through `erf`.
+/// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`, with its exact gradient (one fused op with
+/// its own backward on burn-flex, [`gelu_composed`] elsewhere).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let x = match super::fused::gelu(x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    gelu_composed(x)
+}
+
+/// [`gelu`] from burn's tensor ops, differentiated through `erf`.
+pub fn gelu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     (x.clone() * ((x / core::f64::consts::SQRT_2).erf() + 1.0)) * 0.5
 }
 
 /// Softmax over `dim`, `exp(x - max) / sum`, as PyTorch computes it.
 pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let x = if dim + 1 == D {
+        match super::fused::softmax_last(x, 1.0) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
     burn::tensor::activation::softmax(x, dim)
+}
+
+/// `softmax(x * scale)` over `dim` (attention scores times their temperature; the scale
+/// multiplies, as in the reference). On burn-flex, over the last axis, one fused op whose
+/// backward applies the scale; elsewhere [`softmax_scaled_composed`].
+pub fn softmax_scaled<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    scale: f64,
+    dim: usize,
+) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    let x = if dim + 1 == D {
+        match super::fused::softmax_last(x, scale as f32) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
+    softmax_scaled_composed(x, scale, dim)
+}
+
+/// [`softmax_scaled`] from burn's tensor ops.
+pub fn softmax_scaled_composed<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    scale: f64,
+    dim: usize,
+) -> Tensor<B, D> {
+    burn::tensor::activation::softmax(x * scale, dim)
 }
 
 /// L2 normalisation over the last dimension, `v / max(|v|, eps)` (`F.normalize`).

@@ -1,5 +1,7 @@
 //! Models: the no-class ViT backbone, the FLSL head, and the two together.
 
+#[cfg(feature = "flex")]
+mod fused;
 pub mod head;
 pub mod layers;
 pub mod named;

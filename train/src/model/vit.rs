@@ -9,7 +9,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
-use super::layers::{LayerNorm, Linear, drop_path, gelu, softmax};
+use super::layers::{LayerNorm, Linear, drop_path, gelu, softmax_scaled};
 use crate::error::Error;
 
 /// ViT hyper-parameters.
@@ -229,6 +229,42 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// # Shapes
+    /// `[B, N, D] -> [B, N, D]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        #[cfg(feature = "flex")]
+        if super::fused::enabled::<B>() {
+            // On burn-flex: one q/k/v product, then the heads' attention in one fused op that
+            // reads q, k and v in place (no slices of the weight, no copies of q/k/v).
+            let [_, _, d] = x.dims();
+            let scale = ((d / self.num_heads) as f64).powf(-0.5) as f32;
+            return match super::fused::attention(self.qkv.forward(x), self.num_heads, scale) {
+                Ok(out) => self.proj.forward(out),
+                // Not f32: the composed form, from the projection already made.
+                Err(qkv) => self.proj.forward(self.attention_composed(qkv)),
+            };
+        }
+        self.forward_with_attn(x).0
+    }
+
+    /// The heads' attention, `softmax(q k^T / sqrt(hd)) v`, from a `[B, N, 3D]` q/k/v
+    /// projection, in burn's tensor ops (the form the fused one is tested against).
+    ///
+    /// # Shapes
+    /// `[B, N, 3D] -> [B, N, D]` (before the output projection).
+    pub fn attention_composed(&self, qkv: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, n, d3] = qkv.dims();
+        let (h, d) = (self.num_heads, d3 / 3);
+        let hd = d / h;
+        let part = |i: usize| {
+            let cols = i * d..(i + 1) * d;
+            qkv.clone().slice([0..b, 0..n, cols]).reshape([b, n, h, hd]).swap_dims(1, 2)
+        };
+        let (q, k, v) = (part(0), part(1), part(2));
+        let attn = softmax_scaled(q.matmul(k.swap_dims(2, 3)), (hd as f64).powf(-0.5), 3);
+        attn.matmul(v).swap_dims(1, 2).reshape([b, n, d])
+    }
+
     /// Returns the output and the attention map `[B, heads, N, N]`.
     pub fn forward_with_attn(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 4>) {
         let [b, n, d] = x.dims();
@@ -255,7 +291,7 @@ impl<B: Backend> Attention<B> {
         };
         let (q, k, v) = (part(0), part(1), part(2));
         let scale = (hd as f64).powf(-0.5);
-        let attn = softmax(q.matmul(k.swap_dims(2, 3)) * scale, 3); // [B, H, N, N]
+        let attn = softmax_scaled(q.matmul(k.swap_dims(2, 3)), scale, 3); // [B, H, N, N]
         let out = attn.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]);
         (self.proj.forward(out), attn)
     }
@@ -289,7 +325,10 @@ impl<B: Backend> Block<B> {
     /// # Shapes
     /// `[B, N, D] -> [B, N, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.forward_with_attn(x).0
+        let a = self.attn.forward(self.norm1.forward(x.clone()));
+        let x = x + drop_path(a, self.drop_path);
+        let m = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        x + drop_path(m, self.drop_path)
     }
 
     /// The block output and its attention map.
