@@ -189,15 +189,21 @@ fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer (SSE2, no `round`).
     const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.33, 88.7);
-    let k = (x * LOG2E + MAGIC) - MAGIC;
+    // Selects rather than `clamp`/`max`: they vectorise and let a NaN through.
+    let x = if x < -87.33 { -87.33 } else { x };
+    let x = if x > 88.7 { 88.7 } else { x };
+    let kf = x * LOG2E + MAGIC;
+    let k = kf - MAGIC;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 0.166_666_65)
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    // `k` is also the difference of the bit patterns of `kf` and `MAGIC` (integer ops only,
+    // which vectorise, where a float-to-int conversion would not).
+    let biased = (kf.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32).wrapping_add(127);
+    e * f32::from_bits((biased as u32) << 23)
 }
 
 /// `erf(x)` in f32 by Abramowitz & Stegun 7.1.26, branch-free: the formula PyTorch's
@@ -898,6 +904,339 @@ pub(crate) fn attention<B: burn::tensor::backend::Backend>(
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear layer `y = x W^T + b`
+
+/// `dst[m, n] = lhs[m, k] rhs[k, n]` (strides as [`gemm_into`]) with the products split over
+/// rayon's pool by gemm itself, as burn-flex's own products (`Parallelism::Rayon(0)`).
+///
+/// # Safety
+/// As [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+) {
+    let parallelism = if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            false,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+multiversion! {
+    /// `y[r, :] += b` for each row of one chunk.
+    fn add_bias_rows(y: &mut [f32], b: &[f32]) {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (y, &b) in row.iter_mut().zip(b) {
+                *y += b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Column sums of one chunk of `g`'s rows, added to `acc` (`acc.len()` wide).
+    fn column_sums(acc: &mut [f32], g: &[f32]) {
+        for row in g.chunks_exact(acc.len()) {
+            for (a, &g) in acc.iter_mut().zip(row) {
+                *a += g;
+            }
+        }
+    }
+}
+
+/// `x [rows, k] W^T + b` with `W: [n, k]`: the output `[rows, n]`.
+fn linear_forward(x: &[f32], w: &[f32], b: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * n];
+    // SAFETY: `x` is `rows x k`, `w` is `n x k` (read transposed), `y` is `rows x n`.
+    unsafe {
+        gemm_par(
+            rows,
+            n,
+            k,
+            y.as_mut_ptr(),
+            n as isize,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+        );
+    }
+    y.par_chunks_mut(rows_per_chunk(n) * n).for_each(|y| add_bias_rows(y, b));
+    y
+}
+
+/// Gradients of `x`, `W` and `b` from the output's gradient `g [rows, n]`.
+fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0f32; rows * k];
+    let mut dw = vec![0f32; n * k];
+    // SAFETY: `g` is `rows x n`, `w` is `n x k`, `x` is `rows x k`; `dx` is `rows x k`, `dw` is
+    // `n x k` (`g` read transposed).
+    unsafe {
+        gemm_par(
+            rows,
+            k,
+            n,
+            dx.as_mut_ptr(),
+            k as isize,
+            g.as_ptr(),
+            n as isize,
+            1,
+            w.as_ptr(),
+            k as isize,
+            1,
+        );
+        gemm_par(
+            n,
+            k,
+            rows,
+            dw.as_mut_ptr(),
+            k as isize,
+            g.as_ptr(),
+            1,
+            n as isize,
+            x.as_ptr(),
+            k as isize,
+            1,
+        );
+    }
+    // Per-chunk column sums, added in chunk order (independent of the thread count).
+    let partials: Vec<Vec<f32>> = g
+        .par_chunks(rows_per_chunk(n) * n)
+        .map(|g| {
+            let mut acc = vec![0f32; n];
+            column_sums(&mut acc, g);
+            acc
+        })
+        .collect();
+    let mut db = vec![0f32; n];
+    for p in &partials {
+        for (d, &v) in db.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    (dx, dw, db)
+}
+
+/// What the linear layer's backward keeps: the (contiguous) input and weight.
+#[derive(Debug, Clone)]
+struct LinearState {
+    x: FlexTensor,
+    w: FlexTensor,
+}
+
+#[derive(Debug)]
+struct LinearBackward;
+
+impl Backward<Flex, 3> for LinearBackward {
+    type State = LinearState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let [px, pw, pb] = ops.parents;
+        let st = ops.state;
+        let wshape = st.w.shape();
+        let (n, k) = (wshape[0], wshape[1]);
+        let rows = st.x.shape().num_elements() / k.max(1);
+        let (dx, dw, db) = linear_backward(slice(&st.x), slice(&st.w), slice(&g), rows, k, n);
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, tensor(dx, st.x.shape()));
+        }
+        if let Some(node) = pw {
+            grads.register::<Flex>(node.id, tensor(dw, wshape));
+        }
+        if let Some(node) = pb {
+            grads.register::<Flex>(node.id, tensor(db, Shape::new([n])));
+        }
+    }
+}
+
+/// `x W^T + b` over the last axis of `x` (`W: [n, k]`, PyTorch's layout; `b: [n]`) on
+/// burn-flex: one product split over the pool, the bias added in parallel, and one autodiff
+/// node whose backward makes the three gradients with two products and a parallel column sum
+/// (burn's composed form adds the bias, reshapes and sums its gradient on the calling
+/// thread). `Err` with the inputs back on other backends.
+#[allow(clippy::type_complexity)]
+pub(crate) fn linear<B: burn::tensor::backend::Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>, Tensor<B, 1>)> {
+    let [n, k] = weight.dims();
+    let f32s = weight.dtype() == DType::F32 && bias.dtype() == DType::F32;
+    if x.dims()[D - 1] != k || bias.dims()[0] != n || n == 0 || k == 0 || !f32s {
+        return Err((x, weight, bias));
+    }
+    let mut out_dims = x.dims();
+    out_dims[D - 1] = n;
+    let out_shape = Shape::new(out_dims);
+    let rows = out_shape.num_elements() / n;
+    let x = match on_flex(x) {
+        Ok(x) => x,
+        Err(x) => return Err((x, weight, bias)),
+    };
+    // `weight` and `bias` are on the same backend as `x`, so these casts succeed.
+    Ok(match x {
+        OnFlex::Plain(x) => {
+            let w: FlexTensor = same::<_, Tensor<Flex, 2>>(weight).into_primitive().tensor();
+            let b: FlexTensor = same::<_, Tensor<Flex, 1>>(bias).into_primitive().tensor();
+            let (x, w, b) = (contiguous(&x), contiguous(&w), contiguous(&b));
+            let y = linear_forward(slice(&x), slice(&w), slice(&b), rows, k, n);
+            plain_tensor(tensor(y, out_shape))
+        }
+        OnFlex::Train(x) => {
+            let w: AutodiffTensor = same::<_, Tensor<AdFlex, 2>>(weight).into_primitive().tensor();
+            let b: AutodiffTensor = same::<_, Tensor<AdFlex, 1>>(bias).into_primitive().tensor();
+            let (xc, wc, bc) =
+                (contiguous(&x.primitive), contiguous(&w.primitive), contiguous(&b.primitive));
+            let y =
+                tensor(linear_forward(slice(&xc), slice(&wc), slice(&bc), rows, k, n), out_shape);
+            let out = match LinearBackward
+                .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(LinearState { x: xc, w: wc }, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            train_tensor(out)
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW
+
+/// The scalars of one AdamW update of one parameter, each the f32 that burn's `tensor * f64`
+/// would use (the f64 value rounded once).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamwScalars {
+    /// The clipping coefficient the gradient is multiplied by first, if it was clipped.
+    pub grad_scale: Option<f32>,
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// `1 - beta1`.
+    pub one_minus_b1: f32,
+    /// `beta2`.
+    pub b2: f32,
+    /// `1 - beta2`.
+    pub one_minus_b2: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub sqrt_bc2: f32,
+    /// `eps`.
+    pub eps: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+}
+
+multiversion! {
+    /// PyTorch's AdamW (single tensor, not fused) on one chunk, in its order of operations.
+    fn adamw_rows(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamwScalars) {
+        let gs = s.grad_scale.unwrap_or(1.0);
+        let scaled = s.grad_scale.is_some();
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = if scaled { g * gs } else { g };
+            let p1 = *p * s.decay;
+            let m1 = *m + (g - *m) * s.one_minus_b1;
+            let v1 = *v * s.b2 + g * g * s.one_minus_b2;
+            let denom = v1.sqrt() / s.sqrt_bc2 + s.eps;
+            *p = p1 - (m1 / denom) * s.step_size;
+            *m = m1;
+            *v = v1;
+        }
+    }
+}
+
+/// One AdamW update `(param, exp_avg, exp_avg_sq)` from the gradient, in one parallel pass
+/// on burn-flex (the composed form is about 15 passes, each on the calling thread); `Err`
+/// with the inputs back on other backends. The results are those of the composed form, bit
+/// for bit (the same f32 operations in the same order; tested).
+#[allow(clippy::type_complexity)]
+pub(crate) fn adamw<B: burn::tensor::backend::Backend>(
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    s: &AdamwScalars,
+) -> Result<
+    (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>),
+    (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>),
+> {
+    let n = p.dims()[0];
+    let f32s = [&g, &m, &v].iter().all(|t| t.dtype() == DType::F32);
+    if !f32s || [g.dims()[0], m.dims()[0], v.dims()[0]] != [n, n, n] {
+        return Err((p, g, m, v));
+    }
+    let p = match on_flex(p) {
+        Ok(OnFlex::Plain(p)) => p,
+        Ok(OnFlex::Train(p)) => {
+            // Parameters are updated on the inner backend; an autodiff tensor is handed back.
+            return Err((train_tensor(p), g, m, v));
+        }
+        Err(p) => return Err((p, g, m, v)),
+    };
+    let prim = |t: Tensor<B, 1>| -> FlexTensor {
+        contiguous(&same::<_, Tensor<Flex, 1>>(t).into_primitive().tensor())
+    };
+    let (g, m, v) = (prim(g), prim(m), prim(v));
+    let mut pv = slice(&contiguous(&p)).to_vec();
+    let mut mv = slice(&m).to_vec();
+    let mut vv = slice(&v).to_vec();
+    pv.par_chunks_mut(CHUNK)
+        .zip(mv.par_chunks_mut(CHUNK).zip(vv.par_chunks_mut(CHUNK)))
+        .zip(slice(&g).par_chunks(CHUNK))
+        .for_each(|((p, (m, v)), g)| adamw_rows(p, m, v, g, s));
+    let shape = Shape::new([n]);
+    Ok((
+        plain_tensor(tensor(pv, shape.clone())),
+        plain_tensor(tensor(mv, shape.clone())),
+        plain_tensor(tensor(vv, shape)),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1043,6 +1382,67 @@ mod tests {
         // composed form, which the attention-map tools use.
         let x = input([b, n, d], 11);
         close(att.forward(x.clone()), att.forward_with_attn(x).0);
+    }
+
+    #[test]
+    fn linear_matches_the_composed_form_forward_and_backward() {
+        use crate::model::layers::Linear;
+        let device = Default::default();
+        // 2 x 300 rows (more than one chunk of the bias sums), 40 -> 70.
+        let lin = Linear::<B>::new(40, 70, true, &device);
+        let x = input([2, 300, 40], 16);
+        let w = input([2, 300, 70], 17).detach();
+        let y = lin.forward(x.clone());
+        let y0 = lin.forward_composed(x.clone());
+        close(y.clone(), y0.clone());
+        let g = (y * w.clone()).sum().backward();
+        let g0 = (y0 * w).sum().backward();
+        close_inner(x.grad(&g).unwrap(), x.grad(&g0).unwrap());
+        let tol = Tolerance::absolute(2e-4);
+        let (gw, gw0) = (lin.weight.grad(&g).unwrap(), lin.weight.grad(&g0).unwrap());
+        gw.into_data().assert_approx_eq::<f32>(&gw0.into_data(), tol);
+        let b = lin.bias.as_ref().unwrap();
+        let (gb, gb0) = (b.grad(&g).unwrap(), b.grad(&g0).unwrap());
+        gb.into_data().assert_approx_eq::<f32>(&gb0.into_data(), tol);
+        let inner = lin.valid();
+        close_inner(inner.forward(x.clone().inner()), inner.forward_composed(x.inner()));
+    }
+
+    #[test]
+    fn adamw_is_the_composed_update_bit_for_bit() {
+        let n = 40_000; // more than two parallel chunks
+        let flat = |seed| input([1, 1, n], seed).inner().reshape([n]);
+        let (p, g) = (flat(12), flat(13));
+        let m = flat(14) * 0.1;
+        let v = flat(15).powi_scalar(2) * 0.01;
+        let (lr, wd, b1, b2, eps, step) = (5e-4f64, 0.04f64, 0.9f64, 0.999f64, 1e-8f64, 3);
+        let (bc1, bc2) = (1.0 - b1.powi(step), 1.0 - b2.powi(step));
+        for clip in [None, Some(0.37f32)] {
+            let s = AdamwScalars {
+                grad_scale: clip,
+                decay: (1.0 - lr * wd) as f32,
+                one_minus_b1: (1.0 - b1) as f32,
+                b2: b2 as f32,
+                one_minus_b2: (1.0 - b2) as f32,
+                sqrt_bc2: bc2.sqrt() as f32,
+                eps: eps as f32,
+                step_size: (lr / bc1) as f32,
+            };
+            let (p1, m1, v1) = adamw(p.clone(), g.clone(), m.clone(), v.clone(), &s).ok().unwrap();
+            // The composed form of pretrain/step.rs.
+            let g = match clip {
+                Some(c) => g.clone() * c,
+                None => g.clone(),
+            };
+            let p0 = p.clone() * (1.0 - lr * wd);
+            let m0 = m.clone() + (g.clone() - m.clone()) * (1.0 - b1);
+            let v0 = v.clone() * b2 + g.clone() * g * (1.0 - b2);
+            let denom = v0.clone().sqrt() / bc2.sqrt() + eps;
+            let p0 = p0 - (m0.clone() / denom) * (lr / bc1);
+            assert_eq!(p1.into_data(), p0.into_data());
+            assert_eq!(m1.into_data(), m0.into_data());
+            assert_eq!(v1.into_data(), v0.into_data());
+        }
     }
 
     #[test]

@@ -37,6 +37,20 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// `[..., in] -> [..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        #[cfg(feature = "flex")]
+        let x = match &self.bias {
+            Some(b) => match super::fused::linear(x, self.weight.val(), b.val()) {
+                Ok(y) => return y,
+                Err((x, _, _)) => x,
+            },
+            None => x,
+        };
+        self.forward_composed(x)
+    }
+
+    /// [`Linear::forward`] from burn's tensor ops (every backend but burn-flex, and layers
+    /// without bias; the reference of the fused one's tests).
+    pub fn forward_composed<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let [d_out, d_in] = self.weight.dims();
         let rows: usize = dims[..D - 1].iter().product();

@@ -528,18 +528,23 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
         let norm = g.clone().powi_scalar(2).sum().sqrt(); // [1], float32 as the reference
         let norm_host: f64 = norm.clone().into_scalar().elem();
         self.report.grad_norms.push((name.clone(), norm_host));
-        let g = match h.clip_grad.filter(|c| *c > 0.0) {
+        let (g, grad_scale) = match h.clip_grad.filter(|c| *c > 0.0) {
             Some(clip) => {
                 let coef = (norm + 1e-6).recip() * clip;
                 let coef_host: f64 = coef.clone().into_scalar().elem();
                 if coef_host < 1.0 {
                     self.report.clipped.push(name.clone());
-                    g * coef
+                    // The fused update applies the (f32) coefficient itself.
+                    if crate::model::fused_ops_on::<B::InnerBackend>() {
+                        (g, Some(coef_host as f32))
+                    } else {
+                        (g * coef, None)
+                    }
                 } else {
-                    g
+                    (g, None)
                 }
             }
-            None => g,
+            None => (g, None),
         };
         // utils.cancel_gradients_last_layer: after clipping, the gradient is dropped.
         if h.epoch < h.freeze_last_layer && name.contains("last_layer") {
@@ -554,15 +559,10 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
         });
         let step = step + 1;
         let (b1, b2) = h.betas;
-        // torch.optim.AdamW (single tensor, non-fused), in its order of operations.
-        let p = p * (1.0 - h.lr * decay);
-        let m = m.clone() + (g.clone() - m) * (1.0 - b1); // exp_avg.lerp_(grad, 1 - beta1)
-        let v = v * b2 + g.clone() * g * (1.0 - b2); // exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
         let bc1 = 1.0 - b1.powi(step as i32);
         let bc2 = 1.0 - b2.powi(step as i32);
         let step_size = h.lr / bc1;
-        let denom = v.clone().sqrt() / bc2.sqrt() + h.eps;
-        let p = p - (m.clone() / denom) * step_size;
+        let (p, m, v) = adamw_update(p, g, m, v, grad_scale, h, decay, bc2, step_size);
         self.adam.slots.insert(name, (step, m, v));
         let mut new = Tensor::<B, D>::from_inner(p.reshape(dims));
         if require_grad {
@@ -570,6 +570,51 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
         }
         Param::from_mapped_value(id, new, mapper)
     }
+}
+
+/// torch.optim.AdamW (single tensor, non-fused) on one flattened parameter, in its order of
+/// operations; one parallel pass on burn-flex (`model::fused`), burn's tensor ops elsewhere.
+/// `grad_scale`: the clipping coefficient not yet applied to `g`.
+#[allow(clippy::too_many_arguments)]
+fn adamw_update<B: Backend>(
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    grad_scale: Option<f32>,
+    h: &StepHyper,
+    decay: f64,
+    bc2: f64,
+    step_size: f64,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let (b1, b2) = h.betas;
+    #[cfg(feature = "flex")]
+    let (p, g, m, v) = {
+        let s = crate::model::fused::AdamwScalars {
+            grad_scale,
+            decay: (1.0 - h.lr * decay) as f32,
+            one_minus_b1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            eps: h.eps as f32,
+            step_size: step_size as f32,
+        };
+        match crate::model::fused::adamw(p, g, m, v, &s) {
+            Ok(out) => return out,
+            Err(inputs) => inputs,
+        }
+    };
+    let g = match grad_scale {
+        Some(c) => g * c,
+        None => g,
+    };
+    let p = p * (1.0 - h.lr * decay);
+    let m = m.clone() + (g.clone() - m) * (1.0 - b1); // exp_avg.lerp_(grad, 1 - beta1)
+    let v = v * b2 + g.clone() * g * (1.0 - b2); // exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+    let denom = v.clone().sqrt() / bc2.sqrt() + h.eps;
+    let p = p - (m.clone() / denom) * step_size;
+    (p, m, v)
 }
 
 /// `t = t*m + (1-m)*s` for every parameter pair, matched by reference name.
