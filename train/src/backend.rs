@@ -11,6 +11,40 @@ compile_error!(
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 
+/// The model's hot ops as single parallel passes with hand-written backward passes, on
+/// burn-flex (`backend/fused_flex.rs`). Each function returns `Err` with its inputs back where
+/// it does not apply (another backend, a dtype other than f32, `FLSL_COMPOSED_OPS=1`, or a
+/// build without burn-flex: `backend/fused_none.rs`); the caller then runs the composed form.
+#[cfg(feature = "flex")]
+#[path = "backend/fused_flex.rs"]
+pub(crate) mod fused;
+/// Without burn-flex: every fused op declines (`Err` with its inputs back).
+#[cfg(not(feature = "flex"))]
+#[path = "backend/fused_none.rs"]
+pub(crate) mod fused;
+
+/// The scalars of one AdamW update of one parameter, each the f32 that burn's `tensor * f64`
+/// would use (the f64 value rounded once).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamwScalars {
+    /// The clipping coefficient the gradient is multiplied by first, if it was clipped.
+    pub grad_scale: Option<f32>,
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// `1 - beta1`.
+    pub one_minus_b1: f32,
+    /// `beta2`.
+    pub b2: f32,
+    /// `1 - beta2`.
+    pub one_minus_b2: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub sqrt_bc2: f32,
+    /// `eps`.
+    pub eps: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+}
+
 /// burn-ndarray (the CPU backend the project started on; kept for comparison).
 #[cfg(feature = "ndarray")]
 pub type NdArrayCpu = burn::backend::NdArray<f32>;

@@ -5,6 +5,7 @@
 //! These layers store PyTorch's layouts under PyTorch's names, so reference checkpoints load
 //! without remapping, and they build GELU from `erf` so that its gradient is exact.
 
+use crate::backend::fused;
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
 
@@ -37,9 +38,8 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// `[..., in] -> [..., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        #[cfg(feature = "flex")]
         let x = match &self.bias {
-            Some(b) => match super::fused::linear(x, self.weight.val(), b.val()) {
+            Some(b) => match fused::linear(x, self.weight.val(), b.val()) {
                 Ok(y) => return y,
                 Err((x, _, _)) => x,
             },
@@ -89,8 +89,7 @@ impl<B: Backend> LayerNorm<B> {
     /// # Shapes
     /// `[..., d] -> [..., d]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        #[cfg(feature = "flex")]
-        let x = match super::fused::layer_norm(x, self.weight.val(), self.bias.val(), self.eps) {
+        let x = match fused::layer_norm(x, self.weight.val(), self.bias.val(), self.eps) {
             Ok(y) => return y,
             Err((x, _, _)) => x,
         };
@@ -116,8 +115,7 @@ impl<B: Backend> LayerNorm<B> {
 /// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2`, with its exact gradient (one fused op with
 /// its own backward on burn-flex, [`gelu_composed`] elsewhere).
 pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    #[cfg(feature = "flex")]
-    let x = match super::fused::gelu(x) {
+    let x = match fused::gelu(x) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -131,9 +129,8 @@ pub fn gelu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D
 
 /// Softmax over `dim`, `exp(x - max) / sum`, as PyTorch computes it.
 pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
-    #[cfg(feature = "flex")]
     let x = if dim + 1 == D {
-        match super::fused::softmax_last(x, 1.0) {
+        match fused::softmax_last(x, 1.0) {
             Ok(y) => return y,
             Err(x) => x,
         }
@@ -151,9 +148,8 @@ pub fn softmax_scaled<B: Backend, const D: usize>(
     scale: f64,
     dim: usize,
 ) -> Tensor<B, D> {
-    #[cfg(feature = "flex")]
     let x = if dim + 1 == D {
-        match super::fused::softmax_last(x, scale as f32) {
+        match fused::softmax_last(x, scale as f32) {
             Ok(y) => return y,
             Err(x) => x,
         }

@@ -1,7 +1,5 @@
 //! Models: the no-class ViT backbone, the FLSL head, and the two together.
 
-#[cfg(feature = "flex")]
-pub(crate) mod fused;
 pub mod head;
 pub mod layers;
 pub mod named;
@@ -12,15 +10,6 @@ use burn::tensor::{Tensor, backend::Backend};
 
 pub use head::{FlslHead, FlslHeadConfig};
 pub use vit::{Vit, VitConfig};
-
-/// Whether burn-flex's fused ops (`model/fused.rs`: LayerNorm, GELU, softmax, attention,
-/// AdamW) run on backend `B` in this build and process.
-pub(crate) fn fused_ops_on<B: Backend>() -> bool {
-    #[cfg(feature = "flex")]
-    return fused::enabled::<B>();
-    #[cfg(not(feature = "flex"))]
-    false
-}
 
 /// Backbone + head, as the reference's `utils.ModelWrapper`: parameter names are
 /// `backbone.<vit key>` and `head.<head key>`.

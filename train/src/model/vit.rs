@@ -232,13 +232,16 @@ impl<B: Backend> Attention<B> {
     /// # Shapes
     /// `[B, N, D] -> [B, N, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        #[cfg(feature = "flex")]
-        if super::fused::enabled::<B>() {
+        if crate::backend::fused::enabled::<B>() {
             // On burn-flex: one q/k/v product, then the heads' attention in one fused op that
             // reads q, k and v in place (no slices of the weight, no copies of q/k/v).
             let [_, _, d] = x.dims();
             let scale = ((d / self.num_heads) as f64).powf(-0.5) as f32;
-            return match super::fused::attention(self.qkv.forward(x), self.num_heads, scale) {
+            return match crate::backend::fused::attention(
+                self.qkv.forward(x),
+                self.num_heads,
+                scale,
+            ) {
                 Ok(out) => self.proj.forward(out),
                 // Not f32: the composed form, from the projection already made.
                 Err(qkv) => self.proj.forward(self.attention_composed(qkv)),

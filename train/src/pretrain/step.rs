@@ -535,7 +535,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
                 if coef_host < 1.0 {
                     self.report.clipped.push(name.clone());
                     // The fused update applies the (f32) coefficient itself.
-                    if crate::model::fused_ops_on::<B::InnerBackend>() {
+                    if crate::backend::fused::enabled::<B::InnerBackend>() {
                         (g, Some(coef_host as f32))
                     } else {
                         (g * coef, None)
@@ -588,9 +588,8 @@ fn adamw_update<B: Backend>(
     step_size: f64,
 ) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
     let (b1, b2) = h.betas;
-    #[cfg(feature = "flex")]
     let (p, g, m, v) = {
-        let s = crate::model::fused::AdamwScalars {
+        let s = crate::backend::fused::AdamwScalars {
             grad_scale,
             decay: (1.0 - h.lr * decay) as f32,
             one_minus_b1: (1.0 - b1) as f32,
@@ -600,7 +599,7 @@ fn adamw_update<B: Backend>(
             eps: h.eps as f32,
             step_size: step_size as f32,
         };
-        match crate::model::fused::adamw(p, g, m, v, &s) {
+        match crate::backend::fused::adamw(p, g, m, v, &s) {
             Ok(out) => return out,
             Err(inputs) => inputs,
         }

@@ -1,16 +1,20 @@
-//! LayerNorm, exact GELU and scaled softmax on burn-flex as single passes, each one autodiff
-//! node with a hand-written backward.
+//! The model's hot ops on burn-flex as single parallel passes, each one autodiff node with
+//! a hand-written backward: linear layers, LayerNorm, exact GELU, softmax of scaled scores,
+//! the heads' attention, and the AdamW update.
 //!
-//! Composed from burn's tensor ops (the forms in [`super::layers`]), a LayerNorm records 8
-//! autodiff nodes, GELU 5 and a softmax 5 (burn's softmax is itself composed under
-//! `Autodiff`); each node is a pass over the tensor forward and one or more backward, and
-//! keeps its inputs alive until the backward pass. Here each op is one pass forward and one
-//! backward. Rows are split over rayon's pool in chunks of a fixed size, and partial sums are
-//! added in chunk order, so results do not depend on the number of threads (bit-exact resume
-//! and the data-parallel equality rely on that).
+//! Composed from burn's tensor ops (the `*_composed` forms in `model/layers.rs` and
+//! `model/vit.rs`), a LayerNorm records 8 autodiff nodes, GELU 5 and a softmax 5 (burn's
+//! softmax is itself composed under `Autodiff`); the attention slices the q/k/v weight and
+//! copies strided views in the backward pass; a linear layer adds and sums its bias on the
+//! calling thread; AdamW is about 15 passes per parameter. Each of those passes runs on the
+//! calling thread while the pool waits (docs/PERFORMANCE.md, "CPU training backends", has
+//! the profile). Here each op is one pass forward and one backward, split over rayon's pool
+//! in chunks of a fixed size, with partial sums added in chunk order, so results do not
+//! depend on the number of threads (bit-exact resume and the data-parallel equality rely
+//! on that; tested).
 //!
 //! Taken when the backend is burn-flex (`Flex` for inference, `Autodiff<Flex>` for training)
-//! and the tensor is f32 (see [`on_flex`]); every other backend and dtype takes the composed
+//! and the tensors are f32 (see [`on_flex`]); every other backend and dtype takes the composed
 //! ops, which the tests here use as the reference. `FLSL_COMPOSED_OPS=1` in the environment
 //! turns the fused ops off (for A/B measurements in one binary, and to rule them out when
 //! debugging a training run).
@@ -25,6 +29,8 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
+
+pub(crate) use super::AdamwScalars;
 
 type AdFlex = Autodiff<Flex>;
 /// burn-autodiff's tensor over burn-flex (its type is public only by this name).
@@ -1149,28 +1155,6 @@ pub(crate) fn linear<B: burn::tensor::backend::Backend, const D: usize>(
 
 // ---------------------------------------------------------------------------------------------
 // AdamW
-
-/// The scalars of one AdamW update of one parameter, each the f32 that burn's `tensor * f64`
-/// would use (the f64 value rounded once).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamwScalars {
-    /// The clipping coefficient the gradient is multiplied by first, if it was clipped.
-    pub grad_scale: Option<f32>,
-    /// `1 - lr * weight_decay`.
-    pub decay: f32,
-    /// `1 - beta1`.
-    pub one_minus_b1: f32,
-    /// `beta2`.
-    pub b2: f32,
-    /// `1 - beta2`.
-    pub one_minus_b2: f32,
-    /// `sqrt(1 - beta2^t)`.
-    pub sqrt_bc2: f32,
-    /// `eps`.
-    pub eps: f32,
-    /// `lr / (1 - beta1^t)`.
-    pub step_size: f32,
-}
 
 multiversion! {
     /// PyTorch's AdamW (single tensor, not fused) on one chunk, in its order of operations.
