@@ -26,6 +26,8 @@ pub(crate) mod fused;
 /// The scalars of one AdamW update of one parameter, each the f32 that burn's `tensor * f64`
 /// would use (the f64 value rounded once).
 #[derive(Debug, Clone, Copy)]
+// Read only by the fused update, which builds without burn-flex do not have.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 pub(crate) struct AdamwScalars {
     /// The clipping coefficient the gradient is multiplied by first, if it was clipped.
     pub grad_scale: Option<f32>,
