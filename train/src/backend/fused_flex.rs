@@ -666,13 +666,14 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// `dst[m, n] = lhs[m, k] rhs[k, n]` with element strides (row, column) for each operand,
-/// on the calling thread (the callers parallelise over heads).
+/// `dst[m, n] = lhs[m, k] rhs[k, n]` with element strides (row, column) for each operand;
+/// `parallelism` is gemm's own split of the product over rayon's pool (`None` where the
+/// callers already parallelise, over heads).
 ///
 /// # Safety
 /// Every pointer must address the whole strided matrix it describes.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
+unsafe fn gemm_with(
     m: usize,
     n: usize,
     k: usize,
@@ -684,6 +685,7 @@ unsafe fn gemm_into(
     rhs: *const f32,
     rhs_rs: isize,
     rhs_cs: isize,
+    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -706,7 +708,7 @@ unsafe fn gemm_into(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -729,7 +731,7 @@ fn attention_forward(qkv: &[f32], s: AttnShape, scale: f32, keep: bool) -> (Vec<
         // the output block (rows of batch item `bi`, columns of head `h`) is written by this
         // task only, and `out` outlives the loop.
         unsafe {
-            gemm_into(
+            gemm_with(
                 n,
                 n,
                 hd,
@@ -741,10 +743,24 @@ fn attention_forward(qkv: &[f32], s: AttnShape, scale: f32, keep: bool) -> (Vec<
                 k,
                 1,
                 row3 as isize,
+                gemm::Parallelism::None,
             );
             softmax_rows(p, n, scale);
             let dst = o.0.add(bi * n * d + h * hd);
-            gemm_into(n, hd, n, dst, d as isize, p.as_ptr(), n as isize, 1, v, row3 as isize, 1);
+            gemm_with(
+                n,
+                hd,
+                n,
+                dst,
+                d as isize,
+                p.as_ptr(),
+                n as isize,
+                1,
+                v,
+                row3 as isize,
+                1,
+                gemm::Parallelism::None,
+            );
         }
     };
     if keep {
@@ -777,7 +793,7 @@ fn attention_backward(qkv: &[f32], probs: &[f32], g: &[f32], s: AttnShape, scale
             unsafe {
                 let dv = out.0.add(base + 2 * d);
                 // dV = P^T dO
-                gemm_into(
+                gemm_with(
                     n,
                     hd,
                     n,
@@ -789,9 +805,10 @@ fn attention_backward(qkv: &[f32], probs: &[f32], g: &[f32], s: AttnShape, scale
                     go,
                     d as isize,
                     1,
+                    gemm::Parallelism::None,
                 );
                 // dP = dO V^T
-                gemm_into(
+                gemm_with(
                     n,
                     n,
                     hd,
@@ -803,6 +820,7 @@ fn attention_backward(qkv: &[f32], probs: &[f32], g: &[f32], s: AttnShape, scale
                     v,
                     1,
                     row3 as isize,
+                    gemm::Parallelism::None,
                 );
             }
             // dS = scale * P * (dP - rowsum(dP * P))
@@ -811,7 +829,7 @@ fn attention_backward(qkv: &[f32], probs: &[f32], g: &[f32], s: AttnShape, scale
             unsafe {
                 let (dq, dk) = (out.0.add(base), out.0.add(base + d));
                 // dQ = dS K, dK = dS^T Q
-                gemm_into(
+                gemm_with(
                     n,
                     hd,
                     n,
@@ -823,8 +841,9 @@ fn attention_backward(qkv: &[f32], probs: &[f32], g: &[f32], s: AttnShape, scale
                     k,
                     row3 as isize,
                     1,
+                    gemm::Parallelism::None,
                 );
-                gemm_into(
+                gemm_with(
                     n,
                     hd,
                     n,
@@ -836,6 +855,7 @@ fn attention_backward(qkv: &[f32], probs: &[f32], g: &[f32], s: AttnShape, scale
                     q,
                     row3 as isize,
                     1,
+                    gemm::Parallelism::None,
                 );
             }
         },
@@ -913,53 +933,13 @@ pub(crate) fn attention<B: burn::tensor::backend::Backend>(
 // ---------------------------------------------------------------------------------------------
 // Linear layer `y = x W^T + b`
 
-/// `dst[m, n] = lhs[m, k] rhs[k, n]` (strides as [`gemm_into`]) with the products split over
-/// rayon's pool by gemm itself, as burn-flex's own products (`Parallelism::Rayon(0)`).
-///
-/// # Safety
-/// As [`gemm_into`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_par(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-) {
-    let parallelism = if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
+/// gemm's own split of an `m x k` by `k x n` product over rayon's pool, as burn-flex's own
+/// products take it (`Parallelism::Rayon(0)`), for all but small products.
+fn pool_split(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
-    };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs,
-            false,
-            lhs,
-            lhs_cs,
-            lhs_rs,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
     }
 }
 
@@ -990,7 +970,7 @@ fn linear_forward(x: &[f32], w: &[f32], b: &[f32], rows: usize, k: usize, n: usi
     let mut y = vec![0f32; rows * n];
     // SAFETY: `x` is `rows x k`, `w` is `n x k` (read transposed), `y` is `rows x n`.
     unsafe {
-        gemm_par(
+        gemm_with(
             rows,
             n,
             k,
@@ -1002,6 +982,7 @@ fn linear_forward(x: &[f32], w: &[f32], b: &[f32], rows: usize, k: usize, n: usi
             w.as_ptr(),
             1,
             k as isize,
+            pool_split(rows, n, k),
         );
     }
     y.par_chunks_mut(rows_per_chunk(n) * n).for_each(|y| add_bias_rows(y, b));
@@ -1022,7 +1003,7 @@ fn linear_backward(
     // SAFETY: `g` is `rows x n`, `w` is `n x k`, `x` is `rows x k`; `dx` is `rows x k`, `dw` is
     // `n x k` (`g` read transposed).
     unsafe {
-        gemm_par(
+        gemm_with(
             rows,
             k,
             n,
@@ -1034,8 +1015,9 @@ fn linear_backward(
             w.as_ptr(),
             k as isize,
             1,
+            pool_split(rows, k, n),
         );
-        gemm_par(
+        gemm_with(
             n,
             k,
             rows,
@@ -1047,6 +1029,7 @@ fn linear_backward(
             x.as_ptr(),
             k as isize,
             1,
+            pool_split(n, k, rows),
         );
     }
     // Per-chunk column sums, added in chunk order (independent of the thread count).
