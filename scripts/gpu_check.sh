@@ -2,7 +2,7 @@
 # GPU check for whoever has an NVIDIA machine (CUDA driver + NVRTC at run time):
 # the same FLSL training steps on the CPU backend and on burn-cuda from the same weights and
 # batch; prints both losses per step, the relative difference and each backend's images/s.
-# Exits non-zero if the first step's loss differs by more than the tolerance.
+# Exits non-zero if any loss term of any step differs by more than the tolerance (--tolerance).
 #
 # Usage: scripts/gpu_check.sh [--preset tiny|vit_tiny16|vit_small16] [--steps N] [--batch N]
 # With FLSL_BIN set, runs that prebuilt binary instead of building (e.g. on a machine without
