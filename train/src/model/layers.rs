@@ -237,5 +237,6 @@ pub fn drop_path<B: Backend>(x: Tensor<B, 3>, p: f64) -> Tensor<B, 3> {
         None => Tensor::<B, 3>::random([b, 1, 1], Distribution::Uniform(0.0, 1.0), &device),
     };
     let mask = (uniform + keep).floor();
+    let mask = if mask.dtype() == x.dtype() { mask } else { mask.cast(x.dtype()) };
     x / keep * mask
 }

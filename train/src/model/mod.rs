@@ -5,11 +5,27 @@ pub mod layers;
 pub mod named;
 pub mod vit;
 
-use burn::module::Module;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{DType, Tensor, backend::Backend};
 
 pub use head::{FlslHead, FlslHeadConfig};
 pub use vit::{Vit, VitConfig};
+
+/// `module` with every float parameter cast to `dtype` by burn's differentiable `cast`: on an
+/// autodiff backend the gradients of the copy's parameters reach the originals (in their own
+/// dtype), so an f32 module keeps f32 master weights while the copy computes in half
+/// precision (`StepOptions::half`).
+pub fn cast_params<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
+    struct CastParams(DType);
+    impl<B: Backend> ModuleMapper<B> for CastParams {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let tensor = if tensor.dtype() == self.0 { tensor } else { tensor.cast(self.0) };
+            Param::from_mapped_value(id, tensor, mapper)
+        }
+    }
+    module.map(&mut CastParams(dtype))
+}
 
 /// Backbone + head, as the reference's `utils.ModelWrapper`: parameter names are
 /// `backbone.<vit key>` and `head.<head key>`.

@@ -377,7 +377,10 @@ impl<B: Backend> Vit<B> {
         let [_, _, h, w] = x.dims();
         let p = self.patch_size();
         let tokens = self.patch_embed.forward(x);
-        tokens + self.pos_embed_for(h / p, w / p)
+        let pos = self.pos_embed_for(h / p, w / p);
+        // A resized table is made on the host in f32; a half-precision copy's tokens are not.
+        let pos = if pos.dtype() == tokens.dtype() { pos } else { pos.cast(tokens.dtype()) };
+        tokens + pos
     }
 
     /// The position table for a `gh x gw` token grid: the stored table when the token count
@@ -398,6 +401,8 @@ impl<B: Backend> Vit<B> {
                 (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
             let m = interpolate_pos_embed(&identity, g, n, gh, gw); // [gh*gw, n]
             let m = Tensor::<B, 2>::from_data(TensorData::new(m, [gh * gw, n]), &device);
+            let dtype = self.pos_embed.val().dtype();
+            let m = if m.dtype() == dtype { m } else { m.cast(dtype) };
             return m.matmul(self.pos_embed.val().reshape([n, d])).reshape([1, gh * gw, d]);
         }
         let table = self.pos_embed.val().into_data().convert::<f32>();

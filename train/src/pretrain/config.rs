@@ -96,7 +96,9 @@ pub struct TrainConfig {
     /// Start of the inter-view temperature cosine schedule (default: constant).
     pub meanshift_ca_temp_start: Option<f64>,
     // Optimisation.
-    /// Mixed precision (not supported by this trainer: must stay false).
+    /// Half precision: the backbones run in bfloat16 with f32 master weights, optimizer and
+    /// loss (`StepOptions::half`; the reference's flag, whose fp16 + loss scaling this maps
+    /// to bfloat16, which needs no scaling).
     pub use_fp16: bool,
     /// Weight decay at the start (cosine).
     pub weight_decay: f64,
@@ -375,12 +377,6 @@ impl TrainConfig {
         }
         if self.student_temp <= 0.0 || self.teacher_temp <= 0.0 || self.warmup_teacher_temp <= 0.0 {
             return bad("teacher_temp", "temperatures must be positive".into());
-        }
-        if self.use_fp16 {
-            return bad(
-                "use_fp16",
-                "mixed precision is not supported by this trainer; set it to false".into(),
-            );
         }
         if self.layernorm_on_mode {
             return bad("layernorm_on_mode", "not supported; set it to false".into());

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{ElementConversion, Tensor, backend::AutodiffBackend, backend::Backend};
+use burn::tensor::{DType, ElementConversion, Tensor, backend::AutodiffBackend, backend::Backend};
 
 use crate::distill::{DistillTeacher, HeadInput};
 use crate::error::{Error, Result};
@@ -15,8 +15,8 @@ use crate::meanshift::{
     TokenSelection, meanshift, meanshift_mixed, repeat_views, select_tokens,
     sharpened_attention_map,
 };
-use crate::model::FlslModel;
 use crate::model::named::reference_name;
+use crate::model::{FlslModel, Vit, cast_params};
 use crate::multistage::PreviousStage;
 use crate::parallel::{self, Peer};
 use crate::tensors::{HostData, HostTensor, TensorMap};
@@ -166,6 +166,21 @@ pub struct StepOptions<'t> {
     /// Data-parallel replica: gradients and loss terms are averaged over all replicas
     /// ([`crate::parallel`]) before clipping and the update.
     pub peer: Option<Peer>,
+    /// Half precision (the config's `use_fp16`): the student's and the EMA teacher's backbones
+    /// run forward and backward in bfloat16 on copies of their parameters made by a
+    /// differentiable cast ([`crate::model::cast_params`]); the parameters, their gradients,
+    /// AdamW's state, the mean shift, the heads and the loss stay f32. bfloat16 has f32's
+    /// exponent range, so no loss scaling is needed.
+    pub half: bool,
+}
+
+/// The backbone's features `[B, N, C]` in f32: computed in bfloat16 when `half`.
+fn backbone_features<B: Backend>(vit: &Vit<B>, images: Tensor<B, 4>, half: bool) -> Tensor<B, 3> {
+    if !half {
+        return vit.forward(images);
+    }
+    let vit = cast_params(vit.clone(), DType::BF16);
+    vit.forward(images.cast(DType::BF16)).cast(DType::F32)
 }
 
 /// Splits student views into groups of consecutive equal widths (`unique_consecutive`).
@@ -233,6 +248,7 @@ pub fn forward<B: AutodiffBackend>(
     ca_temp: f64,
     prev: Option<(&PreviousStage<B::InnerBackend>, f64)>,
     distill: Option<&DistillTeacher<B::InnerBackend>>,
+    half: bool,
 ) -> Result<Forward<B>> {
     let (teacher_view, student_views) =
         views.split_first().ok_or(Error::Shape { op: "train_step", reason: "no views".into() })?;
@@ -243,7 +259,11 @@ pub fn forward<B: AutodiffBackend>(
     // (`[bt, Nt, C]`, inter-view mean shift), or the frozen teacher on each student view.
     let side = match distill {
         Some(d) => TeacherSide::Frozen(d),
-        None => TeacherSide::Ema(teacher.backbone.forward(teacher_view.images.clone().inner())),
+        None => TeacherSide::Ema(backbone_features(
+            &teacher.backbone,
+            teacher_view.images.clone().inner(),
+            half,
+        )),
     };
     // Previous stage: its features of the teacher's plain crop are the keys of its map.
     let prev_k = match prev {
@@ -268,7 +288,7 @@ pub fn forward<B: AutodiffBackend>(
         let sel = TokenSelection::concat(&sels)?;
         let images = Tensor::cat(vs.iter().map(|v| v.images.clone()).collect(), 0);
         let plain_images = images.clone().inner();
-        let enc_s = student.backbone.forward(images); // [b*bt, Ns, C]
+        let enc_s = backbone_features(&student.backbone, images, half); // [b*bt, Ns, C]
         let [rows, ns, c] = enc_s.dims();
         if sel.batch() != rows || sel.tokens != ns {
             return Err(Error::Shape {
@@ -364,6 +384,7 @@ pub fn train_step<B: AutodiffBackend>(
         hyper.ca_temp,
         prev.map(|p| (p, hyper.mixture)),
         distill,
+        opts.half,
     )?;
     if let Some(tap) = opts.tap.as_deref_mut() {
         tap.tensor("loss_in_x", HostTensor::from_tensor(fwd.x.clone()));

@@ -372,6 +372,8 @@ enum Job {
         batch: Batch,
         hyper: StepHyper,
         seed: u64,
+        /// Half precision (`use_fp16`).
+        half: bool,
     },
     /// Training is over: send back the weights (the consistency check) and leave the group.
     Finish,
@@ -398,6 +400,7 @@ fn replica_step<B: AutodiffBackend>(
     hyper: &StepHyper,
     seed: u64,
     peer: Option<Peer>,
+    half: bool,
 ) -> Result<(FlslModel<B>, StepReport)> {
     let views = batch_views::<B>(batch, device)?;
     // Drop path draws from a stream seeded per step (and per replica), so a resumed run matches.
@@ -412,7 +415,7 @@ fn replica_step<B: AutodiffBackend>(
             adam,
             &views,
             hyper,
-            StepOptions { peer, ..Default::default() },
+            StepOptions { peer, half, ..Default::default() },
         )
     })?;
     if let (Some(p), Some(c)) = (peer, loss_fn.centering.as_mut()) {
@@ -446,7 +449,7 @@ fn replica_worker<B: AutodiffBackend>(
     }
     while let Ok(job) = jobs.recv() {
         match job {
-            Job::Step { batch, hyper, seed } => {
+            Job::Step { batch, hyper, seed, half } => {
                 let r = replica_step(
                     student.clone(),
                     &mut teacher,
@@ -459,6 +462,7 @@ fn replica_worker<B: AutodiffBackend>(
                     &hyper,
                     seed,
                     Some(peer),
+                    half,
                 );
                 let r = r.map(|(s, _)| student = s);
                 let failed = r.is_err();
@@ -760,9 +764,12 @@ fn train_loop<B: AutodiffBackend>(
             let mut shares = split_batch(batch, world);
             let own = shares.remove(0);
             for ((tx, _), share) in workers.iter().zip(shares) {
-                tx.send(Job::Step { batch: share, hyper, seed: step_seed }).map_err(|_| {
-                    Error::Collective { op: "step", peer: 0, reason: "a replica stopped".into() }
-                })?;
+                tx.send(Job::Step { batch: share, hyper, seed: step_seed, half: cfg.use_fp16 })
+                    .map_err(|_| Error::Collective {
+                        op: "step",
+                        peer: 0,
+                        reason: "a replica stopped".into(),
+                    })?;
             }
             let result = replica_step(
                 run.student.clone(),
@@ -776,6 +783,7 @@ fn train_loop<B: AutodiffBackend>(
                 &hyper,
                 step_seed,
                 peer0,
+                cfg.use_fp16,
             );
             let mut replica_error = None;
             for (i, (_, rx)) in workers.iter().enumerate() {

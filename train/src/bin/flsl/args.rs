@@ -150,6 +150,10 @@ pub struct GpuCheckArgs {
     /// value (absolute below 1e-3).
     #[arg(long, default_value_t = 1e-3)]
     pub tolerance: f64,
+    /// Largest accepted difference of every loss term at every step between CUDA in half
+    /// precision (bfloat16 backbones, `use_fp16`) and CUDA in f32, relative to the f32 value.
+    #[arg(long, default_value_t = 5e-2)]
+    pub half_tolerance: f64,
 }
 
 /// `flsl export`.

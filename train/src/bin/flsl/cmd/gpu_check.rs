@@ -9,15 +9,15 @@ use crate::args::GpuCheckArgs;
 
 pub fn run(a: GpuCheckArgs) -> anyhow::Result<ExitCode> {
     let cfg = TrainConfig::preset(&a.preset)?;
-    let steps = |device: DeviceChoice| {
-        run_on(&[device], Steps { cfg: &cfg, steps: a.steps, batch: a.batch })
+    let steps = |device: DeviceChoice, half: bool| {
+        run_on(&[device], Steps { cfg: &cfg, steps: a.steps, batch: a.batch, half })
     };
-    let cpu = steps(DeviceChoice::Cpu)??;
+    let cpu = steps(DeviceChoice::Cpu, false)??;
     println!("cpu : {:.2} images/s", cpu.images_per_s);
     for (i, c) in cpu.losses.iter().enumerate() {
         println!("step {i}: cpu {c}");
     }
-    let gpu = steps(DeviceChoice::Cuda(a.cuda))??;
+    let gpu = steps(DeviceChoice::Cuda(a.cuda), false)??;
     println!(
         "cuda: {:.2} images/s ({:.1}x the CPU)",
         gpu.images_per_s,
@@ -29,41 +29,68 @@ pub fn run(a: GpuCheckArgs) -> anyhow::Result<ExitCode> {
         println!("FAIL: cuda ran {} steps, cpu {}", gpu.losses.len(), cpu.losses.len());
         return Ok(ExitCode::FAILURE);
     }
-    let mut failed = Vec::new();
-    for (i, (c, g)) in cpu.losses.iter().zip(&gpu.losses).enumerate() {
-        let terms = [
-            ("total", c.total, g.total),
-            ("mean_shift", c.mean_shift, g.mean_shift),
-            ("kmeans", c.kmeans, g.kmeans),
-            ("vmr", c.vmr, g.vmr),
-        ];
-        let mut worst = 0f64;
-        for (name, cv, gv) in terms {
-            let rel = (cv - gv).abs() / cv.abs().max(1e-3);
-            // A NaN on either side fails: it is not within.
-            let within = rel <= a.tolerance;
-            if !within {
-                failed.push(format!("step {i} {name}: cpu {cv:.6e} cuda {gv:.6e} ({rel:.2e})"));
-            }
-            worst = worst.max(rel);
-        }
-        println!("step {i}: cpu {c}  |  cuda {g}  |  worst rel diff {worst:.2e}");
-    }
+    let mut failed = compare(("cpu", &cpu), ("cuda", &gpu), a.tolerance);
+    let half = steps(DeviceChoice::Cuda(a.cuda), true)??;
+    println!(
+        "cuda, half precision (bfloat16 backbones): {:.2} images/s ({:.2}x CUDA f32)",
+        half.images_per_s,
+        half.images_per_s / gpu.images_per_s
+    );
+    failed.extend(compare(("cuda f32", &gpu), ("cuda half", &half), a.half_tolerance));
     if !failed.is_empty() {
-        println!("FAIL: {} term(s) beyond {:.0e}:", failed.len(), a.tolerance);
+        println!("FAIL: {} term(s) beyond their tolerance:", failed.len());
         for f in failed {
             println!("  {f}");
         }
         return Ok(ExitCode::FAILURE);
     }
-    println!("PASS: every term of all {} steps within {:.0e}", cpu.losses.len(), a.tolerance);
+    println!(
+        "PASS: every term of all {} steps within {:.0e} (CPU vs CUDA) and {:.0e} (f32 vs half)",
+        cpu.losses.len(),
+        a.tolerance,
+        a.half_tolerance
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every loss term of every step of `b` against `a`'s, relative to `a`'s (absolute below
+/// 1e-3); prints one line per step and returns the terms beyond `tolerance`.
+fn compare(
+    (an, a): (&str, &BackendRun),
+    (bn, b): (&str, &BackendRun),
+    tolerance: f64,
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    if a.losses.len() != b.losses.len() {
+        failed.push(format!("{bn} ran {} steps, {an} {}", b.losses.len(), a.losses.len()));
+    }
+    for (i, (x, y)) in a.losses.iter().zip(&b.losses).enumerate() {
+        let terms = [
+            ("total", x.total, y.total),
+            ("mean_shift", x.mean_shift, y.mean_shift),
+            ("kmeans", x.kmeans, y.kmeans),
+            ("vmr", x.vmr, y.vmr),
+        ];
+        let mut worst = 0f64;
+        for (name, xv, yv) in terms {
+            let rel = (xv - yv).abs() / xv.abs().max(1e-3);
+            // A NaN on either side fails: it is not within.
+            let within = rel <= tolerance;
+            if !within {
+                failed.push(format!("step {i} {name}: {an} {xv:.6e} {bn} {yv:.6e} ({rel:.2e})"));
+            }
+            worst = worst.max(rel);
+        }
+        println!("step {i}: {an} {x}  |  {bn} {y}  |  worst rel diff {worst:.2e}");
+    }
+    failed
 }
 
 struct Steps<'a> {
     cfg: &'a TrainConfig,
     steps: usize,
     batch: usize,
+    half: bool,
 }
 
 impl BackendTask for Steps<'_> {
@@ -74,6 +101,6 @@ impl BackendTask for Steps<'_> {
             device: String::new(),
             reason: "no device given".into(),
         })?;
-        run_steps::<B>(self.cfg, &device, self.steps, self.batch)
+        run_steps::<B>(self.cfg, &device, self.steps, self.batch, self.half)
     }
 }
