@@ -154,6 +154,10 @@ pub struct GpuCheckArgs {
     /// precision (bfloat16 backbones, `use_fp16`) and CUDA in f32, relative to the f32 value.
     #[arg(long, default_value_t = 5e-2)]
     pub half_tolerance: f64,
+    /// CUDA only (f32 vs half precision), without the CPU run: for batch sweeps at sizes
+    /// the CPU would take minutes over.
+    #[arg(long)]
+    pub no_cpu: bool,
 }
 
 /// `flsl export`.
