@@ -113,13 +113,8 @@ fn plain_tensor<B: burn::tensor::backend::Backend, const D: usize>(t: FlexTensor
     same(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(t)))
 }
 
-/// A contiguous f32 copy-or-view of `t`, with its shape.
-fn contiguous(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
-}
-
 fn slice(t: &FlexTensor) -> &[f32] {
-    // Only called on the results of `contiguous` of f32 tensors (checked in `on_flex`).
+    // Only called on `to_contiguous` results of f32 tensors (dtype checked in `on_flex`).
     t.as_slice::<f32>().unwrap_or(&[])
 }
 
@@ -317,7 +312,7 @@ const FRAC_1_SQRT_2: f32 = core::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 fn gelu_forward(x: &FlexTensor) -> FlexTensor {
-    let x = contiguous(x);
+    let x = FlexTensor::to_contiguous(x);
     let xs = slice(&x);
     let mut y = vec![0f32; xs.len()];
     y.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(y, x)| gelu_rows(y, x));
@@ -326,7 +321,7 @@ fn gelu_forward(x: &FlexTensor) -> FlexTensor {
 
 /// `dL/dx = g (Phi(x) + x phi(x))`.
 fn gelu_backward(x: &FlexTensor, g: &FlexTensor) -> FlexTensor {
-    let g = contiguous(g);
+    let g = FlexTensor::to_contiguous(g);
     let (xs, gs) = (slice(x), slice(&g));
     let mut dx = vec![0f32; xs.len()];
     dx.par_chunks_mut(CHUNK)
@@ -355,7 +350,7 @@ pub(crate) fn gelu<B: burn::tensor::backend::Backend, const D: usize>(
     Ok(match on_flex(x)? {
         OnFlex::Plain(x) => plain_tensor(gelu_forward(&x)),
         OnFlex::Train(x) => {
-            let input = contiguous(&x.primitive);
+            let input = FlexTensor::to_contiguous(&x.primitive);
             let y = gelu_forward(&input);
             let out = match GeluBackward
                 .prepare::<NoCheckpointing>([x.node.clone()])
@@ -374,7 +369,7 @@ pub(crate) fn gelu<B: burn::tensor::backend::Backend, const D: usize>(
 // Softmax over the last axis, of `scale * x`
 
 fn softmax_forward(x: &FlexTensor, scale: f32) -> FlexTensor {
-    let x = contiguous(x);
+    let x = FlexTensor::to_contiguous(x);
     let shape = x.shape();
     let d = shape.as_slice().last().copied().unwrap_or(1).max(1);
     let mut y = slice(&x).to_vec();
@@ -384,7 +379,7 @@ fn softmax_forward(x: &FlexTensor, scale: f32) -> FlexTensor {
 
 /// `dL/dx = scale * y * (g - sum(g * y))` per row.
 fn softmax_backward(y: &FlexTensor, g: &FlexTensor, scale: f32) -> FlexTensor {
-    let g = contiguous(g);
+    let g = FlexTensor::to_contiguous(g);
     let shape = y.shape();
     let d = shape.as_slice().last().copied().unwrap_or(1).max(1);
     let mut dx = slice(&g).to_vec();
@@ -535,7 +530,7 @@ multiversion! {
 
 /// Gradients of `x`, the scale and the shift.
 fn layer_norm_backward(s: &LnState, g: &FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let g = contiguous(g);
+    let g = FlexTensor::to_contiguous(g);
     let (xs, gs, w) = (slice(&s.x), slice(&g), slice(&s.w));
     let d = w.len();
     let rc = rows_per_chunk(d);
@@ -608,14 +603,21 @@ pub(crate) fn layer_norm<B: burn::tensor::backend::Backend, const D: usize>(
         OnFlex::Plain(x) => {
             let w: FlexTensor = same::<_, Tensor<Flex, 1>>(weight).into_primitive().tensor();
             let b: FlexTensor = same::<_, Tensor<Flex, 1>>(bias).into_primitive().tensor();
-            let (w, b, x) = (contiguous(&w), contiguous(&b), contiguous(&x));
+            let (w, b, x) = (
+                FlexTensor::to_contiguous(&w),
+                FlexTensor::to_contiguous(&b),
+                FlexTensor::to_contiguous(&x),
+            );
             plain_tensor(layer_norm_forward(&x, slice(&w), slice(&b), eps as f32).0)
         }
         OnFlex::Train(x) => {
             let w: AutodiffTensor = same::<_, Tensor<AdFlex, 1>>(weight).into_primitive().tensor();
             let b: AutodiffTensor = same::<_, Tensor<AdFlex, 1>>(bias).into_primitive().tensor();
-            let (xc, wc, bc) =
-                (contiguous(&x.primitive), contiguous(&w.primitive), contiguous(&b.primitive));
+            let (xc, wc, bc) = (
+                FlexTensor::to_contiguous(&x.primitive),
+                FlexTensor::to_contiguous(&w.primitive),
+                FlexTensor::to_contiguous(&b.primitive),
+            );
             let (y, mean, rstd) = layer_norm_forward(&xc, slice(&wc), slice(&bc), eps as f32);
             let out = match LayerNormBackward
                 .prepare::<NoCheckpointing>([x.node.clone(), w.node.clone(), b.node.clone()])
@@ -881,7 +883,7 @@ impl Backward<Flex, 1> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let st = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
-            let g = contiguous(&g);
+            let g = FlexTensor::to_contiguous(&g);
             let d = attention_backward(slice(&st.qkv), &st.probs, slice(&g), st.shape, st.scale);
             tensor(d, st.qkv.shape())
         });
@@ -905,12 +907,12 @@ pub(crate) fn attention<B: burn::tensor::backend::Backend>(
     let out_shape = Shape::new([b, n, s.d()]);
     Ok(match on_flex(qkv)? {
         OnFlex::Plain(x) => {
-            let x = contiguous(&x);
+            let x = FlexTensor::to_contiguous(&x);
             let (out, _) = attention_forward(slice(&x), s, scale, false);
             plain_tensor(tensor(out, out_shape))
         }
         OnFlex::Train(x) => {
-            let xc = contiguous(&x.primitive);
+            let xc = FlexTensor::to_contiguous(&x.primitive);
             let tracked = AttentionBackward
                 .prepare::<NoCheckpointing>([x.node.clone()])
                 .compute_bound()
@@ -1064,7 +1066,7 @@ impl Backward<Flex, 3> for LinearBackward {
     type State = LinearState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = contiguous(&grads.consume::<Flex>(&ops.node));
+        let g = FlexTensor::to_contiguous(&grads.consume::<Flex>(&ops.node));
         let [px, pw, pb] = ops.parents;
         let st = ops.state;
         let wshape = st.w.shape();
@@ -1112,15 +1114,22 @@ pub(crate) fn linear<B: burn::tensor::backend::Backend, const D: usize>(
         OnFlex::Plain(x) => {
             let w: FlexTensor = same::<_, Tensor<Flex, 2>>(weight).into_primitive().tensor();
             let b: FlexTensor = same::<_, Tensor<Flex, 1>>(bias).into_primitive().tensor();
-            let (x, w, b) = (contiguous(&x), contiguous(&w), contiguous(&b));
+            let (x, w, b) = (
+                FlexTensor::to_contiguous(&x),
+                FlexTensor::to_contiguous(&w),
+                FlexTensor::to_contiguous(&b),
+            );
             let y = linear_forward(slice(&x), slice(&w), slice(&b), rows, k, n);
             plain_tensor(tensor(y, out_shape))
         }
         OnFlex::Train(x) => {
             let w: AutodiffTensor = same::<_, Tensor<AdFlex, 2>>(weight).into_primitive().tensor();
             let b: AutodiffTensor = same::<_, Tensor<AdFlex, 1>>(bias).into_primitive().tensor();
-            let (xc, wc, bc) =
-                (contiguous(&x.primitive), contiguous(&w.primitive), contiguous(&b.primitive));
+            let (xc, wc, bc) = (
+                FlexTensor::to_contiguous(&x.primitive),
+                FlexTensor::to_contiguous(&w.primitive),
+                FlexTensor::to_contiguous(&b.primitive),
+            );
             let y =
                 tensor(linear_forward(slice(&xc), slice(&wc), slice(&bc), rows, k, n), out_shape);
             let out = match LinearBackward
@@ -1186,10 +1195,10 @@ pub(crate) fn adamw<B: burn::tensor::backend::Backend>(
         Err(p) => return Err((p, g, m, v)),
     };
     let prim = |t: Tensor<B, 1>| -> FlexTensor {
-        contiguous(&same::<_, Tensor<Flex, 1>>(t).into_primitive().tensor())
+        FlexTensor::to_contiguous(&same::<_, Tensor<Flex, 1>>(t).into_primitive().tensor())
     };
     let (g, m, v) = (prim(g), prim(m), prim(v));
-    let mut pv = slice(&contiguous(&p)).to_vec();
+    let mut pv = slice(&FlexTensor::to_contiguous(&p)).to_vec();
     let mut mv = slice(&m).to_vec();
     let mut vv = slice(&v).to_vec();
     pv.par_chunks_mut(CHUNK)

@@ -552,15 +552,12 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Optimizer<'_, B> {
         let (g, grad_scale) = match h.clip_grad.filter(|c| *c > 0.0) {
             Some(clip) => {
                 let coef = (norm + 1e-6).recip() * clip;
-                let coef_host: f64 = coef.clone().into_scalar().elem();
+                let coef_host: f64 = coef.into_scalar().elem();
                 if coef_host < 1.0 {
                     self.report.clipped.push(name.clone());
-                    // The fused update applies the (f32) coefficient itself.
-                    if crate::backend::fused::enabled::<B::InnerBackend>() {
-                        (g, Some(coef_host as f32))
-                    } else {
-                        (g * coef, None)
-                    }
+                    // Applied by the update (`adamw_update`), fused or composed: the same f32
+                    // product as `g * coef`.
+                    (g, Some(coef_host as f32))
                 } else {
                     (g, None)
                 }
