@@ -88,6 +88,8 @@ fn torch_dynamo_sdpa_with_external_weights() {
     let (worst, f, _) = run("dynamo_opset20_sdpa_external");
     assert!(worst < 1e-4, "{worst}");
     assert_eq!(f.scales_folded, DEPTH, "{f}");
+    // unbind(0) of the q/k/v product, written as Slice + Squeeze: split like the Gathers.
+    assert_eq!(f.qkv_split, DEPTH, "{f}");
     assert_fused("dynamo_opset20_sdpa_external", &f, &[]);
 }
 

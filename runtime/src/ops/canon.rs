@@ -17,8 +17,8 @@
 //!   becomes one [`FusedLayerNorm`](super::FusedLayerNorm), as the opset-17 op does.
 //! - [`split_fused_qkv`]: timm's (and the paper's) attention computes `q`, `k`, `v` with one
 //!   product, reshapes it to `[.., 3, heads, head_dim]`, transposes the `3` first and gathers
-//!   `q`, `k`, `v` out of it: two full copies of the product per block that tract cannot fold
-//!   away. The product becomes three (one per gathered slice of its weights and bias), each
+//!   `q`, `k`, `v` out of it (`Gather`, or dynamo's `unbind`: `Slice` or `Split`, then
+//!   `Squeeze`): two full copies of the product per block that tract cannot fold away. The product becomes three (one per gathered slice of its weights and bias), each
 //!   reshaped and transposed on its own, which tract's declutter then folds into the
 //!   attention products, as in our own export. An int8 layer is split with it.
 //! - the attention scale: folded into the score product by
@@ -34,7 +34,7 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Erf, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 
-use tract_onnx::tract_core::ops::array::Gather;
+use tract_onnx::tract_core::ops::array::{Gather, Slice};
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
@@ -234,8 +234,9 @@ struct QkvSplit {
     three_axis: usize,
     /// The transposes between the reshape and the gathers, in order.
     moves: Vec<(usize, usize)>,
-    /// The gathers, by index (0: q, 1: k, 2: v).
-    gathers: [OutletId; 3],
+    /// The reads of the `3` axis, by index (0: q, 1: k, 2: v): the outlet holding the part,
+    /// and whether it keeps the `3` axis as a unit axis (a `Slice` that nothing squeezes).
+    gathers: [(OutletId, bool); 3],
     /// `D`, `heads`, `head_dim`.
     d: usize,
     shape: Vec<usize>,
@@ -309,19 +310,10 @@ impl QkvSplit {
         }
         let mut gathers = [None; 3];
         for s in succ.iter() {
-            let g = model.node(s.node);
-            let Some(op) = g.op_as::<Gather>() else { return Ok(None) };
-            if op.axis != p || s.slot != 0 || g.inputs.len() != 2 {
-                return Ok(None);
-            }
-            let ix = model.outlet_fact(g.inputs[1])?.konst.clone();
-            let Some(i) = ix.filter(|t| t.rank() == 0).and_then(|t| t.cast_to_scalar::<i64>().ok())
-            else {
-                return Ok(None);
-            };
+            let Some((i, outlet, keep)) = Self::pick(model, s, p)? else { return Ok(None) };
             let i = if i < 0 { i + 3 } else { i };
             match gathers.get_mut(i as usize) {
-                Some(slot @ None) => *slot = Some(OutletId::new(g.id, 0)),
+                Some(slot @ None) => *slot = Some((outlet, keep)),
                 _ => return Ok(None),
             }
         }
@@ -335,6 +327,45 @@ impl QkvSplit {
             d,
             shape: rs.to_vec(),
         }))
+    }
+
+    /// One of the three reads of the `3` axis (axis `p`): `Gather` of a scalar index (the
+    /// TorchScript exporter, dynamo at opset 17), or a one-wide `Slice` (dynamo's `unbind`:
+    /// `Slice` or `Split`, then `Squeeze`), with or without the removal of that axis after it
+    /// (declutter often folds the squeeze into the consumers, keeping a unit axis). Returns
+    /// the index, the outlet that holds the part and whether it keeps the unit axis.
+    fn pick(
+        model: &TypedModel,
+        s: &InletId,
+        p: usize,
+    ) -> TractResult<Option<(i64, OutletId, bool)>> {
+        let g = model.node(s.node);
+        if s.slot != 0 {
+            return Ok(None);
+        }
+        if let Some(op) = g.op_as::<Gather>() {
+            if op.axis != p || g.inputs.len() != 2 {
+                return Ok(None);
+            }
+            let ix = model.outlet_fact(g.inputs[1])?.konst.clone();
+            let i = ix.filter(|t| t.rank() == 0).and_then(|t| t.cast_to_scalar::<i64>().ok());
+            return Ok(i.map(|i| (i, OutletId::new(g.id, 0), false)));
+        }
+        if let Some(op) = g.op_as::<Slice>() {
+            let (Ok(start), Ok(end)) = (op.start.to_i64(), op.end.to_i64()) else {
+                return Ok(None);
+            };
+            if op.axis != p || end != start + 1 {
+                return Ok(None);
+            }
+            if let Some(rm) = model.single_succ(g.id)?
+                && rm.op_as::<AxisOp>() == Some(&AxisOp::Rm(p))
+            {
+                return Ok(Some((start, OutletId::new(rm.id, 0), false)));
+            }
+            return Ok(Some((start, OutletId::new(g.id, 0), true)));
+        }
+        Ok(None)
     }
 
     fn apply(
@@ -365,7 +396,7 @@ impl QkvSplit {
         let layer = int8.remove(&name);
         let mut patch = TypedModelPatch::default();
         let xt = patch.tap_model(model, x)?;
-        for (i, gather) in self.gathers.iter().enumerate() {
+        for (i, &(gather, keep)) in self.gathers.iter().enumerate() {
             let part = format!("{name}.qkv{i}");
             let wi = w.slice(w_axis, i * self.d, (i + 1) * self.d)?;
             let wc = patch.add_const(format!("{part}.weights"), wi)?;
@@ -379,6 +410,23 @@ impl QkvSplit {
                 wire = patch.wire_node(format!("{part}.add_bias"), op.clone(), &[wire, bi])?[0];
             }
             let at = self.three_axis;
+            if keep {
+                // [.., D] -> [.., 1, H, hd], then the file's own transposes: the unit axis
+                // goes where the `3` axis went.
+                let to: TVec<TDim> = std::iter::once(1)
+                    .chain(part_shape[at..].iter().copied())
+                    .map(|v| v.to_dim())
+                    .collect();
+                let reshape = AxisOp::Reshape(at, tvec![self.d.to_dim()], to);
+                wire = patch.wire_node(format!("{part}.reshape"), reshape, &[wire])?[0];
+                for (j, &(from, to)) in self.moves.iter().enumerate() {
+                    let mv = AxisOp::Move(from, to);
+                    wire = patch.wire_node(format!("{part}.move{j}"), mv, &[wire])?[0];
+                }
+                patch.shunt_outside(model, gather, wire)?;
+                split_int8_layer(layer.as_ref(), int8, &part, i, self.d);
+                continue;
+            }
             let to: TVec<TDim> = part_shape[at..].iter().map(|&v| v.to_dim()).collect();
             let reshape = AxisOp::Reshape(at, tvec![self.d.to_dim()], to);
             wire = patch.wire_node(format!("{part}.reshape"), reshape, &[wire])?[0];
@@ -395,19 +443,28 @@ impl QkvSplit {
                     cur.insert(j, moved);
                 }
             }
-            patch.shunt_outside(model, *gather, wire)?;
-            if let Some(l) = &layer {
-                let w_q: Vec<i8> = l
-                    .w_q
-                    .chunks_exact(l.n)
-                    .flat_map(|row| row[i * self.d..(i + 1) * self.d].iter().copied())
-                    .collect();
-                let w_scale = l.w_scale[i * self.d..(i + 1) * self.d].to_vec();
-                int8.insert(part, QdqLayer { w_q, n: self.d, w_scale, ..l.clone() });
-            }
+            patch.shunt_outside(model, gather, wire)?;
+            split_int8_layer(layer.as_ref(), int8, &part, i, self.d);
         }
         patch.apply(model)?;
         Ok(())
+    }
+}
+
+/// The int8 layer of part `i` (columns `i·d..(i+1)·d`) of a split q/k/v product, under the
+/// part's name, when the product was an int8 layer.
+fn split_int8_layer(
+    layer: Option<&QdqLayer>,
+    int8: &mut HashMap<String, QdqLayer>,
+    part: &str,
+    i: usize,
+    d: usize,
+) {
+    if let Some(l) = layer {
+        let w_q: Vec<i8> =
+            l.w_q.chunks_exact(l.n).flat_map(|row| row[i * d..(i + 1) * d].iter().copied()).collect();
+        let w_scale = l.w_scale[i * d..(i + 1) * d].to_vec();
+        int8.insert(part.to_string(), QdqLayer { w_q, n: d, w_scale, ..l.clone() });
     }
 }
 
