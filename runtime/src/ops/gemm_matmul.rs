@@ -457,15 +457,13 @@ impl EvalOp for GemmMatMul {
                 }
                 Post::SoftmaxNanToZero => {
                     let row = g.out_shape.last().copied().unwrap_or(1).max(1);
-                    // ONNX's softmax gives NaN for the whole row when a score is NaN or +inf,
-                    // or all are -inf; the guard turns those rows into zeros.
+                    super::simd::softmax_rows_inplace(out, row);
+                    // Our softmax is ONNX's on NaN and infinities: a row is NaN in every
+                    // position (a NaN or +inf score, or only -inf ones: a NaN sum) or in none,
+                    // so its first value tells. The guard turns NaN into 0.
                     for r in out.chunks_mut(row) {
-                        let nan_row = r.iter().any(|v| v.is_nan() || *v == f32::INFINITY)
-                            || r.iter().all(|v| *v == f32::NEG_INFINITY);
-                        if nan_row {
+                        if r[0].is_nan() {
                             r.fill(0.0);
-                        } else {
-                            super::simd::softmax_rows_inplace(r, row);
                         }
                     }
                 }

@@ -262,7 +262,9 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub(crate) fn exp16(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(88.0));
+        // The input second in both: `vmaxps`/`vminps` return their second operand when either
+        // is NaN, so a NaN goes through (a NaN score makes its softmax row NaN, as ONNX's).
+        let x = _mm512_min_ps(_mm512_set1_ps(88.0), _mm512_max_ps(_mm512_set1_ps(-87.0), x));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -494,7 +496,8 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        // NaN goes through, as in `exp16`.
+        let x = _mm256_min_ps(_mm256_set1_ps(88.0), _mm256_max_ps(_mm256_set1_ps(-87.0), x));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -772,6 +775,35 @@ mod tests {
                             "[{rows}x{row}] {path:?} row {r}: {g} vs {e}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// ONNX's softmax of a row with a NaN score, a +inf score or only -inf scores is NaN in
+    /// every position (the sum, or `inf - inf`, is NaN); every path must say so rather than
+    /// give a finite row (dynamo's NaN guard after an SDPA softmax relies on it).
+    #[test]
+    fn softmax_rows_with_nan_or_inf_are_nan() {
+        for &row in &[5usize, 17, 40, 197] {
+            let normal: Vec<f32> = (0..row).map(|i| i as f32 / 7.0 - 1.0).collect();
+            let bad = |at: usize, v: f32| {
+                let mut r = normal.clone();
+                r[at] = v;
+                r
+            };
+            let all_ninf = vec![f32::NEG_INFINITY; row];
+            let cases = [bad(0, f32::NAN), bad(row - 1, f32::NAN), bad(row / 2, f32::INFINITY)];
+            for path in FloatPath::available() {
+                for (c, case) in cases.iter().chain([&all_ninf]).enumerate() {
+                    let mut x = normal.clone();
+                    x.extend_from_slice(case);
+                    x.extend_from_slice(&normal);
+                    softmax_rows_inplace_with(path, &mut x, row);
+                    assert!(x[row..2 * row].iter().all(|v| v.is_nan()), "{path:?} row {row} case {c}");
+                    let sum: f32 = x[..row].iter().sum();
+                    assert!(x[..row].iter().all(|v| v.is_finite()) && (sum - 1.0).abs() < 1e-5);
+                    assert_eq!(x[..row], x[2 * row..], "{path:?}: the rows around stay finite");
                 }
             }
         }
