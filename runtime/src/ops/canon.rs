@@ -461,8 +461,11 @@ fn split_int8_layer(
     d: usize,
 ) {
     if let Some(l) = layer {
-        let w_q: Vec<i8> =
-            l.w_q.chunks_exact(l.n).flat_map(|row| row[i * d..(i + 1) * d].iter().copied()).collect();
+        let w_q: Vec<i8> = l
+            .w_q
+            .chunks_exact(l.n)
+            .flat_map(|row| row[i * d..(i + 1) * d].iter().copied())
+            .collect();
         let w_scale = l.w_scale[i * d..(i + 1) * d].to_vec();
         int8.insert(part.to_string(), QdqLayer { w_q, n: d, w_scale, ..l.clone() });
     }

@@ -1490,8 +1490,9 @@ mod tests {
         // 3 rows of 2 x 37 values (a head split: two k axes, a ragged 37) inside a wider
         // tensor, with a NaN, the extremes in a lane remainder, and all-positive data.
         let (m, heads, hd, stride) = (3usize, 2usize, 37usize, 90isize);
-        let mut x: Vec<f32> =
-            (0..m * stride as usize).map(|_| (lcg(&mut seed) % 2000) as f32 / 100.0 - 8.0).collect();
+        let mut x: Vec<f32> = (0..m * stride as usize)
+            .map(|_| (lcg(&mut seed) % 2000) as f32 / 100.0 - 8.0)
+            .collect();
         x[5] = f32::NAN;
         x[(2 * stride + 36) as usize] = -31.5; // last value of the last row's first head
         x[(stride + 40 + 36) as usize] = 44.25; // last value of row 1's second head
@@ -1509,7 +1510,8 @@ mod tests {
                 let (k, sk) = *layout.ks.last().unwrap();
                 for a in 0..outer.0 {
                     for i in 0..k {
-                        let at = r as isize * layout.row_stride + a as isize * outer.1 + i as isize * sk;
+                        let at =
+                            r as isize * layout.row_stride + a as isize * outer.1 + i as isize * sk;
                         (lo, hi) = (lo.min(x[at as usize]), hi.max(x[at as usize]));
                     }
                 }

@@ -800,7 +800,10 @@ mod tests {
                     x.extend_from_slice(case);
                     x.extend_from_slice(&normal);
                     softmax_rows_inplace_with(path, &mut x, row);
-                    assert!(x[row..2 * row].iter().all(|v| v.is_nan()), "{path:?} row {row} case {c}");
+                    assert!(
+                        x[row..2 * row].iter().all(|v| v.is_nan()),
+                        "{path:?} row {row} case {c}"
+                    );
                     let sum: f32 = x[..row].iter().sum();
                     assert!(x[..row].iter().all(|v| v.is_finite()) && (sum - 1.0).abs() < 1e-5);
                     assert_eq!(x[..row], x[2 * row..], "{path:?}: the rows around stay finite");
