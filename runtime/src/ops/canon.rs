@@ -18,7 +18,8 @@
 //! - [`split_fused_qkv`]: timm's (and the paper's) attention computes `q`, `k`, `v` with one
 //!   product, reshapes it to `[.., 3, heads, head_dim]`, transposes the `3` first and gathers
 //!   `q`, `k`, `v` out of it (`Gather`, or dynamo's `unbind`: `Slice` or `Split`, then
-//!   `Squeeze`): two full copies of the product per block that tract cannot fold away. The product becomes three (one per gathered slice of its weights and bias), each
+//!   `Squeeze`): two full copies of the product per block that tract cannot fold away.
+//!   The product becomes three (one per gathered slice of its weights and bias), each
 //!   reshaped and transposed on its own, which tract's declutter then folds into the
 //!   attention products, as in our own export. An int8 layer is split with it.
 //! - the attention scale: folded into the score product by
