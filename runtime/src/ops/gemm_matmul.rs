@@ -18,6 +18,8 @@ use tract_onnx::tract_core::ops::logic::Iff;
 use tract_onnx::tract_core::ops::math::{Add, IsNan, Mul};
 use tract_onnx::tract_core::ops::nn::{GeluExact, Softmax, SoftmaxKind};
 
+use super::f32_packed::{self, PackedF32};
+
 /// Below this many multiply-adds a product runs on one thread (gemm's own default
 /// threshold, `48 * 48 * 256`, applies on top).
 const PARALLEL_MIN_MACS: usize = 1 << 20;
@@ -249,12 +251,32 @@ pub struct GemmMatMul {
     scale_bits: u32,
     bias: Option<Bias>,
     post: Post,
+    /// The constant weights, packed at load ([`super::f32_packed`]): the op then takes A
+    /// alone.
+    packed: Option<Packed>,
 }
+
+/// Packed weights, compared by identity (so that the op can be `Eq`).
+#[derive(Debug, Clone)]
+struct Packed(Arc<PackedF32>);
+
+impl PartialEq for Packed {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Packed {}
 
 impl GemmMatMul {
     /// A product with the given geometry, scale 1 and no bias.
     pub fn new(geometry: Geometry) -> Self {
-        Self { geometry, scale_bits: 1f32.to_bits(), bias: None, post: Post::None }
+        Self { geometry, scale_bits: 1f32.to_bits(), bias: None, post: Post::None, packed: None }
+    }
+
+    /// Whether the weights were packed at load.
+    pub(crate) fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// The factor applied to `A B` (1 unless a scale was folded in).
@@ -321,9 +343,7 @@ impl EvalOp for GemmMatMul {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let g = &self.geometry;
         let a = inputs[0].to_plain_array_view::<f32>()?;
-        let b = inputs[1].to_plain_array_view::<f32>()?;
         let a = a.as_slice().context("GemmMatMul: A is not contiguous")?;
-        let b = b.as_slice().context("GemmMatMul: B is not contiguous")?;
         // Every value of C is written: by the bias fill, or by the first reduction step of
         // its block (gemm does not read C then), so with a non-empty reduction C need not be
         // zeroed first (~15 us per fc1-sized output).
@@ -358,95 +378,101 @@ impl EvalOp for GemmMatMul {
                 }
                 None => false,
             };
-            // Batch axes first, then the looped reduction axes (accumulating into C).
-            let axes: Vec<(usize, isize, isize, isize)> = g
-                .batch
-                .iter()
-                .copied()
-                .chain(g.kloop.iter().map(|&(size, sa, sb)| (size, sa, sb, 0)))
-                .collect();
-            let steps: usize = axes.iter().map(|a| a.0).product();
-            let loop_len: usize = g.kloop.iter().map(|k| k.0).product();
-            let dst = SharedOut(out.as_mut_ptr());
-            let beta = self.scale();
-            // Units `range`, one gemm call each: unit `u` is rows chunk `u % chunks` (of
-            // `chunks` row chunks of `m`) of step `u / chunks` (a flat index over `axes`).
-            let run_steps =
-                |range: std::ops::Range<usize>, chunks: usize, parallelism: gemm::Parallelism| {
-                    let rows_per = g.m.div_ceil(chunks);
-                    for unit in range {
-                        let (step, r0) = (unit / chunks, unit % chunks * rows_per);
-                        if r0 >= g.m {
-                            continue;
-                        }
-                        let rows = rows_per.min(g.m - r0);
-                        let (mut oa, mut ob, mut oc) =
-                            (r0 as isize * g.a_rs, 0isize, r0 as isize * g.c_rs);
-                        let mut rest = step;
-                        for &(size, sa, sb, sc) in axes.iter().rev() {
-                            let ix = (rest % size) as isize;
-                            rest /= size;
-                            oa += ix * sa;
-                            ob += ix * sb;
-                            oc += ix * sc;
-                        }
-                        // The first reduction step of each output block writes C (or adds to
-                        // the bias), the later ones accumulate.
-                        let accumulate = read_dst || step % loop_len != 0;
-                        let c_ptr = dst;
-                        // Safety: the geometry was derived from these very shapes (checked by
-                        // output_facts and the plan), so every offset stays inside the slices;
-                        // concurrent calls (below) write disjoint blocks of C.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            gemm::gemm(
-                                rows,
-                                g.n,
-                                g.k,
-                                c_ptr.0.offset(oc),
-                                g.c_cs,
-                                g.c_rs,
-                                accumulate,
-                                a.as_ptr().offset(oa),
-                                g.a_cs,
-                                g.a_rs,
-                                b.as_ptr().offset(ob),
-                                g.b_cs,
-                                g.b_rs,
-                                1.0,
-                                beta,
-                                false,
-                                false,
-                                false,
-                                parallelism,
-                            );
-                        }
-                    }
-                };
-            // Per-head products (a batch of independent blocks of C, no looped reduction):
-            // inside a rayon pool, give each thread whole blocks rather than splitting every
-            // small product across threads. When the heads do not divide evenly among the
-            // threads (ViT-Ti's 3 heads on 2 threads: one thread did 2 of 3, 1.3x instead of
-            // 2x), each head's rows are cut in `threads` chunks, which do.
-            let threads = super::pool_threads();
-            if threads > 1
-                && g.kloop.is_empty()
-                && steps >= threads
-                && g.m * g.n * g.k * steps >= PARALLEL_MIN_MACS
-            {
-                let chunks = if steps.is_multiple_of(threads) { 1 } else { threads.min(g.m) };
-                let units = steps * chunks;
-                let per = units.div_ceil(threads);
-                rayon::scope(|s| {
-                    for t in 1..threads {
-                        let range = (t * per).min(units)..((t + 1) * per).min(units);
-                        let run = &run_steps;
-                        s.spawn(move |_| run(range, chunks, gemm::Parallelism::None));
-                    }
-                    run_steps(0..per.min(units), chunks, gemm::Parallelism::None);
-                });
+            if let Some(Packed(w)) = &self.packed {
+                run_packed(w, g, a, out, read_dst, self.scale());
             } else {
-                run_steps(0..steps, 1, self.parallelism());
+                let b = inputs[1].to_plain_array_view::<f32>()?;
+                let b = b.as_slice().context("GemmMatMul: B is not contiguous")?;
+                // Batch axes first, then the looped reduction axes (accumulating into C).
+                let axes: Vec<(usize, isize, isize, isize)> = g
+                    .batch
+                    .iter()
+                    .copied()
+                    .chain(g.kloop.iter().map(|&(size, sa, sb)| (size, sa, sb, 0)))
+                    .collect();
+                let steps: usize = axes.iter().map(|a| a.0).product();
+                let loop_len: usize = g.kloop.iter().map(|k| k.0).product();
+                let dst = SharedOut(out.as_mut_ptr());
+                let beta = self.scale();
+                // Units `range`, one gemm call each: unit `u` is rows chunk `u % chunks` (of
+                // `chunks` row chunks of `m`) of step `u / chunks` (a flat index over `axes`).
+                let run_steps =
+                    |range: std::ops::Range<usize>, chunks: usize, parallelism: gemm::Parallelism| {
+                        let rows_per = g.m.div_ceil(chunks);
+                        for unit in range {
+                            let (step, r0) = (unit / chunks, unit % chunks * rows_per);
+                            if r0 >= g.m {
+                                continue;
+                            }
+                            let rows = rows_per.min(g.m - r0);
+                            let (mut oa, mut ob, mut oc) =
+                                (r0 as isize * g.a_rs, 0isize, r0 as isize * g.c_rs);
+                            let mut rest = step;
+                            for &(size, sa, sb, sc) in axes.iter().rev() {
+                                let ix = (rest % size) as isize;
+                                rest /= size;
+                                oa += ix * sa;
+                                ob += ix * sb;
+                                oc += ix * sc;
+                            }
+                            // The first reduction step of each output block writes C (or adds to
+                            // the bias), the later ones accumulate.
+                            let accumulate = read_dst || step % loop_len != 0;
+                            let c_ptr = dst;
+                            // Safety: the geometry was derived from these very shapes (checked by
+                            // output_facts and the plan), so every offset stays inside the slices;
+                            // concurrent calls (below) write disjoint blocks of C.
+                            #[allow(unsafe_code)]
+                            unsafe {
+                                gemm::gemm(
+                                    rows,
+                                    g.n,
+                                    g.k,
+                                    c_ptr.0.offset(oc),
+                                    g.c_cs,
+                                    g.c_rs,
+                                    accumulate,
+                                    a.as_ptr().offset(oa),
+                                    g.a_cs,
+                                    g.a_rs,
+                                    b.as_ptr().offset(ob),
+                                    g.b_cs,
+                                    g.b_rs,
+                                    1.0,
+                                    beta,
+                                    false,
+                                    false,
+                                    false,
+                                    parallelism,
+                                );
+                            }
+                        }
+                    };
+                // Per-head products (a batch of independent blocks of C, no looped reduction):
+                // inside a rayon pool, give each thread whole blocks rather than splitting every
+                // small product across threads. When the heads do not divide evenly among the
+                // threads (ViT-Ti's 3 heads on 2 threads: one thread did 2 of 3, 1.3x instead of
+                // 2x), each head's rows are cut in `threads` chunks, which do.
+                let threads = super::pool_threads();
+                if threads > 1
+                    && g.kloop.is_empty()
+                    && steps >= threads
+                    && g.m * g.n * g.k * steps >= PARALLEL_MIN_MACS
+                {
+                    let chunks = if steps.is_multiple_of(threads) { 1 } else { threads.min(g.m) };
+                    let units = steps * chunks;
+                    let per = units.div_ceil(threads);
+                    rayon::scope(|s| {
+                        for t in 1..threads {
+                            let range = (t * per).min(units)..((t + 1) * per).min(units);
+                            let run = &run_steps;
+                            s.spawn(move |_| run(range, chunks, gemm::Parallelism::None));
+                        }
+                        run_steps(0..per.min(units), chunks, gemm::Parallelism::None);
+                    });
+                } else {
+                    run_steps(0..steps, 1, self.parallelism());
+                }
             }
             match self.post {
                 Post::None => {}
@@ -473,9 +499,51 @@ impl EvalOp for GemmMatMul {
     }
 }
 
+/// `C = (read_dst ? C : 0) + beta A W` with packed weights, rows split over the current
+/// rayon pool (whole tiles of [`f32_packed::MR`] rows per thread) when the product is large.
+fn run_packed(w: &PackedF32, g: &Geometry, a: &[f32], out: &mut [f32], read_dst: bool, beta: f32) {
+    let (m, a_rs, c_rs) = (g.m, g.a_rs as usize, g.c_rs as usize);
+    assert!(
+        g.a_cs == 1
+            && g.c_cs == 1
+            && w.k() == g.k
+            && w.n() == g.n
+            && (m == 0 || (m - 1) * a_rs + g.k <= a.len())
+            && (m == 0 || (m - 1) * c_rs + g.n <= out.len()),
+        "GemmMatMul (packed): {g:?} over {} and {} floats",
+        a.len(),
+        out.len()
+    );
+    let dst = SharedOut(out.as_mut_ptr());
+    let job = |rows: std::ops::Range<usize>, dst: SharedOut| {
+        // Safety: packed ops exist only where `f32_packed::available()` (substitution);
+        // A's and C's rows were bounds-checked above, and each job has its own rows.
+        #[allow(unsafe_code)]
+        unsafe { w.run_rows(a.as_ptr(), a_rs, rows, dst.0, c_rs, read_dst, beta) };
+    };
+    let threads = super::pool_threads().min(m.div_ceil(f32_packed::MR));
+    if threads <= 1 || m * g.n * g.k < PARALLEL_MIN_MACS {
+        job(0..m, dst);
+        return;
+    }
+    let tiles = m.div_ceil(f32_packed::MR);
+    let per = tiles.div_ceil(threads) * f32_packed::MR;
+    rayon::scope(|s| {
+        for t in 1..threads {
+            let rows = (t * per).min(m)..((t + 1) * per).min(m);
+            if !rows.is_empty() {
+                let job = &job;
+                s.spawn(move |_| job(rows, dst));
+            }
+        }
+        job(0..per.min(m), dst);
+    });
+}
+
 impl TypedOp for GemmMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 2, "GemmMatMul takes two inputs");
+        let want = if self.packed.is_some() { 1 } else { 2 };
+        ensure!(inputs.len() == want, "GemmMatMul takes {want} inputs");
         for i in inputs {
             ensure!(i.datum_type == f32::datum_type(), "GemmMatMul is f32 only");
         }
@@ -747,11 +815,29 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<(usize, us
         let name = node.name.clone();
         let mut patch = TypedModelPatch::default();
         let a = patch.tap_model(model, inputs[0])?;
-        let b = match weights {
-            Some(w) => patch.add_const(format!("{name}.weights.column_scaled"), w)?,
-            None => patch.tap_model(model, inputs[1])?,
+        // Constant weights of a plain product: packed once here, where the CPU has the
+        // packed kernel; the op then reads A alone and tract drops the unpacked constant.
+        let g = &op.geometry;
+        let plain = g.batch.is_empty() && g.kloop.is_empty() && g.a_cs == 1 && g.c_cs == 1;
+        let konst = match &weights {
+            Some(w) => Some(Arc::new(w.clone())),
+            None => model.outlet_fact(inputs[1])?.konst.clone(),
         };
-        let wire = patch.wire_node(format!("{name}.gemm"), op, &[a, b])?;
+        let wire = match konst {
+            Some(w) if plain && f32_packed::available() => {
+                let view = w.to_plain_array_view::<f32>()?;
+                let w = view.as_slice().context("constant weights are contiguous")?;
+                op.packed = Some(Packed(Arc::new(PackedF32::pack(w, g.k, g.n, g.b_rs, g.b_cs))));
+                patch.wire_node(format!("{name}.gemm"), op, &[a])?
+            }
+            _ => {
+                let b = match weights {
+                    Some(w) => patch.add_const(format!("{name}.weights.column_scaled"), w)?,
+                    None => patch.tap_model(model, inputs[1])?,
+                };
+                patch.wire_node(format!("{name}.gemm"), op, &[a, b])?
+            }
+        };
         patch.shunt_outside(model, tail, wire[0])?;
         patch.apply(model)?;
         replaced += 1;

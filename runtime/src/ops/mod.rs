@@ -7,6 +7,7 @@ use tract_onnx::prelude::*;
 
 pub mod attention;
 pub mod canon;
+pub mod f32_packed;
 pub mod gemm_matmul;
 pub mod int8_matmul;
 pub mod isa;
@@ -47,6 +48,8 @@ pub struct FusionReport {
     pub qkv_split: usize,
     /// f32 products on [`GemmMatMul`].
     pub products: usize,
+    /// Of those, products whose constant weights were packed at load ([`f32_packed`]).
+    pub products_packed: usize,
     /// Integer products ([`Int8MatMul`]).
     pub int8_products: usize,
     /// Products (f32 or int8) with the GELU fused after them.
@@ -81,6 +84,7 @@ impl FusionReport {
             let node = model.node(id);
             if let Some(g) = node.op_as::<GemmMatMul>() {
                 r.products += 1;
+                r.products_packed += usize::from(g.is_packed());
                 r.gelu_fused += usize::from(g.post() == gemm_matmul::Post::Gelu);
                 r.softmax_fused += usize::from(matches!(
                     g.post(),
@@ -146,6 +150,9 @@ impl std::fmt::Display for FusionReport {
             self.patch_embeddings,
             self.attention_fused
         )?;
+        if self.products_packed > 0 {
+            write!(f, "; {} f32 products with weights packed at load", self.products_packed)?;
+        }
         if self.gelu_rewritten > 0 {
             write!(f, "; {} foreign GELU chains rewritten", self.gelu_rewritten)?;
         }
