@@ -79,6 +79,8 @@ impl PackedF32 {
     /// # Safety
     /// [`available`] is true; `a` holds rows `rows` of `k` values at stride `a_rs`, `c` rows
     /// `rows` of `n` values at stride `c_rs`, and no other thread touches those rows of C.
+    // The product's operands, one argument each.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_rows(
         &self,
         a: *const f32,
@@ -125,8 +127,9 @@ mod avx512 {
     ) {
         let (k, n) = (w.k, w.n);
         let panels = n.div_ceil(NR);
+        // Depth blocks of KC; one empty block when k = 0 (C is then its start value).
         let mut k0 = 0;
-        while k0 < k || (k == 0 && k0 == 0) {
+        loop {
             let kc = KC.min(k - k0);
             let load = accumulate || k0 > 0;
             for p in 0..panels {
@@ -153,10 +156,10 @@ mod avx512 {
                     r += h;
                 }
             }
-            if k == 0 {
+            k0 += kc;
+            if k0 >= k {
                 break;
             }
-            k0 += kc;
         }
     }
 
@@ -254,8 +257,8 @@ mod tests {
                     for j in 0..n {
                         let dot: f64 =
                             (0..k).map(|l| a[i * k + l] as f64 * bt[j * k + l] as f64).sum();
-                        let want = if accumulate { c0[i * n + j] as f64 } else { 0.0 }
-                            + beta as f64 * dot;
+                        let want =
+                            if accumulate { c0[i * n + j] as f64 } else { 0.0 } + beta as f64 * dot;
                         let got = c[i * n + j] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),

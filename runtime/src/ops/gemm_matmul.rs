@@ -396,58 +396,59 @@ impl EvalOp for GemmMatMul {
                 let beta = self.scale();
                 // Units `range`, one gemm call each: unit `u` is rows chunk `u % chunks` (of
                 // `chunks` row chunks of `m`) of step `u / chunks` (a flat index over `axes`).
-                let run_steps =
-                    |range: std::ops::Range<usize>, chunks: usize, parallelism: gemm::Parallelism| {
-                        let rows_per = g.m.div_ceil(chunks);
-                        for unit in range {
-                            let (step, r0) = (unit / chunks, unit % chunks * rows_per);
-                            if r0 >= g.m {
-                                continue;
-                            }
-                            let rows = rows_per.min(g.m - r0);
-                            let (mut oa, mut ob, mut oc) =
-                                (r0 as isize * g.a_rs, 0isize, r0 as isize * g.c_rs);
-                            let mut rest = step;
-                            for &(size, sa, sb, sc) in axes.iter().rev() {
-                                let ix = (rest % size) as isize;
-                                rest /= size;
-                                oa += ix * sa;
-                                ob += ix * sb;
-                                oc += ix * sc;
-                            }
-                            // The first reduction step of each output block writes C (or adds to
-                            // the bias), the later ones accumulate.
-                            let accumulate = read_dst || step % loop_len != 0;
-                            let c_ptr = dst;
-                            // Safety: the geometry was derived from these very shapes (checked by
-                            // output_facts and the plan), so every offset stays inside the slices;
-                            // concurrent calls (below) write disjoint blocks of C.
-                            #[allow(unsafe_code)]
-                            unsafe {
-                                gemm::gemm(
-                                    rows,
-                                    g.n,
-                                    g.k,
-                                    c_ptr.0.offset(oc),
-                                    g.c_cs,
-                                    g.c_rs,
-                                    accumulate,
-                                    a.as_ptr().offset(oa),
-                                    g.a_cs,
-                                    g.a_rs,
-                                    b.as_ptr().offset(ob),
-                                    g.b_cs,
-                                    g.b_rs,
-                                    1.0,
-                                    beta,
-                                    false,
-                                    false,
-                                    false,
-                                    parallelism,
-                                );
-                            }
+                let run_steps = |range: std::ops::Range<usize>,
+                                 chunks: usize,
+                                 parallelism: gemm::Parallelism| {
+                    let rows_per = g.m.div_ceil(chunks);
+                    for unit in range {
+                        let (step, r0) = (unit / chunks, unit % chunks * rows_per);
+                        if r0 >= g.m {
+                            continue;
                         }
-                    };
+                        let rows = rows_per.min(g.m - r0);
+                        let (mut oa, mut ob, mut oc) =
+                            (r0 as isize * g.a_rs, 0isize, r0 as isize * g.c_rs);
+                        let mut rest = step;
+                        for &(size, sa, sb, sc) in axes.iter().rev() {
+                            let ix = (rest % size) as isize;
+                            rest /= size;
+                            oa += ix * sa;
+                            ob += ix * sb;
+                            oc += ix * sc;
+                        }
+                        // The first reduction step of each output block writes C (or adds to
+                        // the bias), the later ones accumulate.
+                        let accumulate = read_dst || step % loop_len != 0;
+                        let c_ptr = dst;
+                        // Safety: the geometry was derived from these very shapes (checked by
+                        // output_facts and the plan), so every offset stays inside the slices;
+                        // concurrent calls (below) write disjoint blocks of C.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            gemm::gemm(
+                                rows,
+                                g.n,
+                                g.k,
+                                c_ptr.0.offset(oc),
+                                g.c_cs,
+                                g.c_rs,
+                                accumulate,
+                                a.as_ptr().offset(oa),
+                                g.a_cs,
+                                g.a_rs,
+                                b.as_ptr().offset(ob),
+                                g.b_cs,
+                                g.b_rs,
+                                1.0,
+                                beta,
+                                false,
+                                false,
+                                false,
+                                parallelism,
+                            );
+                        }
+                    }
+                };
                 // Per-head products (a batch of independent blocks of C, no looped reduction):
                 // inside a rayon pool, give each thread whole blocks rather than splitting every
                 // small product across threads. When the heads do not divide evenly among the
@@ -519,7 +520,9 @@ fn run_packed(w: &PackedF32, g: &Geometry, a: &[f32], out: &mut [f32], read_dst:
         // Safety: packed ops exist only where `f32_packed::available()` (substitution);
         // A's and C's rows were bounds-checked above, and each job has its own rows.
         #[allow(unsafe_code)]
-        unsafe { w.run_rows(a.as_ptr(), a_rs, rows, dst.0, c_rs, read_dst, beta) };
+        unsafe {
+            w.run_rows(a.as_ptr(), a_rs, rows, dst.0, c_rs, read_dst, beta)
+        };
     };
     let threads = super::pool_threads().min(m.div_ceil(f32_packed::MR));
     if threads <= 1 || m * g.n * g.k < PARALLEL_MIN_MACS {

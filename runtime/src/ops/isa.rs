@@ -124,8 +124,8 @@ pub fn gemm_f32() -> &'static str {
 }
 
 /// One line naming the code each part of a frame runs here, printed by `flsl bench` and
-/// `flsl-onboard` at start: `kernels: int8 = avx512vnni (ours), f32 products = gemm avx512,
-/// softmax/GELU/LayerNorm = avx512 (ours), tract = x86_64,avx,...`.
+/// `flsl-onboard` at start: `kernels: int8 = avx512vnni (ours), f32 products = avx512
+/// (ours, ...) and gemm avx512, softmax/GELU/LayerNorm = avx512 (ours), tract = x86_64,...`.
 pub fn kernels_line() -> String {
     let float = super::simd::FloatPath::selected().name();
     let capped = if std::env::var("TRACT_CPU_ISA").is_ok_and(|v| !v.trim().is_empty()) {
@@ -133,8 +133,13 @@ pub fn kernels_line() -> String {
     } else {
         ""
     };
+    let packed = if super::f32_packed::available() {
+        "avx512 (ours, constant weights packed at load) and "
+    } else {
+        ""
+    };
     format!(
-        "kernels: int8 = {} (ours, FLSL_INT8_KERNEL), f32 products = gemm {}{capped}, \
+        "kernels: int8 = {} (ours, FLSL_INT8_KERNEL), f32 products = {packed}gemm {}{capped}, \
          softmax/GELU/LayerNorm = {float} (ours), tract = {:?} (TRACT_CPU_ISA)",
         super::int8_matmul::Kernel::selected().name(),
         gemm_f32(),
@@ -158,7 +163,8 @@ mod tests {
     #[test]
     fn kernels_line_names_every_part() {
         let line = kernels_line();
-        for part in ["int8 = ", "f32 products = gemm ", "softmax/GELU/LayerNorm = ", "tract = "] {
+        for part in ["int8 = ", "f32 products = ", "gemm ", "softmax/GELU/LayerNorm = ", "tract = "]
+        {
             assert!(line.contains(part), "{line}");
         }
     }
