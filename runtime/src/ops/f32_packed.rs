@@ -79,52 +79,56 @@ impl PackedF32 {
     /// # Safety
     /// [`available`] is true; `a` holds rows `rows` of `k` values at stride `a_rs`, `c` rows
     /// `rows` of `n` values at stride `c_rs`, and no other thread touches those rows of C.
-    // The product's operands, one argument each.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_rows(
         &self,
-        a: *const f32,
-        a_rs: usize,
+        io: RowsIo,
         rows: std::ops::Range<usize>,
-        c: *mut f32,
-        c_rs: usize,
         accumulate: bool,
         beta: f32,
     ) {
         #[cfg(target_arch = "x86_64")]
         // Safety: forwarded from the caller.
         unsafe {
-            avx512::run_rows(self, a, a_rs, rows, c, c_rs, accumulate, beta)
+            avx512::run_rows(self, io, rows, accumulate, beta)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (a, a_rs, rows, c, c_rs, accumulate, beta);
+            let _ = (io, rows, accumulate, beta);
             unreachable!("PackedF32::run_rows without AVX-512 (`available` is false)")
         }
     }
+}
+
+/// Where [`PackedF32::run_rows`] reads A and writes C: base pointers and row strides.
+#[derive(Clone, Copy)]
+pub struct RowsIo {
+    /// A, row-major, `k` contiguous.
+    pub a: *const f32,
+    /// A's row stride.
+    pub a_rs: usize,
+    /// C, row-major, `n` contiguous.
+    pub c: *mut f32,
+    /// C's row stride.
+    pub c_rs: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{KC, MR, NR, PackedF32};
+    use super::{KC, MR, NR, PackedF32, RowsIo};
 
     /// # Safety
     /// As [`PackedF32::run_rows`].
     #[target_feature(enable = "avx512f")]
-    // The tile's operands, one argument each.
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run_rows(
         w: &PackedF32,
-        a: *const f32,
-        a_rs: usize,
+        io: RowsIo,
         rows: std::ops::Range<usize>,
-        c: *mut f32,
-        c_rs: usize,
         accumulate: bool,
         beta: f32,
     ) {
+        let RowsIo { a, a_rs, c, c_rs } = io;
         let (k, n) = (w.k, w.n);
         let panels = n.div_ceil(NR);
         // Depth blocks of KC; one empty block when k = 0 (C is then its start value).
@@ -252,7 +256,8 @@ mod tests {
             for (accumulate, beta) in [(false, 1.0f32), (true, 0.125)] {
                 let mut c = c0.clone();
                 // Safety: AVX-512F checked; the slices hold m rows of k and of n.
-                unsafe { w.run_rows(a.as_ptr(), k, 0..m, c.as_mut_ptr(), n, accumulate, beta) };
+                let io = RowsIo { a: a.as_ptr(), a_rs: k, c: c.as_mut_ptr(), c_rs: n };
+                unsafe { w.run_rows(io, 0..m, accumulate, beta) };
                 for i in 0..m {
                     for j in 0..n {
                         let dot: f64 =

@@ -521,7 +521,8 @@ fn run_packed(w: &PackedF32, g: &Geometry, a: &[f32], out: &mut [f32], read_dst:
         // A's and C's rows were bounds-checked above, and each job has its own rows.
         #[allow(unsafe_code)]
         unsafe {
-            w.run_rows(a.as_ptr(), a_rs, rows, dst.0, c_rs, read_dst, beta)
+            let io = f32_packed::RowsIo { a: a.as_ptr(), a_rs, c: dst.0, c_rs };
+            w.run_rows(io, rows, read_dst, beta)
         };
     };
     let threads = super::pool_threads().min(m.div_ceil(f32_packed::MR));
