@@ -410,65 +410,51 @@ impl QkvSplit {
                 )?;
                 wire = patch.wire_node(format!("{part}.add_bias"), op.clone(), &[wire, bi])?[0];
             }
+            // [.., D] -> [.., H, hd], or [.., 1, H, hd] when the part keeps the `3` axis as a
+            // unit axis; then the file's own transposes (which move that unit axis where the
+            // `3` axis went), or their permutation without it.
             let at = self.three_axis;
-            if keep {
-                // [.., D] -> [.., 1, H, hd], then the file's own transposes: the unit axis
-                // goes where the `3` axis went.
-                let to: TVec<TDim> = std::iter::once(1)
-                    .chain(part_shape[at..].iter().copied())
-                    .map(|v| v.to_dim())
-                    .collect();
-                let reshape = AxisOp::Reshape(at, tvec![self.d.to_dim()], to);
-                wire = patch.wire_node(format!("{part}.reshape"), reshape, &[wire])?[0];
-                for (j, &(from, to)) in self.moves.iter().enumerate() {
-                    let mv = AxisOp::Move(from, to);
-                    wire = patch.wire_node(format!("{part}.move{j}"), mv, &[wire])?[0];
-                }
-                patch.shunt_outside(model, gather, wire)?;
-                split_int8_layer(layer.as_ref(), int8, &part, i, self.d);
-                continue;
-            }
-            let to: TVec<TDim> = part_shape[at..].iter().map(|&v| v.to_dim()).collect();
+            let to: TVec<TDim> = keep
+                .then_some(1)
+                .into_iter()
+                .chain(part_shape[at..].iter().copied())
+                .map(|v| v.to_dim())
+                .collect();
             let reshape = AxisOp::Reshape(at, tvec![self.d.to_dim()], to);
             wire = patch.wire_node(format!("{part}.reshape"), reshape, &[wire])?[0];
-            let mut cur: Vec<usize> = (0..target.len()).collect();
-            for (j, &a) in target.iter().enumerate() {
-                let pos = cur.iter().position(|&c| c == a).context("axis")?;
-                if pos != j {
-                    wire = patch.wire_node(
-                        format!("{part}.move{j}"),
-                        AxisOp::Move(pos, j),
-                        &[wire],
-                    )?[0];
-                    let moved = cur.remove(pos);
-                    cur.insert(j, moved);
+            let moves: Vec<(usize, usize)> = if keep {
+                self.moves.clone()
+            } else {
+                let mut moves = Vec::new();
+                let mut cur: Vec<usize> = (0..target.len()).collect();
+                for (j, &a) in target.iter().enumerate() {
+                    let pos = cur.iter().position(|&c| c == a).context("axis")?;
+                    if pos != j {
+                        moves.push((pos, j));
+                        let moved = cur.remove(pos);
+                        cur.insert(j, moved);
+                    }
                 }
+                moves
+            };
+            for (j, &(from, to)) in moves.iter().enumerate() {
+                let mv = AxisOp::Move(from, to);
+                wire = patch.wire_node(format!("{part}.move{j}"), mv, &[wire])?[0];
             }
             patch.shunt_outside(model, gather, wire)?;
-            split_int8_layer(layer.as_ref(), int8, &part, i, self.d);
+            if let Some(l) = &layer {
+                let d = self.d;
+                let w_q: Vec<i8> = l
+                    .w_q
+                    .chunks_exact(l.n)
+                    .flat_map(|row| row[i * d..(i + 1) * d].iter().copied())
+                    .collect();
+                let w_scale = l.w_scale[i * d..(i + 1) * d].to_vec();
+                int8.insert(part, QdqLayer { w_q, n: d, w_scale, ..l.clone() });
+            }
         }
         patch.apply(model)?;
         Ok(())
-    }
-}
-
-/// The int8 layer of part `i` (columns `i·d..(i+1)·d`) of a split q/k/v product, under the
-/// part's name, when the product was an int8 layer.
-fn split_int8_layer(
-    layer: Option<&QdqLayer>,
-    int8: &mut HashMap<String, QdqLayer>,
-    part: &str,
-    i: usize,
-    d: usize,
-) {
-    if let Some(l) = layer {
-        let w_q: Vec<i8> = l
-            .w_q
-            .chunks_exact(l.n)
-            .flat_map(|row| row[i * d..(i + 1) * d].iter().copied())
-            .collect();
-        let w_scale = l.w_scale[i * d..(i + 1) * d].to_vec();
-        int8.insert(part.to_string(), QdqLayer { w_q, n: d, w_scale, ..l.clone() });
     }
 }
 

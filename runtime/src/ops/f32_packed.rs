@@ -234,12 +234,28 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    /// The panel layout, on every CPU: `k`-major panels of `NR` columns read through `B`'s
+    /// strides, the last panel zero-padded.
+    #[test]
+    fn packing_lays_out_k_major_panels() {
+        let (k, n) = (3usize, 70usize);
+        // B stored transposed: element (i, j) at j * k + i.
+        let bt: Vec<f32> = (0..n * k).map(|v| v as f32).collect();
+        let w = PackedF32::pack(&bt, k, n, 1, k as isize);
+        assert_eq!((w.k(), w.n(), w.data.len()), (k, n, 2 * k * NR));
+        for (p, i, j) in [(0, 0, 0), (0, 2, 63), (1, 1, 0), (1, 2, 5)] {
+            assert_eq!(w.data[p * k * NR + i * NR + j], bt[(p * NR + j) * k + i]);
+        }
+        assert!(w.data[k * NR + 6..k * NR + NR].iter().all(|v| *v == 0.0), "padding");
+    }
+
     /// Every tile height and column remainder, one and several depth blocks, scaled and
-    /// accumulating, against an f64 product.
+    /// accumulating, against an f64 product. Runs where the kernel does (AVX-512F); other
+    /// CPUs never substitute it (`available`), which the `kernels:` line says.
     #[test]
     fn packed_products_match_f64() {
         if !available() {
-            eprintln!("no AVX-512F here: the packed path is not used on this CPU");
+            eprintln!("no AVX-512F here: the packed kernel is not used on this CPU");
             return;
         }
         let mut seed = 1u64;

@@ -211,6 +211,14 @@ unsafe impl Send for SharedOut {}
 #[allow(unsafe_code)]
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The pointer. A closure calling this captures the whole (`Sync`) wrapper, where one
+    /// reading the field would capture the raw pointer alone.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A constant bias vector, compared bit for bit (so that the op can be `Eq`).
 #[derive(Debug, Clone)]
 struct Bias(Vec<f32>);
@@ -516,32 +524,18 @@ fn run_packed(w: &PackedF32, g: &Geometry, a: &[f32], out: &mut [f32], read_dst:
         out.len()
     );
     let dst = SharedOut(out.as_mut_ptr());
-    let job = |rows: std::ops::Range<usize>, dst: SharedOut| {
+    let job = |rows: std::ops::Range<usize>| {
         // Safety: packed ops exist only where `f32_packed::available()` (substitution);
         // A's and C's rows were bounds-checked above, and each job has its own rows.
         #[allow(unsafe_code)]
         unsafe {
-            let io = f32_packed::RowsIo { a: a.as_ptr(), a_rs, c: dst.0, c_rs };
+            let io = f32_packed::RowsIo { a: a.as_ptr(), a_rs, c: dst.ptr(), c_rs };
             w.run_rows(io, rows, read_dst, beta)
         };
     };
     let threads = super::pool_threads().min(m.div_ceil(f32_packed::MR));
-    if threads <= 1 || m * g.n * g.k < PARALLEL_MIN_MACS {
-        job(0..m, dst);
-        return;
-    }
-    let tiles = m.div_ceil(f32_packed::MR);
-    let per = tiles.div_ceil(threads) * f32_packed::MR;
-    rayon::scope(|s| {
-        for t in 1..threads {
-            let rows = (t * per).min(m)..((t + 1) * per).min(m);
-            if !rows.is_empty() {
-                let job = &job;
-                s.spawn(move |_| job(rows, dst));
-            }
-        }
-        job(0..per.min(m), dst);
-    });
+    let threads = if m * g.n * g.k < PARALLEL_MIN_MACS { 1 } else { threads };
+    super::split_rows(m, f32_packed::MR, threads, job);
 }
 
 impl TypedOp for GemmMatMul {
@@ -823,8 +817,9 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<(usize, us
         // packed kernel; the op then reads A alone and tract drops the unpacked constant.
         let g = &op.geometry;
         let plain = g.batch.is_empty() && g.kloop.is_empty() && g.a_cs == 1 && g.c_cs == 1;
-        let konst = match &weights {
-            Some(w) => Some(Arc::new(w.clone())),
+        let scaled = weights.map(Arc::new);
+        let konst = match &scaled {
+            Some(w) => Some(w.clone()),
             None => model.outlet_fact(inputs[1])?.konst.clone(),
         };
         let wire = match konst {
@@ -835,7 +830,7 @@ pub fn substitute_gemm_matmuls(model: &mut TypedModel) -> TractResult<(usize, us
                 patch.wire_node(format!("{name}.gemm"), op, &[a])?
             }
             _ => {
-                let b = match weights {
+                let b = match scaled {
                     Some(w) => patch.add_const(format!("{name}.weights.column_scaled"), w)?,
                     None => patch.tap_model(model, inputs[1])?,
                 };

@@ -1044,6 +1044,14 @@ unsafe impl Send for SharedOut {}
 #[allow(unsafe_code)]
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The pointer. A closure calling this captures the whole (`Sync`) wrapper, where one
+    /// reading the field would capture the raw pointer alone.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl std::fmt::Debug for PackedWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -1148,8 +1156,8 @@ impl Int8Layer {
         let epi = Epilogue { correction, scale, bias: &self.bias, gelu: self.gelu };
         let dst = SharedOut(out.as_mut_ptr());
         // Rows `r0..r1`: quantize them, multiply them with every weight panel.
-        let rows_job = |r0: usize, r1: usize, dst: SharedOut| {
-            let rows = r1 - r0;
+        let rows_job = |range: std::ops::Range<usize>| {
+            let (r0, rows) = (range.start, range.len());
             // The codes go to this thread's scratch buffer, reused from call to call (a fresh
             // zeroed vector per call showed as `memset`, 10-15 % of fc1's `perf` samples).
             A_SCRATCH.with_borrow_mut(|a| {
@@ -1163,33 +1171,16 @@ impl Int8Layer {
                 let sub =
                     RowLayout { m: rows, row_stride: layout.row_stride, ks: layout.ks.clone() };
                 quantize_gather(&x[offset..], &sub, w.kp(), act, a);
-                // Safety: rows r0..r1 of the m x n output are this job's alone.
-                unsafe { run_panels(a, rows, w, &epi, dst.0.add(r0 * w.n), 0..w.panels) };
+                // Safety: rows `range` of the m x n output are this job's alone.
+                unsafe { run_panels(a, rows, w, &epi, dst.ptr().add(r0 * w.n), 0..w.panels) };
             });
         };
         // Inside a rayon pool (OnnxModel runs every frame inside its executor's pool when
         // threads > 1), split the rows over its threads (each quantizes its own rows); small
         // products stay on one thread, where waking the other costs more than it saves.
-        let threads = super::pool_threads();
-        let threads = threads.min(m.div_ceil(MR));
-        if threads <= 1 || m * w.k * w.n < PARALLEL_MIN_MACS {
-            rows_job(0, m, dst);
-        } else {
-            // Whole tiles of MR rows each, rounded to the nearest tile (not up: 196 rows on 2
-            // threads were 108 + 88, 1.8x at best; now 96 + 100); the last thread takes the rest.
-            let per = ((m as f64 / threads as f64 / MR as f64).round() as usize).max(1) * MR;
-            rayon::scope(|s| {
-                for t in 1..threads {
-                    let r0 = (t * per).min(m);
-                    let r1 = if t + 1 == threads { m } else { ((t + 1) * per).min(m) };
-                    if r0 < r1 {
-                        let job = &rows_job;
-                        s.spawn(move |_| job(r0, r1, dst));
-                    }
-                }
-                rows_job(0, per.min(m), dst);
-            });
-        }
+        let threads = super::pool_threads().min(m.div_ceil(MR));
+        let threads = if m * w.k * w.n < PARALLEL_MIN_MACS { 1 } else { threads };
+        super::split_rows(m, MR, threads, rows_job);
     }
 }
 

@@ -31,6 +31,35 @@ pub(crate) fn pool_threads() -> usize {
     if rayon::current_thread_index().is_some() { rayon::current_num_threads() } else { 1 }
 }
 
+/// Runs `job` over the rows `0..m`: on the calling thread when `threads <= 1`, else split
+/// among `threads` threads of the current rayon pool in parts of whole tiles of `tile` rows,
+/// each the nearest whole number of tiles to an even share (not rounded up: 196 rows on 2
+/// threads were 108 + 88, 1.8x at best; now 96 + 100), the last thread taking the rest and
+/// the calling thread the first part.
+pub(crate) fn split_rows(
+    m: usize,
+    tile: usize,
+    threads: usize,
+    job: impl Fn(std::ops::Range<usize>) + Sync,
+) {
+    if threads <= 1 {
+        job(0..m);
+        return;
+    }
+    let per = ((m as f64 / threads as f64 / tile as f64).round() as usize).max(1) * tile;
+    let job = &job;
+    rayon::scope(|s| {
+        for t in 1..threads {
+            let r0 = (t * per).min(m);
+            let r1 = if t + 1 == threads { m } else { ((t + 1) * per).min(m) };
+            if r0 < r1 {
+                s.spawn(move |_| job(r0..r1));
+            }
+        }
+        job(0..per.min(m));
+    });
+}
+
 /// What the load-time rewrites made of a model, counted on its typed graph just before
 /// tract's own optimisation: which of our fused ops it runs, and which compute nodes stayed
 /// on tract's generic path (so that a user sees why a file is slow).
